@@ -1,0 +1,179 @@
+#include "engine/backend/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "engine/backend/cpu/cpu_ops.h"
+#include "engine/common/error.h"
+
+namespace pmkv {
+
+namespace {
+
+std::string layer_name(int64_t l, const char* rest) {
+  return "model.layers." + std::to_string(l) + "." + rest;
+}
+
+void append(std::vector<float>& dst, const std::vector<float>& src) {
+  dst.insert(dst.end(), src.begin(), src.end());
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(const ModelConfig& config, const WeightStore& weights,
+                       kv::PageGeometry geometry, int32_t num_pages, CpuBackendOptions options)
+    : cfg_(config), geometry_(geometry), page_bytes_(kv::page_bytes(geometry)) {
+  if (geometry.num_kv_heads != cfg_.num_kv_heads || geometry.head_dim != cfg_.head_dim) {
+    throw InvalidArgument("CpuBackend: KV page geometry does not match the model");
+  }
+  if (options.num_threads > 0) {
+    omp_set_num_threads(options.num_threads);
+    openblas_set_num_threads(options.num_threads);
+  }
+  load(weights);
+  inv_freq_ = rope_inv_freq(cfg_);
+  kv_pool_.resize(static_cast<size_t>(num_pages) * static_cast<size_t>(page_bytes_));
+}
+
+void CpuBackend::load(const WeightStore& w) {
+  const int64_t H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const int64_t q = cfg_.q_width(), kvw = cfg_.kv_width();
+  auto load = [&](const std::string& name, std::initializer_list<int64_t> shape) {
+    const std::vector<int64_t> s(shape);
+    return w.load_f32(name, s);
+  };
+  // Tied checkpoints may store the shared matrix under either name.
+  const bool has_embed = w.contains("model.embed_tokens.weight");
+  const bool has_head = w.contains("lm_head.weight");
+  if (has_embed || !cfg_.tie_word_embeddings || !has_head) {
+    embed_ = load("model.embed_tokens.weight", {V, H});
+  } else {
+    embed_ = load("lm_head.weight", {V, H});
+  }
+  if (!cfg_.tie_word_embeddings) lm_head_ = load("lm_head.weight", {V, H});
+  final_norm_ = load("model.norm.weight", {H});
+
+  layers_.resize(cfg_.num_layers);
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    Layer& L = layers_[l];
+    L.attn_norm = load(layer_name(l, "input_layernorm.weight"), {H});
+    L.mlp_norm = load(layer_name(l, "post_attention_layernorm.weight"), {H});
+    append(L.wqkv, load(layer_name(l, "self_attn.q_proj.weight"), {q, H}));
+    append(L.wqkv, load(layer_name(l, "self_attn.k_proj.weight"), {kvw, H}));
+    append(L.wqkv, load(layer_name(l, "self_attn.v_proj.weight"), {kvw, H}));
+    if (cfg_.qkv_bias) {
+      append(L.bqkv, load(layer_name(l, "self_attn.q_proj.bias"), {q}));
+      append(L.bqkv, load(layer_name(l, "self_attn.k_proj.bias"), {kvw}));
+      append(L.bqkv, load(layer_name(l, "self_attn.v_proj.bias"), {kvw}));
+    }
+    L.wo = load(layer_name(l, "self_attn.o_proj.weight"), {H, q});
+    if (cfg_.o_bias) L.bo = load(layer_name(l, "self_attn.o_proj.bias"), {H});
+    append(L.w_gate_up, load(layer_name(l, "mlp.gate_proj.weight"), {I, H}));
+    append(L.w_gate_up, load(layer_name(l, "mlp.up_proj.weight"), {I, H}));
+    L.w_down = load(layer_name(l, "mlp.down_proj.weight"), {H, I});
+    if (cfg_.mlp_bias) {
+      append(L.b_gate_up, load(layer_name(l, "mlp.gate_proj.bias"), {I}));
+      append(L.b_gate_up, load(layer_name(l, "mlp.up_proj.bias"), {I}));
+      L.b_down = load(layer_name(l, "mlp.down_proj.bias"), {H});
+    }
+  }
+}
+
+int64_t CpuBackend::weight_bytes() const {
+  int64_t n = static_cast<int64_t>(embed_.size() + lm_head_.size() + final_norm_.size());
+  for (const Layer& L : layers_) {
+    n += static_cast<int64_t>(L.attn_norm.size() + L.wqkv.size() + L.bqkv.size() + L.wo.size() +
+                              L.bo.size() + L.mlp_norm.size() + L.w_gate_up.size() +
+                              L.b_gate_up.size() + L.w_down.size() + L.b_down.size());
+  }
+  return n * static_cast<int64_t>(sizeof(float));
+}
+
+void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float* qkv, float* out) {
+  const int64_t q_width = cfg_.q_width(), kv_width = cfg_.kv_width();
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  const cpu::KvPoolView pool{kv_pool_.data(), page_bytes_, geometry_};
+  const cpu::AttentionShape shape{
+      static_cast<int32_t>(cfg_.num_heads), static_cast<int32_t>(cfg_.num_kv_heads),
+      static_cast<int32_t>(cfg_.head_dim),
+      static_cast<int32_t>(cfg_.sliding_window.value_or(0)),
+      1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))};
+  const int32_t num_seqs = b.num_seqs();
+  std::vector<float> k, v;
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    const int32_t row0 = b.seq_starts[s], n = b.seq_starts[s + 1] - row0;
+    const int32_t cached = b.seq_cached[s];
+    const int32_t first = b.page_starts[layer * num_seqs + s];
+    const int32_t last = b.page_starts[layer * num_seqs + s + 1];
+    const std::span<const kv::PageRef> table(b.pages.data() + first, last - first);
+    const float* rows = qkv + row0 * qkv_width;
+    cpu::write_kv(pool, table, cached, n, rows + q_width, qkv_width, rows + q_width + kv_width,
+                  qkv_width);
+    // Keys/values of the sequence: cached tokens from their pages, this step's tokens exact
+    // (a step attends to its own K/V at full precision, as PM-KVQ does).
+    k.resize(static_cast<size_t>(cached + n) * kv_width);
+    v.resize(k.size());
+    cpu::read_kv(pool, table, cached, k.data(), v.data());
+    for (int32_t i = 0; i < n; ++i) {
+      std::memcpy(&k[(cached + i) * kv_width], rows + i * qkv_width + q_width,
+                  kv_width * sizeof(float));
+      std::memcpy(&v[(cached + i) * kv_width], rows + i * qkv_width + q_width + kv_width,
+                  kv_width * sizeof(float));
+    }
+    cpu::causal_attention(shape, rows, qkv_width, n, cached, k.data(), v.data(),
+                          out + row0 * q_width, q_width);
+  }
+}
+
+void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
+  const int64_t N = b.num_tokens(), H = cfg_.hidden_size, I = cfg_.intermediate_size;
+  const int64_t V = cfg_.vocab_size, q_width = cfg_.q_width(), kv_width = cfg_.kv_width();
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  if (static_cast<int64_t>(logits.size()) != static_cast<int64_t>(b.logit_rows.size()) * V) {
+    throw std::invalid_argument("CpuBackend::forward: logits buffer has the wrong size");
+  }
+  std::vector<float> x(N * H), h(N * H), qkv(N * qkv_width), attn(N * q_width), gu(N * 2 * I),
+      act(N * I), tmp(N * H);
+  for (int64_t r = 0; r < N; ++r) {
+    const int32_t id = b.token_ids[r];
+    if (id < 0 || id >= V) throw InvalidArgument("token id " + std::to_string(id) + " out of range");
+    std::memcpy(&x[r * H], &embed_[id * H], H * sizeof(float));
+  }
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  for (int32_t l = 0; l < static_cast<int32_t>(cfg_.num_layers); ++l) {
+    const Layer& L = layers_[l];
+    cpu::rms_norm(x.data(), N, H, L.attn_norm.data(), eps, h.data());
+    cpu::matmul_wt(h.data(), N, H, L.wqkv.data(), qkv_width, qkv.data(), L.bqkv);
+#pragma omp parallel for if (N > 4)
+    for (int64_t r = 0; r < N; ++r) {
+      float* row = &qkv[r * qkv_width];
+      cpu::rope_inplace(row, cfg_.num_heads, cfg_.head_dim, b.positions[r], inv_freq_);
+      cpu::rope_inplace(row + q_width, cfg_.num_kv_heads, cfg_.head_dim, b.positions[r],
+                        inv_freq_);
+    }
+    attention_layer(b, l, qkv.data(), attn.data());
+    cpu::matmul_wt(attn.data(), N, q_width, L.wo.data(), H, tmp.data(), L.bo);
+    for (int64_t i = 0; i < N * H; ++i) x[i] += tmp[i];
+    cpu::rms_norm(x.data(), N, H, L.mlp_norm.data(), eps, h.data());
+    cpu::matmul_wt(h.data(), N, H, L.w_gate_up.data(), 2 * I, gu.data(), L.b_gate_up);
+    cpu::silu_mul(gu.data(), N, I, act.data());
+    cpu::matmul_wt(act.data(), N, I, L.w_down.data(), H, tmp.data(), L.b_down);
+    for (int64_t i = 0; i < N * H; ++i) x[i] += tmp[i];
+  }
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  std::vector<float> last(R * H);
+  for (int64_t i = 0; i < R; ++i) {
+    std::memcpy(&last[i * H], &x[int64_t{b.logit_rows[i]} * H], H * sizeof(float));
+  }
+  cpu::rms_norm(last.data(), R, H, final_norm_.data(), eps, last.data());
+  const auto& head = lm_head_.empty() ? embed_ : lm_head_;
+  cpu::matmul_wt(last.data(), R, H, head.data(), V, logits.data());
+}
+
+}  // namespace pmkv

@@ -1,0 +1,60 @@
+#pragma once
+// CpuBackend: the full decoder in fp32 with OpenBLAS GEMMs and OpenMP loops. The correctness oracle
+// for every other backend, and what CI runs.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/backend/cpu/paged_attention.h"
+#include "engine/model/weight_store.h"
+#include "kernels/kv_page_layout.h"
+
+namespace pmkv {
+
+struct CpuBackendOptions {
+  int32_t num_threads = 0;  // 0: every core
+};
+
+class CpuBackend final : public Backend {
+ public:
+  // Loads every weight the config calls for (LoadError naming the tensor otherwise) and allocates
+  // a KV pool of `num_pages` pages of `geometry`.
+  CpuBackend(const ModelConfig& config, const WeightStore& weights, kv::PageGeometry geometry,
+             int32_t num_pages, CpuBackendOptions options = {});
+
+  std::string name() const override { return "cpu"; }
+  const ModelConfig& config() const override { return cfg_; }
+  void forward(const StepBatch& batch, std::span<float> logits) override;
+
+  int64_t kv_pool_bytes() const { return static_cast<int64_t>(kv_pool_.size()); }
+  int64_t weight_bytes() const;
+
+ private:
+  struct Layer {
+    std::vector<float> attn_norm;  // [hidden]
+    std::vector<float> wqkv;       // [q_width + 2 kv_width, hidden]: q, k, v rows stacked
+    std::vector<float> bqkv;       // [q_width + 2 kv_width] or empty
+    std::vector<float> wo;         // [hidden, q_width]
+    std::vector<float> bo;         // [hidden] or empty
+    std::vector<float> mlp_norm;   // [hidden]
+    std::vector<float> w_gate_up;  // [2 intermediate, hidden]: gate rows, then up rows
+    std::vector<float> b_gate_up;  // [2 intermediate] or empty
+    std::vector<float> w_down;     // [hidden, intermediate]
+    std::vector<float> b_down;     // [hidden] or empty
+  };
+  void load(const WeightStore& w);
+  void attention_layer(const StepBatch& batch, int32_t layer, const float* qkv, float* out);
+
+  ModelConfig cfg_;
+  std::vector<float> embed_;       // [vocab, hidden]
+  std::vector<float> lm_head_;     // [vocab, hidden]; empty when tied to embed_
+  std::vector<float> final_norm_;  // [hidden]
+  std::vector<Layer> layers_;
+  std::vector<float> inv_freq_;    // [head_dim / 2]
+  kv::PageGeometry geometry_;
+  int64_t page_bytes_;
+  std::vector<std::byte> kv_pool_;  // [num_pages * page_bytes_]
+};
+
+}  // namespace pmkv

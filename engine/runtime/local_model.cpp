@@ -1,0 +1,109 @@
+#include "engine/runtime/local_model.h"
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <fstream>
+
+#include "engine/common/error.h"
+
+namespace pmkv {
+
+namespace {
+
+// eos_token_id of generation_config.json (int or list), when the file exists.
+std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir) {
+  std::ifstream in(dir / "generation_config.json");
+  if (!in) return {};
+  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    throw LoadError("generation_config.json in " + dir.string() + " is not valid JSON");
+  }
+  std::vector<int32_t> ids;
+  const auto it = j.find("eos_token_id");
+  if (it == j.end() || it->is_null()) return ids;
+  if (it->is_number_integer()) {
+    ids.push_back(it->get<int32_t>());
+  } else if (it->is_array()) {
+    for (const auto& v : *it) {
+      if (!v.is_number_integer()) {
+        throw LoadError("generation_config.json in " + dir.string() +
+                        ": eos_token_id must be an integer or a list of integers");
+      }
+      ids.push_back(v.get<int32_t>());
+    }
+  } else {
+    throw LoadError("generation_config.json in " + dir.string() +
+                    ": eos_token_id must be an integer or a list of integers");
+  }
+  return ids;
+}
+
+}  // namespace
+
+LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions options) {
+  if (!std::filesystem::is_directory(dir)) {
+    throw LoadError("model directory " + dir.string() + " does not exist");
+  }
+  LocalModel m(parse_model_config(dir / "config.json"), WeightStore::open(dir), options);
+  if (Tokenizer::available(dir)) {
+    m.tokenizer = Tokenizer::load(dir);
+    m.eos_ids = m.tokenizer->eos_ids();
+  } else {
+    m.eos_ids = m.config.eos_token_ids;
+    for (int32_t id : generation_config_eos(dir)) {
+      if (std::find(m.eos_ids.begin(), m.eos_ids.end(), id) == m.eos_ids.end()) {
+        m.eos_ids.push_back(id);
+      }
+    }
+  }
+  return m;
+}
+
+void LocalModel::ensure_capacity(int64_t tokens) {
+  if (backend_ && tokens <= capacity_tokens_) return;
+  const kv::PageGeometry g{static_cast<int32_t>(config.num_kv_heads),
+                           static_cast<int32_t>(config.head_dim), options_.page_tokens};
+  // Every sequence may leave one page per layer partly filled.
+  const int64_t pages_per_layer = (tokens + g.tokens16 - 1) / g.tokens16;
+  const int64_t num_pages = pages_per_layer * config.num_layers;
+  kv_.reset();
+  backend_.reset();
+  backend_ = std::make_unique<CpuBackend>(config, weights, g, static_cast<int32_t>(num_pages),
+                                          CpuBackendOptions{options_.num_threads});
+  kv_ = std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
+                                             static_cast<int32_t>(num_pages));
+  capacity_tokens_ = tokens;
+  spdlog::debug("KV pool: {} pages of {} bytes ({} MiB)", num_pages, kv::page_bytes(g),
+                backend_->kv_pool_bytes() >> 20);
+}
+
+std::vector<GenerationResult> LocalModel::generate(std::span<const GenerationRequest> requests,
+                                                   const Generator::OnText& on_text) {
+  const int64_t context = config.max_position_embeddings;
+  std::vector<GenerationRequest> capped(requests.begin(), requests.end());
+  int64_t tokens = 0;
+  for (size_t i = 0; i < capped.size(); ++i) {
+    GenerationRequest& r = capped[i];
+    const int64_t prompt = static_cast<int64_t>(r.prompt_ids.size());
+    if (context > 0 && prompt >= context) {
+      throw InvalidArgument("prompt " + std::to_string(i) + " has " + std::to_string(prompt) +
+                            " tokens; the model's context is " + std::to_string(context) +
+                            " tokens, so at most " + std::to_string(context - 1) + " fit");
+    }
+    if (context > 0) {
+      r.params.max_tokens = static_cast<int32_t>(
+          std::min<int64_t>(r.params.max_tokens, context - prompt));
+    }
+    // Per sequence: its tokens plus one partly filled page.
+    tokens += prompt + r.params.max_tokens + options_.page_tokens;
+  }
+  ensure_capacity(tokens);
+  Generator gen(*backend_, *kv_, tokenizer ? &*tokenizer : nullptr, eos_ids, {});
+  auto results = gen.run(capped, on_text);
+  timings_ = gen.timings();
+  return results;
+}
+
+}  // namespace pmkv

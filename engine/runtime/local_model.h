@@ -1,0 +1,53 @@
+#pragma once
+// LocalModel: a model directory opened for in-process use (`pmkv generate`, `pmkv eval`, tests):
+// config, memory-mapped weights, the tokenizer when the directory has one, and a CPU backend with
+// a KV pool sized for the requests it is asked to run.
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/kv/kv_cache_manager.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weight_store.h"
+#include "engine/runtime/generator.h"
+#include "engine/tokenizer/tokenizer.h"
+
+namespace pmkv {
+
+struct LocalModelOptions {
+  int32_t num_threads = 0;      // 0: every core
+  int32_t page_tokens = 16;     // tokens per 16-bit KV page
+};
+
+class LocalModel {
+ public:
+  static LocalModel open(const std::filesystem::path& dir, LocalModelOptions options = {});
+
+  ModelConfig config;
+  WeightStore weights;
+  std::optional<Tokenizer> tokenizer;
+  std::vector<int32_t> eos_ids;  // the tokenizer's, else config.json's and generation_config's
+
+  // Runs the requests to completion (see Generator). Rejects prompts that do not leave room for
+  // one generated token in the model's context (InvalidArgument); caps max_tokens at the context.
+  std::vector<GenerationResult> generate(std::span<const GenerationRequest> requests,
+                                         const Generator::OnText& on_text = {});
+  const GenerationTimings& timings() const { return timings_; }
+  const kv::KvCacheManager* kv() const { return kv_.get(); }
+
+ private:
+  LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
+      : config(std::move(c)), weights(std::move(w)), options_(o) {}
+  void ensure_capacity(int64_t tokens);
+
+  LocalModelOptions options_;
+  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<kv::KvCacheManager> kv_;
+  int64_t capacity_tokens_ = 0;
+  GenerationTimings timings_;
+};
+
+}  // namespace pmkv

@@ -1,0 +1,49 @@
+#include "engine/runtime/step_builder.h"
+
+#include <vector>
+
+namespace pmkv {
+
+std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks) {
+  StepBatch b;
+  const int32_t num_seqs = static_cast<int32_t>(chunks.size());
+  // All or nothing: each sequence appears once per step, so the pages the chunks need simply add.
+  int64_t needed = 0;
+  for (const SeqChunk& c : chunks) {
+    needed += kv.pages_needed(c.seq, static_cast<int32_t>(c.tokens.size()));
+  }
+  if (needed > kv.pool().num_free()) return std::nullopt;
+  std::vector<int32_t> cached(num_seqs);
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    cached[s] = kv.num_tokens(chunks[s].seq);
+    kv.append(chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()));
+  }
+  b.seq_starts.push_back(0);
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    const SeqChunk& c = chunks[s];
+    const int32_t row0 = b.num_tokens();
+    for (size_t i = 0; i < c.tokens.size(); ++i) {
+      b.token_ids.push_back(c.tokens[i]);
+      b.positions.push_back(cached[s] + static_cast<int32_t>(i));
+    }
+    const int32_t n = static_cast<int32_t>(c.tokens.size());
+    if (c.logits == SeqChunk::Logits::kAll) {
+      for (int32_t i = 0; i < n; ++i) b.logit_rows.push_back(row0 + i);
+    } else if (c.logits == SeqChunk::Logits::kLast && n > 0) {
+      b.logit_rows.push_back(row0 + n - 1);
+    }
+    b.seq_starts.push_back(b.num_tokens());
+    b.seq_cached.push_back(cached[s]);
+  }
+  b.page_starts.push_back(0);
+  for (int32_t l = 0; l < kv.num_layers(); ++l) {
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      const auto t = kv.table(chunks[s].seq, l);
+      b.pages.insert(b.pages.end(), t.begin(), t.end());
+      b.page_starts.push_back(static_cast<int32_t>(b.pages.size()));
+    }
+  }
+  return b;
+}
+
+}  // namespace pmkv

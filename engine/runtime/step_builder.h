@@ -1,0 +1,24 @@
+#pragma once
+// Turns "these sequences advance by these tokens" into a StepBatch: reserves the KV slots of the
+// new tokens in the KvCacheManager and copies the page tables. Positions are token indices (a
+// sequence's i-th token has RoPE position i).
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "engine/backend/step_batch.h"
+#include "engine/kv/kv_cache_manager.h"
+
+namespace pmkv {
+
+struct SeqChunk {
+  kv::SeqId seq;
+  std::span<const int32_t> tokens;  // the new tokens, in order
+  enum class Logits { kNone, kLast, kAll } logits = Logits::kLast;
+};
+
+// Reserves KV for every chunk and builds the batch. When the pool cannot hold all chunks, returns
+// nullopt and leaves the manager exactly as it was.
+std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks);
+
+}  // namespace pmkv

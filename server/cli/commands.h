@@ -1,0 +1,11 @@
+#pragma once
+// The subcommands of the `pmkv` binary. Each parses its own options (InvalidArgument on bad ones)
+// and returns the process exit code.
+#include <string>
+#include <vector>
+
+namespace pmkv::cli {
+
+int run_generate(const std::vector<std::string>& args);
+
+}  // namespace pmkv::cli

@@ -1,0 +1,67 @@
+// pmkv: one binary, one subcommand per job.
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/common/error.h"
+#include "server/cli/commands.h"
+
+namespace {
+
+struct Command {
+  std::string_view name;
+  std::string_view summary;
+  int (*run)(const std::vector<std::string>& args);
+};
+
+constexpr Command kCommands[] = {
+    {"generate", "generate text for one prompt on the CPU engine", pmkv::cli::run_generate},
+};
+
+void usage(std::FILE* out) {
+  std::fprintf(out, "usage: pmkv <command> [options]\n\ncommands:\n");
+  for (const Command& c : kCommands) {
+    std::fprintf(out, "  %-10.*s %.*s\n", int(c.name.size()), c.name.data(), int(c.summary.size()),
+                 c.summary.data());
+  }
+  std::fprintf(out, "\n`pmkv <command> --help` lists a command's options.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  const std::string_view name = argv[1];
+  if (name == "--help" || name == "-h" || name == "help") {
+    usage(stdout);
+    return 0;
+  }
+  if (name == "--version") {
+    std::printf("pmkv %s\n", PMKV_VERSION);
+    return 0;
+  }
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  for (const Command& c : kCommands) {
+    if (c.name != name) continue;
+    try {
+      return c.run(args);
+    } catch (const pmkv::InvalidArgument& e) {
+      std::fprintf(stderr, "pmkv %s: %s\n", argv[1], e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "pmkv %s: error: %s\n", argv[1], e.what());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "pmkv: unknown command '%s'\n\n", argv[1]);
+  usage(stderr);
+  return 2;
+}
