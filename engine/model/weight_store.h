@@ -17,6 +17,11 @@ enum class DType { kF32, kF16, kBF16 };
 const char* dtype_name(DType d);
 size_t dtype_size(DType d);
 
+// Exact widening of one stored 16-bit value to fp32 (what load_f32 does per element).
+// bf16: bits << 16. f16: IEEE binary16, subnormals, infinities and NaN payloads preserved.
+float bf16_to_f32(uint16_t bits);
+float f16_to_f32(uint16_t bits);
+
 struct TensorInfo {
   std::string name;
   DType dtype;
