@@ -2,10 +2,13 @@
 // (tests/fixtures/golden/<model>/, made by tools/make_golden.py). Logits of every prompt position
 // and a 32-token greedy continuation were recorded by transformers in float32 from the bf16 weights.
 //
-// Bound: max |logit difference| <= 1e-3 (kLogitTolerance). Both sides compute in fp32 on the same
-// bf16-rounded weights; what remains is fp32 summation order (~1e-6 relative) and our 16-bit KV
-// codes (step = range / 65535), each orders of magnitude under the bound, while any functional
-// difference (a wrong RoPE pair, scaling, bias, norm or mask) moves logits by > 1e-2.
+// Bound: max |logit difference| <= 5e-4 (kLogitTolerance). Both sides compute in fp32 on the same
+// bf16-rounded weights; what remains is fp32 summation order, fp32 RoPE angles at long positions and
+// our 16-bit KV codes (step = range / 65535). Measured: <= 8.3e-6 on prompts of up to 60 tokens and
+// 8.7e-5 on the 1,111-token llama3-rope prompt. Any functional difference (a wrong RoPE pair,
+// scaling, bias, norm or mask) moves logits by > 1e-2 (a sliding window off by one: 1.8). The
+// recorded greedy continuations have top-2 margins >= 2.2e-3 > 2 x the bound, so equal tokens are
+// a fair requirement.
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -29,7 +32,7 @@ using namespace pmkv;
 
 namespace {
 
-constexpr double kLogitTolerance = 1e-3;
+constexpr double kLogitTolerance = 5e-4;
 
 struct GoldenPrompt {
   std::string name;
@@ -118,7 +121,7 @@ TEST_CASE("golden: whole-prompt prefill logits match transformers", "[golden]") 
     const SeqChunk c{p, gp.prompt_ids, SeqChunk::Logits::kAll};
     const auto logits = e.step({&c, 1});
     const double d = max_abs_diff(logits, gp.logits);
-    INFO(model << " " << gp.name << " (" << gp.prompt_ids.size() << " tokens): max |diff| " << d);
+    WARN(model << " " << gp.name << " (" << gp.prompt_ids.size() << " tokens): max |diff| " << d);
     CHECK(d <= kLogitTolerance);
   }
 }
