@@ -27,6 +27,7 @@ constexpr const char* kHelp = R"(usage: pmkv generate --model DIR (--prompt TEXT
   --repetition-penalty R, --presence-penalty P, --frequency-penalty F
   --seed S                  same seed, same output
   --stop STR                stop string (repeatable); the text ends before it
+  --stop-token-id ID        token id that ends generation besides EOS (repeatable)
   --ignore-eos              keep generating past EOS
   --threads N               CPU threads (default: all cores)
   --json                    print one JSON object instead of streaming text
@@ -44,6 +45,10 @@ SamplingParams sampling_from(const Args& a) {
   if (auto v = a.get_double("frequency-penalty")) p.frequency_penalty = static_cast<float>(*v);
   if (auto v = a.get_int("seed")) p.seed = static_cast<uint64_t>(*v);
   p.stop = a.all("stop");
+  for (const std::string& id : a.all("stop-token-id")) {
+    const auto ids = parse_id_list(id, "--stop-token-id");
+    p.stop_token_ids.insert(p.stop_token_ids.end(), ids.begin(), ids.end());
+  }
   p.ignore_eos = a.flag("ignore-eos");
   p.validate();
   return p;
@@ -56,7 +61,7 @@ int run_generate(const std::vector<std::string>& argv) {
                       .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature",
                                  "top-k", "top-p", "min-p", "repetition-penalty",
                                  "presence-penalty", "frequency-penalty", "seed", "threads"},
-                      .repeatable = {"stop"}});
+                      .repeatable = {"stop", "stop-token-id"}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
     return 0;
