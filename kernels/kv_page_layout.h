@@ -33,7 +33,9 @@ struct PageGeometry {
 PMKV_HD constexpr bool is_valid_bits(int bits) {
   return bits == 16 || bits == 8 || bits == 4 || bits == 2;
 }
-PMKV_HD constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+PMKV_HD constexpr int64_t round_up(int64_t x, int64_t m) {
+  return (x + m - 1) / m * m;
+}
 
 PMKV_HD constexpr int64_t row_bytes(int32_t head_dim, int bits) {
   return round_up(int64_t{head_dim} * bits / 8, 16);
@@ -60,10 +62,10 @@ PMKV_HD constexpr int64_t page_bytes(const PageGeometry& g) {
 }
 
 struct PageLayout {
-  int32_t tokens;    // tokens the page holds at this bit-width
+  int32_t tokens;  // tokens the page holds at this bit-width
   int32_t heads;
-  int64_t row;       // bytes per (token, head) code row
-  int64_t k_codes;   // byte offsets inside the page
+  int64_t row;      // bytes per (token, head) code row
+  int64_t k_codes;  // byte offsets inside the page
   int64_t v_codes;
   int64_t k_params;
   int64_t v_params;

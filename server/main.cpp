@@ -20,6 +20,7 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"generate", "generate text for one prompt on the CPU engine", pmkv::cli::run_generate},
+    {"eval", "perplexity of a model on a text file", pmkv::cli::run_eval},
 };
 
 void usage(std::FILE* out) {

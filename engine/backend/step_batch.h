@@ -24,7 +24,7 @@ struct StepBatch {
   std::vector<int32_t> seq_cached;   // [num_seqs]
   std::vector<int32_t> page_starts;  // [num_layers * num_seqs + 1]
   std::vector<kv::PageRef> pages;
-  std::vector<int32_t> logit_rows;   // rows whose logits the caller wants, in output order
+  std::vector<int32_t> logit_rows;  // rows whose logits the caller wants, in output order
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(seq_cached.size()); }

@@ -53,7 +53,8 @@ void KvCacheManager::release(SeqId seq) {
   const auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   for (const auto& pages : it->second.layers) {
-    for (const PageRef& p : pages) pool_.free(p.page);
+    for (const PageRef& p : pages)
+      pool_.free(p.page);
   }
   seqs_.erase(it);
 }

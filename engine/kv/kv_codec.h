@@ -1,8 +1,8 @@
 #pragma once
 // PM-KVQ's quantizer for one group (one token of one KV head: head_dim values), bit-exact with the
-// CUDA kernels: asymmetric round-to-nearest-even, scale = clamp((max - min) / (2^b - 1), 1e-5, 1e5),
-// zero = -min (never rounded), code = clamp(round((x + zero) / scale), 0, 2^b - 1),
-// value = code * scale - zero. Packing as kernels/kv_page_layout.h describes.
+// CUDA kernels: asymmetric round-to-nearest-even, scale = clamp((max - min) / (2^b - 1), 1e-5,
+// 1e5), zero = -min (never rounded), code = clamp(round((x + zero) / scale), 0, 2^b - 1), value =
+// code * scale - zero. Packing as kernels/kv_page_layout.h describes.
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -22,6 +22,7 @@ GroupParams quantize_group(std::span<const float> x, int bits, std::span<std::by
 uint32_t unpack_code(std::span<const std::byte> row, int bits, int i);
 
 // Dequantizes a packed row of out.size() codes.
-void dequantize_group(std::span<const std::byte> row, int bits, GroupParams p, std::span<float> out);
+void dequantize_group(std::span<const std::byte> row, int bits, GroupParams p,
+                      std::span<float> out);
 
 }  // namespace pmkv::kv

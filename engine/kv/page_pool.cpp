@@ -10,7 +10,8 @@ PagePool::PagePool(int32_t num_pages) : in_use_(static_cast<size_t>(num_pages), 
   if (num_pages < 0) throw std::invalid_argument("PagePool: negative page count");
   free_.reserve(num_pages);
   // Highest id at the bottom so that a fresh pool hands out 0, 1, 2, ...
-  for (PageId p = num_pages - 1; p >= 0; --p) free_.push_back(p);
+  for (PageId p = num_pages - 1; p >= 0; --p)
+    free_.push_back(p);
 }
 
 std::optional<PageId> PagePool::allocate() {

@@ -28,7 +28,8 @@ struct ReleaseGuard {
   kv::KvCacheManager& kv;
   std::vector<Sequence>& seqs;
   ~ReleaseGuard() {
-    for (const Sequence& s : seqs) kv.release(s.id);
+    for (const Sequence& s : seqs)
+      kv.release(s.id);
   }
 };
 
@@ -68,8 +69,13 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
   // Ids unique within this manager: above every id already present is not needed, because a run
   // releases all of its sequences before returning.
   for (size_t i = 0; i < requests.size(); ++i) {
-    Sequence s{static_cast<kv::SeqId>(i), &requests[i], 0, {}, Sampler(requests[i].params),
-               std::nullopt, StopChecker(requests[i].params, eos_ids_)};
+    Sequence s{static_cast<kv::SeqId>(i),
+               &requests[i],
+               0,
+               {},
+               Sampler(requests[i].params),
+               std::nullopt,
+               StopChecker(requests[i].params, eos_ids_)};
     if (kv_.contains(s.id)) throw std::logic_error("Generator: KV manager holds sequence ids");
     if (tokenizer_) s.detok.emplace(*tokenizer_, requests[i].prompt_ids);
     seqs.push_back(std::move(s));

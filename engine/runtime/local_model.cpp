@@ -1,7 +1,7 @@
 #include "engine/runtime/local_model.h"
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <fstream>
@@ -93,8 +93,8 @@ std::vector<GenerationResult> LocalModel::generate(std::span<const GenerationReq
                             " tokens, so at most " + std::to_string(context - 1) + " fit");
     }
     if (context > 0) {
-      r.params.max_tokens = static_cast<int32_t>(
-          std::min<int64_t>(r.params.max_tokens, context - prompt));
+      r.params.max_tokens =
+          static_cast<int32_t>(std::min<int64_t>(r.params.max_tokens, context - prompt));
     }
     // Per sequence: its tokens plus one partly filled page.
     tokens += prompt + r.params.max_tokens + options_.page_tokens;
@@ -104,6 +104,16 @@ std::vector<GenerationResult> LocalModel::generate(std::span<const GenerationReq
   auto results = gen.run(capped, on_text);
   timings_ = gen.timings();
   return results;
+}
+
+PerplexityResult LocalModel::perplexity(std::span<const int32_t> tokens,
+                                        PerplexityOptions options) {
+  if (config.max_position_embeddings > 0) {
+    options.window =
+        static_cast<int32_t>(std::min<int64_t>(options.window, config.max_position_embeddings));
+  }
+  ensure_capacity(options.window + options_.page_tokens);
+  return evaluate_perplexity(*backend_, *kv_, tokens, options);
 }
 
 }  // namespace pmkv

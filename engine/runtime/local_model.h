@@ -13,13 +13,14 @@
 #include "engine/model/model_config.h"
 #include "engine/model/weight_store.h"
 #include "engine/runtime/generator.h"
+#include "engine/runtime/perplexity.h"
 #include "engine/tokenizer/tokenizer.h"
 
 namespace pmkv {
 
 struct LocalModelOptions {
-  int32_t num_threads = 0;      // 0: every core
-  int32_t page_tokens = 16;     // tokens per 16-bit KV page
+  int32_t num_threads = 0;   // 0: every core
+  int32_t page_tokens = 16;  // tokens per 16-bit KV page
 };
 
 class LocalModel {
@@ -36,6 +37,8 @@ class LocalModel {
   std::vector<GenerationResult> generate(std::span<const GenerationRequest> requests,
                                          const Generator::OnText& on_text = {});
   const GenerationTimings& timings() const { return timings_; }
+  // Perplexity of the model on `tokens` (see perplexity.h); the window is capped at the context.
+  PerplexityResult perplexity(std::span<const int32_t> tokens, PerplexityOptions options);
   const kv::KvCacheManager* kv() const { return kv_.get(); }
 
  private:

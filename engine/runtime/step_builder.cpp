@@ -28,7 +28,8 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
     }
     const int32_t n = static_cast<int32_t>(c.tokens.size());
     if (c.logits == SeqChunk::Logits::kAll) {
-      for (int32_t i = 0; i < n; ++i) b.logit_rows.push_back(row0 + i);
+      for (int32_t i = 0; i < n; ++i)
+        b.logit_rows.push_back(row0 + i);
     } else if (c.logits == SeqChunk::Logits::kLast && n > 0) {
       b.logit_rows.push_back(row0 + n - 1);
     }

@@ -7,5 +7,6 @@
 namespace pmkv::cli {
 
 int run_generate(const std::vector<std::string>& args);
+int run_eval(const std::vector<std::string>& args);
 
 }  // namespace pmkv::cli

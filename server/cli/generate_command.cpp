@@ -1,6 +1,6 @@
 // `pmkv generate`: one prompt through the CPU engine, streamed to stdout.
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <optional>
@@ -16,7 +16,8 @@ namespace pmkv::cli {
 
 namespace {
 
-constexpr const char* kHelp = R"(usage: pmkv generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]
+constexpr const char* kHelp =
+    R"(usage: pmkv generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]
 
   --model DIR               Hugging Face model directory (config.json, *.safetensors[, tokenizer.model])
   --prompt TEXT             prompt text (needs tokenizer.model); BOS added as tokenizer_config says
@@ -71,15 +72,15 @@ int run_generate(const std::vector<std::string>& argv) {
     throw InvalidArgument("give exactly one of --prompt and --prompt-ids");
   }
   const SamplingParams params = sampling_from(a);
-  LocalModel model = LocalModel::open(a.require("model"),
-                                      {.num_threads = static_cast<int32_t>(
-                                           a.get_int("threads").value_or(0))});
+  LocalModel model = LocalModel::open(
+      a.require("model"), {.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0))});
   GenerationRequest req;
   req.params = params;
   if (auto text = a.get("prompt")) {
     if (!model.tokenizer) {
-      throw InvalidArgument("--prompt needs a tokenizer (tokenizer.model) in the model directory; "
-                            "use --prompt-ids for id-level use");
+      throw InvalidArgument(
+          "--prompt needs a tokenizer (tokenizer.model) in the model directory; "
+          "use --prompt-ids for id-level use");
     }
     req.prompt_ids = model.tokenizer->encode_prompt(*text);
   } else {

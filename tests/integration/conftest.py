@@ -17,7 +17,7 @@ GOLDEN_DIR = SOURCE_DIR / "tests" / "fixtures" / "golden"
 
 @pytest.fixture(scope="session")
 def pmkv_bin():
-    path = os.environ.get("PMKV_BIN", str(SOURCE_DIR / "build" / "server" / "pmkv"))
+    path = os.environ.get("PMKV_BIN", str(SOURCE_DIR / "build" / "pmkv"))
     if not os.access(path, os.X_OK):
         pytest.fail(f"pmkv binary not found at {path} (set PMKV_BIN)")
     return path

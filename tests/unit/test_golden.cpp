@@ -25,6 +25,7 @@
 #include "engine/model/model_config.h"
 #include "engine/model/safetensors.h"
 #include "engine/model/weight_store.h"
+#include "engine/runtime/perplexity.h"
 #include "engine/runtime/step_builder.h"
 
 namespace fs = std::filesystem;
@@ -188,4 +189,40 @@ TEST_CASE("golden: chunked prefill then greedy decode reproduces transformers' t
     e.kv.release(p);
   }
   CHECK(e.kv.pool().num_used() == 0);
+}
+
+TEST_CASE("golden: evaluate_perplexity equals the NLL of transformers' logits", "[golden]") {
+  const Golden g = load_golden("llama31_rope");
+  Engine e(g, 16, 4096);
+  const auto& gp = g.prompts.back();  // the 1,111-token prompt
+  const int64_t V = g.config.vocab_size;
+  // Two windows (the second starts from an empty cache) fed in chunks of 100 tokens.
+  const int32_t window = 700;
+  double want = 0;
+  // First window: transformers' logits of positions 0..window-2 score tokens 1..window-1.
+  for (int32_t i = 0; i + 1 < window; ++i) {
+    const std::span<const float> row(gp.logits.data() + i * V, V);
+    double m = -INFINITY, s = 0;
+    for (float x : row) m = std::max(m, double(x));
+    for (float x : row) s += std::exp(double(x) - m);
+    want -= double(row[gp.prompt_ids[i + 1]]) - m - std::log(s);
+  }
+  PerplexityOptions opt;
+  opt.window = window;
+  opt.chunk = 100;
+  const std::span<const int32_t> first(gp.prompt_ids.data(), window);
+  const PerplexityResult r = evaluate_perplexity(e.backend, e.kv, first, opt);
+  CHECK(r.windows == 1);
+  CHECK(r.predicted == window - 1);
+  CHECK(r.nll == Approx(want).epsilon(1e-5));
+  CHECK(e.kv.pool().num_used() == 0);
+  // The whole prompt as two windows: the second is scored from an empty cache, so its NLL equals
+  // a separate evaluation of just those tokens.
+  opt.window = window;
+  const PerplexityResult both = evaluate_perplexity(e.backend, e.kv, gp.prompt_ids, opt);
+  const PerplexityResult second = evaluate_perplexity(
+      e.backend, e.kv, std::span(gp.prompt_ids).subspan(window), opt);
+  CHECK(both.windows == 2);
+  CHECK(both.predicted == int64_t(gp.prompt_ids.size()) - 2);
+  CHECK(both.nll == Approx(r.nll + second.nll).epsilon(1e-9));
 }

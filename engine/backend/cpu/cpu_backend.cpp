@@ -101,8 +101,7 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
   const cpu::KvPoolView pool{kv_pool_.data(), page_bytes_, geometry_};
   const cpu::AttentionShape shape{
       static_cast<int32_t>(cfg_.num_heads), static_cast<int32_t>(cfg_.num_kv_heads),
-      static_cast<int32_t>(cfg_.head_dim),
-      static_cast<int32_t>(cfg_.sliding_window.value_or(0)),
+      static_cast<int32_t>(cfg_.head_dim), static_cast<int32_t>(cfg_.sliding_window.value_or(0)),
       1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))};
   const int32_t num_seqs = b.num_seqs();
   std::vector<float> k, v;
@@ -142,7 +141,8 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
       act(N * I), tmp(N * H);
   for (int64_t r = 0; r < N; ++r) {
     const int32_t id = b.token_ids[r];
-    if (id < 0 || id >= V) throw InvalidArgument("token id " + std::to_string(id) + " out of range");
+    if (id < 0 || id >= V)
+      throw InvalidArgument("token id " + std::to_string(id) + " out of range");
     std::memcpy(&x[r * H], &embed_[id * H], H * sizeof(float));
   }
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -154,17 +154,18 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
     for (int64_t r = 0; r < N; ++r) {
       float* row = &qkv[r * qkv_width];
       cpu::rope_inplace(row, cfg_.num_heads, cfg_.head_dim, b.positions[r], inv_freq_);
-      cpu::rope_inplace(row + q_width, cfg_.num_kv_heads, cfg_.head_dim, b.positions[r],
-                        inv_freq_);
+      cpu::rope_inplace(row + q_width, cfg_.num_kv_heads, cfg_.head_dim, b.positions[r], inv_freq_);
     }
     attention_layer(b, l, qkv.data(), attn.data());
     cpu::matmul_wt(attn.data(), N, q_width, L.wo.data(), H, tmp.data(), L.bo);
-    for (int64_t i = 0; i < N * H; ++i) x[i] += tmp[i];
+    for (int64_t i = 0; i < N * H; ++i)
+      x[i] += tmp[i];
     cpu::rms_norm(x.data(), N, H, L.mlp_norm.data(), eps, h.data());
     cpu::matmul_wt(h.data(), N, H, L.w_gate_up.data(), 2 * I, gu.data(), L.b_gate_up);
     cpu::silu_mul(gu.data(), N, I, act.data());
     cpu::matmul_wt(act.data(), N, I, L.w_down.data(), H, tmp.data(), L.b_down);
-    for (int64_t i = 0; i < N * H; ++i) x[i] += tmp[i];
+    for (int64_t i = 0; i < N * H; ++i)
+      x[i] += tmp[i];
   }
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
   std::vector<float> last(R * H);

@@ -51,7 +51,7 @@ class CpuBackend final : public Backend {
   std::vector<float> lm_head_;     // [vocab, hidden]; empty when tied to embed_
   std::vector<float> final_norm_;  // [hidden]
   std::vector<Layer> layers_;
-  std::vector<float> inv_freq_;    // [head_dim / 2]
+  std::vector<float> inv_freq_;  // [head_dim / 2]
   kv::PageGeometry geometry_;
   int64_t page_bytes_;
   std::vector<std::byte> kv_pool_;  // [num_pages * page_bytes_]

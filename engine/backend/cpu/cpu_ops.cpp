@@ -11,13 +11,14 @@ void matmul_wt(const float* a, int64_t m, int64_t k, const float* w, int64_t n, 
                std::span<const float> bias) {
   if (m == 0) return;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, a, static_cast<blasint>(k),
-              w, static_cast<blasint>(k), 0.0f, c, static_cast<blasint>(n));
+              static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, a, static_cast<blasint>(k), w,
+              static_cast<blasint>(k), 0.0f, c, static_cast<blasint>(n));
   if (!bias.empty()) {
 #pragma omp parallel for if (m * n > 65536)
     for (int64_t r = 0; r < m; ++r) {
       float* row = c + r * n;
-      for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+      for (int64_t j = 0; j < n; ++j)
+        row[j] += bias[j];
     }
   }
 }
@@ -29,9 +30,11 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, const float* weight, fl
     const float* xr = x + r * dim;
     float* o = out + r * dim;
     float ss = 0.0f;
-    for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    for (int64_t i = 0; i < dim; ++i)
+      ss += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) o[i] = weight[i] * (xr[i] * inv);
+    for (int64_t i = 0; i < dim; ++i)
+      o[i] = weight[i] * (xr[i] * inv);
   }
 }
 
@@ -60,7 +63,8 @@ void silu_mul(const float* gate_up, int64_t rows, int64_t n, float* out) {
     const float* g = gate_up + r * 2 * n;
     const float* u = g + n;
     float* o = out + r * n;
-    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    for (int64_t i = 0; i < n; ++i)
+      o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
 

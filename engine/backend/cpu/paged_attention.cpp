@@ -1,8 +1,8 @@
 #include "engine/backend/cpu/paged_attention.h"
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -18,7 +18,8 @@ void for_each_slot(std::span<const kv::PageRef> table, int32_t from, int32_t to,
   int32_t base = 0;
   for (const kv::PageRef& p : table) {
     const int32_t end = base + p.num_tokens;
-    for (int32_t t = std::max(from, base); t < std::min(to, end); ++t) fn(p, t - base, t);
+    for (int32_t t = std::max(from, base); t < std::min(to, end); ++t)
+      fn(p, t - base, t);
     base = end;
     if (base >= to) return;
   }
@@ -30,24 +31,24 @@ void for_each_slot(std::span<const kv::PageRef> table, int32_t from, int32_t to,
 void write_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t first_token,
               int32_t n, const float* k, int64_t k_stride, const float* v, int64_t v_stride) {
   const auto& g = pool.geometry;
-  for_each_slot(table, first_token, first_token + n,
-                [&](const kv::PageRef& p, int32_t slot, int32_t t) {
-                  const kv::PageLayout l = kv::page_layout(g, p.bits);
-                  std::byte* page = pool.base + int64_t{p.page} * pool.page_bytes;
-                  const int32_t r = t - first_token;
-                  for (int32_t h = 0; h < g.num_kv_heads; ++h) {
-                    for (int kind = 0; kind < 2; ++kind) {
-                      const float* src = (kind == 0 ? k + r * k_stride : v + r * v_stride) +
-                                         int64_t{h} * g.head_dim;
-                      const int64_t codes = kind == 0 ? l.k_codes : l.v_codes;
-                      const int64_t params = kind == 0 ? l.k_params : l.v_params;
-                      const kv::GroupParams gp = kv::quantize_group(
-                          {src, static_cast<size_t>(g.head_dim)}, p.bits,
-                          {page + l.code_row(codes, slot, h), static_cast<size_t>(l.row)});
-                      std::memcpy(page + l.param(params, slot, h), &gp, sizeof gp);
-                    }
-                  }
-                });
+  for_each_slot(
+      table, first_token, first_token + n, [&](const kv::PageRef& p, int32_t slot, int32_t t) {
+        const kv::PageLayout l = kv::page_layout(g, p.bits);
+        std::byte* page = pool.base + int64_t{p.page} * pool.page_bytes;
+        const int32_t r = t - first_token;
+        for (int32_t h = 0; h < g.num_kv_heads; ++h) {
+          for (int kind = 0; kind < 2; ++kind) {
+            const float* src =
+                (kind == 0 ? k + r * k_stride : v + r * v_stride) + int64_t{h} * g.head_dim;
+            const int64_t codes = kind == 0 ? l.k_codes : l.v_codes;
+            const int64_t params = kind == 0 ? l.k_params : l.v_params;
+            const kv::GroupParams gp =
+                kv::quantize_group({src, static_cast<size_t>(g.head_dim)}, p.bits,
+                                   {page + l.code_row(codes, slot, h), static_cast<size_t>(l.row)});
+            std::memcpy(page + l.param(params, slot, h), &gp, sizeof gp);
+          }
+        }
+      });
 }
 
 void read_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t count,
@@ -91,7 +92,8 @@ void causal_attention(const AttentionShape& s, const float* q, int64_t q_stride,
         for (int32_t j = lo; j <= t; ++j) {
           const float* kj = k + j * kv_width + kv_off;
           float dot = 0.0f;
-          for (int64_t c = 0; c < d; ++c) dot += qh[c] * kj[c];
+          for (int64_t c = 0; c < d; ++c)
+            dot += qh[c] * kj[c];
           scores[j] = dot * s.scale;
           m = std::max(m, scores[j]);
         }
@@ -105,7 +107,8 @@ void causal_attention(const AttentionShape& s, const float* q, int64_t q_stride,
         for (int32_t j = lo; j <= t; ++j) {
           const float w = scores[j] / sum;
           const float* vj = v + j * kv_width + kv_off;
-          for (int64_t c = 0; c < d; ++c) o[c] += w * vj[c];
+          for (int64_t c = 0; c < d; ++c)
+            o[c] += w * vj[c];
         }
       }
     }

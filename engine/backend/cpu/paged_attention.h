@@ -12,7 +12,7 @@
 namespace pmkv::cpu {
 
 struct KvPoolView {
-  std::byte* base;     // page p starts at base + p * page_bytes
+  std::byte* base;  // page p starts at base + p * page_bytes
   int64_t page_bytes;
   kv::PageGeometry geometry;
 };

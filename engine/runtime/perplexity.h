@@ -1,0 +1,34 @@
+#pragma once
+// Perplexity of a model (through its KV cache) on a token stream: the quality yardstick of
+// `pmkv eval`. Protocol: the tokens are cut into consecutive windows of `window` tokens (the last
+// one shorter); each window is evaluated from an empty cache, fed in chunks of `chunk` tokens
+// through the same cache path as serving, and scores the predictions of its positions 1..len-1.
+// perplexity = exp(total NLL / predicted tokens).
+#include <cstdint>
+#include <functional>
+#include <span>
+
+#include "engine/backend/backend.h"
+#include "engine/kv/kv_cache_manager.h"
+
+namespace pmkv {
+
+struct PerplexityResult {
+  double nll = 0;         // summed negative log-likelihood (nats)
+  int64_t predicted = 0;  // number of scored predictions
+  int64_t windows = 0;
+  double seconds = 0;
+  double perplexity() const;
+};
+
+struct PerplexityOptions {
+  int32_t window = 2048;
+  int32_t chunk = 512;
+  std::function<void(int64_t done, int64_t total)> on_progress;  // tokens done / total
+};
+
+PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,
+                                     std::span<const int32_t> tokens,
+                                     const PerplexityOptions& options);
+
+}  // namespace pmkv
