@@ -1,0 +1,1 @@
+pmkv_unit_test(pmkv_test_sampling SOURCES test_sampler.cpp test_stop_checker.cpp LIBS pmkv_sampling)

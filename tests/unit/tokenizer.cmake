@@ -1,0 +1,1 @@
+pmkv_unit_test(pmkv_test_tokenizer SOURCES test_tokenizer.cpp test_detokenizer.cpp LIBS pmkv_tokenizer)
