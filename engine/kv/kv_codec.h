@@ -25,4 +25,16 @@ uint32_t unpack_code(std::span<const std::byte> row, int bits, int i);
 void dequantize_group(std::span<const std::byte> row, int bits, GroupParams p,
                       std::span<float> out);
 
+// PM-KVQ's "equivalent right shift" of one code from b to c = b/2 bits, in the integer domain:
+// q' = round(q * (2^c - 1) / (2^b - 1)) = (q * (2^2c - 2^c + 1) + 2^(3c-1) - 2^(2c-1) + 2^(c-1))
+// >> 3c, masked to c bits (uint32 arithmetic: exact for 16 -> 8). The group's scale becomes
+// scale * (2^c + 1) (one fp32 multiply per halving); the zero is unchanged.
+uint32_t shrink_code(uint32_t q, int from_bits);
+float shrink_scale(float scale, int from_bits);
+
+// Re-codes a packed row of n codes from `from_bits` to `to_bits` (<= from_bits, by repeated
+// halving) into `out` (row_bytes(n, to_bits) bytes, padding zeroed); returns the new params.
+GroupParams shrink_row(std::span<const std::byte> row, int from_bits, GroupParams p, int n,
+                       int to_bits, std::span<std::byte> out);
+
 }  // namespace pmkv::kv

@@ -1,5 +1,5 @@
 pmkv_unit_test(pmkv_test_engine
-  SOURCES test_kv_codec.cpp test_page_pool.cpp test_kv_cache_manager.cpp test_paged_attention.cpp
+  SOURCES test_kv_codec.cpp test_page_pool.cpp test_kv_cache_manager.cpp test_paged_attention.cpp test_kv_page_ops.cpp
   LIBS pmkv_engine)
 pmkv_unit_test(pmkv_test_golden
   SOURCES test_golden.cpp

@@ -75,3 +75,44 @@ TEST_CASE("kv page layout: b-bit pages hold twice the tokens of 2b-bit pages and
     CHECK(l.k_params % 16 == 0);
   }
 }
+
+TEST_CASE("kv codec: shrinking equals round(q * (2^c - 1) / (2^b - 1)) on every code value",
+          "[kv][codec]") {
+  for (int b : {16, 8, 4}) {
+    const uint64_t c = b / 2, qmax = (1ull << b) - 1, cmax = (1ull << c) - 1;
+    for (uint64_t q = 0; q <= qmax; ++q) {
+      // exact rational rounding, half up (a tie never happens: 2^c + 1 is odd)
+      const uint64_t num = q * cmax, den = qmax;
+      const uint64_t want = (2 * num + den) / (2 * den);
+      REQUIRE(shrink_code(static_cast<uint32_t>(q), b) == want);
+    }
+  }
+  CHECK(shrink_scale(1.0f, 16) == 257.0f);
+  CHECK(shrink_scale(1.0f, 8) == 17.0f);
+  CHECK(shrink_scale(1.0f, 4) == 5.0f);
+}
+
+TEST_CASE("kv codec: a shrunk row dequantizes to the same grid end points", "[kv][codec]") {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-4.0f, 4.0f);
+  const int d = 64;
+  std::vector<float> x(d), y(d), z(d);
+  std::vector<std::byte> r16(row_bytes(d, 16)), r2(row_bytes(d, 2)), direct(row_bytes(d, 2));
+  for (int trial = 0; trial < 100; ++trial) {
+    for (float& v : x) v = dist(rng);
+    const GroupParams p16 = quantize_group(x, 16, r16);
+    const GroupParams p2 = shrink_row(r16, 16, p16, d, 2, r2);
+    // 16 -> 8 -> 4 -> 2 multiplies the scale by 257 * 17 * 5 = 65535 / 3: the 2-bit grid of the
+    // same min and max, up to fp32 rounding.
+    CHECK(p2.zero == p16.zero);
+    CHECK(p2.scale == Approx(p16.scale * 65535.0f / 3.0f).epsilon(1e-6));
+    dequantize_group(r2, 2, p2, y);
+    const GroupParams pd = quantize_group(x, 2, direct);
+    dequantize_group(direct, 2, pd, z);
+    for (int i = 0; i < d; ++i) {
+      // double rounding may move a code by one step at most
+      REQUIRE(std::abs(y[i] - x[i]) <= p2.scale * 1.0f + 1e-5f);
+      REQUIRE(std::abs(y[i] - z[i]) <= p2.scale * 1.0001f + 1e-5f);
+    }
+  }
+}
