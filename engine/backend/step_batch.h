@@ -7,12 +7,18 @@
 // appended after them, so the new row r of s is token index seq_cached[s] + (r - seq_starts[s]) of
 // the sequence. Prefill (many rows), decode (one row) and chunked prefill are the same thing.
 //
-// Page tables, CSR over (layer, sequence): the pages of layer l of sequence s, in token order, are
-// pages[page_starts[l * num_seqs + s] .. page_starts[l * num_seqs + s + 1]). They already cover the
-// new tokens: the last (rows of s) token slots of each table are where this step writes its K/V.
+// Per layer, a backend (1) writes the K/V of the new rows to their 16-bit slots, listed by `writes`
+// (CSR over (layer, sequence) like the tables, in row order); (2) runs kv_ops.layers[l]: the flush
+// requantizations, then each demotion wave; (3) attends: cached tokens through the final page
+// tables, the step's own tokens at full precision.
+//
+// Final page tables, CSR over (layer, sequence): the pages of layer l of sequence s, in token
+// order, are pages[page_starts[l * num_seqs + s] .. page_starts[l * num_seqs + s + 1]), covering
+// the cached tokens and the new ones (the last rows-of-s tokens).
 #include <cstdint>
 #include <vector>
 
+#include "engine/kv/kv_cache_manager.h"
 #include "engine/kv/page_table.h"
 
 namespace pmkv {
@@ -24,7 +30,13 @@ struct StepBatch {
   std::vector<int32_t> seq_cached;   // [num_seqs]
   std::vector<int32_t> page_starts;  // [num_layers * num_seqs + 1]
   std::vector<kv::PageRef> pages;
-  std::vector<int32_t> logit_rows;  // rows whose logits the caller wants, in output order
+  std::vector<int32_t> write_starts;  // [num_layers * num_seqs + 1]
+  std::vector<kv::KvWrite> writes;
+  kv::KvStepOps kv_ops;               // [num_layers]: flushes, then demotion waves
+  std::vector<int32_t> logit_rows;    // rows whose logits the caller wants, in output order
+  // Sequences (indices into this batch) whose KV budget could not hold them even at the floor
+  // bits: the caller ends them (floor action) after the step instead of sampling.
+  std::vector<int32_t> over_budget;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(seq_cached.size()); }

@@ -14,4 +14,13 @@ struct PageRef {
   int32_t num_tokens;
 };
 
+// Where a step writes the K/V of its new tokens in one (sequence, layer): `count` consecutive new
+// tokens go to slots [slot, slot + count) of `page`, always a 16-bit page (sink or window). The
+// step's flush ops may then move them into the body.
+struct KvWrite {
+  PageId page;
+  int32_t slot;
+  int32_t count;
+};
+
 }  // namespace pmkv::kv

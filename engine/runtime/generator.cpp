@@ -1,5 +1,7 @@
 #include "engine/runtime/generator.h"
 
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <string>
 
@@ -119,13 +121,42 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
     }
     logits.resize(batch->logit_rows.size() * static_cast<size_t>(vocab));
     backend_.forward(*batch, logits);
+    kv_.end_step();
+
+    auto finish = [&](size_t i, const StopUpdate& u) {
+      Sequence& s = seqs[i];
+      GenerationResult& res = results[i];
+      if (!u.text.empty()) {
+        if (!res.text) res.text.emplace();
+        *res.text += u.text;
+        if (on_text) on_text(i, u.text);
+      }
+      if (!u.finished()) return;
+      s.done = true;
+      res.finish_reason = *u.finish;
+      res.output_ids = s.output;
+      if (tokenizer_ && !res.text) res.text.emplace();
+      res.kv = kv_.seq_stats(s.id);
+      kv_.release(s.id);
+    };
+    // Floor action: a sequence whose KV budget cannot hold it even at the floor bits ends here.
+    std::vector<uint8_t> ended(chunks.size(), 0);
+    for (int32_t k : batch->over_budget) {
+      Sequence& s = seqs[chunk_seq[k]];
+      spdlog::warn("sequence {}: KV budget exhausted at the floor bits after {} tokens; finishing "
+                   "with reason length",
+                   chunk_seq[k], kv_.num_tokens(s.id));
+      ended[k] = 1;
+      finish(chunk_seq[k], s.stop.finish(FinishReason::kLength, s.detok ? s.detok->flush() : ""));
+    }
 
     size_t row = 0;
     for (size_t k = 0; k < chunks.size(); ++k) {
       if (chunks[k].logits == SeqChunk::Logits::kNone) continue;
+      const size_t this_row = row++;
+      if (ended[k]) continue;
       Sequence& s = seqs[chunk_seq[k]];
-      GenerationResult& res = results[chunk_seq[k]];
-      const std::span<float> l(logits.data() + row++ * vocab, vocab);
+      const std::span<float> l(logits.data() + this_row * vocab, vocab);
       const int32_t token = s.sampler.sample(l, s.request->prompt_ids, s.output);
       s.output.push_back(token);
       std::string text;
@@ -133,19 +164,7 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
         text = s.detok->push(token);
         if (s.stop.tokens_remaining() == 1) text += s.detok->flush();
       }
-      const StopUpdate u = s.stop.append(token, text);
-      if (!u.text.empty()) {
-        if (!res.text) res.text.emplace();
-        *res.text += u.text;
-        if (on_text) on_text(chunk_seq[k], u.text);
-      }
-      if (u.finished()) {
-        s.done = true;
-        res.finish_reason = *u.finish;
-        res.output_ids = s.output;
-        if (tokenizer_ && !res.text) res.text.emplace();
-        kv_.release(s.id);
-      }
+      finish(chunk_seq[k], s.stop.append(token, text));
     }
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     if (prompt_tokens > 0) {

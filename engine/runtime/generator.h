@@ -28,6 +28,7 @@ struct GenerationResult {
   std::vector<int32_t> output_ids;
   std::optional<std::string> text;  // absent without a tokenizer
   FinishReason finish_reason = FinishReason::kLength;
+  kv::SeqKvStats kv;  // the sequence's KV cache at the end (pages, bytes, tokens per bits)
 };
 
 struct GenerationTimings {

@@ -42,6 +42,15 @@ std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir) {
 
 }  // namespace
 
+LocalModel::LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
+    : config(std::move(c)), weights(std::move(w)), options_(std::move(o)) {
+  options_.kv.validate();
+  geometry_ = kv::resolve_geometry(options_.kv, static_cast<int32_t>(config.num_kv_heads),
+                                   static_cast<int32_t>(config.head_dim));
+  budgets_ = kv::resolve_layer_budgets(options_.kv, static_cast<int32_t>(config.num_layers),
+                                       geometry_);
+}
+
 LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions options) {
   if (!std::filesystem::is_directory(dir)) {
     throw LoadError("model directory " + dir.string() + " does not exist");
@@ -63,17 +72,19 @@ LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions 
 
 void LocalModel::ensure_capacity(int64_t tokens) {
   if (backend_ && tokens <= capacity_tokens_) return;
-  const kv::PageGeometry g{static_cast<int32_t>(config.num_kv_heads),
-                           static_cast<int32_t>(config.head_dim), options_.page_tokens};
-  // Every sequence may leave one page per layer partly filled.
-  const int64_t pages_per_layer = (tokens + g.tokens16 - 1) / g.tokens16;
+  const kv::PageGeometry& g = geometry_;
+  // `tokens` counts every sequence's tokens plus a page of slack each; at 16 bits (the most pages
+  // a token can take) plus the transient pages of a step's flushes (a window's worth per layer).
+  const int64_t pages_per_layer =
+      (tokens + g.tokens16 - 1) / g.tokens16 + options_.kv.window_tokens / g.tokens16 + 2;
   const int64_t num_pages = pages_per_layer * config.num_layers;
   kv_.reset();
   backend_.reset();
   backend_ = std::make_unique<CpuBackend>(config, weights, g, static_cast<int32_t>(num_pages),
                                           CpuBackendOptions{options_.num_threads});
   kv_ = std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
-                                             static_cast<int32_t>(num_pages));
+                                             static_cast<int32_t>(num_pages), options_.kv,
+                                             budgets_);
   capacity_tokens_ = tokens;
   spdlog::debug("KV pool: {} pages of {} bytes ({} MiB)", num_pages, kv::page_bytes(g),
                 backend_->kv_pool_bytes() >> 20);
@@ -96,8 +107,8 @@ std::vector<GenerationResult> LocalModel::generate(std::span<const GenerationReq
       r.params.max_tokens =
           static_cast<int32_t>(std::min<int64_t>(r.params.max_tokens, context - prompt));
     }
-    // Per sequence: its tokens plus one partly filled page.
-    tokens += prompt + r.params.max_tokens + options_.page_tokens;
+    // Per sequence: its tokens plus partly filled sink, body and window pages.
+    tokens += prompt + r.params.max_tokens + 3 * geometry_.tokens16;
   }
   ensure_capacity(tokens);
   Generator gen(*backend_, *kv_, tokenizer ? &*tokenizer : nullptr, eos_ids, {});
@@ -112,7 +123,7 @@ PerplexityResult LocalModel::perplexity(std::span<const int32_t> tokens,
     options.window =
         static_cast<int32_t>(std::min<int64_t>(options.window, config.max_position_embeddings));
   }
-  ensure_capacity(options.window + options_.page_tokens);
+  ensure_capacity(options.window + 3 * geometry_.tokens16);
   return evaluate_perplexity(*backend_, *kv_, tokens, options);
 }
 

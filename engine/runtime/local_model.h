@@ -19,8 +19,8 @@
 namespace pmkv {
 
 struct LocalModelOptions {
-  int32_t num_threads = 0;   // 0: every core
-  int32_t page_tokens = 16;  // tokens per 16-bit KV page
+  int32_t num_threads = 0;  // 0: every core
+  kv::KvCacheConfig kv;     // page size, bit ladder, sink/window, policy, budgets
 };
 
 class LocalModel {
@@ -40,13 +40,16 @@ class LocalModel {
   // Perplexity of the model on `tokens` (see perplexity.h); the window is capped at the context.
   PerplexityResult perplexity(std::span<const int32_t> tokens, PerplexityOptions options);
   const kv::KvCacheManager* kv() const { return kv_.get(); }
+  const kv::PageGeometry& kv_geometry() const { return geometry_; }
+  const std::vector<int64_t>& kv_budgets() const { return budgets_; }
 
  private:
-  LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
-      : config(std::move(c)), weights(std::move(w)), options_(o) {}
+  LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o);
   void ensure_capacity(int64_t tokens);
 
   LocalModelOptions options_;
+  kv::PageGeometry geometry_;
+  std::vector<int64_t> budgets_;
   std::unique_ptr<CpuBackend> backend_;
   std::unique_ptr<kv::KvCacheManager> kv_;
   int64_t capacity_tokens_ = 0;

@@ -46,6 +46,7 @@ PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,
       if (!batch) throw Error("perplexity: the KV pool cannot hold one window");
       logits.resize(n * static_cast<size_t>(vocab));
       backend.forward(*batch, logits);
+      kv.end_step();
       for (size_t i = 0; i < n; ++i) {
         const size_t next = c0 + i + 1;  // row i predicts window[next]
         if (next >= window.size()) break;

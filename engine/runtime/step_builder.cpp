@@ -1,5 +1,6 @@
 #include "engine/runtime/step_builder.h"
 
+#include <stdexcept>
 #include <vector>
 
 namespace pmkv {
@@ -14,9 +15,19 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
   }
   if (needed > kv.pool().num_free()) return std::nullopt;
   std::vector<int32_t> cached(num_seqs);
+  const int32_t num_layers = kv.num_layers();
+  b.kv_ops.layers.resize(num_layers);
+  // writes_by_seq[s][l]: where sequence s writes its new tokens in layer l
+  std::vector<std::vector<std::vector<kv::KvWrite>>> writes_by_seq(
+      num_seqs, std::vector<std::vector<kv::KvWrite>>(num_layers));
   for (int32_t s = 0; s < num_seqs; ++s) {
     cached[s] = kv.num_tokens(chunks[s].seq);
-    kv.append(chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()));
+    const kv::AppendStatus st = kv.append(chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()),
+                                          &b.kv_ops, &writes_by_seq[s]);
+    if (st == kv::AppendStatus::kPoolExhausted) {
+      throw std::logic_error("build_step: pool exhausted after the page count said it fits");
+    }
+    if (st == kv::AppendStatus::kOverBudgetAtFloor) b.over_budget.push_back(s);
   }
   b.seq_starts.push_back(0);
   for (int32_t s = 0; s < num_seqs; ++s) {
@@ -37,11 +48,15 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
     b.seq_cached.push_back(cached[s]);
   }
   b.page_starts.push_back(0);
-  for (int32_t l = 0; l < kv.num_layers(); ++l) {
+  b.write_starts.push_back(0);
+  for (int32_t l = 0; l < num_layers; ++l) {
     for (int32_t s = 0; s < num_seqs; ++s) {
       const auto t = kv.table(chunks[s].seq, l);
       b.pages.insert(b.pages.end(), t.begin(), t.end());
       b.page_starts.push_back(static_cast<int32_t>(b.pages.size()));
+      const auto& w = writes_by_seq[s][l];
+      b.writes.insert(b.writes.end(), w.begin(), w.end());
+      b.write_starts.push_back(static_cast<int32_t>(b.writes.size()));
     }
   }
   return b;

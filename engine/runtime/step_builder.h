@@ -17,8 +17,9 @@ struct SeqChunk {
   enum class Logits { kNone, kLast, kAll } logits = Logits::kLast;
 };
 
-// Reserves KV for every chunk and builds the batch. When the pool cannot hold all chunks, returns
-// nullopt and leaves the manager exactly as it was.
+// Reserves KV for every chunk and builds the batch (tables, write slots, flush/demotion ops). When
+// the pool cannot hold all chunks, returns nullopt and leaves the manager exactly as it was.
+// After running the batch the caller calls kv.end_step().
 std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks);
 
 }  // namespace pmkv

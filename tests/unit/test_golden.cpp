@@ -80,8 +80,13 @@ struct Engine {
   Engine(const Golden& g, int32_t tokens16, int32_t num_pages)
       : cfg(g.config),
         weights(WeightStore::open(g.dir)),
-        kv(int32_t(cfg.num_layers), geometry(cfg, tokens16), num_pages),
+        kv(int32_t(cfg.num_layers), geometry(cfg, tokens16), num_pages, kv_config()),
         backend(cfg, weights, geometry(cfg, tokens16), num_pages) {}
+  static kv::KvCacheConfig kv_config() {
+    kv::KvCacheConfig c;
+    c.window_tokens = 16;  // a multiple of every page size used here
+    return c;
+  }
   static kv::PageGeometry geometry(const ModelConfig& c, int32_t tokens16) {
     return {int32_t(c.num_kv_heads), int32_t(c.head_dim), tokens16};
   }
@@ -90,6 +95,7 @@ struct Engine {
     REQUIRE(b.has_value());
     std::vector<float> logits(b->logit_rows.size() * cfg.vocab_size);
     backend.forward(*b, logits);
+    kv.end_step();
     if (rows_out) *rows_out = int64_t(b->logit_rows.size());
     return logits;
   }

@@ -1,77 +1,280 @@
+// KvCacheManager: page tables, window flushes, budgets and demotion policies. Property tests run
+// random workloads and check the invariants of engine/kv/kv_cache_manager.h after every step; a
+// byte-level test runs the planned ops on a real pool and checks every token's values.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <random>
 
+#include "engine/backend/cpu/kv_page_ops.h"
+#include "engine/backend/cpu/paged_attention.h"
 #include "engine/kv/kv_cache_manager.h"
 
+using namespace pmkv;
 using namespace pmkv::kv;
 
 namespace {
 
-int32_t pages_of(const KvCacheManager& m, SeqId s) {
+KvStepOps ops_for(const KvCacheManager& m) {
+  KvStepOps ops;
+  ops.layers.resize(m.num_layers());
+  return ops;
+}
+
+std::vector<std::vector<KvWrite>> writes_for(const KvCacheManager& m) {
+  return std::vector<std::vector<KvWrite>>(m.num_layers());
+}
+
+AppendStatus append(KvCacheManager& m, SeqId s, int32_t n) {
+  auto ops = ops_for(m);
+  auto w = writes_for(m);
+  const AppendStatus st = m.append(s, n, &ops, &w);
+  m.end_step();
+  return st;
+}
+
+// bits of every token of a table, in order
+std::vector<int> token_bits(std::span<const PageRef> table) {
+  std::vector<int> out;
+  for (const PageRef& p : table) out.insert(out.end(), p.num_tokens, p.bits);
+  return out;
+}
+
+int32_t live_pages(const KvCacheManager& m, const std::map<SeqId, int32_t>& live) {
   int32_t n = 0;
-  for (int32_t l = 0; l < m.num_layers(); ++l) n += static_cast<int32_t>(m.table(s, l).size());
+  for (const auto& [id, tokens] : live) {
+    for (int32_t l = 0; l < m.num_layers(); ++l) n += static_cast<int32_t>(m.table(id, l).size());
+  }
   return n;
 }
 
 }  // namespace
 
-TEST_CASE("kv cache manager: tables cover exactly the tokens appended", "[kv][manager]") {
-  KvCacheManager m(3, PageGeometry{2, 16, 4}, 100);
-  REQUIRE(m.append(1, 10));  // 3 pages per layer: 4 + 4 + 2
-  CHECK(m.num_tokens(1) == 10);
-  for (int32_t l = 0; l < 3; ++l) {
-    auto t = m.table(1, l);
-    REQUIRE(t.size() == 3);
-    CHECK(t[0].num_tokens == 4);
-    CHECK(t[2].num_tokens == 2);
-    for (auto& p : t) CHECK(p.bits == 16);
+TEST_CASE("kv manager: sink, window and 16-bit body; flushes relabel pages", "[kv][manager]") {
+  KvCacheConfig c;
+  c.sink_tokens = 1;
+  c.window_tokens = 8;
+  KvCacheManager m(2, PageGeometry{2, 16, 4}, 100, c);
+  CHECK_FALSE(m.needs_ops());
+  auto w = writes_for(m);
+  REQUIRE(m.append(1, 11, nullptr, &w) == AppendStatus::kOk);
+  // 1 sink token; 10 more: 8 flushed to the body (2 pages), 2 left in the window.
+  for (int32_t l = 0; l < 2; ++l) {
+    const auto t = m.table(1, l);
+    REQUIRE(t.size() == 4);
+    CHECK(t[0].num_tokens == 1);
+    CHECK(t[1].num_tokens == 4);
+    CHECK(t[2].num_tokens == 4);
+    CHECK(t[3].num_tokens == 2);
+    // the writes cover the 11 new tokens in order: sink slot 0, then window pages
+    int32_t sum = 0;
+    for (const KvWrite& x : w[l]) sum += x.count;
+    CHECK(sum == 11);
+    CHECK(w[l][0].page == t[0].page);
   }
-  CHECK(m.pages_needed(1, 2) == 0);
-  CHECK(m.pages_needed(1, 3) == 3);
-  REQUIRE(m.append(1, 3));
-  CHECK(m.table(1, 0).back().num_tokens == 1);
-  CHECK(m.pool().num_used() == 12);
+  m.end_step();
+  CHECK(m.pool().num_used() == 8);
   m.release(1);
   CHECK(m.pool().num_used() == 0);
-  CHECK_FALSE(m.contains(1));
 }
 
-TEST_CASE("kv cache manager: a failed append changes nothing", "[kv][manager]") {
-  KvCacheManager m(2, PageGeometry{1, 8, 4}, 5);
-  REQUIRE(m.append(7, 8));  // 2 pages x 2 layers
-  CHECK_FALSE(m.append(8, 5));  // needs 4 pages, 1 free
+TEST_CASE("kv manager: a failed append changes nothing", "[kv][manager]") {
+  KvCacheConfig c;
+  c.window_tokens = 4;
+  KvCacheManager m(2, PageGeometry{1, 8, 4}, 6, c);
+  REQUIRE(append(m, 7, 5) == AppendStatus::kOk);  // sink page + 1 body page per layer
+  const int32_t used = m.pool().num_used();
+  CHECK(append(m, 8, 9) == AppendStatus::kPoolExhausted);
   CHECK_FALSE(m.contains(8));
-  CHECK(m.pool().num_used() == 4);
-  CHECK_FALSE(m.append(7, 1));  // needs 2 pages
-  CHECK(m.num_tokens(7) == 8);
+  CHECK(m.pool().num_used() == used);
+  CHECK(m.num_tokens(7) == 5);
 }
 
-TEST_CASE("kv cache manager: random workload keeps pool == sum of live pages", "[kv][manager]") {
-  KvCacheManager m(4, PageGeometry{2, 16, 8}, 200);
-  std::mt19937 rng(99);
-  std::map<SeqId, int32_t> live;
-  for (int step = 0; step < 3000; ++step) {
-    const SeqId s = rng() % 12;
-    if (rng() % 5 == 0) {
-      m.release(s);
-      live.erase(s);
-    } else {
-      const int32_t n = 1 + static_cast<int32_t>(rng() % 40);
-      const bool ok = m.append(s, n);
-      if (ok) live[s] += n;
-    }
-    int32_t sum = 0;
-    for (auto& [id, n] : live) {
-      REQUIRE(m.num_tokens(id) == n);
-      for (int32_t l = 0; l < m.num_layers(); ++l) {
-        int32_t tokens = 0;
-        for (auto& p : m.table(id, l)) tokens += p.num_tokens;
-        REQUIRE(tokens == n);
-      }
-      sum += pages_of(m, id);
-    }
-    REQUIRE(m.pool().num_used() == sum);
+TEST_CASE("kv manager: block policy demotes the whole body, flushes enter at its bits",
+          "[kv][manager]") {
+  KvCacheConfig c;
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  const PageGeometry g{1, 16, 4};  // 16-bit pages hold 4 tokens, 2-bit pages 32
+  KvCacheManager m(1, g, 200, c, {6 * page_bytes(g)});
+  REQUIRE(append(m, 1, 1 + 16) == AppendStatus::kOk);  // sink + 4 body pages + empty window
+  CHECK(m.table(1, 0).size() == 5);
+  // 4 more: a 5th body page, 6 pages: still within budget
+  REQUIRE(append(m, 1, 4) == AppendStatus::kOk);
+  CHECK(m.table(1, 0).size() == 6);
+  // one more token opens a window page: 7 pages > 6 -> body 16 -> 8 bits (5 pages -> 3)
+  auto ops = ops_for(m);
+  auto w = writes_for(m);
+  REQUIRE(m.append(1, 1, &ops, &w) == AppendStatus::kOk);
+  REQUIRE(ops.layers[0].demote_waves.size() == 1);
+  CHECK(ops.layers[0].demote_waves[0].size() == 3);
+  m.end_step();
+  auto t = m.table(1, 0);
+  CHECK(token_bits(t) == std::vector<int>{16, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8,
+                                          8, 8, 8, 8, 16});
+  CHECK(t.size() == 5);
+  // the next flush enters at 8 bits, into the partly filled tail page
+  ops = ops_for(m);
+  w = writes_for(m);
+  REQUIRE(m.append(1, 3, &ops, &w) == AppendStatus::kOk);
+  REQUIRE(ops.layers[0].requant.size() == 1);
+  CHECK(ops.layers[0].requant[0].dst_bits == 8);
+  CHECK(ops.layers[0].requant[0].count == 4);
+  m.end_step();
+  CHECK(m.seq_stats(1).demotions == 3);
+}
+
+TEST_CASE("kv manager: at the floor and still over budget is reported", "[kv][manager]") {
+  KvCacheConfig c;
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.floor_bits = 4;
+  const PageGeometry g{1, 16, 4};
+  KvCacheManager m(1, g, 400, c, {3 * page_bytes(g)});
+  AppendStatus st = AppendStatus::kOk;
+  int32_t steps = 0;
+  while (st == AppendStatus::kOk && steps < 200) {
+    st = append(m, 1, 1);
+    ++steps;
   }
+  CHECK(st == AppendStatus::kOverBudgetAtFloor);
+  // sink page + body at 4 bits (16 tokens/page) + window: more than 3 pages only once the body
+  // needs a 2nd 4-bit page: 1 + 16 + ... tokens
+  for (int b : token_bits(m.table(1, 0))) CHECK(b >= 4);
+  m.release(1);
+  CHECK(m.pool().num_used() == 0);
+}
+
+TEST_CASE("kv manager: property test over random workloads, budgets and policies",
+          "[kv][manager][property]") {
+  const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
+  const uint32_t seed = GENERATE(1u, 2u, 3u, 4u);
+  std::mt19937 rng(seed * 7919 + static_cast<uint32_t>(policy));
+  KvCacheConfig c;
+  c.policy = policy;
+  c.sink_tokens = 1 + static_cast<int32_t>(rng() % 3);
+  c.window_tokens = 4 * (1 + static_cast<int32_t>(rng() % 3));
+  c.floor_bits = (rng() % 2) ? 2 : 4;
+  c.init_bits = (rng() % 4) ? 16 : 8;
+  const PageGeometry g{2, 16, 4};
+  const int32_t layers = 3;
+  std::vector<int64_t> budgets;
+  for (int32_t l = 0; l < layers; ++l) budgets.push_back((5 + rng() % 8) * page_bytes(g));
+  KvCacheManager m(layers, g, 600, c, budgets);
+  std::map<SeqId, int32_t> live;
+  std::map<std::pair<SeqId, int32_t>, std::vector<int>> prev_bits;
+  SeqId next_id = 0;
+  int over_budget_events = 0, demotions_seen = 0;
+  for (int step = 0; step < 400; ++step) {
+    // admit, grow (prefill chunks or decode tokens), or finish sequences
+    if (live.size() < 4 && rng() % 4 == 0) live[next_id++] = 0;
+    auto ops = ops_for(m);
+    auto w = writes_for(m);
+    std::vector<SeqId> finished;
+    for (auto& [id, n] : live) {
+      const int32_t add = (n == 0) ? 1 + static_cast<int32_t>(rng() % 40) : 1;
+      const AppendStatus st = m.append(id, add, &ops, &w);
+      if (st == AppendStatus::kPoolExhausted) continue;
+      n += add;
+      if (st == AppendStatus::kOverBudgetAtFloor) {
+        ++over_budget_events;
+        finished.push_back(id);
+      } else if (rng() % 60 == 0) {
+        finished.push_back(id);
+      }
+    }
+    for (const auto& l : ops.layers) {
+      for (const auto& wave : l.demote_waves) demotions_seen += static_cast<int>(wave.size());
+    }
+    m.end_step();
+    for (SeqId id : finished) {
+      m.release(id);
+      live.erase(id);
+      for (int32_t l = 0; l < layers; ++l) prev_bits.erase({id, l});
+    }
+    // invariants
+    REQUIRE(m.pool().num_used() == live_pages(m, live));
+    for (const auto& [id, n] : live) {
+      REQUIRE(m.num_tokens(id) == n);
+      for (int32_t l = 0; l < layers; ++l) {
+        const auto t = m.table(id, l);
+        INFO("step " << step << " seq " << id << " layer " << l);
+        REQUIRE(static_cast<int64_t>(t.size()) * m.page_bytes() <= budgets[l]);
+        const auto bits = token_bits(t);
+        REQUIRE(static_cast<int32_t>(bits.size()) == n);
+        for (int32_t i = 0; i < std::min(n, c.sink_tokens); ++i) REQUIRE(bits[i] == 16);
+        // the window (tokens after the last flush) is at 16 bits
+        const int32_t rest = std::max(0, n - c.sink_tokens);
+        for (int32_t i = n - rest % c.window_tokens; i < n; ++i) REQUIRE(bits[i] == 16);
+        for (int b : bits) REQUIRE(b >= c.floor_bits);
+        auto& prev = prev_bits[{id, l}];
+        for (size_t i = 0; i < prev.size(); ++i) REQUIRE(bits[i] <= prev[i]);
+        prev = bits;
+        for (const PageRef& p : t) REQUIRE(p.num_tokens <= tokens_per_page(g, p.bits));
+      }
+    }
+  }
+  for (const auto& [id, n] : live) m.release(id);
+  CHECK(m.pool().num_used() == 0);
+  CHECK(demotions_seen > 0);
+  (void)over_budget_events;
+}
+
+TEST_CASE("kv manager: planned ops on a real pool keep every token's values", "[kv][manager]") {
+  const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
+  std::mt19937 rng(policy == DemotionPolicy::kBlock ? 21 : 22);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  KvCacheConfig c;
+  c.policy = policy;
+  c.sink_tokens = 1;
+  c.window_tokens = 8;
+  const PageGeometry g{2, 16, 4};
+  const int32_t width = g.num_kv_heads * g.head_dim;
+  KvCacheManager m(1, g, 64, c, {7 * page_bytes(g)});
+  std::vector<std::byte> bytes(64 * page_bytes(g), std::byte{0x33});
+  const cpu::KvPoolView pool{bytes.data(), page_bytes(g), g};
+  std::vector<float> exact_k, exact_v;
+  for (int step = 0; step < 60; ++step) {
+    const int32_t n = step == 0 ? 13 : 1 + static_cast<int32_t>(rng() % 3);
+    std::vector<float> k(n * width), v(n * width);
+    for (float& x : k) x = dist(rng);
+    for (float& x : v) x = dist(rng);
+    auto ops = ops_for(m);
+    auto w = writes_for(m);
+    const AppendStatus st = m.append(1, n, &ops, &w);
+    if (st == AppendStatus::kOverBudgetAtFloor) break;
+    REQUIRE(st == AppendStatus::kOk);
+    cpu::write_kv_slots(pool, w[0], n, k.data(), width, v.data(), width);
+    for (const RequantOp& op : ops.layers[0].requant) cpu::apply_requant(pool, op);
+    for (const auto& wave : ops.layers[0].demote_waves) {
+      for (const DemoteOp& op : wave) cpu::apply_demote(pool, op);
+    }
+    m.end_step();
+    exact_k.insert(exact_k.end(), k.begin(), k.end());
+    exact_v.insert(exact_v.end(), v.begin(), v.end());
+    // every token reads back within half a step of its current bits (+ the 16-bit step before)
+    const auto t = m.table(1, 0);
+    const int32_t total = m.num_tokens(1);
+    std::vector<float> rk(total * width), rv(total * width);
+    cpu::read_kv(pool, t, total, rk.data(), rv.data());
+    const auto bits = token_bits(t);
+    for (int32_t i = 0; i < total; ++i) {
+      for (int32_t h = 0; h < g.num_kv_heads; ++h) {
+        for (int kind = 0; kind < 2; ++kind) {
+          const float* x = (kind ? exact_v.data() : exact_k.data()) + i * width + h * g.head_dim;
+          const float* y = (kind ? rv.data() : rk.data()) + i * width + h * g.head_dim;
+          const float range = *std::max_element(x, x + g.head_dim) -
+                              *std::min_element(x, x + g.head_dim);
+          const float step_size = range / float((1u << bits[i]) - 1);
+          for (int32_t d = 0; d < g.head_dim; ++d) {
+            INFO("step " << step << " token " << i << " bits " << bits[i]);
+            REQUIRE(std::abs(y[d] - x[d]) <= 0.5f * step_size * 1.01f + range / 65535.0f + 1e-5f);
+          }
+        }
+      }
+    }
+  }
+  CHECK(m.seq_stats(1).demotions > 0);
 }

@@ -49,7 +49,9 @@ TEST_CASE("paged attention: write/read through 16-bit pages and attend like the 
   const int heads = 8, kv_heads = 2, d = 16;
   const int window = GENERATE(0, 5);
   const kv::PageGeometry g{kv_heads, d, 4};
-  kv::KvCacheManager mgr(1, g, 64);
+  kv::KvCacheConfig cfg;
+  cfg.window_tokens = 8;
+  kv::KvCacheManager mgr(1, g, 64, cfg);  // 16-bit body: flushes relabel pages, no ops
   std::vector<std::byte> pool_bytes(64 * kv::page_bytes(g), std::byte{0x5A});
   const cpu::KvPoolView pool{pool_bytes.data(), kv::page_bytes(g), g};
   const cpu::AttentionShape shape{heads, kv_heads, d, window, 1.0f / std::sqrt(float(d))};
@@ -60,10 +62,12 @@ TEST_CASE("paged attention: write/read through 16-bit pages and attend like the 
     for (float& x : *vec) x = dist(rng);
   }
   // Two steps: the cached tokens, then the new chunk.
-  REQUIRE(mgr.append(1, cached));
-  cpu::write_kv(pool, mgr.table(1, 0), 0, cached, k.data(), kvw, v.data(), kvw);
-  REQUIRE(mgr.append(1, n));
-  cpu::write_kv(pool, mgr.table(1, 0), cached, n, &k[cached * kvw], kvw, &v[cached * kvw], kvw);
+  std::vector<std::vector<kv::KvWrite>> w(1);
+  REQUIRE(mgr.append(1, cached, nullptr, &w) == kv::AppendStatus::kOk);
+  cpu::write_kv_slots(pool, w[0], cached, k.data(), kvw, v.data(), kvw);
+  w[0].clear();
+  REQUIRE(mgr.append(1, n, nullptr, &w) == kv::AppendStatus::kOk);
+  cpu::write_kv_slots(pool, w[0], n, &k[cached * kvw], kvw, &v[cached * kvw], kvw);
 
   std::vector<float> k2(total * kvw, NAN), v2(total * kvw, NAN);
   cpu::read_kv(pool, mgr.table(1, 0), total, k2.data(), v2.data());

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "engine/backend/cpu/cpu_ops.h"
+#include "engine/backend/cpu/kv_page_ops.h"
 #include "engine/common/error.h"
 
 namespace pmkv {
@@ -104,6 +105,25 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
       static_cast<int32_t>(cfg_.head_dim), static_cast<int32_t>(cfg_.sliding_window.value_or(0)),
       1.0f / std::sqrt(static_cast<float>(cfg_.head_dim))};
   const int32_t num_seqs = b.num_seqs();
+  // 1. The new tokens' K/V into their 16-bit slots.
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    const int32_t row0 = b.seq_starts[s], n = b.seq_starts[s + 1] - row0;
+    const int32_t w0 = b.write_starts[layer * num_seqs + s];
+    const int32_t w1 = b.write_starts[layer * num_seqs + s + 1];
+    const float* rows = qkv + row0 * qkv_width;
+    cpu::write_kv_slots(pool, {b.writes.data() + w0, static_cast<size_t>(w1 - w0)}, n,
+                        rows + q_width, qkv_width, rows + q_width + kv_width, qkv_width);
+  }
+  // 2. This layer's flushes, then its demotion waves.
+  if (!b.kv_ops.layers.empty()) {
+    const kv::KvLayerOps& ops = b.kv_ops.layers[layer];
+    for (const kv::RequantOp& op : ops.requant) cpu::apply_requant(pool, op);
+    for (const auto& wave : ops.demote_waves) {
+      for (const kv::DemoteOp& op : wave) cpu::apply_demote(pool, op);
+    }
+  }
+  // 3. Attention: cached tokens through their (final) pages, this step's tokens exact (a step
+  // attends to its own K/V at full precision, as PM-KVQ does).
   std::vector<float> k, v;
   for (int32_t s = 0; s < num_seqs; ++s) {
     const int32_t row0 = b.seq_starts[s], n = b.seq_starts[s + 1] - row0;
@@ -112,10 +132,6 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
     const int32_t last = b.page_starts[layer * num_seqs + s + 1];
     const std::span<const kv::PageRef> table(b.pages.data() + first, last - first);
     const float* rows = qkv + row0 * qkv_width;
-    cpu::write_kv(pool, table, cached, n, rows + q_width, qkv_width, rows + q_width + kv_width,
-                  qkv_width);
-    // Keys/values of the sequence: cached tokens from their pages, this step's tokens exact
-    // (a step attends to its own K/V at full precision, as PM-KVQ does).
     k.resize(static_cast<size_t>(cached + n) * kv_width);
     v.resize(k.size());
     cpu::read_kv(pool, table, cached, k.data(), v.data());

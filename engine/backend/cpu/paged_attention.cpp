@@ -51,6 +51,18 @@ void write_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_
       });
 }
 
+void write_kv_slots(const KvPoolView& pool, std::span<const kv::KvWrite> writes, int32_t n,
+                    const float* k, int64_t k_stride, const float* v, int64_t v_stride) {
+  int32_t row = 0;
+  for (const kv::KvWrite& w : writes) {
+    const kv::PageRef page{w.page, 16, w.slot + w.count};
+    write_kv(pool, {&page, 1}, w.slot, w.count, k + row * k_stride, k_stride, v + row * v_stride,
+             v_stride);
+    row += w.count;
+  }
+  if (row != n) throw std::logic_error("write_kv_slots: slots do not cover the new tokens");
+}
+
 void read_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t count,
              float* k_out, float* v_out) {
   const auto& g = pool.geometry;

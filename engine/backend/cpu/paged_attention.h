@@ -22,6 +22,11 @@ struct KvPoolView {
 void write_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t first_token,
               int32_t n, const float* k, int64_t k_stride, const float* v, int64_t v_stride);
 
+// Quantizes and stores the K and V of n consecutive tokens into the 16-bit slots `writes` lists
+// (in token order; their counts sum to n).
+void write_kv_slots(const KvPoolView& pool, std::span<const kv::KvWrite> writes, int32_t n,
+                    const float* k, int64_t k_stride, const float* v, int64_t v_stride);
+
 // Dequantizes tokens [0, count) of `table` into k_out and v_out ([count, num_kv_heads * head_dim]).
 void read_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t count,
              float* k_out, float* v_out);
