@@ -81,17 +81,28 @@ PageId KvCacheManager::take_page() {
   return *p;
 }
 
+int32_t KvCacheManager::enter_bits(const Layer& L) const {
+  if (config_.policy == DemotionPolicy::kBlock) return L.body_bits;
+  // oldest_first: flushes enter at the newest body page's bits (the body stays ordered: older
+  // pages never hold more bits than newer ones).
+  return L.num_body_pages > 0 ? L.pages[L.num_sink_pages + L.num_body_pages - 1].bits
+                              : config_.init_bits;
+}
+
 int32_t KvCacheManager::pages_needed(SeqId seq, int32_t n) const {
-  const int32_t t16 = geometry_.tokens16;
-  int32_t sink = 0, window = 0;
-  int32_t enter_bits = config_.policy == DemotionPolicy::kBlock ? config_.init_bits : 16;
-  if (const auto it = seqs_.find(seq); it != seqs_.end()) {
-    const Layer& L = it->second.layers[0];
-    sink = L.sink_tokens;
-    window = L.window_tokens;
-    // Layers may differ in body bits; the highest is the worst case (fewest tokens per page).
-    for (const Layer& l : it->second.layers) enter_bits = std::max(enter_bits, l.body_bits);
+  const auto it = seqs_.find(seq);
+  if (it == seqs_.end()) {
+    const Layer fresh{.body_bits = config_.init_bits};
+    return layer_pages_needed(fresh, n) * num_layers_;
   }
+  int32_t total = 0;
+  for (const Layer& L : it->second.layers) total += layer_pages_needed(L, n);
+  return total;
+}
+
+int32_t KvCacheManager::layer_pages_needed(const Layer& L, int32_t n) const {
+  const int32_t t16 = geometry_.tokens16;
+  const int32_t sink = L.sink_tokens, window = L.window_tokens;
   const int32_t to_sink = std::min(n, config_.sink_tokens - sink);
   const int32_t rest = n - to_sink;
   const int32_t sink_pages = ceil_div(sink + to_sink, t16) - ceil_div(sink, t16);
@@ -99,11 +110,10 @@ int32_t KvCacheManager::pages_needed(SeqId seq, int32_t n) const {
   // pages the flushes fill (none when they enter at 16 bits: the window pages become body pages).
   const int32_t window_pages = ceil_div(window + rest, t16) - ceil_div(window, t16);
   const int32_t flushed = (window + rest) / config_.window_tokens * config_.window_tokens;
+  const int32_t bits = enter_bits(L);
   const int32_t body_pages =
-      (flushed == 0 || enter_bits == 16)
-          ? 0
-          : ceil_div(flushed, tokens_per_page(geometry_, enter_bits)) + 1;
-  return (sink_pages + window_pages + body_pages) * num_layers_;
+      (flushed == 0 || bits == 16) ? 0 : ceil_div(flushed, tokens_per_page(geometry_, bits)) + 1;
+  return sink_pages + window_pages + body_pages;
 }
 
 AppendStatus KvCacheManager::append(SeqId seq, int32_t n, KvStepOps* ops,
@@ -173,7 +183,7 @@ void KvCacheManager::flush(Layer& L, KvLayerOps* ops) {
   const int32_t t16 = geometry_.tokens16;
   const int32_t num_src = config_.window_tokens / t16;  // whole, full window pages
   const auto first = L.pages.begin() + L.num_sink_pages + L.num_body_pages;
-  const int32_t bits = L.body_bits;
+  const int32_t bits = enter_bits(L);
   ++flushes_total_;
   L.window_tokens -= config_.window_tokens;
   const bool tail_full = L.num_body_pages == 0 || (first - 1)->bits != 16 ||
@@ -236,36 +246,43 @@ bool KvCacheManager::demote_block(Seq& s, Layer& L, int32_t layer, KvLayerOps* o
   }
   if (bits != L.body_bits) {
     if (!ops) throw std::logic_error("KvCacheManager: a demotion needs ops but none were given");
-    std::vector<DemoteOp> wave;
-    std::vector<PageRef> body_after;
-    const auto first = L.pages.begin() + L.num_sink_pages;
-    for (int32_t i = 0; i < L.num_body_pages; i += group) {
-      DemoteOp op;
-      op.from_bits = L.body_bits;
-      op.to_bits = bits;
-      op.num_src = std::min(group, L.num_body_pages - i);
-      int32_t tokens = 0;
-      for (int32_t j = 0; j < op.num_src; ++j) {
-        const PageRef& p = *(first + i + j);
-        op.src[j] = p.page;
-        op.tokens[j] = p.num_tokens;
-        tokens += p.num_tokens;
-        if (j > 0) pending_free_.push_back(p.page);
-      }
-      wave.push_back(op);
-      body_after.push_back(PageRef{op.src[0], bits, tokens});
-    }
-    s.demotions += static_cast<int64_t>(wave.size());
-    demotions_total_ += static_cast<int64_t>(wave.size());
+    std::vector<DemoteOp> wave = fold_body(s, L, group, bits);
     if (ops->demote_waves.empty()) ops->demote_waves.emplace_back();
     auto& w0 = ops->demote_waves.front();
     w0.insert(w0.end(), wave.begin(), wave.end());
-    L.pages.erase(first, first + L.num_body_pages);
-    L.pages.insert(L.pages.begin() + L.num_sink_pages, body_after.begin(), body_after.end());
-    L.num_body_pages = static_cast<int32_t>(body_after.size());
-    L.body_bits = bits;
   }
   return !over_budget(L, layer);
+}
+
+// Block-style fold: every `group` consecutive body pages (all at body_bits) become one page at
+// `bits` (the first source page, rewritten in place; the others are freed at end_step()).
+std::vector<DemoteOp> KvCacheManager::fold_body(Seq& s, Layer& L, int32_t group, int32_t bits) {
+  std::vector<DemoteOp> wave;
+  std::vector<PageRef> body_after;
+  const auto first = L.pages.begin() + L.num_sink_pages;
+  for (int32_t i = 0; i < L.num_body_pages; i += group) {
+    DemoteOp op;
+    op.from_bits = L.body_bits;
+    op.to_bits = bits;
+    op.num_src = std::min(group, L.num_body_pages - i);
+    int32_t tokens = 0;
+    for (int32_t j = 0; j < op.num_src; ++j) {
+      const PageRef& p = *(first + i + j);
+      op.src[j] = p.page;
+      op.tokens[j] = p.num_tokens;
+      tokens += p.num_tokens;
+      if (j > 0) pending_free_.push_back(p.page);
+    }
+    wave.push_back(op);
+    body_after.push_back(PageRef{op.src[0], bits, tokens});
+  }
+  s.demotions += static_cast<int64_t>(wave.size());
+  demotions_total_ += static_cast<int64_t>(wave.size());
+  L.pages.erase(first, first + L.num_body_pages);
+  L.pages.insert(L.pages.begin() + L.num_sink_pages, body_after.begin(), body_after.end());
+  L.num_body_pages = static_cast<int32_t>(body_after.size());
+  L.body_bits = bits;
+  return wave;
 }
 
 bool KvCacheManager::demote_oldest(Seq& s, Layer& L, int32_t layer,
@@ -325,6 +342,95 @@ bool KvCacheManager::demote_oldest(Seq& s, Layer& L, int32_t layer,
   }
   emit_wave();
   return !over_budget(L, layer);
+}
+
+// Pages one pressure fold of this layer frees. block: pairs of the body (all at body_bits) when
+// above the floor; oldest_first: non-overlapping adjacent same-bit body pairs above the floor.
+int32_t KvCacheManager::pressure_gain(const Layer& L) const {
+  if (config_.policy == DemotionPolicy::kBlock) {
+    return lower_bits(L.body_bits) == 0 ? 0 : L.num_body_pages / 2;
+  }
+  int32_t gain = 0;
+  const int32_t end = L.num_sink_pages + L.num_body_pages;
+  for (int32_t i = L.num_sink_pages; i + 1 < end;) {
+    const bool pair = L.pages[i].bits == L.pages[i + 1].bits && lower_bits(L.pages[i].bits) != 0;
+    gain += pair ? 1 : 0;
+    i += pair ? 2 : 1;
+  }
+  return gain;
+}
+
+// oldest_first pressure fold: each non-overlapping adjacent same-bit body pair above the floor
+// becomes one page one ladder step down (16 -> 8 frees 1 page per pair).
+std::vector<DemoteOp> KvCacheManager::fold_pairs(Seq& s, Layer& L) {
+  std::vector<DemoteOp> wave;
+  for (int32_t i = L.num_sink_pages; i + 1 < L.num_sink_pages + L.num_body_pages; ++i) {
+    const PageRef a = L.pages[i], b = L.pages[i + 1];
+    if (a.bits != b.bits || lower_bits(a.bits) == 0) continue;
+    DemoteOp op;
+    op.from_bits = a.bits;
+    op.to_bits = lower_bits(a.bits);
+    op.num_src = 2;
+    op.src[0] = a.page;
+    op.src[1] = b.page;
+    op.tokens[0] = a.num_tokens;
+    op.tokens[1] = b.num_tokens;
+    wave.push_back(op);
+    pending_free_.push_back(b.page);
+    L.pages[i] = PageRef{a.page, op.to_bits, a.num_tokens + b.num_tokens};
+    L.pages.erase(L.pages.begin() + i + 1);
+    --L.num_body_pages;
+  }
+  s.demotions += static_cast<int64_t>(wave.size());
+  demotions_total_ += static_cast<int64_t>(wave.size());
+  return wave;
+}
+
+int32_t KvCacheManager::pressure_demotable_pages() const {
+  int32_t total = 0;
+  for (const auto& [id, s] : seqs_) {
+    for (const Layer& L : s.layers) total += pressure_gain(L);
+  }
+  return total;
+}
+
+int32_t KvCacheManager::demote_for_pressure(int32_t pages_wanted, KvStepOps* ops) {
+  if (!ops || static_cast<int32_t>(ops->layers.size()) != num_layers_) {
+    throw std::invalid_argument("KvCacheManager::demote_for_pressure: ops must have one entry "
+                                "per layer");
+  }
+  // Victims: the most body pages at 16 or 8 bits first (ties: the lowest id, for determinism).
+  std::vector<std::pair<int32_t, SeqId>> order;
+  for (const auto& [id, s] : seqs_) {
+    int32_t high = 0;
+    for (const Layer& L : s.layers) {
+      for (int32_t i = 0; i < L.num_body_pages; ++i) {
+        high += L.pages[L.num_sink_pages + i].bits >= 8 ? 1 : 0;
+      }
+    }
+    order.emplace_back(-high, id);
+  }
+  std::sort(order.begin(), order.end());
+  std::vector<std::vector<DemoteOp>> waves(num_layers_);
+  int32_t freed = 0;
+  for (size_t v = 0; v < order.size() && freed < pages_wanted; ++v) {
+    Seq& s = seqs_.at(order[v].second);
+    for (int32_t l = 0; l < num_layers_ && freed < pages_wanted; ++l) {
+      Layer& L = s.layers[l];
+      const int32_t gain = pressure_gain(L);
+      if (gain == 0) continue;
+      auto wave = config_.policy == DemotionPolicy::kBlock
+                      ? fold_body(s, L, 2, lower_bits(L.body_bits))
+                      : fold_pairs(s, L);
+      waves[l].insert(waves[l].end(), wave.begin(), wave.end());
+      freed += gain;
+    }
+  }
+  // New waves after every wave already planned this step: they may read pages those wrote.
+  for (int32_t l = 0; l < num_layers_; ++l) {
+    if (!waves[l].empty()) ops->layers[l].demote_waves.push_back(std::move(waves[l]));
+  }
+  return freed;
 }
 
 void KvCacheManager::end_step() {

@@ -10,8 +10,9 @@
 //    flushed into the body (requantized to the bits they enter at);
 //  - body: pages of one bit-width each. Policy `block`: every body page is at the layer's body
 //    bits; flushes enter at it; when the layer's pages exceed its budget the whole body drops as
-//    many steps as needed. Policy `oldest_first`: flushes enter at init_bits; over budget, pairs
-//    of the oldest same-bit body pages above the floor fold into one page, until under budget.
+//    many steps as needed. Policy `oldest_first`: flushes enter at the newest body page's bits
+//    (init_bits at first); over budget, pairs of the oldest same-bit body pages above the floor
+//    fold into one page, until under budget (so bits never decrease from old to new).
 //  - At the floor and still over budget: append() reports kOverBudgetAtFloor (floor action).
 // Invariants after every end_step() (tested property-style): no live (sequence, layer) holds
 // more page bytes than its budget (those reported over budget are released by the caller); a
@@ -96,6 +97,18 @@ class KvCacheManager {
   // Returns every page of `seq` (after the step's ops ran). Unknown ids are ignored.
   void release(SeqId seq);
 
+  // Global pool pressure (the scheduler, over-committed): demotes bodies across live sequences
+  // one ladder step at a time until `pages_wanted` pages will be freed, sequences with the most
+  // 16/8-bit body pages first. A (sequence, layer) folds block-style: policy block halves its
+  // whole body's bits (16 -> 8: two pages -> one); oldest_first folds each adjacent same-bit pair
+  // above the floor. Call after the step's appends: the ops go to `ops` as new demotion waves
+  // after those already planned, the freed pages return at end_step(), and the step's page tables
+  // must be read after this call. Returns the pages that will be freed (may fall short of
+  // pages_wanted, 0 when every body is at the floor).
+  int32_t demote_for_pressure(int32_t pages_wanted, KvStepOps* ops);
+  // What demote_for_pressure could free now at most (every body one step down).
+  int32_t pressure_demotable_pages() const;
+
   // Runtime budget change (admin call); applies from the next append. Empty = no budget.
   void set_layer_budgets(std::vector<int64_t> budgets);
   const std::vector<int64_t>& layer_budgets() const { return budgets_; }
@@ -121,7 +134,7 @@ class KvCacheManager {
     int32_t num_body_pages = 0;
     int32_t sink_tokens = 0;
     int32_t window_tokens = 0;
-    int32_t body_bits = 16;      // block: the body's bits; oldest_first: bits flushes enter at
+    int32_t body_bits = 16;      // block: the body's bits (oldest_first: unused)
   };
   struct Seq {
     int32_t num_tokens = 0;
@@ -134,7 +147,12 @@ class KvCacheManager {
   bool over_budget(const Layer& L, int32_t layer) const;
   bool demote_block(Seq& s, Layer& L, int32_t layer, KvLayerOps* ops);
   bool demote_oldest(Seq& s, Layer& L, int32_t layer, KvLayerOps* ops);
+  std::vector<DemoteOp> fold_body(Seq& s, Layer& L, int32_t group, int32_t bits);
+  std::vector<DemoteOp> fold_pairs(Seq& s, Layer& L);
+  int32_t pressure_gain(const Layer& L) const;
   PageId take_page();
+  int32_t enter_bits(const Layer& L) const;  // bits the next flush of L enters the body at
+  int32_t layer_pages_needed(const Layer& L, int32_t n) const;
   int32_t lower_bits(int32_t bits) const;  // next ladder step below, or 0 at the floor
 
   int32_t num_layers_;

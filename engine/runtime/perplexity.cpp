@@ -44,6 +44,13 @@ PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,
       const SeqChunk chunk{kSeq, window.subspan(c0, n), SeqChunk::Logits::kAll};
       auto batch = build_step(kv, {&chunk, 1});
       if (!batch) throw Error("perplexity: the KV pool cannot hold one window");
+      if (!batch->over_budget.empty()) {
+        kv.end_step();
+        throw InvalidArgument("perplexity: the KV budget cannot hold a window of " +
+                              std::to_string(window.size()) +
+                              " tokens even at the floor bits; raise the budget or shorten the "
+                              "window");
+      }
       logits.resize(n * static_cast<size_t>(vocab));
       backend.forward(*batch, logits);
       kv.end_step();
@@ -51,11 +58,18 @@ PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,
         const size_t next = c0 + i + 1;  // row i predicts window[next]
         if (next >= window.size()) break;
         const std::span<const float> row(logits.data() + i * vocab, vocab);
+        if (opt.on_logits) opt.on_logits(r.predicted, row);
         r.nll -= Sampler::token_logprob(row, window[next]);
         ++r.predicted;
       }
       if (opt.on_progress) opt.on_progress(w0 + static_cast<int64_t>(c0 + n), total);
     }
+    const kv::SeqKvStats st = kv.seq_stats(kSeq);
+    for (const kv::LayerKvStats& l : st.layers) {
+      r.kv_bytes += l.bytes;
+      for (size_t b = 0; b < l.tokens_by_bits.size(); ++b) r.kv_tokens_by_bits[b] += l.tokens_by_bits[b];
+    }
+    r.demotions += st.demotions;
     ++r.windows;
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -5,6 +5,7 @@
 // through the same cache path as serving, and scores the predictions of its positions 1..len-1.
 // perplexity = exp(total NLL / predicted tokens).
 #include <cstdint>
+#include <array>
 #include <functional>
 #include <span>
 
@@ -18,6 +19,10 @@ struct PerplexityResult {
   int64_t predicted = 0;  // number of scored predictions
   int64_t windows = 0;
   double seconds = 0;
+  // KV cache at the end of each window, summed over windows (divide by `windows` for a mean):
+  int64_t kv_bytes = 0;                        // page bytes of the sequence, all layers
+  std::array<int64_t, 4> kv_tokens_by_bits{};  // token-layers per bits (16, 8, 4, 2)
+  int64_t demotions = 0;
   double perplexity() const;
 };
 
@@ -25,6 +30,8 @@ struct PerplexityOptions {
   int32_t window = 2048;
   int32_t chunk = 512;
   std::function<void(int64_t done, int64_t total)> on_progress;  // tokens done / total
+  // Called with the logits of every scored prediction (`index` counts them from 0 in order).
+  std::function<void(int64_t index, std::span<const float> logits)> on_logits;
 };
 
 PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,

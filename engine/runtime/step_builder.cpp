@@ -47,19 +47,30 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
     b.seq_starts.push_back(b.num_tokens());
     b.seq_cached.push_back(cached[s]);
   }
-  b.page_starts.push_back(0);
   b.write_starts.push_back(0);
   for (int32_t l = 0; l < num_layers; ++l) {
     for (int32_t s = 0; s < num_seqs; ++s) {
-      const auto t = kv.table(chunks[s].seq, l);
-      b.pages.insert(b.pages.end(), t.begin(), t.end());
-      b.page_starts.push_back(static_cast<int32_t>(b.pages.size()));
       const auto& w = writes_by_seq[s][l];
       b.writes.insert(b.writes.end(), w.begin(), w.end());
       b.write_starts.push_back(static_cast<int32_t>(b.writes.size()));
     }
   }
+  refresh_page_tables(kv, chunks, b);
   return b;
+}
+
+void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
+                         StepBatch& b) {
+  const int32_t num_seqs = static_cast<int32_t>(chunks.size());
+  b.pages.clear();
+  b.page_starts.assign(1, 0);
+  for (int32_t l = 0; l < kv.num_layers(); ++l) {
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      const auto t = kv.table(chunks[s].seq, l);
+      b.pages.insert(b.pages.end(), t.begin(), t.end());
+      b.page_starts.push_back(static_cast<int32_t>(b.pages.size()));
+    }
+  }
 }
 
 }  // namespace pmkv

@@ -22,4 +22,9 @@ struct SeqChunk {
 // After running the batch the caller calls kv.end_step().
 std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks);
 
+// Recopies the final page tables of `chunks` into `b` (after a change planned since build_step,
+// e.g. KvCacheManager::demote_for_pressure).
+void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
+                         StepBatch& b);
+
 }  // namespace pmkv

@@ -31,6 +31,7 @@ constexpr const char* kHelp =
   --stop-token-id ID        token id that ends generation besides EOS (repeatable)
   --ignore-eos              keep generating past EOS
   --threads N               CPU threads (default: all cores)
+  --kv-config YAML          KV cache configuration (bits, sink/window, policy, budgets)
   --json                    print one JSON object instead of streaming text
 )";
 
@@ -55,13 +56,35 @@ SamplingParams sampling_from(const Args& a) {
   return p;
 }
 
+// The finished sequence's KV cache: per layer bytes, budget and tokens per bit-width.
+nlohmann::json kv_json(const kv::SeqKvStats& st, const kv::KvCacheManager& kv) {
+  nlohmann::json layers = nlohmann::json::array();
+  for (const kv::LayerKvStats& l : st.layers) {
+    nlohmann::json by_bits;
+    for (size_t i = 0; i < kv::kStatBits.size(); ++i) {
+      by_bits[std::to_string(kv::kStatBits[i])] = l.tokens_by_bits[i];
+    }
+    layers.push_back({{"bytes", l.bytes},
+                      {"budget_bytes", l.budget_bytes < 0 ? nlohmann::json(nullptr)
+                                                          : nlohmann::json(l.budget_bytes)},
+                      {"pages", l.pages},
+                      {"tokens_by_bits", by_bits}});
+  }
+  return {{"layers", layers},
+          {"demotions", st.demotions},
+          {"pool_pages_used_peak", kv.pool().peak_used()},
+          {"page_bytes", kv.page_bytes()},
+          {"policy", kv::to_string(kv.config().policy)}};
+}
+
 }  // namespace
 
 int run_generate(const std::vector<std::string>& argv) {
   const Args a(argv, {.flags = {"json", "ignore-eos", "help"},
                       .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature",
                                  "top-k", "top-p", "min-p", "repetition-penalty",
-                                 "presence-penalty", "frequency-penalty", "seed", "threads"},
+                                 "presence-penalty", "frequency-penalty", "seed", "threads",
+                                 "kv-config"},
                       .repeatable = {"stop", "stop-token-id"}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
@@ -72,8 +95,9 @@ int run_generate(const std::vector<std::string>& argv) {
     throw InvalidArgument("give exactly one of --prompt and --prompt-ids");
   }
   const SamplingParams params = sampling_from(a);
-  LocalModel model = LocalModel::open(
-      a.require("model"), {.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0))});
+  LocalModelOptions options{.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0))};
+  if (auto f = a.get("kv-config")) options.kv = kv::load_kv_config(*f);
+  LocalModel model = LocalModel::open(a.require("model"), options);
   GenerationRequest req;
   req.params = params;
   if (auto text = a.get("prompt")) {
@@ -109,6 +133,7 @@ int run_generate(const std::vector<std::string>& argv) {
     out["finish_reason"] = to_string(r.finish_reason);
     out["prefill_tokens_per_s"] = t.prefill_tokens_per_s();
     out["decode_tokens_per_s"] = t.decode_tokens_per_s();
+    out["kv"] = kv_json(r.kv, *model.kv());
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::printf("\n");

@@ -209,6 +209,13 @@ TEST_CASE("kv manager: property test over random workloads, budgets and policies
         const int32_t rest = std::max(0, n - c.sink_tokens);
         for (int32_t i = n - rest % c.window_tokens; i < n; ++i) REQUIRE(bits[i] == 16);
         for (int b : bits) REQUIRE(b >= c.floor_bits);
+        if (policy == DemotionPolicy::kOldestFirst) {
+          // oldest_first keeps the body ordered: older tokens never hold more bits than newer
+          const int32_t body_end = n - rest % c.window_tokens;
+          for (int32_t i = std::min(n, c.sink_tokens); i + 1 < body_end; ++i) {
+            REQUIRE(bits[i] <= bits[i + 1]);
+          }
+        }
         auto& prev = prev_bits[{id, l}];
         for (size_t i = 0; i < prev.size(); ++i) REQUIRE(bits[i] <= prev[i]);
         prev = bits;

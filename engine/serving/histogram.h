@@ -1,0 +1,42 @@
+#pragma once
+// Histogram: fixed-bucket latency histogram (seconds) for the engine's stats. Updated on the
+// engine thread only; snapshot() copies it for EngineStats.
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "engine/serving/serving_engine.h"
+
+namespace pmkv {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds)
+      : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+
+  void observe(double seconds) {
+    const auto it = std::lower_bound(bounds_.begin(), bounds_.end(), seconds);
+    ++counts_[static_cast<size_t>(it - bounds_.begin())];
+    sum_ += seconds;
+    ++count_;
+  }
+  HistogramSnapshot snapshot() const { return {bounds_, counts_, sum_, count_}; }
+
+  // Prometheus' default buckets (client libraries' DefBuckets): request latency, TTFT.
+  static std::vector<double> default_buckets() {
+    return {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  }
+  // Finer buckets for the gap between two tokens of one stream.
+  static std::vector<double> token_buckets() {
+    return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+  }
+
+ private:
+  std::vector<double> bounds_;    // upper bounds (inclusive, le), ascending
+  std::vector<uint64_t> counts_;  // per bucket; the last one is +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+}  // namespace pmkv

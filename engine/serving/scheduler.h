@@ -1,0 +1,105 @@
+#pragma once
+// Scheduler: which sequences advance in the next step, and by how many tokens. The only caller of
+// the KvCacheManager. Owned by the engine thread; no locks.
+//
+// A step plan (schedule()), in this order, under max_step_tokens tokens and max_running
+// sequences:
+//  1. running sequences that decode (one token each), oldest first;
+//  2. running sequences still computing their prompt: a chunk of at most prefill_chunk tokens;
+//  3. admission, first come first served from the waiting queue (the head blocks the rest):
+//     guaranteed: only while the worst-case pages of every admitted sequence at its full length
+//     (prompt + max_tokens) fit the pool; overcommit: while the first chunk's pages are free.
+// A chunk that does not fit the free pages shrinks. A running sequence that cannot get even one
+// token is starved; then, overcommit: if demotion across sequences can free the pages, the plan
+// asks build() to demote (the pages come back after the step; the starved wait one step), else
+// the newest running sequences are preempted (their pages freed, they go back to the front of the
+// waiting queue to be recomputed) until the rest fits. Guaranteed never preempts, except when
+// budgets raised at run time leave no running sequence able to step.
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/backend/step_batch.h"
+#include "engine/kv/kv_cache_manager.h"
+#include "engine/runtime/step_builder.h"
+#include "engine/serving/sequence.h"
+#include "engine/serving/serving_engine.h"
+
+namespace pmkv {
+
+struct ScheduledChunk {
+  Sequence* seq;
+  int32_t num_tokens;  // tokens[seq->num_computed, + num_tokens) are computed this step
+  bool sample;         // the chunk reaches num_tokens(): sample the next token
+};
+
+struct StepPlan {
+  std::vector<ScheduledChunk> chunks;
+  int32_t pressure_pages = 0;  // pages build() frees by demotion across sequences (overcommit)
+  int32_t num_preempted = 0;
+  // Never admitted: the request cannot fit the pool even alone (the string says why).
+  std::vector<std::pair<std::unique_ptr<Sequence>, std::string>> rejected;
+  int32_t num_tokens() const;
+};
+
+class Scheduler {
+ public:
+  Scheduler(kv::KvCacheManager& kv, SchedulerConfig config);
+
+  // Queues a new request at the back of the waiting queue.
+  void add(std::unique_ptr<Sequence> seq);
+  // Removes every sequence (waiting or running) for which `pred` holds, freeing its pages.
+  std::vector<std::unique_ptr<Sequence>> remove_if(const std::function<bool(const Sequence&)>& pred);
+  // Removes every sequence, freeing its pages.
+  std::vector<std::unique_ptr<Sequence>> remove_all();
+  // Plans the next step (may preempt and reject; see above).
+  StepPlan schedule();
+  // Reserves the plan's KV slots (and its pressure demotion) and builds the batch. After the
+  // backend ran it: end_step(), then commit(plan).
+  StepBatch build(const StepPlan& plan);
+  void end_step() { kv_.end_step(); }
+  // Advances the counters of the plan's sequences.
+  void commit(const StepPlan& plan);
+  // Ends a running sequence: frees its pages.
+  std::unique_ptr<Sequence> finish(Sequence* seq);
+
+  // Worst-case pages of one sequence of `len` tokens: per layer min(budget pages, 16-bit pages)
+  // plus the transient pages of one step (see README.md).
+  int64_t worst_case_pages(int64_t len) const;
+  // Runtime budgets (validated by the caller); reservations are recomputed.
+  void set_layer_budgets(std::vector<int64_t> budgets);
+
+  const kv::KvCacheManager& kv() const { return kv_; }
+  const SchedulerConfig& config() const { return config_; }
+  int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
+  bool empty() const { return running_.empty() && waiting_.empty(); }
+  uint64_t preemptions_total() const { return preemptions_total_; }
+  int64_t reserved_pages() const { return reserved_total_; }
+
+ private:
+  bool guaranteed() const {
+    return config_.admission == SchedulerConfig::Admission::kGuaranteed;
+  }
+  // The largest n <= want whose pages fit `free`, or 0.
+  int32_t fit(const Sequence& s, int32_t want, int64_t free) const;
+  // Plans the running sequences; returns the starved ones' pages (0: none starved).
+  int64_t plan_running(StepPlan& plan, int32_t& budget, int64_t& free);
+  void admit(StepPlan& plan, int32_t& budget, int64_t& free);
+  void preempt_newest();
+  void unreserve(Sequence& s);
+
+  kv::KvCacheManager& kv_;
+  SchedulerConfig config_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;  // admission order: the newest at the back
+  int64_t reserved_total_ = 0;
+  uint64_t preemptions_total_ = 0;
+  std::vector<SeqChunk> chunks_;  // scratch of build()
+};
+
+}  // namespace pmkv
