@@ -1,4 +1,5 @@
 // pmkv: one binary, one subcommand per job.
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <cstdio>
@@ -35,6 +36,8 @@ void usage(std::FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Logs go to stderr: stdout carries the commands' output (generated text, JSON).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("pmkv"));
   spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
   if (argc < 2) {
     usage(stderr);
