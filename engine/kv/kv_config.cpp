@@ -48,8 +48,8 @@ int64_t parse_bytes(const YAML::Node& n, const std::string& source, const std::s
     used = 0;
   }
   if (used == 0 || used != s.size() || v < 0) {
-    fail(source, key, "expected a byte count (an integer, optionally with K, M or G), got '" +
-                          n.Scalar() + "'");
+    fail(source, key,
+         "expected a byte count (an integer, optionally with K, M or G), got '" + n.Scalar() + "'");
   }
   return v * mult;
 }
@@ -110,8 +110,8 @@ KvCacheConfig parse_kv_config_yaml(const std::string& yaml_text, const std::stri
   if (!n || n.IsNull()) return c;
   if (!n.IsMap()) throw InvalidArgument(source + ": kv_cache must be a mapping");
   static const std::set<std::string> kKeys = {
-      "page_bytes", "init_bits",     "bit_ladder", "floor_bits",  "sink_tokens",
-      "window_tokens", "policy", "budget", "floor_action"};
+      "page_bytes",    "init_bits", "bit_ladder", "floor_bits",   "sink_tokens",
+      "window_tokens", "policy",    "budget",     "floor_action", "key_scales"};
   for (const auto& kv : n) {
     const std::string key = kv.first.as<std::string>();
     if (!kKeys.contains(key)) fail(source, key, "unknown key");
@@ -129,7 +129,8 @@ KvCacheConfig parse_kv_config_yaml(const std::string& yaml_text, const std::stri
     } else if (key == "bit_ladder") {
       if (!v.IsSequence()) fail(source, key, "expected a list of bit-widths");
       c.bit_ladder.clear();
-      for (const auto& b : v) c.bit_ladder.push_back(scalar<int32_t>(b, source, key, "an integer"));
+      for (const auto& b : v)
+        c.bit_ladder.push_back(scalar<int32_t>(b, source, key, "an integer"));
     } else if (key == "policy") {
       const auto p = scalar<std::string>(v, source, key, "a string");
       if (p == "block") {
@@ -139,6 +140,12 @@ KvCacheConfig parse_kv_config_yaml(const std::string& yaml_text, const std::stri
       } else {
         fail(source, key, "must be block or oldest_first, got '" + p + "'");
       }
+    } else if (key == "key_scales") {
+      std::filesystem::path f = scalar<std::string>(v, source, key, "a path");
+      if (f.is_relative() && std::filesystem::exists(source)) {
+        f = std::filesystem::path(source).parent_path() / f;
+      }
+      c.key_scales = f;
     } else if (key == "floor_action") {
       const auto a = scalar<std::string>(v, source, key, "a string");
       if (a != "finish") fail(source, key, "must be finish, got '" + a + "'");
@@ -232,6 +239,18 @@ std::vector<int64_t> resolve_layer_budgets(const KvCacheConfig& c, int32_t num_l
   if (!layers || !layers.IsSequence()) {
     throw InvalidArgument("KV budgets file " + f + ": needs a `layers` list");
   }
+  // With a top-level max_len (files from `pmkv calibrate allocate`), a layer's budget is the pages
+  // a cache whose body ends at the entry's `bits` holds at max_len tokens; without it,
+  // budget_bytes is the page budget itself.
+  std::optional<int64_t> max_len;
+  if (root["max_len"]) {
+    try {
+      max_len = root["max_len"].as<int64_t>();
+    } catch (const YAML::Exception&) {
+      throw InvalidArgument("KV budgets file " + f + ": max_len must be an integer");
+    }
+    if (*max_len <= 0) throw InvalidArgument("KV budgets file " + f + ": max_len must be > 0");
+  }
   std::vector<int64_t> out(num_layers, -1);
   for (size_t i = 0; i < layers.size(); ++i) {
     const YAML::Node e = layers[i];
@@ -252,6 +271,18 @@ std::vector<int64_t> resolve_layer_budgets(const KvCacheConfig& c, int32_t num_l
     }
     if (out[layer] >= 0) {
       throw InvalidArgument(where + ": layer " + std::to_string(layer) + " given twice");
+    }
+    if (max_len) {
+      int bits = 0;
+      try {
+        bits = e["bits"] ? e["bits"].as<int>() : 0;
+      } catch (const YAML::Exception&) {
+        bits = 0;
+      }
+      if (!is_valid_bits(bits)) {
+        throw InvalidArgument(where + ": `bits` must be 16, 8, 4 or 2 when the file has max_len");
+      }
+      bytes = pages_for_uniform(c, g, *max_len, bits) * pb;
     }
     if (bytes < pb) {
       throw InvalidArgument(where + ": budget_bytes " + std::to_string(bytes) +

@@ -24,11 +24,11 @@ std::string to_string(DemotionPolicy p);
 struct KvCacheConfig {
   // Page size. 0 = automatic: a 16-bit page holds 16 tokens of all KV heads.
   int64_t page_bytes = 0;
-  int32_t init_bits = 16;                  // bits a body page enters at (block: until demoted)
+  int32_t init_bits = 16;  // bits a body page enters at (block: until demoted)
   std::vector<int32_t> bit_ladder = {16, 8, 4, 2};
-  int32_t floor_bits = 2;                  // lowest bits a page may reach (on the ladder)
-  int32_t sink_tokens = 1;                 // first tokens, 16-bit forever
-  int32_t window_tokens = 128;             // newest tokens at 16 bits, flushed in chunks of this
+  int32_t floor_bits = 2;       // lowest bits a page may reach (on the ladder)
+  int32_t sink_tokens = 1;      // first tokens, 16-bit forever
+  int32_t window_tokens = 128;  // newest tokens at 16 bits, flushed in chunks of this
   DemotionPolicy policy = DemotionPolicy::kBlock;
   FloorAction floor_action = FloorAction::kFinish;
   // Budget per (sequence, layer) in bytes of pages; empty = no budget. Either uniform
@@ -38,6 +38,8 @@ struct KvCacheConfig {
   std::optional<int32_t> uniform_bits;
   std::optional<int64_t> uniform_max_len;
   std::optional<std::filesystem::path> budget_file;
+  // Key reparameterization scales (pmkv calibrate rep-scales), folded into q_proj/k_proj at load.
+  std::optional<std::filesystem::path> key_scales;
 
   // Checks values and their consistency (InvalidArgument naming the key on failure).
   void validate() const;

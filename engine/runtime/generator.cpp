@@ -143,9 +143,10 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
     std::vector<uint8_t> ended(chunks.size(), 0);
     for (int32_t k : batch->over_budget) {
       Sequence& s = seqs[chunk_seq[k]];
-      spdlog::warn("sequence {}: KV budget exhausted at the floor bits after {} tokens; finishing "
-                   "with reason length",
-                   chunk_seq[k], kv_.num_tokens(s.id));
+      spdlog::warn(
+          "sequence {}: KV budget exhausted at the floor bits after {} tokens; finishing "
+          "with reason length",
+          chunk_seq[k], kv_.num_tokens(s.id));
       ended[k] = 1;
       finish(chunk_seq[k], s.stop.finish(FinishReason::kLength, s.detok ? s.detok->flush() : ""));
     }

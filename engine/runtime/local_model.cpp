@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "engine/calibrate/key_scales.h"
 #include "engine/common/error.h"
 
 namespace pmkv {
@@ -47,8 +48,11 @@ LocalModel::LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
   options_.kv.validate();
   geometry_ = kv::resolve_geometry(options_.kv, static_cast<int32_t>(config.num_kv_heads),
                                    static_cast<int32_t>(config.head_dim));
-  budgets_ = kv::resolve_layer_budgets(options_.kv, static_cast<int32_t>(config.num_layers),
-                                       geometry_);
+  budgets_ =
+      kv::resolve_layer_budgets(options_.kv, static_cast<int32_t>(config.num_layers), geometry_);
+  if (options_.kv.key_scales) {
+    key_scales_ = calibrate::read_key_scales(*options_.kv.key_scales, config);
+  }
 }
 
 LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions options) {
@@ -82,10 +86,11 @@ void LocalModel::ensure_capacity(int64_t tokens) {
   backend_.reset();
   backend_ = std::make_unique<CpuBackend>(config, weights, g, static_cast<int32_t>(num_pages),
                                           CpuBackendOptions{options_.num_threads});
-  kv_ = std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
-                                             static_cast<int32_t>(num_pages), options_.kv,
-                                             budgets_);
+  kv_ =
+      std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
+                                           static_cast<int32_t>(num_pages), options_.kv, budgets_);
   capacity_tokens_ = tokens;
+  if (!key_scales_.empty()) backend_->fold_key_scales(key_scales_);
   spdlog::debug("KV pool: {} pages of {} bytes ({} MiB)", num_pages, kv::page_bytes(g),
                 backend_->kv_pool_bytes() >> 20);
 }
@@ -125,6 +130,16 @@ PerplexityResult LocalModel::perplexity(std::span<const int32_t> tokens,
   }
   ensure_capacity(options.window + 3 * geometry_.tokens16);
   return evaluate_perplexity(*backend_, *kv_, tokens, options);
+}
+
+CpuBackend& LocalModel::backend(int64_t tokens) {
+  ensure_capacity(tokens);
+  return *backend_;
+}
+
+kv::KvCacheManager& LocalModel::kv_manager(int64_t tokens) {
+  ensure_capacity(tokens);
+  return *kv_;
 }
 
 }  // namespace pmkv

@@ -20,7 +20,7 @@ namespace pmkv {
 
 struct LocalModelOptions {
   int32_t num_threads = 0;  // 0: every core
-  kv::KvCacheConfig kv;     // page size, bit ladder, sink/window, policy, budgets
+  kv::KvCacheConfig kv;     // page size, bit ladder, sink/window, policy, budgets, key scales
 };
 
 class LocalModel {
@@ -40,6 +40,10 @@ class LocalModel {
   // Perplexity of the model on `tokens` (see perplexity.h); the window is capped at the context.
   PerplexityResult perplexity(std::span<const int32_t> tokens, PerplexityOptions options);
   const kv::KvCacheManager* kv() const { return kv_.get(); }
+  // The backend and KV manager, sized for at least `tokens` tokens (calibration drives steps
+  // itself through these).
+  CpuBackend& backend(int64_t tokens);
+  kv::KvCacheManager& kv_manager(int64_t tokens);
   const kv::PageGeometry& kv_geometry() const { return geometry_; }
   const std::vector<int64_t>& kv_budgets() const { return budgets_; }
 
@@ -50,6 +54,7 @@ class LocalModel {
   LocalModelOptions options_;
   kv::PageGeometry geometry_;
   std::vector<int64_t> budgets_;
+  std::vector<std::vector<float>> key_scales_;  // [layers][kv_width], empty = none
   std::unique_ptr<CpuBackend> backend_;
   std::unique_ptr<kv::KvCacheManager> kv_;
   int64_t capacity_tokens_ = 0;

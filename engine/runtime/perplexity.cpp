@@ -67,7 +67,8 @@ PerplexityResult evaluate_perplexity(Backend& backend, kv::KvCacheManager& kv,
     const kv::SeqKvStats st = kv.seq_stats(kSeq);
     for (const kv::LayerKvStats& l : st.layers) {
       r.kv_bytes += l.bytes;
-      for (size_t b = 0; b < l.tokens_by_bits.size(); ++b) r.kv_tokens_by_bits[b] += l.tokens_by_bits[b];
+      for (size_t b = 0; b < l.tokens_by_bits.size(); ++b)
+        r.kv_tokens_by_bits[b] += l.tokens_by_bits[b];
     }
     r.demotions += st.demotions;
     ++r.windows;

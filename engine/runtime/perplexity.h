@@ -4,8 +4,8 @@
 // one shorter); each window is evaluated from an empty cache, fed in chunks of `chunk` tokens
 // through the same cache path as serving, and scores the predictions of its positions 1..len-1.
 // perplexity = exp(total NLL / predicted tokens).
-#include <cstdint>
 #include <array>
+#include <cstdint>
 #include <functional>
 #include <span>
 

@@ -22,8 +22,8 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
       num_seqs, std::vector<std::vector<kv::KvWrite>>(num_layers));
   for (int32_t s = 0; s < num_seqs; ++s) {
     cached[s] = kv.num_tokens(chunks[s].seq);
-    const kv::AppendStatus st = kv.append(chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()),
-                                          &b.kv_ops, &writes_by_seq[s]);
+    const kv::AppendStatus st = kv.append(
+        chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()), &b.kv_ops, &writes_by_seq[s]);
     if (st == kv::AppendStatus::kPoolExhausted) {
       throw std::logic_error("build_step: pool exhausted after the page count said it fits");
     }

@@ -8,5 +8,7 @@ namespace pmkv::cli {
 
 int run_generate(const std::vector<std::string>& args);
 int run_eval(const std::vector<std::string>& args);
+int run_calibrate(const std::vector<std::string>& args);
+int run_serve(const std::vector<std::string>& args);
 
 }  // namespace pmkv::cli

@@ -2,8 +2,8 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <sstream>
@@ -77,10 +77,10 @@ std::string read_file(const std::string& path) {
 }  // namespace
 
 int run_eval(const std::vector<std::string>& argv) {
-  const Args a(argv, {.flags = {"help"},
-                      .values = {"model", "text", "window", "chunk", "threads", "kv-config",
-                                 "max-tokens"},
-                      .repeatable = {}});
+  const Args a(
+      argv, {.flags = {"help"},
+             .values = {"model", "text", "window", "chunk", "threads", "kv-config", "max-tokens"},
+             .repeatable = {}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
     return 0;

@@ -80,12 +80,12 @@ nlohmann::json kv_json(const kv::SeqKvStats& st, const kv::KvCacheManager& kv) {
 }  // namespace
 
 int run_generate(const std::vector<std::string>& argv) {
-  const Args a(argv, {.flags = {"json", "ignore-eos", "help"},
-                      .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature",
-                                 "top-k", "top-p", "min-p", "repetition-penalty",
-                                 "presence-penalty", "frequency-penalty", "seed", "threads",
-                                 "kv-config"},
-                      .repeatable = {"stop", "stop-token-id"}});
+  const Args a(argv,
+               {.flags = {"json", "ignore-eos", "help"},
+                .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-k",
+                           "top-p", "min-p", "repetition-penalty", "presence-penalty",
+                           "frequency-penalty", "seed", "threads", "kv-config"},
+                .repeatable = {"stop", "stop-token-id"}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
     return 0;

@@ -4,3 +4,6 @@ pmkv_unit_test(pmkv_test_engine
 pmkv_unit_test(pmkv_test_golden
   SOURCES test_golden.cpp
   LIBS pmkv_engine nlohmann_json::nlohmann_json)
+pmkv_unit_test(pmkv_test_calibrate
+  SOURCES test_calibrate.cpp
+  LIBS pmkv_engine nlohmann_json::nlohmann_json)

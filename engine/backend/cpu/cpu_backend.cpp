@@ -117,9 +117,11 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
   // 2. This layer's flushes, then its demotion waves.
   if (!b.kv_ops.layers.empty()) {
     const kv::KvLayerOps& ops = b.kv_ops.layers[layer];
-    for (const kv::RequantOp& op : ops.requant) cpu::apply_requant(pool, op);
+    for (const kv::RequantOp& op : ops.requant)
+      cpu::apply_requant(pool, op);
     for (const auto& wave : ops.demote_waves) {
-      for (const kv::DemoteOp& op : wave) cpu::apply_demote(pool, op);
+      for (const kv::DemoteOp& op : wave)
+        cpu::apply_demote(pool, op);
     }
   }
   // 3. Attention: cached tokens through their (final) pages, this step's tokens exact (a step
@@ -172,6 +174,9 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
       cpu::rope_inplace(row, cfg_.num_heads, cfg_.head_dim, b.positions[r], inv_freq_);
       cpu::rope_inplace(row + q_width, cfg_.num_kv_heads, cfg_.head_dim, b.positions[r], inv_freq_);
     }
+    if (probe_) {
+      probe_(l, N, qkv.data(), qkv.data() + q_width, qkv.data() + q_width + kv_width, qkv_width);
+    }
     attention_layer(b, l, qkv.data(), attn.data());
     cpu::matmul_wt(attn.data(), N, q_width, L.wo.data(), H, tmp.data(), L.bo);
     for (int64_t i = 0; i < N * H; ++i)
@@ -191,6 +196,40 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
   cpu::rms_norm(last.data(), R, H, final_norm_.data(), eps, last.data());
   const auto& head = lm_head_.empty() ? embed_ : lm_head_;
   cpu::matmul_wt(last.data(), R, H, head.data(), V, logits.data());
+}
+
+void CpuBackend::fold_key_scales(const std::vector<std::vector<float>>& scales) {
+  const int64_t H = cfg_.hidden_size, d = cfg_.head_dim, kvw = cfg_.kv_width();
+  const int64_t q_width = cfg_.q_width(), group = cfg_.group_size();
+  if (static_cast<int64_t>(scales.size()) != cfg_.num_layers) {
+    throw InvalidArgument("key scales: " + std::to_string(scales.size()) +
+                          " layers for a model of " + std::to_string(cfg_.num_layers));
+  }
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const auto& s = scales[l];
+    if (static_cast<int64_t>(s.size()) != kvw) {
+      throw InvalidArgument("key scales of layer " + std::to_string(l) + ": " +
+                            std::to_string(s.size()) + " values, expected " + std::to_string(kvw));
+    }
+    Layer& L = layers_[l];
+    for (int64_t c = 0; c < q_width; ++c) {  // query channel c of head c / d
+      const float f = s[(c / d / group) * d + c % d];
+      for (int64_t i = 0; i < H; ++i)
+        L.wqkv[c * H + i] *= f;
+      if (!L.bqkv.empty()) L.bqkv[c] *= f;
+    }
+    for (int64_t c = 0; c < kvw; ++c) {
+      const float f = s[c];
+      for (int64_t i = 0; i < H; ++i)
+        L.wqkv[(q_width + c) * H + i] /= f;
+      if (!L.bqkv.empty()) L.bqkv[q_width + c] /= f;
+    }
+  }
+}
+
+void CpuBackend::apply_o_proj(int32_t layer, const float* attn, int64_t rows, float* out) const {
+  const Layer& L = layers_.at(layer);
+  cpu::matmul_wt(attn, rows, cfg_.q_width(), L.wo.data(), cfg_.hidden_size, out, L.bo);
 }
 
 }  // namespace pmkv

@@ -3,6 +3,7 @@
 // for every other backend, and what CI runs.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -30,6 +31,20 @@ class CpuBackend final : public Backend {
   int64_t kv_pool_bytes() const { return static_cast<int64_t>(kv_pool_.size()); }
   int64_t weight_bytes() const;
 
+  // Calibration (pmkv calibrate). The probe sees each layer's attention inputs after RoPE and
+  // before attention: q [rows, q_width], k and v [rows, kv_width], rows `stride` floats apart; it
+  // may change k and v in place (fake quantization), which this step's attention then uses.
+  using AttentionProbe = std::function<void(int32_t layer, int64_t rows, float* q, float* k,
+                                            float* v, int64_t stride)>;
+  void set_attention_probe(AttentionProbe probe) { probe_ = std::move(probe); }
+  // Key reparameterization (PM-KVQ / SmoothAttention): per layer, per-channel scales
+  // [kv_heads * head_dim], equal on RoPE pairs (i, i + head_dim/2) so they commute with RoPE.
+  // k_proj rows (and bias) are divided and q_proj rows (and bias) multiplied by the scale of their
+  // channel (query head h uses KV head h / group), leaving q.k unchanged in exact arithmetic.
+  void fold_key_scales(const std::vector<std::vector<float>>& scales);
+  // out [rows, hidden] = attn [rows, q_width] o_proj^T (+ bias) of one layer.
+  void apply_o_proj(int32_t layer, const float* attn, int64_t rows, float* out) const;
+
  private:
   struct Layer {
     std::vector<float> attn_norm;  // [hidden]
@@ -55,6 +70,7 @@ class CpuBackend final : public Backend {
   kv::PageGeometry geometry_;
   int64_t page_bytes_;
   std::vector<std::byte> kv_pool_;  // [num_pages * page_bytes_]
+  AttentionProbe probe_;
 };
 
 }  // namespace pmkv
