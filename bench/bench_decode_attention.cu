@@ -1,0 +1,307 @@
+// Decode attention benchmark: times launch_decode (split + merge kernels; the plan is built and
+// uploaded once, outside the timing) over uniform-bit page tables with shuffled page ids, with
+// CUDA events around every launch (median of many), rotating over enough copies of the inputs
+// that the L2 cache cannot hold them. Prints one JSON object per point (JSON lines).
+//
+//   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
+//                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 16]
+//                          [--out FILE.jsonl] [--min-time-ms 300]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention/decode.h"
+#include "kernels/kv_page_layout.h"
+
+namespace {
+
+using namespace pmkv;
+
+#define CHECK(expr)                                                        \
+  do {                                                                     \
+    const cudaError_t e_ = (expr);                                         \
+    if (e_ != cudaSuccess) {                                               \
+      std::fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr, \
+                   cudaGetErrorString(e_));                                \
+      std::exit(1);                                                        \
+    }                                                                      \
+  } while (0)
+
+std::vector<int> parse_list(const char* s) {
+  std::vector<int> v;
+  for (const char* p = s; *p != 0;) {
+    v.push_back(std::atoi(p));
+    while (*p != 0 && *p != ',')
+      ++p;
+    if (*p == ',') ++p;
+  }
+  return v;
+}
+
+__device__ uint32_t mix(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+// Random code bytes everywhere (never zeros: zeros can run faster than real data).
+__global__ void fill_random(uint32_t* p, int64_t words, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < words;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    p[i] = mix(seed + static_cast<uint64_t>(i));
+  }
+}
+
+// Plausible {scale, zero} params for every (token, head) of every page at `bits`.
+__global__ void fill_params(uint8_t* pool, int64_t page_bytes, int64_t num_pages, int64_t k_params,
+                            int64_t per_page, uint64_t seed) {
+  const int64_t n = num_pages * per_page;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t page = i / per_page, j = i % per_page;  // K then V params are contiguous
+    float* f = reinterpret_cast<float*>(pool + page * page_bytes + k_params + j * 8);
+    const uint32_t r = mix(seed + static_cast<uint64_t>(i));
+    f[0] = 1e-3f + static_cast<float>(r & 0xFFFF) * 1e-7f;
+    f[1] = static_cast<float>(r >> 16) / 65536.0f - 0.5f;
+  }
+}
+
+double median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+double copy_bandwidth_gbps() {
+  const size_t bytes = size_t{2} << 30;  // 2 GiB, read + written
+  void *a = nullptr, *b = nullptr;
+  CHECK(cudaMalloc(&a, bytes));
+  CHECK(cudaMalloc(&b, bytes));
+  CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    CHECK(cudaEventRecord(e0));
+    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CHECK(cudaEventRecord(e1));
+    CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  CHECK(cudaFree(a));
+  CHECK(cudaFree(b));
+  return 2.0 * bytes / (median(ms) * 1e-3) / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> bits_list = {16, 8, 4, 2}, batches = {1, 16, 64},
+                   contexts = {1024, 4096, 16384, 65536};
+  int kv_heads = 8, group = 4, head_dim = 128, tokens16 = 16;
+  double min_time_ms = 300;
+  std::string out_path;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--bits")
+      bits_list = parse_list(argv[i + 1]);
+    else if (a == "--batch")
+      batches = parse_list(argv[i + 1]);
+    else if (a == "--ctx")
+      contexts = parse_list(argv[i + 1]);
+    else if (a == "--kv-heads")
+      kv_heads = std::atoi(argv[i + 1]);
+    else if (a == "--group")
+      group = std::atoi(argv[i + 1]);
+    else if (a == "--head-dim")
+      head_dim = std::atoi(argv[i + 1]);
+    else if (a == "--tokens16")
+      tokens16 = std::atoi(argv[i + 1]);
+    else if (a == "--out")
+      out_path = argv[i + 1];
+    else if (a == "--min-time-ms")
+      min_time_ms = std::atof(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  FILE* out = out_path.empty() ? stdout : std::fopen(out_path.c_str(), "w");
+  if (out == nullptr) return 2;
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double copy_gbps = copy_bandwidth_gbps();
+  std::fprintf(stderr, "device %s, %d SMs, L2 %d MiB, copy bandwidth %.0f GB/s (read+write)\n",
+               prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbps);
+
+  const kv::PageGeometry g{kv_heads, head_dim, tokens16};
+  const int64_t page_bytes = kv::page_bytes(g);
+  const int heads = kv_heads * group;
+  const int64_t l2_rotation_bytes = int64_t{4} * prop.l2CacheSize;
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::mt19937 rng(12345);
+
+  for (const int bits : bits_list) {
+    for (const int batch : batches) {
+      for (const int ctx : contexts) {
+        const int T = kv::tokens_per_page(g, bits);
+        const int pps = (ctx + T - 1) / T;
+        const int64_t pages = int64_t{batch} * pps;
+        const int64_t q_bytes = int64_t{batch} * heads * head_dim * 2;  // bf16 q, bf16 out
+        const int64_t kv_bytes =
+            int64_t{batch} * ctx * kv_heads * 2 * (kv::row_bytes(head_dim, bits) + 8);
+        const int64_t bytes = kv_bytes + 2 * q_bytes;
+        const int rot = static_cast<int>(
+            std::clamp<int64_t>((l2_rotation_bytes + kv_bytes - 1) / kv_bytes, 1, 1024));
+        const int64_t pool_pages = pages * rot;
+        size_t free_b = 0, total_b = 0;
+        CHECK(cudaMemGetInfo(&free_b, &total_b));
+        const double pool_gb = double(pool_pages) * page_bytes / 1e9;
+        std::fprintf(stderr, "bits %2d batch %2d ctx %6d: pool %.2f GB x%d ... ", bits, batch, ctx,
+                     pool_gb, rot);
+        if (double(pool_pages) * page_bytes + (size_t{2} << 30) > double(free_b)) {
+          std::fprintf(stderr, "skipped (does not fit)\n");
+          std::fprintf(out,
+                       "{\"bits\": %d, \"batch\": %d, \"context\": %d, \"skipped\": \"does not fit "
+                       "in device memory\"}\n",
+                       bits, batch, ctx);
+          continue;
+        }
+        uint8_t* pool = nullptr;
+        CHECK(cudaMalloc(&pool, pool_pages * page_bytes));
+        fill_random<<<4096, 256>>>(reinterpret_cast<uint32_t*>(pool), pool_pages * page_bytes / 4,
+                                   rng());
+        CHECK(cudaGetLastError());
+        const kv::PageLayout L = kv::page_layout(g, bits);
+        fill_params<<<4096, 256>>>(pool, page_bytes, pool_pages, L.k_params,
+                                   int64_t{2} * L.tokens * L.heads, rng());
+        CHECK(cudaGetLastError());
+
+        // Page tables: rot copies with disjoint, shuffled page ids; the same shape.
+        std::vector<int32_t> perm(pool_pages);
+        std::iota(perm.begin(), perm.end(), 0);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        std::vector<int32_t> starts(batch + 1), page_bits(pages, bits), page_tokens(pages, T);
+        for (int s = 0; s <= batch; ++s)
+          starts[s] = s * pps;
+        for (int s = 0; s < batch; ++s)
+          page_tokens[(s + 1) * pps - 1] = ctx - (pps - 1) * T;
+        int32_t* ids = nullptr;
+        int32_t* tok = nullptr;
+        CHECK(cudaMalloc(&ids, pool_pages * 4));
+        CHECK(cudaMalloc(&tok, pages * 4));
+        CHECK(cudaMemcpy(ids, perm.data(), pool_pages * 4, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy(tok, page_tokens.data(), pages * 4, cudaMemcpyHostToDevice));
+
+        kernels::DecodePlanConfig cfg;
+        cfg.num_kv_heads = kv_heads;
+        cfg.group = group;
+        cfg.head_dim = head_dim;
+        cfg.tokens16 = tokens16;
+        cfg.num_sms = prop.multiProcessorCount;
+        const kernels::DecodeLayerTable table{batch, starts.data(), page_bits.data(),
+                                              page_tokens.data()};
+        kernels::DecodePlan plan;
+        kernels::plan_decode(cfg, {&table, 1}, &plan);
+        void* ws = nullptr;
+        CHECK(cudaMalloc(&ws, plan.workspace_bytes));
+        CHECK(kernels::upload_decode_plan(plan, ws, plan.workspace_bytes, nullptr));
+
+        std::vector<__nv_bfloat16> hq(size_t(batch) * heads * head_dim * rot);
+        std::normal_distribution<float> dist(0.0f, 1.0f);
+        for (auto& x : hq)
+          x = __float2bfloat16(dist(rng));
+        __nv_bfloat16 *q = nullptr, *o = nullptr;
+        CHECK(cudaMalloc(&q, hq.size() * 2));
+        CHECK(cudaMalloc(&o, hq.size() * 2));
+        CHECK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+
+        kernels::DecodeParams p;
+        p.pool = pool;
+        p.page_bytes = page_bytes;
+        p.num_kv_heads = kv_heads;
+        p.group = group;
+        p.head_dim = head_dim;
+        p.tokens16 = tokens16;
+        p.page_tokens = tok;
+        p.plan = kernels::decode_layer_view(plan, ws, 0);
+        p.q_dtype = kernels::DType::kBF16;
+        p.out_dtype = kernels::DType::kBF16;
+        p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+        auto launch = [&](int r) {
+          p.page_ids = ids + int64_t{r} * pages;
+          p.q = q + int64_t{r} * batch * heads * head_dim;
+          p.out = o + int64_t{r} * batch * heads * head_dim;
+          CHECK(kernels::launch_decode(p, nullptr));
+        };
+        for (int r = 0; r < std::max(3, rot); ++r)
+          launch(r % rot);  // warm-up
+        CHECK(cudaDeviceSynchronize());
+        CHECK(cudaEventRecord(e0));
+        launch(0);
+        CHECK(cudaEventRecord(e1));
+        CHECK(cudaEventSynchronize(e1));
+        float once = 0;
+        CHECK(cudaEventElapsedTime(&once, e0, e1));
+        const int reps =
+            static_cast<int>(std::clamp(min_time_ms / std::max(once, 1e-3f), 30.0, 500.0));
+        std::vector<cudaEvent_t> ev(2 * reps);
+        for (auto& e : ev)
+          CHECK(cudaEventCreate(&e));
+        for (int i = 0; i < reps; ++i) {
+          CHECK(cudaEventRecord(ev[2 * i]));
+          launch(i % rot);
+          CHECK(cudaEventRecord(ev[2 * i + 1]));
+        }
+        CHECK(cudaDeviceSynchronize());
+        std::vector<float> ms(reps);
+        for (int i = 0; i < reps; ++i)
+          CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+        for (auto& e : ev)
+          CHECK(cudaEventDestroy(e));
+        std::sort(ms.begin(), ms.end());
+        const double t_us = ms[reps / 2] * 1e3;
+        const double gbps = bytes / (t_us * 1e-6) / 1e9;
+        std::fprintf(stderr, "%.1f us, %.0f GB/s (%.0f%% of copy), %d items, %d merges\n", t_us,
+                     gbps, 100 * gbps / copy_gbps, plan.layers[0].num_items,
+                     plan.layers[0].num_merges);
+        std::fprintf(
+            out,
+            "{\"bits\": %d, \"batch\": %d, \"context\": %d, \"kv_heads\": %d, "
+            "\"q_heads\": %d, \"head_dim\": %d, \"tokens16\": %d, \"time_us\": %.3f, "
+            "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
+            "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
+            "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
+            "\"device\": \"%s\"}\n",
+            bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
+            ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
+            gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, prop.name);
+        std::fflush(out);
+        CHECK(cudaFree(pool));
+        CHECK(cudaFree(ids));
+        CHECK(cudaFree(tok));
+        CHECK(cudaFree(ws));
+        CHECK(cudaFree(q));
+        CHECK(cudaFree(o));
+      }
+    }
+  }
+  if (out != stdout) std::fclose(out);
+  return 0;
+}

@@ -1,0 +1,158 @@
+#pragma once
+// Decode attention over mixed-bit KV pages (split-KV, "flash-decoding"): one query token per
+// sequence, GQA, pages at 16/8/4/2 bits (kernels/kv_page_layout.h).
+//
+// Plan once per step, run per layer (FlashInfer's plan()/run() split):
+//  1. plan_decode() (host, plain C++) reads every layer's host page table (CSR) and cuts each
+//     sequence's pages into work items: a contiguous run of 16-token tiles whose pages all have
+//     one bit-width, sized so that a launch fills the GPU. A sequence covered by one item writes
+//     its output directly; the others get a merge entry.
+//  2. upload_decode_plan() copies items, merge entries and per-bits item lists of all layers into a
+//     device workspace.
+//  3. Per layer, launch_decode() runs the split kernel once per bit-width present (one CTA per
+//     (item of that bit-width, KV head), the kernel templated on the bits) and then, if any
+//     sequence has several items, the merge kernel (log-sum-exp combine of the partial states of
+//     a (sequence, KV head)'s items).
+//
+// Semantics (engine/backend/cpu/paged_attention.cpp, causal_attention with n = 1): the query of
+// sequence s attends to every token of its page table (its own new token included), or only the
+// last `sliding_window` of them. Softmax in fp32 with max subtraction. Requires: group
+// (query heads per KV head) <= 8, head_dim in {64, 128}, every sequence has >= 1 token (a
+// sequence with none gets zeros).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/kernels_common.h"
+
+namespace pmkv::kernels {
+
+inline constexpr int kDecodeTileTokens = 16;  // tokens per tile (one mma K/N extent)
+inline constexpr int kDecodeMaxGroup = 8;     // query heads per KV head a CTA can hold
+inline constexpr int kDecodeWarps = 4;        // warps per CTA; each walks its own tile range
+
+// One CTA's work for one KV head (each bit-width's grid is [its items, num_kv_heads]): num_tiles
+// consecutive 16-token tiles of one sequence whose pages all have one bit-width, cut into
+// kDecodeWarps contiguous ranges (one per warp) that the plan has already located in the page
+// table.
+struct DecodeWorkItem {
+  int32_t seq;        // sequence index
+  int32_t bits;       // bit-width of every page in the item
+  int32_t page_end;   // CSR index past the item's last page (bounds the page-info prefetch)
+  int32_t lo_first;   // sliding window: tokens of warp 0's first tile before the window start
+  int32_t direct;     // 1: the only item of its sequence: writes the output, no merge
+  int32_t num_tiles;  // sum of warp_tiles (>= 1)
+  int32_t pad[2];
+  int32_t warp_page[kDecodeWarps];   // first page (index into the layer's CSR arrays)
+  int32_t warp_tile[kDecodeWarps];   // first tile inside that page
+  int32_t warp_tiles[kDecodeWarps];  // tiles of the warp's range (0: idle warp)
+};
+
+// Combines the partial states of items [item_begin, item_begin + num_items) (layer-relative
+// indices) into the output rows of sequence `seq`.
+struct DecodeMergeItem {
+  int32_t seq;
+  int32_t item_begin;
+  int32_t num_items;  // 0: the sequence has no visible token; its output is zeros
+  int32_t pad;
+};
+
+struct DecodePlanConfig {
+  int32_t num_kv_heads = 0;
+  int32_t group = 0;  // query heads per KV head (num_heads = num_kv_heads * group)
+  int32_t head_dim = 0;
+  int32_t tokens16 = 0;        // tokens in a 16-bit page (kv::PageGeometry::tokens16)
+  int32_t sliding_window = 0;  // 0: none; else only the last `sliding_window` tokens are visible
+  int32_t num_sms = 132;       // cudaDeviceProp::multiProcessorCount
+  int32_t ctas_per_sm = 0;     // resident CTAs per SM; 0: decode_ctas_per_sm(bits) per bit-width
+  int64_t min_item_bytes = 16 << 10;  // smallest item worth a CTA (KV bytes of one head)
+};
+
+// One layer's page table on the host, CSR over sequences: the pages of sequence s are
+// [page_starts[s], page_starts[s + 1]), in token order.
+struct DecodeLayerTable {
+  int32_t num_seqs = 0;
+  const int32_t* page_starts = nullptr;  // [num_seqs + 1]
+  const int32_t* page_bits = nullptr;    // [num_pages] 16, 8, 4 or 2
+  const int32_t* page_tokens = nullptr;  // [num_pages] valid tokens of each page (0..capacity)
+};
+
+// Index of a bit-width in the per-bits arrays below: 16 -> 0, 8 -> 1, 4 -> 2, 2 -> 3.
+inline constexpr int decode_bits_index(int bits) {
+  return bits == 16 ? 0 : bits == 8 ? 1 : bits == 4 ? 2 : 3;
+}
+
+struct DecodeLayerPlan {
+  int32_t item_begin = 0;  // into DecodePlan::items
+  int32_t num_items = 0;
+  int32_t merge_begin = 0;  // into DecodePlan::merges
+  int32_t num_merges = 0;
+  int32_t bits_begin[4] = {};  // into DecodePlan::bit_items, per decode_bits_index
+  int32_t bits_count[4] = {};
+};
+
+// Host plan of one step. Reuse one object across steps: plan_decode() clears and refills it.
+struct DecodePlan {
+  std::vector<DecodeWorkItem> items;    // all layers, layer after layer
+  std::vector<DecodeMergeItem> merges;  // all layers
+  std::vector<int32_t> bit_items;       // layer-relative item indices, grouped by bits per layer
+  std::vector<DecodeLayerPlan> layers;  // [num_layers]
+  int32_t num_kv_heads = 0;
+  int32_t group = 0;
+  int32_t head_dim = 0;
+  int32_t max_layer_items = 0;  // partial slots: max_layer_items * num_kv_heads
+  int64_t workspace_bytes = 0;  // device workspace upload_decode_plan() needs
+  int64_t partials_offset = 0;  // byte offset of the partial states in the workspace
+};
+
+// Builds the plan. Throws std::invalid_argument on a bad config or table (bits not in
+// {16, 8, 4, 2}, page tokens above the page's capacity, group > 8, head_dim not 64/128).
+void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> layers,
+                 DecodePlan* plan);
+
+// Copies the plan's items and merge entries into `workspace` (device, >= plan.workspace_bytes,
+// 256-byte aligned; the partial-state area after them is scratch for launch_decode). The copy
+// is a cudaMemcpyAsync from pageable host memory: it has finished reading `plan` when it returns.
+cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t workspace_bytes,
+                               cudaStream_t stream);
+
+// Device pointers of one layer's part of an uploaded plan.
+struct DecodeLayerView {
+  const DecodeWorkItem* items = nullptr;  // [num_items]
+  int32_t num_items = 0;
+  const DecodeMergeItem* merges = nullptr;  // [num_merges]
+  int32_t num_merges = 0;
+  const int32_t* bit_items[4] = {};  // per decode_bits_index: [bit_count] item indices
+  int32_t bit_count[4] = {};
+  float* partial_lse = nullptr;  // [num_items * num_kv_heads, group] log2-sum-exp of a partial
+  float* partial_o = nullptr;    // [num_items * num_kv_heads, group, head_dim] normalized output
+};
+DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer);
+
+struct DecodeParams {
+  const void* pool = nullptr;  // page p starts at pool + p * page_bytes (256-byte aligned)
+  int64_t page_bytes = 0;
+  int32_t num_kv_heads = 0;
+  int32_t group = 0;  // query heads per KV head; query head = kv_head * group + i
+  int32_t head_dim = 0;
+  int32_t tokens16 = 0;
+  const int32_t* page_ids = nullptr;     // [num_pages] this layer's CSR page ids (device)
+  const int32_t* page_tokens = nullptr;  // [num_pages] this layer's CSR token counts (device)
+  DecodeLayerView plan;
+  const void* q = nullptr;  // [num_seqs, num_kv_heads * group, head_dim], q_dtype, contiguous
+  DType q_dtype = DType::kBF16;
+  void* out = nullptr;  // [num_seqs, num_kv_heads * group, head_dim], out_dtype, contiguous
+  DType out_dtype = DType::kBF16;
+  float scale = 0.0f;  // softmax scale, usually 1/sqrt(head_dim)
+};
+
+// Resident split-kernel CTAs per SM the kernel for `bits` was built for (its register budget).
+int decode_ctas_per_sm(int bits);
+
+// Runs the split kernel and, when needed, the merge kernel on `stream`. Returns the first CUDA
+// error (launch configuration errors included); cudaErrorInvalidValue on unsupported shapes.
+cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
+
+}  // namespace pmkv::kernels

@@ -1,0 +1,665 @@
+#pragma once
+// Device code of decode attention (see decode.h for the contract, kernels/README.md for the
+// design). One CTA = one (work item, KV head) of one bit-width; its 4 warps each walk a contiguous
+// range of the item's tiles with their own cp.async ring in shared memory and their own
+// online-softmax state; the CTA combines the 4 states at the end.
+//
+// Per 16-token tile a warp runs two bf16 mma.sync (m16n8k16, fp32 accumulate) phases:
+//   K phase: S[head][token] = q . (code - mid)   A = q (rows: heads, hi parts; rows + 8: lo parts
+//            of an fp32 q), B = K codes (k: dims, n: tokens)
+//   V phase: O^T[dim][col] += (code - mid)[dim][token] P'[token][col]   A = V codes (m: dims,
+//            k: tokens), B = P' = p * v_scale split into bf16 hi and lo columns (see Acc)
+// Codes minus mid are small integers, exact in bf16 (16-bit codes: two bytes, two mma); the
+// scales and zeros enter in fp32: score = k_scale * S + (k_scale * mid - k_zero) * sum(q),
+// out = (sum P' (code - mid) + sum p (v_scale * mid - v_zero)) / sum p.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/attention/decode.h"
+#include "kernels/kv_page_layout.h"
+
+namespace pmkv::kernels::decode_detail {
+
+inline constexpr int kWarps = 4;
+inline constexpr int kThreads = kWarps * 32;
+inline constexpr int kTile = kDecodeTileTokens;
+
+struct KernelParams {
+  const uint8_t* pool;
+  int64_t page_bytes;
+  int32_t num_kv_heads;
+  int32_t group;
+  int32_t tokens16;
+  const int32_t* page_ids;      // [num_pages]
+  const int32_t* page_tokens;   // [num_pages]
+  const DecodeWorkItem* items;  // [num_items]
+  float* partial_lse;           // [num_items * num_kv_heads, group]
+  float* partial_o;             // [num_items * num_kv_heads, group, head_dim]
+  const void* q;                // [num_seqs, num_heads, head_dim]
+  void* out;                    // [num_seqs, num_heads, head_dim]
+  DType out_dtype;
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+inline constexpr int kMaxStages = 16;
+
+// Per bit-width: resident CTAs per SM (the register budget of __launch_bounds__: 168 registers at
+// 3 CTAs of 128 threads; groups above 4 query heads always use 3) and cp.async ring stages per warp
+// (stages - 1 tiles in flight while one computes).
+// Build-time knob for experiments: 4 caps the 2/4-bit kernels at 128 registers; measured on the
+// H100 it is 15-40% slower than 3 (the cap forces rematerialization; bench/RESULTS.md).
+#ifndef PMKV_DECODE_LOWBIT_CTAS_PER_SM
+#define PMKV_DECODE_LOWBIT_CTAS_PER_SM 3
+#endif
+template <int kBits>
+struct BitsConfig {
+  static constexpr int kCtasPerSm = kBits <= 4 ? PMKV_DECODE_LOWBIT_CTAS_PER_SM : 3;
+  static constexpr int kStages = kBits == 16 ? 2 : kBits == 8 ? 3 : kBits == 4 ? 5 : 8;
+};
+
+template <int kBits, int kD>
+struct Tile {
+  static constexpr int kRow = kD * kBits / 8;  // bytes of a code row (a multiple of 16)
+  static constexpr int kChunks = kRow / 16;    // 16-byte chunks per row
+  static constexpr int kKBytes = kRow / 4;     // per lane and token in the K phase (kD/4 codes)
+  static constexpr int kVBytes = kRow / 8;     // per lane and token in the V phase (kD/8 codes)
+  static constexpr int kStage = kTile * (2 * kRow + 16);
+  static constexpr int kStages = BitsConfig<kBits>::kStages;
+  static constexpr int kRingBytes = kStages * kStage;                        // per warp
+  static constexpr int kSmemBytes = kWarps * (kRingBytes + kMaxStages * 4);  // rings, then meta
+  static constexpr int kKOff = 0;                  // [16][kRow] K codes (swizzled chunks)
+  static constexpr int kVOff = kTile * kRow;       // [16][kRow] V codes
+  static constexpr int kKPOff = 2 * kTile * kRow;  // [16] {scale, zero} of K
+  static constexpr int kVPOff = kKPOff + kTile * 8;
+  static constexpr float kMid = kBits == 16 ? 32896.0f : float(1 << (kBits - 1));  // see kParts
+  static_assert(kRow % 16 == 0, "code rows must be whole 16-byte chunks");
+  static_assert(kStages >= 2 && kStages <= kMaxStages, "2 to 16 stages");
+};
+
+// Chunk c of token row t lives at chunk c ^ swz(t): spreads a warp's reads over the banks.
+template <class Tr>
+__device__ __forceinline__ int swz(int t) {
+  return Tr::kChunks > 1 ? (t & (Tr::kChunks - 1)) : 0;
+}
+
+// Token order inside a tile: mma column / k index k holds token sigma(k) (bank-conflict free
+// reads of the 2- and 4-bit tiles).
+__device__ __forceinline__ int sigma(int k) {
+  return k ^ ((k >> 2) & 1);
+}
+
+// ---- small PTX wrappers --------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+// (lo, hi) packed as bf16x2, round to nearest (exact for the small integers we pack).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return bf16x2_bits(__floats2bfloat162_rn(lo, hi));
+}
+// (x & mask) | magic in one LOP3.
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "r"(mask), "r"(magic));
+  return d;
+}
+// a * b + c on bf16x2 (exact here: the results are integers of at most 8 significant bits).
+__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+// bf16 bits of the integer n (at most 8 significant bits).
+__host__ __device__ constexpr uint32_t bf16_of_int(int64_t n) {
+  const uint32_t sign = n < 0 ? 0x8000u : 0u;
+  const uint64_t a = n < 0 ? static_cast<uint64_t>(-n) : static_cast<uint64_t>(n);
+  if (a == 0) return sign;
+  int e = 0;
+  while ((a >> (e + 1)) != 0)
+    ++e;
+  const uint32_t mant = static_cast<uint32_t>(e >= 7 ? (a >> (e - 7)) : (a << (7 - e))) & 0x7Fu;
+  return sign | ((127u + e) << 7) | mant;
+}
+// x ~= hi + lo with hi, lo bf16 (relative error 2^-17).
+__device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = bf16x2_bits(h);
+  lo = pack_bf16(a - hf.x, b - hf.y);
+}
+
+// Byte k of w minus 128, exactly, via the float 2^23 + byte.
+__device__ __forceinline__ float byte_centered(uint32_t w, int k) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | k)) - 8388736.0f;
+}
+// 256 * (byte k of w - 128), exactly.
+__device__ __forceinline__ float byte_centered_x256(uint32_t w, int k) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7404u | (k << 4))) - 8421376.0f;
+}
+
+// Code j (bits j*b .. j*b + b - 1) of both 16-bit halves of x, b = 2 or 4, minus mid, as bf16x2.
+// 0x4300 | (c << pos) is the bf16 128 + c * 2^pos for pos + b <= 7; one exact fma scales it by
+// 2^-pos and subtracts 128 * 2^-pos + mid. The few shifts (6, 8, 14 for 2 bits; 1, 8, 9 for 4)
+// are shared by the codes of a word once the loops are unrolled.
+template <int kBits>
+__device__ __forceinline__ uint32_t small_pair(uint32_t x, int j) {
+  constexpr int kMid = 1 << (kBits - 1);
+  const int bit = j * kBits;
+  const int shift = kBits == 2 ? (bit < 6    ? 0
+                                  : bit == 6 ? 6
+                                  : bit < 14 ? 8
+                                             : 14)
+                               : (bit == 0   ? 0
+                                  : bit == 4 ? 1
+                                  : bit == 8 ? 8
+                                             : 9);
+  const int pos = bit - shift;
+  const uint32_t mask = (((1u << kBits) - 1u) << pos) * 0x00010001u;
+  const uint32_t scale = ((127u - pos) << 7) * 0x00010001u;  // 2^-pos
+  const uint32_t add = bf16_of_int(-((128 >> pos) + kMid)) * 0x00010001u;
+  return fma_bf16x2(and_or(x >> shift, mask, 0x43004300u), scale, add);
+}
+
+// ---- Code parts. A b-bit code minus mid is the sum of kParts(b) bf16-exact parts:
+//   2, 4, 8 bits: c - mid (mid 2, 8, 128; 2/4 bits through small_pair, 8 bits through the fp32
+//                 2^23 + c and a packing convert);
+//   16 bits:      256 * (high byte - 128) and low byte - 128 (mid 32896), one mma each.
+template <int kBits>
+inline constexpr int kParts = kBits == 16 ? 2 : 1;
+
+// Dims (relative to the lane's chunk of kD/4 codes) of K pair p; the q fragments use the same map.
+template <int kBits>
+__device__ __forceinline__ constexpr int pair_dim_lo(int p) {
+  return kBits == 2   ? 16 * (p / 8) + p % 8
+         : kBits == 4 ? 8 * (p / 4) + p % 4
+         : kBits == 8 ? 4 * (p / 2) + 2 * (p % 2)
+                      : 2 * p;
+}
+template <int kBits>
+__device__ __forceinline__ constexpr int pair_dim_hi(int p) {
+  return pair_dim_lo<kBits>(p) + (kBits == 2 ? 8 : kBits == 4 ? 4 : 1);
+}
+
+// K phase: part r of pair p of the lane's words of one token row.
+template <int kBits, int kPart>
+__device__ __forceinline__ uint32_t k_part(const uint32_t* w, int p) {
+  if constexpr (kBits == 2) {
+    return small_pair<2>(w[p / 8], p % 8);
+  } else if constexpr (kBits == 4) {
+    return small_pair<4>(w[p / 4], p % 4);
+  } else if constexpr (kBits == 8) {  // bytes (0, 1) or (2, 3) of word p / 2
+    const int k = 2 * (p % 2);
+    return pack_bf16(byte_centered(w[p / 2], k), byte_centered(w[p / 2], k + 1));
+  } else {  // codes 2p, 2p + 1 are the halves of word p
+    return kPart == 0 ? pack_bf16(byte_centered_x256(w[p], 1), byte_centered_x256(w[p], 3))
+                      : pack_bf16(byte_centered(w[p], 0), byte_centered(w[p], 2));
+  }
+}
+
+// V phase: part r of code j of the lane's chunk, token a in the low half, b in the high half.
+template <int kBits, int kPart>
+__device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b, int j) {
+  if constexpr (kBits == 2) {
+    const uint32_t x = (j < 8) ? __byte_perm(a[0], b[0], 0x5410) : __byte_perm(a[0], b[0], 0x7632);
+    return small_pair<2>(x, j % 8);
+  } else if constexpr (kBits == 4) {
+    const int w = j / 8, k = j % 8;
+    const uint32_t x = (k < 4) ? __byte_perm(a[w], b[w], 0x5410) : __byte_perm(a[w], b[w], 0x7632);
+    return small_pair<4>(x, k % 4);
+  } else if constexpr (kBits == 8) {
+    return pack_bf16(byte_centered(a[j / 4], j % 4), byte_centered(b[j / 4], j % 4));
+  } else {
+    const int w = j / 2, h = j % 2;
+    return kPart == 0
+               ? pack_bf16(byte_centered_x256(a[w], 2 * h + 1), byte_centered_x256(b[w], 2 * h + 1))
+               : pack_bf16(byte_centered(a[w], 2 * h), byte_centered(b[w], 2 * h));
+  }
+}
+
+// Loads kBytes at byte x of token row t of a (swizzled) code tile into 32-bit words (kBytes == 2:
+// the low half of w[0]).
+template <class Tr, int kBytes>
+__device__ __forceinline__ void lds_row(const uint8_t* tile, int t, int x, uint32_t* w) {
+  const uint8_t* row = tile + t * Tr::kRow;
+  if constexpr (kBytes >= 16) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const int c = (x >> 4) + i;
+      const uint4 v = *reinterpret_cast<const uint4*>(row + ((c ^ swz<Tr>(t)) << 4));
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  } else {
+    const uint8_t* ptr = row + (((x >> 4) ^ swz<Tr>(t)) << 4) + (x & 15);
+    if constexpr (kBytes == 8) {
+      const uint2 v = *reinterpret_cast<const uint2*>(ptr);
+      w[0] = v.x;
+      w[1] = v.y;
+    } else if constexpr (kBytes == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(ptr);
+    } else {
+      static_assert(kBytes == 2, "unsupported read width");
+      w[0] = *reinterpret_cast<const uint16_t*>(ptr);
+    }
+  }
+}
+
+// Issues the cp.async copies of one tile (valid rows only) into a stage. The {scale, zero} of
+// token t go to position sigma(t) (the order the lanes read them in); rows past nvalid get zero
+// params, so masked tokens contribute exactly 0 to the V phase. Offsets inside a page fit 32 bits.
+template <class Tr>
+__device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
+                                           const kv::PageLayout& L, int tile, int nvalid, int kvh,
+                                           int lane) {
+  constexpr int kOps = kTile * Tr::kChunks;
+  const int heads = L.heads;
+  const int row0 = (tile * kTile * heads + kvh) * Tr::kRow;  // token tile*16, head kvh
+  const uint8_t* kc = page + static_cast<int>(L.k_codes) + row0;
+  const uint8_t* vc = page + static_cast<int>(L.v_codes) + row0;
+#pragma unroll
+  for (int i = 0; i < (kOps + 31) / 32; ++i) {
+    const int o = lane + 32 * i;
+    const int t = o / Tr::kChunks, c = o % Tr::kChunks;
+    if ((kOps % 32 == 0 || o < kOps) && t < nvalid) {
+      const int g = t * heads * Tr::kRow + c * 16;
+      const int s = t * Tr::kRow + ((c ^ swz<Tr>(t)) << 4);
+      cp_async16(st + Tr::kKOff + s, kc + g);
+      cp_async16(st + Tr::kVOff + s, vc + g);
+    }
+  }
+  const int kind = lane >> 4, t = lane & 15;
+  uint8_t* dst = st + Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8;
+  if (t < nvalid) {
+    const int off =
+        static_cast<int>(kind ? L.v_params : L.k_params) + ((tile * kTile + t) * heads + kvh) * 8;
+    cp_async8(dst, page + off);
+  } else {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+  }
+}
+
+// kCols = 1 (group <= 4): the V phase's 8 columns are the group's heads' hi parts (0-3) and lo
+// parts (4-7); kCols = 2 (group 5-8): two column tiles, heads' hi parts and lo parts.
+template <int kD, int kCols>
+struct Acc {
+  float o[kD / 16][kCols][4];  // O^T accumulators: [m-tile of 16 dims][column tile][c0..c3]
+  float m, l,
+      z;  // of the lane's K-phase row (head gid): max (log2 domain), sum p, sum p (vs mid - vz)
+};
+
+// One tile: K phase, online softmax, V phase.
+template <int kBits, int kD, bool kQLo, int kCols>
+__device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (&aq)[kD / 16][4],
+                                             float qsum, float scale_log2, uint32_t valid_mask,
+                                             int gid, int tig, Acc<kD, kCols>& acc) {
+  using Tr = Tile<kBits, kD>;
+  constexpr int kKWords = Tr::kKBytes / 4;
+  // ---- K phase: column n of n-tile j is token sigma(8j + n).
+  float s_acc[2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    uint32_t w[kKWords];
+    lds_row<Tr, Tr::kKBytes>(st + Tr::kKOff, sigma(8 * j + gid), tig * Tr::kKBytes, w);
+    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < kD / 16; ++kt) {  // two accumulation chains
+      if constexpr (kParts<kBits> == 1) {
+        mma_bf16(kt % 2 ? c1 : c0, aq[kt], k_part<kBits, 0>(w, 2 * kt),
+                 k_part<kBits, 0>(w, 2 * kt + 1));
+      } else {
+        mma_bf16(c0, aq[kt], k_part<kBits, 0>(w, 2 * kt), k_part<kBits, 0>(w, 2 * kt + 1));
+        mma_bf16(c1, aq[kt], k_part<kBits, 1>(w, 2 * kt), k_part<kBits, 1>(w, 2 * kt + 1));
+        if constexpr (kParts<kBits> == 3) {
+          mma_bf16(kt % 2 ? c1 : c0, aq[kt], k_part<kBits, 2>(w, 2 * kt),
+                   k_part<kBits, 2>(w, 2 * kt + 1));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      s_acc[j][i] = c0[i] + c1[i];
+  }
+  // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
+  // params sit at position 8j + 2 tig + e.
+  const float4 kp[2] = {*reinterpret_cast<const float4*>(st + Tr::kKPOff + 16 * tig),
+                        *reinterpret_cast<const float4*>(st + Tr::kKPOff + 64 + 16 * tig)};
+  const float4 vp[2] = {*reinterpret_cast<const float4*>(st + Tr::kVPOff + 16 * tig),
+                        *reinterpret_cast<const float4*>(st + Tr::kVPOff + 64 + 16 * tig)};
+  float s[4];
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = i / 2, e = i % 2;
+    const bool valid = (valid_mask >> sigma(8 * j + 2 * tig + e)) & 1u;
+    const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
+    const float dot = s_acc[j][e] + (kQLo ? s_acc[j][2 + e] : 0.0f);
+    const float kc = fmaf(ksc, Tr::kMid, -kz);
+    s[i] = valid ? fmaf(ksc, dot, kc * qsum) * scale_log2 : -INFINITY;
+    tmax = fmaxf(tmax, s[i]);
+  }
+  tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+  tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+  const float m_new = fmaxf(acc.m, tmax);
+  if (__any_sync(0xffffffffu, m_new > acc.m)) {
+    const float alpha = ex2(acc.m - m_new);
+    // The lane's O^T columns 2 tig, 2 tig + 1 belong to heads h0, h0 + 1 (see Acc).
+    const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
+    const float a0 = __shfl_sync(0xffffffffu, alpha, 4 * h0);
+    const float a1 = __shfl_sync(0xffffffffu, alpha, 4 * h0 + 4);
+#pragma unroll
+    for (int mt = 0; mt < kD / 16; ++mt) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        acc.o[mt][c][0] *= a0;
+        acc.o[mt][c][1] *= a1;
+        acc.o[mt][c][2] *= a0;
+        acc.o[mt][c][3] *= a1;
+      }
+    }
+    acc.l *= alpha;
+    acc.z *= alpha;
+    acc.m = m_new;
+  }
+  // Masked tokens: p = 0; tokens past nvalid also have zero V params (see issue_tile), tokens
+  // before the window have real ones: P' and the zero term are 0 either way.
+  float pp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = i / 2, e = i % 2;
+    const float vsc = e ? vp[j].z : vp[j].x, vz = e ? vp[j].w : vp[j].y;
+    const float p = ex2(s[i] - acc.m);
+    acc.l += p;
+    acc.z = fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
+    pp[i] = p * vsc;
+  }
+  // ---- V phase, transposed: O^T[dim][col] += sum_k V[token sigma(k)][dim] P'^T[k][col].
+  // A = V codes (m: 16 dims, k: tokens), B = P' (k: tokens, n: 8 columns). Row gid of m-tile mt
+  // is code 2 mt of the lane's chunk of kD/8 dims, row gid + 8 code 2 mt + 1; B column gid is the
+  // lane's own K-phase row (hi part) or, for kCols = 1 and gid >= 4, the lo part of head gid - 4,
+  // taken from lane ^ 16.
+  uint32_t hi0, lo0, hi1, lo1;
+  split_bf16(pp[0], pp[1], hi0, lo0);
+  split_bf16(pp[2], pp[3], hi1, lo1);
+  uint32_t bp[kCols][2];
+  if constexpr (kCols == 1) {
+    const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);
+    const uint32_t plo1 = __shfl_xor_sync(0xffffffffu, lo1, 16);
+    bp[0][0] = gid < 4 ? hi0 : plo0;
+    bp[0][1] = gid < 4 ? hi1 : plo1;
+  } else {
+    bp[0][0] = hi0;
+    bp[0][1] = hi1;
+    bp[1][0] = lo0;
+    bp[1][1] = lo1;
+  }
+  const int ta = sigma(2 * tig), tb = sigma(2 * tig + 1);
+  const int tc = sigma(2 * tig + 8), td = sigma(2 * tig + 9);
+  constexpr int kGroupBytes = Tr::kVBytes < 16 ? Tr::kVBytes : 16;
+  constexpr int kGroups = Tr::kVBytes / kGroupBytes;
+  constexpr int kGroupCodes = kGroupBytes * 8 / kBits;
+  constexpr int kGroupWords = kGroupBytes < 4 ? 1 : kGroupBytes / 4;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    uint32_t wa[kGroupWords], wb[kGroupWords], wc[kGroupWords], wd[kGroupWords];
+    const int x = gid * Tr::kVBytes + g * 16;
+    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, ta, x, wa);
+    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, tb, x, wb);
+    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, tc, x, wc);
+    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, td, x, wd);
+#pragma unroll
+    for (int i = 0; i < kGroupCodes / 2; ++i) {
+      const int mt = g * (kGroupCodes / 2) + i;
+#pragma unroll
+      for (int part = 0; part < kParts<kBits>; ++part) {
+        uint32_t a[4];
+        if (part == 0) {
+          a[0] = v_part<kBits, 0>(wa, wb, 2 * i);
+          a[1] = v_part<kBits, 0>(wa, wb, 2 * i + 1);
+          a[2] = v_part<kBits, 0>(wc, wd, 2 * i);
+          a[3] = v_part<kBits, 0>(wc, wd, 2 * i + 1);
+        } else {
+          a[0] = v_part<kBits, 1>(wa, wb, 2 * i);
+          a[1] = v_part<kBits, 1>(wa, wb, 2 * i + 1);
+          a[2] = v_part<kBits, 1>(wc, wd, 2 * i);
+          a[3] = v_part<kBits, 1>(wc, wd, 2 * i + 1);
+        }
+#pragma unroll
+        for (int c = 0; c < kCols; ++c)
+          mma_bf16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
+      }
+    }
+  }
+}
+
+// The q rows of a KV head's query heads as K-phase A fragments (row gid = query head gid of the
+// group; fp32 q: rows gid + 8 hold the bf16 residual), and sum(q) of the lane's head.
+template <int kBits, int kD, typename TQ>
+__device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, int gid, int tig,
+                                       uint32_t (&aq)[kD / 16][4], float& qsum) {
+  qsum = 0.0f;
+#pragma unroll
+  for (int kt = 0; kt < kD / 16; ++kt)
+    aq[kt][0] = aq[kt][1] = aq[kt][2] = aq[kt][3] = 0u;
+  if (gid < p.group) {
+    const int64_t row =
+        ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + gid) * kD + tig * (kD / 4);
+    const TQ* q = static_cast<const TQ*>(p.q) + row;
+#pragma unroll
+    for (int pi = 0; pi < kD / 8; ++pi) {
+      float a, b;
+      if constexpr (sizeof(TQ) == 4) {
+        a = q[pair_dim_lo<kBits>(pi)];
+        b = q[pair_dim_hi<kBits>(pi)];
+      } else {
+        a = __bfloat162float(q[pair_dim_lo<kBits>(pi)]);
+        b = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
+      }
+      qsum += a + b;
+      uint32_t hi, lo;
+      split_bf16(a, b, hi, lo);
+      aq[pi / 2][2 * (pi % 2)] = hi;
+      if constexpr (sizeof(TQ) == 4) aq[pi / 2][2 * (pi % 2) + 1] = lo;
+    }
+  }
+  qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
+  qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+}
+
+template <int kBits, int kD, typename TQ, int kCols>
+__device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem& it, int item,
+                                         uint8_t* smem) {
+  using Tr = Tile<kBits, kD>;
+  static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4,
+                "the epilogue reuses the rings");
+  constexpr bool kQLo = sizeof(TQ) == 4;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int kvh = blockIdx.y;
+  const kv::PageLayout L = kv::page_layout({p.num_kv_heads, kD, p.tokens16}, kBits);
+  uint8_t* ring = smem + warp * Tr::kRingBytes;
+
+  uint32_t aq[kD / 16][4];
+  float qsum;
+  load_q<kBits, kD, TQ>(p, it.seq, kvh, gid, tig, aq, qsum);
+  Acc<kD, kCols> acc;
+#pragma unroll
+  for (int mt = 0; mt < kD / 16; ++mt) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      acc.o[mt][c][0] = acc.o[mt][c][1] = acc.o[mt][c][2] = acc.o[mt][c][3] = 0.0f;
+    }
+  }
+  acc.m = -INFINITY;
+  acc.l = 0.0f;
+  acc.z = 0.0f;
+
+  // This warp's contiguous tile range, located by the plan. Page info of the next page is loaded
+  // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
+  // (valid tokens, first visible token) from shared memory, written when the tile was issued.
+  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + warp * kMaxStages;
+  const DecodeWorkItem* itg = p.items + item;  // per-warp fields: read from global, not a
+  const int n_my = itg->warp_tiles[warp];      // local copy (dynamic index -> stack)
+  int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
+  int64_t next_id = 0;
+  const uint8_t* pptr = p.pool;
+  if (n_my > 0) {
+    ntok = p.page_tokens[page];
+    pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
+    if (page + 1 < it.page_end) {
+      next_tok = p.page_tokens[page + 1];
+      next_id = p.page_ids[page + 1];
+    }
+    lo = warp == 0 ? it.lo_first : 0;
+  }
+  // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
+  auto issue_next = [&](int slot) {
+    const int nvalid = min(kTile, ntok - tile * kTile);
+    issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, tile, nvalid, kvh, lane);
+    if (lane == 0) meta[slot] = nvalid | (lo << 8);
+    lo = 0;
+    if (++tile * kTile >= ntok) {
+      tile = 0;
+      ++page;
+      ntok = next_tok;
+      pptr = p.pool + next_id * p.page_bytes;
+      while (ntok == 0 && page + 1 < it.page_end) {  // empty pages (rare)
+        ++page;
+        ntok = p.page_tokens[page];
+        pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
+      }
+      if (page + 1 < it.page_end) {
+        next_tok = p.page_tokens[page + 1];
+        next_id = p.page_ids[page + 1];
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < Tr::kStages - 1; ++s) {
+    if (s < n_my) issue_next(s);
+    cp_async_commit();
+  }
+  int slot_c = 0, slot_p = Tr::kStages - 1;
+  for (int k = 0; k < n_my; ++k) {
+    if (k + Tr::kStages - 1 < n_my) issue_next(slot_p);
+    cp_async_commit();
+    cp_async_wait<Tr::kStages - 1>();
+    __syncwarp();
+    // Tokens [first, nvalid) of the tile are visible (first > 0 only before the sliding window).
+    const int m = meta[slot_c];
+    const uint32_t valid_mask = ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u);
+    compute_tile<kBits, kD, kQLo, kCols>(ring + slot_c * Tr::kStage, aq, qsum, p.scale_log2,
+                                         valid_mask, gid, tig, acc);
+    __syncwarp();
+    slot_c = slot_c + 1 == Tr::kStages ? 0 : slot_c + 1;
+    slot_p = slot_p + 1 == Tr::kStages ? 0 : slot_p + 1;
+  }
+  cp_async_wait<0>();
+
+  // ---- combine the warps' states, write the output (direct) or the partial state.
+  acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 1);
+  acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 2);
+  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
+  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 2);
+  __syncthreads();  // every warp is done with its ring
+  const int G = p.group;
+  float* sm_o = reinterpret_cast<float*>(smem);  // [kWarps][G][kD]
+  float* sm_m = sm_o + kWarps * G * kD;          // [kWarps][G]
+  float* sm_l = sm_m + kWarps * G;               // [kWarps][G]
+  float* sm_z = sm_l + kWarps * G;               // [kWarps][G]
+  if (gid < G && tig == 0) {                     // K-phase row gid is head gid
+    sm_m[warp * G + gid] = acc.m;
+    sm_l[warp * G + gid] = acc.l;
+    sm_z[warp * G + gid] = acc.z;
+  }
+  // O^T: columns 2 tig, 2 tig + 1 are heads h0, h0 + 1; add the lo columns to the hi ones (kCols 1:
+  // they sit in lane ^ 2; kCols 2: in the second column tile).
+  const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
+#pragma unroll
+  for (int mt = 0; mt < kD / 16; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = acc.o[mt][0][i];
+      if constexpr (kCols == 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+      } else {
+        v += acc.o[mt][1][i];
+      }
+      const int h = h0 + (i & 1);
+      const int d = gid * (kD / 8) + 2 * mt + (i >> 1);
+      if ((kCols == 2 || tig < 2) && h < G) sm_o[(warp * G + h) * kD + d] = v;
+    }
+  }
+  __syncthreads();
+  const int64_t out_row = (int64_t{it.seq} * p.num_kv_heads + kvh) * G;  // first query head
+  const int64_t slot = int64_t{item} * p.num_kv_heads + kvh;
+  for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
+    const int h = idx / kD, d = idx % kD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      mx = fmaxf(mx, sm_m[w * G + h]);
+    float den = 0.0f, num = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = ex2(sm_m[w * G + h] - mx);
+      den += sm_l[w * G + h] * f;
+      num += (sm_o[(w * G + h) * kD + d] + sm_z[w * G + h]) * f;
+    }
+    const float val = num / den;
+    if (it.direct) {
+      const int64_t o = (out_row + h) * kD + d;
+      if (p.out_dtype == DType::kF32) {
+        static_cast<float*>(p.out)[o] = val;
+      } else {
+        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(val);
+      }
+    } else {
+      p.partial_o[(slot * G + h) * kD + d] = val;
+      if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
+    }
+  }
+}
+
+// One launch per bit-width present: blockIdx.x indexes that bit-width's item list. kCols: 1 for
+// groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
+template <int kBits, int kD, typename TQ, int kCols>
+__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
+    decode_split_kernel(const KernelParams p, const int32_t* item_ids) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int item = item_ids[blockIdx.x];
+  const DecodeWorkItem it = p.items[item];
+  run_item<kBits, kD, TQ, kCols>(p, it, item, smem);
+}
+
+}  // namespace pmkv::kernels::decode_detail

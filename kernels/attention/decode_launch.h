@@ -1,0 +1,31 @@
+#pragma once
+// Internal: the per-(bits, head_dim) instantiations of the split kernel (inst/decode_b*_d*.cu),
+// called by launch_decode (decode.cu).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pmkv::kernels::decode_detail {
+
+struct KernelParams;
+
+// Launches the split kernel over `num_items` items of one bit-width (indices in item_ids).
+template <int kBits, int kD>
+cudaError_t launch_split(const KernelParams& p, bool q_f32, const int32_t* item_ids, int num_items,
+                         cudaStream_t stream);
+
+#define PMKV_DECODE_DECLARE(B, D)                                                            \
+  template <>                                                                                \
+  cudaError_t launch_split<B, D>(const KernelParams& p, bool q_f32, const int32_t* item_ids, \
+                                 int num_items, cudaStream_t stream);
+PMKV_DECODE_DECLARE(16, 64)
+PMKV_DECODE_DECLARE(8, 64)
+PMKV_DECODE_DECLARE(4, 64)
+PMKV_DECODE_DECLARE(2, 64)
+PMKV_DECODE_DECLARE(16, 128)
+PMKV_DECODE_DECLARE(8, 128)
+PMKV_DECODE_DECLARE(4, 128)
+PMKV_DECODE_DECLARE(2, 128)
+#undef PMKV_DECODE_DECLARE
+
+}  // namespace pmkv::kernels::decode_detail

@@ -1,0 +1,359 @@
+// Decode attention over mixed-bit pages against an fp64 reference over the dequantized K/V (the
+// CPU backend's write_kv/read_kv make and read the pages).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "engine/backend/cpu/paged_attention.h"
+#include "kernels/attention/decode.h"
+#include "tests/gpu/gpu_test_util.h"
+
+using namespace pmkv;
+using gputest::DeviceBuffer;
+using kernels::DType;
+
+namespace {
+
+struct Shape {
+  int heads_kv, group, head_dim, tokens16;
+};
+
+struct Layer {
+  std::vector<int32_t> starts{0}, ids, bits, tokens;
+  std::vector<std::vector<float>> k, v;  // per sequence, dequantized [len, heads_kv * head_dim]
+  std::vector<int> len;
+};
+
+// Builds one layer's page tables (sink 16-bit page, runs of random bit-widths with mostly full
+// pages, 16-bit window pages, the odd empty page) from a shuffled free list, writes random K/V
+// through the CPU codec and reads back what the pages hold.
+Layer build_layer(const std::vector<int>& lengths, const kv::PageGeometry& g,
+                  std::vector<int>& free_pages, std::vector<std::byte>& pool, std::mt19937& rng) {
+  static constexpr int kBits[4] = {16, 8, 4, 2};
+  const cpu::KvPoolView view{pool.data(), kv::page_bytes(g), g};
+  const int width = g.num_kv_heads * g.head_dim;
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Layer L;
+  for (const int len : lengths) {
+    std::vector<kv::PageRef> table;
+    int left = len;
+    auto add = [&](int bits, int want) {
+      const int n = std::min(left, want);
+      REQUIRE(!free_pages.empty());
+      table.push_back({free_pages.back(), bits, n});
+      free_pages.pop_back();
+      left -= n;
+    };
+    if (left > 0) add(16, 1 + static_cast<int>(rng() % kv::tokens_per_page(g, 16)));  // sink
+    while (left > 0) {
+      const int bits = kBits[rng() % 4];
+      const int cap = kv::tokens_per_page(g, bits);
+      for (int p = 1 + static_cast<int>(rng() % 4); p > 0 && left > 0; --p) {
+        const int r = static_cast<int>(rng() % 10);
+        add(bits, r == 0 ? 0 : r < 3 ? 1 + static_cast<int>(rng() % cap) : cap);
+      }
+    }
+    std::vector<float> k(static_cast<size_t>(len) * width), v(k.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = dist(rng) + 0.5f * std::sin(0.1f * static_cast<float>(i % 97));
+      v[i] = dist(rng) + 0.3f;
+    }
+    if (len > 0) cpu::write_kv(view, table, 0, len, k.data(), width, v.data(), width);
+    std::vector<float> kd(k.size()), vd(v.size());
+    if (len > 0) cpu::read_kv(view, table, len, kd.data(), vd.data());
+    for (const auto& p : table) {
+      L.ids.push_back(p.page);
+      L.bits.push_back(p.bits);
+      L.tokens.push_back(p.num_tokens);
+    }
+    L.starts.push_back(static_cast<int32_t>(L.ids.size()));
+    L.k.push_back(std::move(kd));
+    L.v.push_back(std::move(vd));
+    L.len.push_back(len);
+  }
+  return L;
+}
+
+// fp64 attention of one decode query per sequence: [heads, head_dim].
+std::vector<double> reference(const Shape& s, const Layer& L, int seq, const float* q, float scale,
+                              int window) {
+  const int D = s.head_dim, H = s.heads_kv, G = s.group, len = L.len[seq];
+  std::vector<double> out(static_cast<size_t>(H) * G * D, 0.0);
+  const int lo = window > 0 ? std::max(0, len - window) : 0;
+  std::vector<double> w(len);
+  for (int h = 0; h < H * G; ++h) {
+    const int kvh = h / G;
+    double m = -INFINITY;
+    for (int j = lo; j < len; ++j) {
+      double dot = 0;
+      for (int d = 0; d < D; ++d)
+        dot += double(q[h * D + d]) * L.k[seq][(j * H + kvh) * D + d];
+      w[j] = dot * scale;
+      m = std::max(m, w[j]);
+    }
+    double sum = 0;
+    for (int j = lo; j < len; ++j)
+      sum += (w[j] = std::exp(w[j] - m));
+    for (int j = lo; j < len; ++j) {
+      for (int d = 0; d < D; ++d)
+        out[h * D + d] += w[j] / sum * L.v[seq][(j * H + kvh) * D + d];
+    }
+  }
+  return out;
+}
+
+struct Variant {
+  DType q, out;
+  int window;
+  int num_sms;
+  int64_t min_item_bytes;
+  const char* name;
+};
+
+}  // namespace
+
+TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][attention]") {
+  std::mt19937 rng(gputest::test_seed("decode"));
+  const Shape shapes[] = {
+      {8, 4, 128, 16}, {2, 4, 64, 4}, {4, 8, 128, 8}, {2, 1, 64, 16}, {1, 7, 128, 4}};
+  const Variant variants[] = {
+      {DType::kF32, DType::kF32, 0, 132, 2048, "q f32, out f32, many splits"},
+      {DType::kBF16, DType::kF32, 0, 1, int64_t{1} << 40, "q bf16, out f32, one item per run"},
+      {DType::kBF16, DType::kBF16, 0, 132, 16 << 10, "q bf16, out bf16"},
+      {DType::kF32, DType::kF32, 203, 132, 2048, "q f32, out f32, sliding window 203"},
+      {DType::kBF16, DType::kF32, 40, 8, 16 << 10, "q bf16, out f32, sliding window 40"},
+  };
+  double worst_f32 = 0, worst_bf16 = 0;
+  for (const Shape& s : shapes) {
+    const kv::PageGeometry g{s.heads_kv, s.head_dim, s.tokens16};
+    const int64_t page_bytes = kv::page_bytes(g);
+    std::vector<int> lengths = {1,
+                                2,
+                                17,
+                                0,
+                                300 + static_cast<int>(rng() % 300),
+                                1500 + static_cast<int>(rng() % 1500),
+                                static_cast<int>(rng() % 4000)};
+    std::shuffle(lengths.begin(), lengths.end(), rng);
+    const int num_seqs = static_cast<int>(lengths.size());
+    int pages_needed = 0;
+    for (int len : lengths)
+      pages_needed += 2 * (len / kv::tokens_per_page(g, 16) + 8);
+    const int num_pages = 2 * pages_needed;  // two layers
+    std::vector<std::byte> pool(static_cast<size_t>(page_bytes) * num_pages);
+    for (auto& b : pool)
+      b = static_cast<std::byte>(rng() & 0xFF);
+    std::vector<int> free_pages(num_pages);
+    std::iota(free_pages.begin(), free_pages.end(), 0);
+    std::shuffle(free_pages.begin(), free_pages.end(), rng);
+    std::vector<Layer> layers;
+    layers.push_back(build_layer(lengths, g, free_pages, pool, rng));
+    layers.push_back(build_layer(lengths, g, free_pages, pool, rng));
+
+    DeviceBuffer<std::byte> dpool;
+    CUDA_REQUIRE(dpool.upload(pool));
+    std::vector<DeviceBuffer<int32_t>> dids(2), dtok(2);
+    for (int l = 0; l < 2; ++l) {
+      CUDA_REQUIRE(dids[l].upload(layers[l].ids));
+      CUDA_REQUIRE(dtok[l].upload(layers[l].tokens));
+    }
+    const int heads = s.heads_kv * s.group, qsize = num_seqs * heads * s.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+
+    for (const Variant& var : variants) {
+      kernels::DecodePlanConfig cfg;
+      cfg.num_kv_heads = s.heads_kv;
+      cfg.group = s.group;
+      cfg.head_dim = s.head_dim;
+      cfg.tokens16 = s.tokens16;
+      cfg.sliding_window = var.window;
+      cfg.num_sms = var.num_sms;
+      cfg.min_item_bytes = var.min_item_bytes;
+      std::vector<kernels::DecodeLayerTable> tables;
+      for (const Layer& L : layers) {
+        tables.push_back({num_seqs, L.starts.data(), L.bits.data(), L.tokens.data()});
+      }
+      kernels::DecodePlan plan;
+      kernels::plan_decode(cfg, tables, &plan);
+      DeviceBuffer<std::byte> ws(static_cast<size_t>(plan.workspace_bytes));
+      CUDA_REQUIRE(ws.poison());
+      CUDA_REQUIRE(kernels::upload_decode_plan(plan, ws.get(), plan.workspace_bytes, nullptr));
+
+      for (int l = 0; l < 2; ++l) {
+        const Layer& L = layers[l];
+        // Query: normal, a random sharpness per head (peaky and flat softmaxes).
+        std::vector<float> q(qsize);
+        std::normal_distribution<float> dist(0.0f, 1.0f);
+        for (int h = 0; h < num_seqs * heads; ++h) {
+          const float sharp = 0.3f + 3.0f * static_cast<float>(rng() % 1000) / 1000.0f;
+          for (int d = 0; d < s.head_dim; ++d)
+            q[h * s.head_dim + d] = sharp * dist(rng);
+        }
+        std::vector<uint16_t> qb(qsize);
+        if (var.q == DType::kBF16) {
+          for (int i = 0; i < qsize; ++i) {
+            qb[i] = gputest::to_bf16(q[i]);
+            q[i] = gputest::from_bf16(qb[i]);
+          }
+        }
+        DeviceBuffer<float> dqf;
+        DeviceBuffer<uint16_t> dqb;
+        DeviceBuffer<std::byte> dout(static_cast<size_t>(qsize) * kernels::dtype_bytes(var.out));
+        CUDA_REQUIRE(dout.poison());
+        kernels::DecodeParams p;
+        p.pool = dpool.get();
+        p.page_bytes = page_bytes;
+        p.num_kv_heads = s.heads_kv;
+        p.group = s.group;
+        p.head_dim = s.head_dim;
+        p.tokens16 = s.tokens16;
+        p.page_ids = dids[l].get();
+        p.page_tokens = dtok[l].get();
+        p.plan = kernels::decode_layer_view(plan, ws.get(), l);
+        if (var.q == DType::kF32) {
+          CUDA_REQUIRE(dqf.upload(q));
+          p.q = dqf.get();
+        } else {
+          CUDA_REQUIRE(dqb.upload(qb));
+          p.q = dqb.get();
+        }
+        p.q_dtype = var.q;
+        p.out = dout.get();
+        p.out_dtype = var.out;
+        p.scale = scale;
+        CUDA_REQUIRE_LAUNCH(kernels::launch_decode(p, nullptr));
+        std::vector<std::byte> raw;
+        CUDA_REQUIRE(dout.download(raw));
+        std::vector<float> out(qsize);
+        for (int i = 0; i < qsize; ++i) {
+          if (var.out == DType::kF32) {
+            std::memcpy(&out[i], raw.data() + 4 * i, 4);
+          } else {
+            uint16_t b;
+            std::memcpy(&b, raw.data() + 2 * i, 2);
+            out[i] = gputest::from_bf16(b);
+          }
+        }
+        double worst = 0, worst_cpu = 0;
+        for (int sq = 0; sq < num_seqs; ++sq) {
+          const float* qs = q.data() + sq * heads * s.head_dim;
+          const float* os = out.data() + sq * heads * s.head_dim;
+          if (L.len[sq] == 0) {  // no visible token: zeros
+            for (int i = 0; i < heads * s.head_dim; ++i)
+              REQUIRE(os[i] == 0.0f);
+            continue;
+          }
+          const std::vector<double> ref = reference(s, L, sq, qs, scale, var.window);
+          // The CPU backend's fp32 attention on the same values, for scale.
+          std::vector<float> cpu_out(heads * s.head_dim);
+          const cpu::AttentionShape shape{heads, s.heads_kv, s.head_dim, var.window, scale};
+          cpu::causal_attention(shape, qs, heads * s.head_dim, 1, L.len[sq] - 1, L.k[sq].data(),
+                                L.v[sq].data(), cpu_out.data(), heads * s.head_dim);
+          for (int h = 0; h < heads; ++h) {
+            double num = 0, num_cpu = 0, den = 0;
+            for (int d = 0; d < s.head_dim; ++d) {
+              const int i = h * s.head_dim + d;
+              INFO("seq " << sq << " head " << h << " dim " << d);
+              REQUIRE(std::isfinite(os[i]));
+              num += (os[i] - ref[i]) * (os[i] - ref[i]);
+              num_cpu += (cpu_out[i] - ref[i]) * (cpu_out[i] - ref[i]);
+              den += ref[i] * ref[i];
+            }
+            worst = std::max(worst, std::sqrt(num / den));
+            worst_cpu = std::max(worst_cpu, std::sqrt(num_cpu / den));
+          }
+        }
+        std::printf(
+            "decode H=%d G=%d D=%d tokens16=%d layer %d [%s]: items %d merges %d, "
+            "max rel L2 %.3e (CPU fp32 oracle %.3e)\n",
+            s.heads_kv, s.group, s.head_dim, s.tokens16, l, var.name, plan.layers[l].num_items,
+            plan.layers[l].num_merges, worst, worst_cpu);
+        INFO("variant " << var.name << ", layer " << l << ": max relative L2 error " << worst);
+        if (var.out == DType::kF32) {
+          worst_f32 = std::max(worst_f32, worst);
+          REQUIRE(worst < 1e-4);  // bf16 hi/lo splits of q and p * v_scale: ~2^-17 each
+        } else {
+          worst_bf16 = std::max(worst_bf16, worst);
+          REQUIRE(worst < 3e-3);  // bf16 output rounding alone is up to 2^-9 per element
+        }
+      }
+    }
+  }
+  std::printf("decode: worst max rel L2, fp32 out %.3e, bf16 out %.3e\n", worst_f32, worst_bf16);
+}
+
+TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][host]") {
+  std::mt19937 rng(gputest::test_seed("plan"));
+  const kv::PageGeometry g{2, 64, 4};
+  for (int trial = 0; trial < 50; ++trial) {
+    const int num_seqs = 1 + static_cast<int>(rng() % 6);
+    std::vector<int32_t> starts{0}, bits, tokens;
+    for (int s = 0; s < num_seqs; ++s) {
+      for (int p = static_cast<int>(rng() % 20); p > 0; --p) {
+        const int b = 16 >> (rng() % 4);
+        bits.push_back(b);
+        tokens.push_back(static_cast<int>(rng() % (kv::tokens_per_page(g, b) + 1)));
+      }
+      starts.push_back(static_cast<int32_t>(bits.size()));
+    }
+    kernels::DecodePlanConfig cfg{g.num_kv_heads, 3, g.head_dim, g.tokens16};
+    cfg.sliding_window = (trial % 3 == 0) ? 1 + static_cast<int>(rng() % 100) : 0;
+    cfg.num_sms = 1 + static_cast<int>(rng() % 200);
+    cfg.min_item_bytes = 1 + static_cast<int>(rng() % 20000);
+    const kernels::DecodeLayerTable t{num_seqs, starts.data(), bits.data(), tokens.data()};
+    kernels::DecodePlan plan;
+    kernels::plan_decode(cfg, {&t, 1}, &plan);
+    // Replay the items like the kernel does (each warp walks its own range): every visible tile
+    // exactly once, in token order, only pages of the item's bits, page_end bounding them.
+    std::vector<int> total(num_seqs, 0), next(num_seqs), page_pos(tokens.size());
+    for (int s = 0; s < num_seqs; ++s) {
+      for (int i = starts[s]; i < starts[s + 1]; ++i) {
+        page_pos[i] = total[s];
+        total[s] += tokens[i];
+      }
+      next[s] = cfg.sliding_window > 0 ? std::max(0, total[s] - cfg.sliding_window) : 0;
+    }
+    for (const auto& it : plan.items) {
+      int sum = 0;
+      for (int w = 0; w < kernels::kDecodeWarps; ++w) {
+        int page = it.warp_page[w], tile = it.warp_tile[w];
+        sum += it.warp_tiles[w];
+        for (int n = 0; n < it.warp_tiles[w]; ++n) {
+          while (tile * 16 >= tokens[page]) {  // past this page (or an empty one)
+            tile = 0;
+            ++page;
+          }
+          REQUIRE(page < it.page_end);
+          REQUIRE(page < starts[it.seq + 1]);
+          REQUIRE(bits[page] == it.bits);
+          const int first = page_pos[page] + 16 * tile;
+          const int last = std::min(first + 16, page_pos[page] + tokens[page]);
+          const int lo = (w == 0 && n == 0) ? it.lo_first : 0;
+          REQUIRE(first + lo == next[it.seq]);
+          REQUIRE(next[it.seq] < last);
+          next[it.seq] = last;
+          ++tile;
+        }
+      }
+      REQUIRE(sum == it.num_tiles);
+    }
+    for (int s = 0; s < num_seqs; ++s)
+      REQUIRE(next[s] == total[s]);
+    // The per-bits launch lists partition the items.
+    std::vector<int> seen(plan.items.size(), 0);
+    for (int b = 0; b < 4; ++b) {
+      for (int k = 0; k < plan.layers[0].bits_count[b]; ++k) {
+        const int i = plan.bit_items[plan.layers[0].bits_begin[b] + k];
+        REQUIRE(kernels::decode_bits_index(plan.items[i].bits) == b);
+        ++seen[i];
+      }
+    }
+    for (int c : seen)
+      REQUIRE(c == 1);
+  }
+}
