@@ -46,6 +46,9 @@ class LocalModel {
   kv::KvCacheManager& kv_manager(int64_t tokens);
   const kv::PageGeometry& kv_geometry() const { return geometry_; }
   const std::vector<int64_t>& kv_budgets() const { return budgets_; }
+  // kv_cache.key_scales, read at open ([layers][kv_width]); empty when not configured. Backends
+  // made outside this class fold them with CpuBackend::fold_key_scales.
+  const std::vector<std::vector<float>>& key_scales() const { return key_scales_; }
 
  private:
   LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o);

@@ -1,6 +1,6 @@
 #pragma once
-// Histogram: fixed-bucket latency histogram (seconds) for the engine's stats. Updated on the
-// engine thread only; snapshot() copies it for EngineStats.
+// The engine's counters and latency histograms. Updated on the engine thread only; the engine
+// copies them into an EngineStats snapshot (under its stats mutex) for other threads.
 #include <algorithm>
 #include <cstdint>
 #include <utility>
@@ -37,6 +37,19 @@ class Histogram {
   std::vector<uint64_t> counts_;  // per bucket; the last one is +Inf
   double sum_ = 0;
   uint64_t count_ = 0;
+};
+
+struct EngineMetrics {
+  Histogram time_to_first_token{Histogram::default_buckets()};
+  Histogram inter_token_latency{Histogram::token_buckets()};
+  Histogram request_latency{Histogram::default_buckets()};  // submit to the end, finished ones
+  uint64_t finished = 0;
+  uint64_t cancelled = 0;
+  uint64_t rejected = 0;
+  uint64_t failed = 0;  // ended by an error inside a step
+  uint64_t prompt_tokens = 0;
+  uint64_t generation_tokens = 0;
+  uint64_t steps = 0;
 };
 
 }  // namespace pmkv

@@ -35,6 +35,7 @@ enum class StreamEnd {
   kCancelled,  // by the client (cancel()) or the deadline
   kRejected,   // never admitted: the prompt cannot fit (error says why)
   kShutdown,   // the server stopped before the request finished
+  kError,      // an internal error inside the engine ended it (error says what; a 500)
 };
 
 // One batch of news for a request. A stream's updates, concatenated, carry every token once;
@@ -43,7 +44,7 @@ struct StreamUpdate {
   std::vector<TokenEvent> tokens;
   std::optional<StreamEnd> end;
   std::optional<FinishReason> finish_reason;  // with end == kFinished
-  std::string error;                          // with kRejected / kShutdown
+  std::string error;                          // with kRejected / kShutdown / kError
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;              // so far
 };

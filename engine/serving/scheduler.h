@@ -11,7 +11,8 @@
 //     (prompt + max_tokens) fit the pool; overcommit: while the first chunk's pages are free.
 // A chunk that does not fit the free pages shrinks. A running sequence that cannot get even one
 // token is starved; then, overcommit: if demotion across sequences can free the pages, the plan
-// asks build() to demote (the pages come back after the step; the starved wait one step), else
+// asks build() to demote (the pages come back after the step; the starved wait one step; when
+// nothing else runs, the step carries only the demotion ops: a batch of no tokens), else
 // the newest running sequences are preempted (their pages freed, they go back to the front of the
 // waiting queue to be recomputed) until the rest fits. Guaranteed never preempts, except when
 // budgets raised at run time leave no running sequence able to step.
@@ -19,6 +20,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +32,13 @@
 #include "engine/serving/serving_engine.h"
 
 namespace pmkv {
+
+// Worst-case pages of one sequence of `len` tokens under `budgets` (empty: none): per layer
+// min(budget pages, pages at 16 bits) plus the transient pages of one step (a decode token's
+// window page and, when flushes can requantize, the body pages a flush takes before the window
+// pages it empties return at end_step()).
+int64_t worst_case_pages(const kv::KvCacheConfig& config, const kv::PageGeometry& geometry,
+                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len);
 
 struct ScheduledChunk {
   Sequence* seq;
@@ -44,6 +53,9 @@ struct StepPlan {
   // Never admitted: the request cannot fit the pool even alone (the string says why).
   std::vector<std::pair<std::unique_ptr<Sequence>, std::string>> rejected;
   int32_t num_tokens() const;
+  // Nothing to run: no chunk and no demotion (a plan may demote without a chunk: its step runs
+  // only the demotion ops).
+  bool empty() const { return chunks.empty() && pressure_pages == 0; }
 };
 
 class Scheduler {
@@ -53,7 +65,8 @@ class Scheduler {
   // Queues a new request at the back of the waiting queue.
   void add(std::unique_ptr<Sequence> seq);
   // Removes every sequence (waiting or running) for which `pred` holds, freeing its pages.
-  std::vector<std::unique_ptr<Sequence>> remove_if(const std::function<bool(const Sequence&)>& pred);
+  std::vector<std::unique_ptr<Sequence>> remove_if(
+      const std::function<bool(const Sequence&)>& pred);
   // Removes every sequence, freeing its pages.
   std::vector<std::unique_ptr<Sequence>> remove_all();
   // Plans the next step (may preempt and reject; see above).
@@ -82,9 +95,7 @@ class Scheduler {
   int64_t reserved_pages() const { return reserved_total_; }
 
  private:
-  bool guaranteed() const {
-    return config_.admission == SchedulerConfig::Admission::kGuaranteed;
-  }
+  bool guaranteed() const { return config_.admission == SchedulerConfig::Admission::kGuaranteed; }
   // The largest n <= want whose pages fit `free`, or 0.
   int32_t fit(const Sequence& s, int32_t want, int64_t free) const;
   // Plans the running sequences; returns the starved ones' pages (0: none starved).

@@ -43,8 +43,8 @@ struct Sequence {
   std::shared_ptr<RequestStream> stream;
   std::vector<int32_t> tokens;  // prompt ++ generated
   int32_t num_prompt;
-  int32_t num_computed = 0;     // tokens in the KV cache
-  int64_t reserved_pages = 0;   // guaranteed admission: the worst-case pages held for it
+  int32_t num_computed = 0;    // tokens in the KV cache
+  int64_t reserved_pages = 0;  // guaranteed admission: the worst-case pages held for it
   int32_t num_preemptions = 0;
   Sampler sampler;
   std::optional<IncrementalDetokenizer> detok;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/common/error.h"
 #include "engine/kv/kv_cache_manager.h"
 #include "engine/kv/kv_config.h"
 #include "engine/model/model_config.h"
@@ -50,7 +51,10 @@ struct HistogramSnapshot {
 struct EngineStats {
   int32_t requests_running = 0;
   int32_t requests_waiting = 0;
-  uint64_t requests_finished_total = 0;
+  uint64_t requests_finished_total = 0;   // ended with end == kFinished
+  uint64_t requests_cancelled_total = 0;  // kCancelled (client or deadline)
+  uint64_t requests_rejected_total = 0;   // kRejected
+  uint64_t requests_failed_total = 0;     // kError
   uint64_t prompt_tokens_total = 0;
   uint64_t generation_tokens_total = 0;
   uint64_t preemptions_total = 0;
@@ -60,6 +64,14 @@ struct EngineStats {
   HistogramSnapshot inter_token_latency;
   HistogramSnapshot request_latency;
   std::string budgets_source;  // "none", "uniform", "file:PATH", "runtime"
+};
+
+// What submit() throws when the request is fine but the engine cannot take it now (the queue is
+// full, or the server is shutting down): a 503 rather than a 400. Other request errors are plain
+// InvalidArgument.
+class Unavailable : public InvalidArgument {
+ public:
+  using InvalidArgument::InvalidArgument;
 };
 
 class ServingEngine {
@@ -75,7 +87,8 @@ class ServingEngine {
   void start();
   // Thread-safe. Validates the request (InvalidArgument with a message fit for a 400: empty
   // prompt, ids outside the vocabulary, prompt + max_tokens beyond the context, invalid params,
-  // queue full) and queues it. The stream's first update may come at any time after.
+  // queue full) and queues it. The stream's first update may come at any time after. Throws
+  // Unavailable (an InvalidArgument) when the queue is full or the server is shutting down.
   std::shared_ptr<RequestStream> submit(EngineRequest request);
   // Thread-safe snapshot.
   EngineStats stats() const;

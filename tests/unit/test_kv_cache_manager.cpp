@@ -285,3 +285,81 @@ TEST_CASE("kv manager: planned ops on a real pool keep every token's values", "[
   }
   CHECK(m.seq_stats(1).demotions > 0);
 }
+
+TEST_CASE("kv manager: demote_for_pressure frees pages across sequences, values kept",
+          "[kv][manager][pressure]") {
+  const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
+  std::mt19937 rng(policy == DemotionPolicy::kBlock ? 31 : 32);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  KvCacheConfig c;
+  c.policy = policy;
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  const PageGeometry g{1, 16, 4};  // 16-bit pages hold 4 tokens
+  const int32_t width = g.num_kv_heads * g.head_dim;
+  KvCacheManager m(2, g, 64, c);
+  std::vector<std::byte> bytes(64 * page_bytes(g), std::byte{0});
+  const cpu::KvPoolView pool{bytes.data(), page_bytes(g), g};
+  std::map<SeqId, std::vector<float>> exact;  // per sequence: K of layer 0, V = -K
+  auto fill = [&](SeqId id, int32_t n) {
+    auto ops = ops_for(m);
+    auto w = writes_for(m);
+    REQUIRE(m.append(id, n, &ops, &w) == AppendStatus::kOk);
+    std::vector<float> k(n * width), v(n * width);
+    for (float& x : k)
+      x = dist(rng);
+    for (size_t i = 0; i < k.size(); ++i)
+      v[i] = -k[i];
+    for (int32_t l = 0; l < 2; ++l)
+      cpu::write_kv_slots(pool, w[l], n, k.data(), width, v.data(), width);
+    m.end_step();
+    exact[id].insert(exact[id].end(), k.begin(), k.end());
+  };
+  fill(1, 1 + 16);  // sink + 4 full body pages per layer
+  fill(2, 1 + 8);   // sink + 2
+  CHECK(m.pressure_demotable_pages() == 2 * (2 + 1));
+  const int32_t used = m.pool().num_used();
+  auto ops = ops_for(m);
+  // One page wanted: the sequence with the most 16-bit body pages (1) gives its first layer.
+  const int32_t freed = m.demote_for_pressure(1, &ops);
+  CHECK(freed == 2);
+  REQUIRE(ops.layers[0].demote_waves.size() == 1);
+  CHECK(ops.layers[1].demote_waves.empty());
+  for (const auto& wave : ops.layers[0].demote_waves) {
+    for (const DemoteOp& op : wave)
+      cpu::apply_demote(pool, op);
+  }
+  m.end_step();
+  CHECK(m.pool().num_used() == used - 2);
+  CHECK(token_bits(m.table(1, 0)) ==
+        std::vector<int>{16, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8});
+  CHECK(token_bits(m.table(1, 1))[1] == 16);
+  CHECK(m.seq_stats(1).demotions == 2);
+  // Layer 0 of sequence 1 reads back within 8-bit precision.
+  std::vector<float> rk(17 * width), rv(17 * width);
+  cpu::read_kv(pool, m.table(1, 0), 17, rk.data(), rv.data());
+  for (int32_t i = 0; i < 17 * width; ++i) {
+    CHECK(std::abs(rk[i] - exact[1][i]) < 0.05f);
+    CHECK(std::abs(rv[i] + exact[1][i]) < 0.05f);
+  }
+  // Asking for everything demotes every body one step; at the floor nothing is left.
+  int32_t total = 0;
+  for (int round = 0; round < 8; ++round) {
+    auto more = ops_for(m);
+    total += m.demote_for_pressure(1000, &more);
+    m.end_step();
+  }
+  CHECK(m.pressure_demotable_pages() == 0);
+  for (SeqId id : {SeqId{1}, SeqId{2}}) {
+    for (int32_t l = 0; l < 2; ++l) {
+      const auto bits = token_bits(m.table(id, l));
+      CHECK(bits.front() == 16);  // the sink stays
+      for (size_t i = 1; i < bits.size(); ++i)
+        CHECK(bits[i] >= c.floor_bits);
+    }
+  }
+  CHECK(total > 0);
+  m.release(1);
+  m.release(2);
+  CHECK(m.pool().num_used() == 0);
+}

@@ -1,0 +1,39 @@
+#pragma once
+// OutputProcessor: what happens to a sequence after a step, on the engine thread: sampling from
+// its logits row (log-probabilities from the raw logits first), the detokenizer and the stop
+// checker, the StreamUpdate pushed to its stream, and the latency metrics.
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/serving/metrics.h"
+#include "engine/serving/sequence.h"
+
+namespace pmkv {
+
+class OutputProcessor {
+ public:
+  using Clock = Sequence::Clock;
+  explicit OutputProcessor(EngineMetrics& metrics) : metrics_(metrics) {}
+
+  // Samples the next token from `logits` (the sequence's raw row, rewritten in place), streams it
+  // with its text; true when the sequence finished (the update carried end = kFinished).
+  bool on_logits(Sequence& s, std::span<float> logits, Clock::time_point now);
+  // Floor action: the KV budget cannot hold `s` even at the floor bits. With `logits` (the step
+  // sampled it) one last token is streamed first; the stream ends with finish reason "length"
+  // (or "stop" when that token stops it). Without logits (a prompt chunk) the text still held
+  // back has no token to travel with and is dropped.
+  void on_floor(Sequence& s, std::span<float> logits, Clock::time_point now);
+  // Ends the stream for a reason outside the sequence (kCancelled, kRejected, kShutdown, kError).
+  void end(Sequence& s, StreamEnd end, std::string error, Clock::time_point now);
+
+ private:
+  TokenEvent sample(Sequence& s, std::span<float> logits);
+  std::string detokenize(Sequence& s, int32_t token);
+  void push(Sequence& s, StreamUpdate u, Clock::time_point now);
+
+  EngineMetrics& metrics_;
+  std::vector<float> raw_;  // scratch: the raw logits row when log-probabilities are asked for
+};
+
+}  // namespace pmkv

@@ -1,0 +1,232 @@
+#include "engine/serving/scheduler.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace pmkv {
+
+int64_t worst_case_pages(const kv::KvCacheConfig& c, const kv::PageGeometry& g,
+                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len) {
+  const int64_t p16 = kv::pages_for_uniform(c, g, len, 16);
+  const int64_t page_bytes = kv::page_bytes(g);
+  int64_t slack = 1;
+  if ((!budgets.empty() || c.init_bits != 16) && c.bit_ladder.size() > 1) {
+    const int64_t cap = kv::tokens_per_page(g, c.bit_ladder[1]);
+    slack += (c.window_tokens + cap - 1) / cap + 1;
+  }
+  int64_t total = 0;
+  for (int32_t l = 0; l < num_layers; ++l) {
+    const int64_t held = budgets.empty() ? p16 : std::min(budgets[l] / page_bytes, p16);
+    total += held + slack;
+  }
+  return total;
+}
+
+int32_t StepPlan::num_tokens() const {
+  int32_t n = 0;
+  for (const ScheduledChunk& c : chunks)
+    n += c.num_tokens;
+  return n;
+}
+
+Scheduler::Scheduler(kv::KvCacheManager& kv, SchedulerConfig config) : kv_(kv), config_(config) {}
+
+void Scheduler::add(std::unique_ptr<Sequence> seq) {
+  waiting_.push_back(std::move(seq));
+}
+
+std::vector<std::unique_ptr<Sequence>> Scheduler::remove_if(
+    const std::function<bool(const Sequence&)>& pred) {
+  std::vector<std::unique_ptr<Sequence>> out;
+  for (auto it = running_.begin(); it != running_.end();) {
+    if (!pred(**it)) {
+      ++it;
+      continue;
+    }
+    kv_.release((*it)->id);
+    unreserve(**it);
+    out.push_back(std::move(*it));
+    it = running_.erase(it);
+  }
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    if (!pred(**it)) {
+      ++it;
+      continue;
+    }
+    out.push_back(std::move(*it));  // waiting sequences hold no pages
+    it = waiting_.erase(it);
+  }
+  return out;
+}
+
+std::vector<std::unique_ptr<Sequence>> Scheduler::remove_all() {
+  return remove_if([](const Sequence&) { return true; });
+}
+
+int32_t Scheduler::fit(const Sequence& s, int32_t want, int64_t free) const {
+  if (want <= 0) return 0;
+  if (kv_.pages_needed(s.id, want) <= free) return want;
+  // pages_needed grows with n: the largest n that fits, by bisection (0 always fits).
+  int32_t lo = 0, hi = want;
+  while (hi - lo > 1) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    (kv_.pages_needed(s.id, mid) <= free ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+int64_t Scheduler::plan_running(StepPlan& plan, int32_t& budget, int64_t& free) {
+  int64_t starved = 0;
+  for (const bool decode_pass : {true, false}) {
+    for (const auto& s : running_) {
+      const int32_t remaining = s->num_tokens() - s->num_computed;
+      if ((remaining == 1) != decode_pass) continue;
+      if (budget == 0) break;
+      const int32_t n = fit(*s, std::min({remaining, config_.prefill_chunk, budget}), free);
+      if (n == 0) {
+        starved += kv_.pages_needed(s->id, 1);
+        continue;
+      }
+      free -= kv_.pages_needed(s->id, n);
+      budget -= n;
+      plan.chunks.push_back({s.get(), n, s->num_computed + n == s->num_tokens()});
+    }
+  }
+  return starved;
+}
+
+void Scheduler::admit(StepPlan& plan, int32_t& budget, int64_t& free) {
+  const int64_t pool = kv_.pool().num_pages();
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < config_.max_running) {
+    Sequence& s = *waiting_.front();
+    const int64_t worst = worst_case_pages(s.max_len());
+    if (worst > pool) {
+      plan.rejected.emplace_back(
+          std::move(waiting_.front()),
+          "the request needs " + std::to_string(worst) + " KV pages at its full length of " +
+              std::to_string(s.max_len()) + " tokens (prompt + max_tokens); the pool has " +
+              std::to_string(pool) + " (kv_cache.memory)");
+      waiting_.pop_front();
+      continue;
+    }
+    if (guaranteed() && reserved_total_ + worst > pool) break;
+    const int32_t remaining = s.num_tokens() - s.num_computed;
+    const int32_t n = fit(s, std::min({remaining, config_.prefill_chunk, budget}), free);
+    if (n == 0) break;
+    free -= kv_.pages_needed(s.id, n);
+    budget -= n;
+    if (guaranteed()) {
+      s.reserved_pages = worst;
+      reserved_total_ += worst;
+    }
+    plan.chunks.push_back({&s, n, s.num_computed + n == s.num_tokens()});
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+}
+
+StepPlan Scheduler::schedule() {
+  StepPlan plan;
+  for (;;) {
+    plan.chunks.clear();
+    int32_t budget = config_.max_step_tokens;
+    int64_t free = kv_.pool().num_free();
+    const int64_t starved = plan_running(plan, budget, free);
+    if (starved == 0) {
+      admit(plan, budget, free);
+      return plan;
+    }
+    // Some running sequence cannot take even one token this step.
+    if (guaranteed() && !plan.chunks.empty()) return plan;  // the others free pages for it
+    if (!guaranteed() && kv_.pressure_demotable_pages() >= starved - free) {
+      // Demote now, run the starved next step (a step of demotion ops only when none fits now).
+      plan.pressure_pages = static_cast<int32_t>(starved - free);
+      return plan;
+    }
+    if (running_.size() == 1) {
+      // Alone and still not fitting: it can never run (only when budgets changed at run time).
+      auto s = finish(running_.front().get());
+      plan.rejected.emplace_back(std::move(s), "the request no longer fits the KV pool");
+      return plan;
+    }
+    if (guaranteed()) {
+      spdlog::warn(
+          "scheduler: no running sequence fits the KV pool (budgets raised at run time?); "
+          "preempting the newest");
+    }
+    preempt_newest();
+    ++plan.num_preempted;
+  }
+}
+
+void Scheduler::preempt_newest() {
+  std::unique_ptr<Sequence> s = std::move(running_.back());
+  running_.pop_back();
+  kv_.release(s->id);
+  unreserve(*s);
+  spdlog::debug("scheduler: preempting request {} ({} tokens) for recompute", s->request.request_id,
+                s->num_tokens());
+  s->num_computed = 0;
+  ++s->num_preemptions;
+  ++preemptions_total_;
+  waiting_.push_front(std::move(s));
+}
+
+StepBatch Scheduler::build(const StepPlan& plan) {
+  chunks_.clear();
+  for (const ScheduledChunk& c : plan.chunks) {
+    chunks_.push_back({c.seq->id,
+                       std::span(c.seq->tokens).subspan(c.seq->num_computed, c.num_tokens),
+                       c.sample ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone});
+  }
+  std::optional<StepBatch> b = build_step(kv_, chunks_);
+  if (!b) throw std::logic_error("Scheduler: the planned step does not fit the KV pool");
+  if (plan.pressure_pages > 0) {
+    const int32_t freed = kv_.demote_for_pressure(plan.pressure_pages, &b->kv_ops);
+    spdlog::debug("scheduler: KV pool pressure: demoting frees {} of {} pages wanted", freed,
+                  plan.pressure_pages);
+    refresh_page_tables(kv_, chunks_, *b);
+  }
+  return std::move(*b);
+}
+
+void Scheduler::commit(const StepPlan& plan) {
+  for (const ScheduledChunk& c : plan.chunks)
+    c.seq->num_computed += c.num_tokens;
+}
+
+std::unique_ptr<Sequence> Scheduler::finish(Sequence* seq) {
+  const auto it =
+      std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
+  if (it == running_.end()) throw std::logic_error("Scheduler::finish: not a running sequence");
+  std::unique_ptr<Sequence> s = std::move(*it);
+  running_.erase(it);
+  kv_.release(s->id);
+  unreserve(*s);
+  return s;
+}
+
+int64_t Scheduler::worst_case_pages(int64_t len) const {
+  return pmkv::worst_case_pages(kv_.config(), kv_.geometry(), kv_.layer_budgets(), kv_.num_layers(),
+                                len);
+}
+
+void Scheduler::set_layer_budgets(std::vector<int64_t> budgets) {
+  kv_.set_layer_budgets(std::move(budgets));
+  if (!guaranteed()) return;
+  reserved_total_ = 0;
+  for (const auto& s : running_) {
+    s->reserved_pages = worst_case_pages(s->max_len());
+    reserved_total_ += s->reserved_pages;
+  }
+}
+
+void Scheduler::unreserve(Sequence& s) {
+  reserved_total_ -= s.reserved_pages;
+  s.reserved_pages = 0;
+}
+
+}  // namespace pmkv

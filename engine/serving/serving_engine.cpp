@@ -1,0 +1,475 @@
+#include "engine/serving/serving_engine.h"
+
+#include <omp.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/runtime/local_model.h"
+#include "engine/serving/metrics.h"
+#include "engine/serving/output_processor.h"
+#include "engine/serving/scheduler.h"
+
+namespace pmkv {
+
+namespace {
+
+using Clock = Sequence::Clock;
+
+void validate_scheduler(const SchedulerConfig& c) {
+  auto positive = [](int32_t v, const char* key) {
+    if (v <= 0) {
+      throw InvalidArgument(std::string("scheduler.") + key + ": must be a positive integer, got " +
+                            std::to_string(v));
+    }
+  };
+  positive(c.max_running, "max_running");
+  positive(c.max_step_tokens, "max_step_tokens");
+  positive(c.prefill_chunk, "prefill_chunk");
+  positive(c.max_waiting, "max_waiting");
+}
+
+std::string directory_name(const std::filesystem::path& dir) {
+  const std::filesystem::path p = dir.lexically_normal();
+  return p.has_filename() ? p.filename().string() : p.parent_path().filename().string();
+}
+
+std::string mib(int64_t bytes) {
+  return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
+}
+
+}  // namespace
+
+struct ServingEngine::Impl {
+  Impl(const std::filesystem::path& dir, EngineOptions o);
+
+  // Any thread ------------------------------------------------------------------------------
+  std::shared_ptr<RequestStream> submit(EngineRequest r);
+  void validate(const EngineRequest& r) const;
+  void log_plan(int64_t full_length_pages) const;
+  void shutdown(std::chrono::milliseconds grace);
+
+  // The engine thread -----------------------------------------------------------------------
+  void run();
+  bool take_inbox();  // true: time to stop
+  bool step();
+  void run_plan(const StepPlan& plan);
+  void process_outputs(const StepPlan& plan, const StepBatch& batch);
+  void publish(bool full);
+  void wait_for_work();
+
+  // Fixed after construction.
+  EngineOptions options;
+  LocalModel model;
+  std::string name;
+  int32_t max_len = 0;
+  std::unique_ptr<CpuBackend> backend;
+  std::unique_ptr<kv::KvCacheManager> kv;
+  int64_t num_pages = 0;
+
+  // Engine thread only.
+  std::unique_ptr<Scheduler> scheduler;
+  EngineMetrics metrics;
+  OutputProcessor outputs{metrics};
+  std::vector<float> logits;
+  kv::KvPoolStats kv_stats;
+  Clock::time_point kv_stats_at{};
+  std::string budgets_source;
+
+  // The submit seam (mu).
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::unique_ptr<Sequence>> inbox;
+  std::optional<std::vector<int64_t>> new_budgets;
+  std::vector<int64_t> budgets;  // the latest budgets, for submit()'s size check
+  bool stopping = false;
+  Clock::time_point grace_end{};
+  std::atomic<int32_t> num_waiting{0};
+  std::atomic<uint64_t> next_id{1};
+
+  // The stats seam (stats_mu).
+  mutable std::mutex stats_mu;
+  EngineStats snapshot;
+
+  std::mutex thread_mu;  // start() / shutdown()
+  std::thread thread;
+};
+
+ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
+    : options(std::move(o)),
+      model(LocalModel::open(dir, {.num_threads = options.num_threads, .kv = options.kv})),
+      name(directory_name(dir)) {
+  validate_scheduler(options.scheduler);
+  const int64_t context = model.config.max_position_embeddings;
+  if (options.max_model_len < 0 || (context > 0 && options.max_model_len > context)) {
+    throw InvalidArgument("engine.max_model_len: " + std::to_string(options.max_model_len) +
+                          " is outside [0, " + std::to_string(context) +
+                          "] (the model's max_position_embeddings; 0 = that)");
+  }
+  max_len = static_cast<int32_t>(options.max_model_len > 0 ? options.max_model_len : context);
+  if (max_len <= 0) {
+    throw InvalidArgument(
+        "engine.max_model_len: the model's config.json gives no "
+        "max_position_embeddings; set the context length");
+  }
+  const kv::PageGeometry& g = model.kv_geometry();
+  const int64_t page = kv::page_bytes(g);
+  num_pages = options.kv_memory_bytes / page;
+  const int32_t layers = static_cast<int32_t>(model.config.num_layers);
+  budgets = model.kv_budgets();
+  const int64_t one = worst_case_pages(options.kv, g, budgets, layers, max_len);
+  if (num_pages < one || num_pages > INT32_MAX) {
+    throw InvalidArgument(fmt::format(
+        "kv_cache.memory: {} bytes hold {} pages of {} bytes; one sequence of max_model_len {} "
+        "tokens needs {} pages ({} bytes){}: raise kv_cache.memory or lower engine.max_model_len",
+        options.kv_memory_bytes, num_pages, page, max_len, one, one * page,
+        num_pages > INT32_MAX ? " and the pool is limited to 2^31 pages" : ""));
+  }
+  backend =
+      std::make_unique<CpuBackend>(model.config, model.weights, g, static_cast<int32_t>(num_pages),
+                                   CpuBackendOptions{options.num_threads});
+  if (!model.key_scales().empty()) backend->fold_key_scales(model.key_scales());
+  kv = std::make_unique<kv::KvCacheManager>(layers, g, static_cast<int32_t>(num_pages), options.kv,
+                                            budgets);
+  scheduler = std::make_unique<Scheduler>(*kv, options.scheduler);
+  budgets_source = options.kv.budget_file ? "file:" + options.kv.budget_file->string()
+                   : budgets.empty()      ? "none"
+                                          : "uniform";
+  log_plan(one);
+  publish(true);
+}
+
+void ServingEngine::Impl::log_plan(int64_t full_length_pages) const {
+  const kv::PageGeometry& g = kv->geometry();
+  const int64_t page = kv->page_bytes();
+  spdlog::info("engine: model {} ({} layers, context {}), weights {} (fp32, cpu)", name,
+               kv->num_layers(), max_len, mib(backend->weight_bytes()));
+  spdlog::info(
+      "engine: KV pool {} pages of {} bytes = {}; a page holds {}/{}/{}/{} tokens at "
+      "16/8/4/2 bits; budgets: {}",
+      num_pages, page, mib(num_pages * page), kv::tokens_per_page(g, 16), kv::tokens_per_page(g, 8),
+      kv::tokens_per_page(g, 4), kv::tokens_per_page(g, 2), budgets_source);
+  spdlog::info(
+      "engine: a full-length sequence ({} tokens) needs at most {} pages: {} fit at once; "
+      "admission {}",
+      max_len, full_length_pages, num_pages / full_length_pages,
+      options.scheduler.admission == SchedulerConfig::Admission::kGuaranteed ? "guaranteed"
+                                                                             : "overcommit");
+}
+
+void ServingEngine::Impl::validate(const EngineRequest& r) const {
+  r.params.validate();
+  const int64_t vocab = model.config.vocab_size;
+  if (r.prompt_ids.empty()) throw InvalidArgument("the prompt is empty");
+  for (int32_t id : r.prompt_ids) {
+    if (id < 0 || id >= vocab) {
+      throw InvalidArgument("prompt token id " + std::to_string(id) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    }
+  }
+  if (!model.tokenizer && !r.params.stop.empty()) {
+    throw InvalidArgument("stop strings need a tokenizer; the model has none");
+  }
+  if (r.logprobs < -1 || r.logprobs > vocab) {
+    throw InvalidArgument("logprobs must be in [-1, " + std::to_string(vocab) + "], got " +
+                          std::to_string(r.logprobs));
+  }
+  const int64_t prompt = static_cast<int64_t>(r.prompt_ids.size());
+  if (prompt + r.params.max_tokens > max_len) {
+    throw InvalidArgument("the prompt (" + std::to_string(prompt) + " tokens) plus max_tokens (" +
+                          std::to_string(r.params.max_tokens) + ") exceed the context of " +
+                          std::to_string(max_len) + " tokens");
+  }
+}
+
+std::shared_ptr<RequestStream> ServingEngine::Impl::submit(EngineRequest r) {
+  validate(r);
+  auto stream = std::make_shared<RequestStream>();
+  const kv::SeqId id = next_id.fetch_add(1);
+  if (r.request_id.empty()) r.request_id = "req-" + std::to_string(id);
+  const int64_t len = static_cast<int64_t>(r.prompt_ids.size()) + r.params.max_tokens;
+  const Tokenizer* tok = model.tokenizer ? &*model.tokenizer : nullptr;
+  auto seq = std::make_unique<Sequence>(id, std::move(r), stream, tok, model.eos_ids, Clock::now());
+  {
+    std::lock_guard lock(mu);
+    if (stopping) throw Unavailable("server is shutting down");
+    const int64_t worst =
+        worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len);
+    if (worst > num_pages) {
+      throw InvalidArgument("the request needs " + std::to_string(worst) +
+                            " KV pages at its full length of " + std::to_string(len) +
+                            " tokens (prompt + max_tokens); the pool has " +
+                            std::to_string(num_pages));
+    }
+    const int64_t queued = static_cast<int64_t>(inbox.size()) + num_waiting.load();
+    if (queued >= options.scheduler.max_waiting) {
+      throw Unavailable("the server is busy: " + std::to_string(queued) +
+                        " requests are waiting (scheduler.max_waiting)");
+    }
+    inbox.push_back(std::move(seq));
+  }
+  cv.notify_all();
+  return stream;
+}
+
+void ServingEngine::Impl::run() {
+  if (options.num_threads > 0) omp_set_num_threads(options.num_threads);  // per thread in OpenMP
+  for (;;) {
+    if (take_inbox()) break;
+    bool worked = false;
+    try {
+      worked = step();
+    } catch (const std::exception& e) {
+      // A bug outside one step's requests: end everything rather than spin on it.
+      spdlog::error("engine: {}; ending every request", e.what());
+      for (auto& s : scheduler->remove_all()) {
+        outputs.end(*s, StreamEnd::kError, std::string("internal error: ") + e.what(),
+                    Clock::now());
+      }
+    }
+    publish(!worked);
+    if (!worked) wait_for_work();
+  }
+  for (auto& s : scheduler->remove_all()) {
+    outputs.end(*s, StreamEnd::kShutdown, "the server is shutting down", Clock::now());
+  }
+  publish(true);
+}
+
+bool ServingEngine::Impl::take_inbox() {
+  std::deque<std::unique_ptr<Sequence>> in;
+  std::optional<std::vector<int64_t>> b;
+  bool stop = false;
+  {
+    std::lock_guard lock(mu);
+    in.swap(inbox);
+    b.swap(new_budgets);
+    stop = stopping &&
+           (Clock::now() >= grace_end || (inbox.empty() && scheduler->empty() && in.empty()));
+  }
+  if (b) {
+    budgets_source = b->empty() ? "none" : "runtime";
+    scheduler->set_layer_budgets(std::move(*b));
+    spdlog::info("engine: KV budgets changed ({})", budgets_source);
+  }
+  for (auto& s : in)
+    scheduler->add(std::move(s));
+  num_waiting.store(scheduler->num_waiting());
+  return stop;
+}
+
+void ServingEngine::Impl::wait_for_work() {
+  std::unique_lock lock(mu);
+  auto ready = [&] { return !inbox.empty() || new_budgets || stopping; };
+  if (scheduler->empty()) {
+    cv.wait(lock, ready);
+  } else {
+    cv.wait_for(lock, std::chrono::milliseconds(2), ready);
+  }
+}
+
+bool ServingEngine::Impl::step() {
+  const Clock::time_point now = Clock::now();
+  auto gone = scheduler->remove_if([&](const Sequence& s) {
+    return s.stream->cancelled() || (s.request.deadline && now >= *s.request.deadline);
+  });
+  for (auto& s : gone)
+    outputs.end(*s, StreamEnd::kCancelled, "", now);
+  StepPlan plan = scheduler->schedule();
+  for (auto& [s, why] : plan.rejected) {
+    spdlog::warn("request {} rejected: {}", s->request.request_id, why);
+    outputs.end(*s, StreamEnd::kRejected, why, now);
+  }
+  if (plan.empty()) return !gone.empty() || !plan.rejected.empty();
+  run_plan(plan);
+  return true;
+}
+
+void ServingEngine::Impl::run_plan(const StepPlan& plan) {
+  StepBatch batch;
+  try {
+    batch = scheduler->build(plan);
+    logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
+    backend->forward(batch, logits);
+  } catch (const std::exception& e) {
+    scheduler->end_step();
+    spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
+    for (const ScheduledChunk& c : plan.chunks) {
+      outputs.end(*scheduler->finish(c.seq), StreamEnd::kError,
+                  std::string("internal error: ") + e.what(), Clock::now());
+    }
+    return;
+  }
+  scheduler->end_step();
+  scheduler->commit(plan);
+  ++metrics.steps;
+  process_outputs(plan, batch);
+}
+
+void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch& batch) {
+  const Clock::time_point now = Clock::now();
+  const size_t vocab = static_cast<size_t>(model.config.vocab_size);
+  std::vector<uint8_t> at_floor(plan.chunks.size(), 0);
+  for (int32_t k : batch.over_budget)
+    at_floor[k] = 1;
+  size_t row = 0;
+  for (size_t k = 0; k < plan.chunks.size(); ++k) {
+    Sequence& s = *plan.chunks[k].seq;
+    std::span<float> l;
+    if (plan.chunks[k].sample) l = std::span(logits).subspan(row++ * vocab, vocab);
+    bool done = true;
+    try {
+      if (at_floor[k]) {
+        outputs.on_floor(s, l, now);
+      } else {
+        done = !l.empty() && outputs.on_logits(s, l, now);
+      }
+    } catch (const std::exception& e) {
+      spdlog::error("request {}: {}", s.request.request_id, e.what());
+      outputs.end(s, StreamEnd::kError, std::string("internal error: ") + e.what(), now);
+    }
+    if (done) scheduler->finish(&s);
+  }
+}
+
+void ServingEngine::Impl::publish(bool full) {
+  const Clock::time_point now = Clock::now();
+  // The per-bits breakdown walks every page: at most every 100 ms, and whenever the engine idles.
+  if (full || now - kv_stats_at >= std::chrono::milliseconds(100)) {
+    kv_stats = kv->pool_stats();
+    kv_stats_at = now;
+  } else {
+    kv_stats.pages_used = kv->pool().num_used();
+    kv_stats.pages_peak = kv->pool().peak_used();
+    kv_stats.num_sequences = kv->num_sequences();
+  }
+  EngineStats st;
+  st.requests_running = scheduler->num_running();
+  st.requests_waiting = scheduler->num_waiting();
+  st.requests_finished_total = metrics.finished;
+  st.requests_cancelled_total = metrics.cancelled;
+  st.requests_rejected_total = metrics.rejected;
+  st.requests_failed_total = metrics.failed;
+  st.prompt_tokens_total = metrics.prompt_tokens;
+  st.generation_tokens_total = metrics.generation_tokens;
+  st.preemptions_total = scheduler->preemptions_total();
+  st.steps_total = metrics.steps;
+  st.kv = kv_stats;
+  st.time_to_first_token = metrics.time_to_first_token.snapshot();
+  st.inter_token_latency = metrics.inter_token_latency.snapshot();
+  st.request_latency = metrics.request_latency.snapshot();
+  st.budgets_source = budgets_source;
+  std::lock_guard lock(stats_mu);
+  snapshot = std::move(st);
+}
+
+void ServingEngine::Impl::shutdown(std::chrono::milliseconds grace) {
+  {
+    std::lock_guard lock(mu);
+    const Clock::time_point end = Clock::now() + grace;
+    grace_end = stopping ? std::min(grace_end, end) : end;
+    stopping = true;
+  }
+  cv.notify_all();
+  std::lock_guard lock(thread_mu);
+  if (thread.joinable()) {
+    thread.join();
+    return;
+  }
+  // Never started: what was queued ends here.
+  std::deque<std::unique_ptr<Sequence>> in;
+  {
+    std::lock_guard l(mu);
+    in.swap(inbox);
+  }
+  for (auto& s : in)
+    outputs.end(*s, StreamEnd::kShutdown, "the server is shutting down", Clock::now());
+}
+
+// ServingEngine ---------------------------------------------------------------------------------
+
+ServingEngine::ServingEngine(const std::filesystem::path& model_dir, EngineOptions options)
+    : impl_(std::make_unique<Impl>(model_dir, std::move(options))) {}
+
+ServingEngine::~ServingEngine() {
+  shutdown(std::chrono::milliseconds(0));
+}
+
+void ServingEngine::start() {
+  std::lock_guard lock(impl_->thread_mu);
+  {
+    std::lock_guard l(impl_->mu);
+    if (impl_->stopping) throw InvalidArgument("the engine was shut down");
+  }
+  if (!impl_->thread.joinable()) impl_->thread = std::thread([this] { impl_->run(); });
+}
+
+std::shared_ptr<RequestStream> ServingEngine::submit(EngineRequest request) {
+  return impl_->submit(std::move(request));
+}
+
+EngineStats ServingEngine::stats() const {
+  EngineStats st;
+  {
+    std::lock_guard lock(impl_->stats_mu);
+    st = impl_->snapshot;
+  }
+  std::lock_guard lock(impl_->mu);
+  st.requests_waiting += static_cast<int32_t>(impl_->inbox.size());
+  return st;
+}
+
+void ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
+  const int32_t layers = static_cast<int32_t>(impl_->model.config.num_layers);
+  const int64_t page = impl_->kv->page_bytes();
+  if (!per_layer_bytes.empty() && static_cast<int32_t>(per_layer_bytes.size()) != layers) {
+    throw InvalidArgument("KV budgets: " + std::to_string(per_layer_bytes.size()) +
+                          " entries for a model of " + std::to_string(layers) + " layers");
+  }
+  for (size_t l = 0; l < per_layer_bytes.size(); ++l) {
+    if (per_layer_bytes[l] < page) {
+      throw InvalidArgument(
+          "KV budget of layer " + std::to_string(l) + " (" + std::to_string(per_layer_bytes[l]) +
+          " bytes) is smaller than one page (" + std::to_string(page) + " bytes)");
+    }
+  }
+  {
+    std::lock_guard lock(impl_->mu);
+    impl_->budgets = per_layer_bytes;
+    impl_->new_budgets = std::move(per_layer_bytes);
+  }
+  impl_->cv.notify_all();
+}
+
+void ServingEngine::shutdown(std::chrono::milliseconds grace) {
+  impl_->shutdown(grace);
+}
+
+bool ServingEngine::accepting() const {
+  std::lock_guard lock(impl_->mu);
+  return !impl_->stopping;
+}
+
+const ModelConfig& ServingEngine::model_config() const {
+  return impl_->model.config;
+}
+
+const Tokenizer* ServingEngine::tokenizer() const {
+  return impl_->model.tokenizer ? &*impl_->model.tokenizer : nullptr;
+}
+
+int32_t ServingEngine::max_model_len() const {
+  return impl_->max_len;
+}
+
+const std::string& ServingEngine::model_name() const {
+  return impl_->name;
+}
+
+}  // namespace pmkv

@@ -1,0 +1,203 @@
+// Scheduler with a real KvCacheManager and a fake runner (no model): step plans, admission
+// modes, preemption and pressure demotion, and the pool invariant after every step.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+
+#include "engine/serving/scheduler.h"
+
+using namespace pmkv;
+
+namespace {
+
+const kv::PageGeometry kGeometry{2, 16, 16};  // 16-bit pages of 16 tokens
+constexpr int32_t kLayers = 2;
+
+std::unique_ptr<Sequence> make_seq(kv::SeqId id, int32_t prompt_len, int32_t max_tokens) {
+  EngineRequest r;
+  r.request_id = "r" + std::to_string(id);
+  for (int32_t i = 0; i < prompt_len; ++i)
+    r.prompt_ids.push_back(3 + i % 50);
+  r.params.max_tokens = max_tokens;
+  r.params.temperature = 0;
+  return std::make_unique<Sequence>(id, std::move(r), std::make_shared<RequestStream>(), nullptr,
+                                    std::span<const int32_t>{}, Sequence::Clock::now());
+}
+
+// The fake runner: one step of the plan; sampled tokens are 7; finished sequences leave.
+struct Harness {
+  kv::KvCacheManager kv;
+  Scheduler sched;
+  std::map<kv::SeqId, int32_t> done_len;  // finished sequences: their final length
+  int32_t max_running_seen = 0;
+
+  Harness(int32_t pages, kv::KvCacheConfig c, SchedulerConfig s)
+      : kv(kLayers, kGeometry, pages, c), sched(kv, s) {}
+
+  StepPlan step() {
+    StepPlan plan = sched.schedule();
+    for (auto& [s, why] : plan.rejected)
+      done_len[s->id] = -1;
+    if (plan.empty()) return plan;
+    StepBatch b = sched.build(plan);
+    REQUIRE(b.num_seqs() == static_cast<int32_t>(plan.chunks.size()));
+    sched.end_step();
+    sched.commit(plan);
+    max_running_seen = std::max(max_running_seen, sched.num_running());
+    for (const ScheduledChunk& c : plan.chunks) {
+      if (!c.sample) continue;
+      c.seq->tokens.push_back(7);
+      if (c.seq->num_generated() == c.seq->request.params.max_tokens) {
+        done_len[c.seq->id] = c.seq->num_tokens();
+        sched.finish(c.seq);
+      }
+    }
+    // The pool invariant: used pages == the live sequences' pages.
+    REQUIRE(kv.pool_stats().pages_used == kv.pool().num_used());
+    int32_t live = 0;
+    for (const auto& l : kv.pool_stats().layers)
+      live += l.pages;
+    REQUIRE(live == kv.pool().num_used());
+    return plan;
+  }
+  void run_to_end(int max_steps = 10000) {
+    for (int i = 0; i < max_steps && !sched.empty(); ++i)
+      step();
+    REQUIRE(sched.empty());
+    REQUIRE(kv.pool().num_used() == 0);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("scheduler: decode first, prompt chunks, token and sequence limits", "[scheduler]") {
+  SchedulerConfig s;
+  s.max_running = 3;
+  s.max_step_tokens = 20;
+  s.prefill_chunk = 8;
+  Harness h(1000, {}, s);
+  h.sched.add(make_seq(1, 30, 4));
+  h.sched.add(make_seq(2, 5, 4));
+  h.sched.add(make_seq(3, 3, 4));
+  h.sched.add(make_seq(4, 3, 4));
+  StepPlan p = h.step();
+  // FCFS: 8 tokens of #1, all 5 of #2 (sampled), 3 of #3; #4 waits for max_running.
+  REQUIRE(p.chunks.size() == 3);
+  CHECK(p.chunks[0].num_tokens == 8);
+  CHECK_FALSE(p.chunks[0].sample);
+  CHECK(p.chunks[1].num_tokens == 5);
+  CHECK(p.chunks[1].sample);
+  CHECK(p.chunks[2].num_tokens == 3);
+  CHECK(h.sched.num_waiting() == 1);
+  p = h.step();
+  // Decoders (#2, #3) first, then #1's next chunk.
+  REQUIRE(p.chunks.size() == 3);
+  CHECK(p.chunks[0].seq->id == 2);
+  CHECK(p.chunks[0].num_tokens == 1);
+  CHECK(p.chunks[1].seq->id == 3);
+  CHECK(p.chunks[2].seq->id == 1);
+  CHECK(p.chunks[2].num_tokens == 8);
+  CHECK(p.num_tokens() <= 20);
+  h.run_to_end();
+  CHECK(h.done_len[1] == 34);
+  CHECK(h.done_len[4] == 7);
+  CHECK(h.sched.preemptions_total() == 0);
+}
+
+TEST_CASE("scheduler: guaranteed admission queues what does not fit and never preempts",
+          "[scheduler]") {
+  kv::KvCacheConfig c;
+  c.window_tokens = 16;
+  SchedulerConfig s;
+  // prompt 8 + 24 tokens: 3 pages per layer + 1 transient = 8 pages; a 20-page pool holds 2.
+  const int64_t worst = worst_case_pages(c, kGeometry, {}, kLayers, 32);
+  REQUIRE(worst == 8);
+  Harness h(20, c, s);
+  for (kv::SeqId id = 1; id <= 6; ++id)
+    h.sched.add(make_seq(id, 8, 24));
+  h.step();
+  CHECK(h.sched.num_running() == 2);
+  CHECK(h.sched.reserved_pages() == 16);
+  h.run_to_end();
+  CHECK(h.max_running_seen == 2);
+  CHECK(h.sched.preemptions_total() == 0);
+  for (kv::SeqId id = 1; id <= 6; ++id)
+    CHECK(h.done_len[id] == 32);
+}
+
+TEST_CASE("scheduler: a request that cannot fit the pool alone is rejected", "[scheduler]") {
+  Harness h(12, {}, {});
+  h.sched.add(make_seq(1, 100, 100));  // 14 + 1 pages per layer at 200 tokens
+  h.sched.add(make_seq(2, 4, 4));
+  h.step();
+  CHECK(h.done_len[1] == -1);
+  CHECK(h.sched.num_running() == 1);
+  h.run_to_end();
+  CHECK(h.done_len[2] == 8);
+}
+
+TEST_CASE("scheduler: overcommit preempts the newest by recompute when demotion cannot help",
+          "[scheduler]") {
+  kv::KvCacheConfig c;
+  c.window_tokens = 16;
+  c.bit_ladder = {16};
+  c.floor_bits = 16;
+  SchedulerConfig s;
+  s.admission = SchedulerConfig::Admission::kOvercommit;
+  Harness h(24, c, s);
+  for (kv::SeqId id = 1; id <= 6; ++id)
+    h.sched.add(make_seq(id, 8, 56));
+  h.step();
+  CHECK(h.sched.num_running() == 6);  // 2 pages each at first
+  bool preempted_seen = false;
+  for (int i = 0; i < 10000 && !h.sched.empty(); ++i) {
+    preempted_seen |= h.step().num_preempted > 0;
+  }
+  CHECK(preempted_seen);
+  CHECK(h.sched.preemptions_total() > 0);
+  h.run_to_end();
+  for (kv::SeqId id = 1; id <= 6; ++id)
+    CHECK(h.done_len[id] == 64);
+}
+
+TEST_CASE("scheduler: overcommit demotes across sequences before it preempts", "[scheduler]") {
+  kv::KvCacheConfig c;
+  c.window_tokens = 16;
+  SchedulerConfig s;
+  s.admission = SchedulerConfig::Admission::kOvercommit;
+  Harness h(40, c, s);
+  for (kv::SeqId id = 1; id <= 4; ++id)
+    h.sched.add(make_seq(id, 8, 120));
+  bool pressure_seen = false;
+  uint64_t preempted_before_pressure = 0;
+  for (int i = 0; i < 10000 && !h.sched.empty(); ++i) {
+    const StepPlan p = h.step();
+    if (p.pressure_pages > 0 && !pressure_seen) {
+      pressure_seen = true;
+      preempted_before_pressure = h.sched.preemptions_total();
+    }
+  }
+  CHECK(pressure_seen);
+  CHECK(preempted_before_pressure == 0);
+  CHECK(h.kv.pool_stats().demotions_total > 0);
+  h.run_to_end();
+  for (kv::SeqId id = 1; id <= 4; ++id)
+    CHECK(h.done_len[id] == 128);
+}
+
+TEST_CASE("scheduler: remove_if frees the pages of running sequences", "[scheduler]") {
+  Harness h(100, {}, {});
+  h.sched.add(make_seq(1, 20, 50));
+  h.sched.add(make_seq(2, 20, 50));
+  h.step();
+  h.step();
+  CHECK(h.kv.pool().num_used() > 0);
+  auto gone = h.sched.remove_if([](const Sequence& s) { return s.id == 1; });
+  REQUIRE(gone.size() == 1);
+  CHECK(h.sched.num_running() == 1);
+  auto rest = h.sched.remove_all();
+  CHECK(rest.size() == 1);
+  CHECK(h.kv.pool().num_used() == 0);
+}

@@ -1,0 +1,323 @@
+// ServingEngine end to end on the CPU backend and the golden llama_gqa model (no tokenizer: ids
+// in, ids out): continuous batching against the offline Generator, seeded sampling, cancellation,
+// deadlines, both admission modes, preemption by recompute, the floor action, shutdown.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <thread>
+
+#include "engine/runtime/local_model.h"
+#include "engine/serving/serving_engine.h"
+
+using namespace pmkv;
+using namespace std::chrono_literals;
+
+namespace {
+
+const std::filesystem::path kModel =
+    std::filesystem::path(PMKV_SOURCE_DIR) / "tests/fixtures/golden/llama_gqa";
+
+struct Outcome {
+  std::vector<int32_t> ids;
+  std::optional<StreamEnd> end;
+  std::optional<FinishReason> finish;
+  int32_t completion_tokens = 0;
+  std::vector<TokenEvent> events;
+};
+
+Outcome collect(RequestStream& s) {
+  Outcome o;
+  while (auto u = s.next(20s)) {
+    for (const TokenEvent& t : u->tokens) {
+      o.ids.push_back(t.token_id);
+      o.events.push_back(t);
+    }
+    o.completion_tokens = u->completion_tokens;
+    if (u->end) {
+      o.end = u->end;
+      o.finish = u->finish_reason;
+      break;
+    }
+  }
+  return o;
+}
+
+EngineOptions options(int64_t kv_bytes = 16ll << 20) {
+  EngineOptions o;
+  o.num_threads = 1;
+  o.kv_memory_bytes = kv_bytes;
+  o.kv.window_tokens = 16;
+  return o;
+}
+
+EngineRequest request(std::vector<int32_t> prompt, int32_t max_tokens, float temperature = 0) {
+  EngineRequest r;
+  r.prompt_ids = std::move(prompt);
+  r.params.max_tokens = max_tokens;
+  r.params.temperature = temperature;
+  r.params.ignore_eos = true;
+  return r;
+}
+
+std::vector<int32_t> prompt_of(int i) {
+  std::vector<int32_t> p;
+  for (int j = 0; j < 1 + (i * 7) % 23; ++j)
+    p.push_back(3 + (i * 31 + j * 17) % 500);
+  return p;
+}
+
+std::vector<Outcome> run_all(ServingEngine& e, const std::vector<EngineRequest>& reqs) {
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (const EngineRequest& r : reqs)
+    streams.push_back(e.submit(r));
+  std::vector<Outcome> out;
+  for (auto& s : streams)
+    out.push_back(collect(*s));
+  return out;
+}
+
+// Stats are published after each step, after the step's streams got their updates: wait until
+// the pool is empty again and `done` holds.
+EngineStats settled(
+    const ServingEngine& e,
+    const std::function<bool(const EngineStats&)>& done = [](const EngineStats&) { return true; }) {
+  auto ready = [&](const EngineStats& st) {
+    return st.kv.pages_used == 0 && st.requests_running == 0 && done(st);
+  };
+  EngineStats st = e.stats();
+  for (int i = 0; i < 500 && !ready(st); ++i) {
+    std::this_thread::sleep_for(10ms);
+    st = e.stats();
+  }
+  return st;
+}
+
+std::vector<std::vector<int32_t>> offline_greedy(const std::vector<EngineRequest>& reqs) {
+  LocalModelOptions lo;
+  lo.num_threads = 1;
+  LocalModel m = LocalModel::open(kModel, lo);
+  std::vector<GenerationRequest> g;
+  for (const EngineRequest& r : reqs)
+    g.push_back({r.prompt_ids, r.params});
+  std::vector<std::vector<int32_t>> out;
+  for (const GenerationResult& r : m.generate(g))
+    out.push_back(r.output_ids);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("serving: 64 concurrent greedy requests equal the offline Generator",
+          "[serving][engine]") {
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 64; ++i)
+    reqs.push_back(request(prompt_of(i), 1 + (i * 13) % 40));
+  const auto expected = offline_greedy(reqs);
+  EngineOptions o = options();
+  o.scheduler.max_step_tokens = 48;  // prompts in chunks, mixed with decodes
+  o.scheduler.prefill_chunk = 5;
+  o.scheduler.max_running = 24;
+  ServingEngine e(kModel, o);
+  e.start();
+  const auto got = run_all(e, reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    INFO("request " << i);
+    CHECK(got[i].end == StreamEnd::kFinished);
+    CHECK(got[i].finish == FinishReason::kLength);
+    CHECK(got[i].completion_tokens == reqs[i].params.max_tokens);
+    CHECK(got[i].ids == expected[i]);
+  }
+  const EngineStats st =
+      settled(e, [](const EngineStats& x) { return x.requests_finished_total == 64; });
+  CHECK(st.kv.pages_used == 0);
+  CHECK(st.requests_finished_total == 64);
+  CHECK(st.time_to_first_token.count == 64);
+  CHECK(st.preemptions_total == 0);
+  e.shutdown(1s);
+}
+
+TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",
+          "[serving][engine]") {
+  EngineRequest a = request(prompt_of(3), 24, 0.9f);
+  a.params.seed = 1234;
+  a.params.top_k = 40;
+  ServingEngine e(kModel, options());
+  e.start();
+  const Outcome alone = run_all(e, {a}).front();
+  std::vector<EngineRequest> mixed;
+  for (int i = 0; i < 12; ++i) {
+    mixed.push_back(request(prompt_of(i + 10), 30, 1.0f));
+    mixed.back().params.seed = static_cast<uint64_t>(i);
+  }
+  mixed.insert(mixed.begin() + 5, a);
+  const Outcome crowded = run_all(e, mixed)[5];
+  CHECK(alone.ids.size() == 24);
+  CHECK(crowded.ids == alone.ids);
+}
+
+TEST_CASE("serving: log-probabilities come from the raw logits", "[serving][engine]") {
+  EngineRequest r = request(prompt_of(1), 6);
+  r.logprobs = 3;
+  ServingEngine e(kModel, options());
+  e.start();
+  const Outcome o = run_all(e, {r}).front();
+  REQUIRE(o.events.size() == 6);
+  for (const TokenEvent& t : o.events) {
+    REQUIRE(t.logprob.has_value());
+    REQUIRE(t.top_logprobs.size() == 3);
+    CHECK(t.top_logprobs[0].first == t.token_id);  // greedy: the most likely token
+    CHECK(t.top_logprobs[0].second == Approx(*t.logprob));
+    CHECK(*t.logprob <= 0.0f);
+  }
+}
+
+TEST_CASE("serving: cancel mid-stream frees the pages; a past deadline cancels",
+          "[serving][engine]") {
+  ServingEngine e(kModel, options());
+  e.start();
+  auto s = e.submit(request(prompt_of(2), 400));
+  RequestStream* raw = s.get();
+  std::atomic<int> updates{0};
+  // The notifier runs on the engine thread: cancelling from it after 3 updates is deterministic.
+  s->set_notifier([raw, &updates] {
+    if (++updates == 3) raw->cancel();
+  });
+  const Outcome o = collect(*s);
+  CHECK(o.end == StreamEnd::kCancelled);
+  CHECK(o.ids.size() >= 3);
+  CHECK(o.ids.size() < 400);
+  EngineRequest late = request(prompt_of(4), 50);
+  late.deadline = std::chrono::steady_clock::now() - 1ms;
+  const Outcome d = run_all(e, {late}).front();
+  CHECK(d.end == StreamEnd::kCancelled);
+  CHECK(d.ids.empty());
+  const EngineStats st =
+      settled(e, [](const EngineStats& x) { return x.requests_cancelled_total == 2; });
+  CHECK(st.kv.pages_used == 0);
+  CHECK(st.requests_cancelled_total == 2);
+}
+
+TEST_CASE("serving: guaranteed admission with a tiny pool queues and never preempts",
+          "[serving][engine]") {
+  // 40 pages: a sequence of up to 64 tokens needs at most 18 (6 per layer), so two run at once.
+  EngineOptions o = options(40 * 12288);
+  o.max_model_len = 64;
+  ServingEngine e(kModel, o);
+  e.start();
+  std::vector<EngineRequest> full;
+  for (int i = 0; i < 5; ++i)
+    full.push_back(request(prompt_of(i + 20), 40));
+  const auto expected = offline_greedy(full);
+  const auto got = run_all(e, full);
+  for (size_t i = 0; i < full.size(); ++i)
+    CHECK(got[i].ids == expected[i]);
+  const EngineStats st = settled(e);
+  CHECK(st.preemptions_total == 0);
+  CHECK(st.kv.pages_peak <= 36);
+  CHECK(st.kv.pages_used == 0);
+}
+
+TEST_CASE("serving: overcommit with a tiny pool preempts; recompute gives the same tokens",
+          "[serving][engine]") {
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    const auto p = prompt_of(i + 40);
+    reqs.push_back(request(p, 56 - static_cast<int32_t>(p.size())));
+  }
+  const auto expected = offline_greedy(reqs);
+  EngineOptions o = options(24 * 12288);
+  o.max_model_len = 64;
+  o.kv.bit_ladder = {16};  // nothing to demote: pressure goes straight to preemption
+  o.kv.floor_bits = 16;
+  o.scheduler.admission = SchedulerConfig::Admission::kOvercommit;
+  ServingEngine e(kModel, o);
+  e.start();
+  const auto got = run_all(e, reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    INFO("request " << i);
+    CHECK(got[i].end == StreamEnd::kFinished);
+    CHECK(got[i].ids == expected[i]);
+  }
+  const EngineStats st = settled(e);
+  CHECK(st.preemptions_total > 0);
+  CHECK(st.kv.pages_used == 0);
+}
+
+TEST_CASE("serving: overcommit demotes across sequences under pressure", "[serving][engine]") {
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 4; ++i)
+    reqs.push_back(request(prompt_of(i), 120));
+  EngineOptions o = options(40 * 12288);  // 4 x (up to 142 tokens) need up to 4 x 27 pages
+  o.max_model_len = 160;
+  o.scheduler.admission = SchedulerConfig::Admission::kOvercommit;
+  ServingEngine e(kModel, o);
+  e.start();
+  for (const Outcome& r : run_all(e, reqs)) {
+    CHECK(r.end == StreamEnd::kFinished);
+    CHECK(r.ids.size() == 120);
+  }
+  const EngineStats st = settled(e, [](const EngineStats& x) { return x.kv.demotions_total > 0; });
+  CHECK(st.kv.demotions_total > 0);
+  CHECK(st.kv.pages_used == 0);
+}
+
+TEST_CASE("serving: the floor action finishes with reason length", "[serving][engine]") {
+  EngineOptions o = options();
+  o.kv.floor_bits = 4;
+  o.kv.per_layer_bytes = 3 * 12288;  // sink + one 4-bit body page (64 tokens) + window
+  ServingEngine e(kModel, o);
+  e.start();
+  const Outcome r = run_all(e, {request(prompt_of(5), 300)}).front();
+  CHECK(r.end == StreamEnd::kFinished);
+  CHECK(r.finish == FinishReason::kLength);
+  CHECK(r.ids.size() < 200);
+  CHECK(r.completion_tokens == static_cast<int32_t>(r.ids.size()));
+  CHECK(settled(e).kv.pages_used == 0);
+}
+
+TEST_CASE("serving: submit validates; budgets update at run time", "[serving][engine]") {
+  ServingEngine e(kModel, options());
+  CHECK(e.model_name() == "llama_gqa");
+  CHECK(e.max_model_len() == 512);
+  CHECK(e.tokenizer() == nullptr);
+  CHECK_THROWS_AS(e.submit(request({}, 4)), InvalidArgument);
+  CHECK_THROWS_AS(e.submit(request({1, 512}, 4)), InvalidArgument);
+  CHECK_THROWS_AS(e.submit(request({1, 2}, 511)), InvalidArgument);
+  EngineRequest stop = request({1, 2}, 4);
+  stop.params.stop = {"x"};
+  CHECK_THROWS_AS(e.submit(stop), InvalidArgument);
+  CHECK_THROWS_AS(e.update_budgets({1, 2}), InvalidArgument);
+  CHECK_THROWS_AS(e.update_budgets({1, 2, 3}), InvalidArgument);
+  e.start();
+  e.update_budgets({8 * 12288, 8 * 12288, 8 * 12288});
+  const Outcome r = run_all(e, {request(prompt_of(6), 20)}).front();
+  CHECK(r.ids.size() == 20);
+  CHECK(settled(e).budgets_source == "runtime");
+}
+
+TEST_CASE("serving: shutdown lets requests finish within the grace, then ends the rest",
+          "[serving][engine]") {
+  {
+    ServingEngine e(kModel, options());
+    e.start();
+    auto s = e.submit(request(prompt_of(7), 10));
+    e.shutdown(10s);
+    CHECK(collect(*s).end == StreamEnd::kFinished);
+    CHECK_FALSE(e.accepting());
+    CHECK_THROWS_AS(e.submit(request(prompt_of(7), 10)), Unavailable);
+  }
+  ServingEngine e(kModel, options());
+  e.start();
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 4; ++i)
+    streams.push_back(e.submit(request(prompt_of(i), 480)));
+  REQUIRE(streams[0]->next(20s).has_value());  // running
+  e.shutdown(0ms);
+  for (auto& s : streams) {
+    const Outcome o = collect(*s);
+    CHECK(o.end == StreamEnd::kShutdown);
+  }
+  CHECK(e.stats().kv.pages_used == 0);
+}
