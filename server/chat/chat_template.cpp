@@ -74,7 +74,8 @@ uint32_t decode_at(std::string_view s, size_t i, size_t& len) {
     return c;
   }
   uint32_t cp = c & (0x7Fu >> len);
-  for (size_t k = 1; k < len; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3Fu);
+  for (size_t k = 1; k < len; ++k)
+    cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3Fu);
   return cp;
 }
 
@@ -186,8 +187,7 @@ std::string ChatTemplate::render_llama2(std::span<const ChatMessage> messages) c
   return out;
 }
 
-std::string ChatTemplate::render_chatml(std::span<const ChatMessage> messages,
-                                        bool add_gen) const {
+std::string ChatTemplate::render_chatml(std::span<const ChatMessage> messages, bool add_gen) const {
   std::string out;
   if (default_system_ && messages.front().role != "system") {
     out += std::string(kImStart) + "system\n" + *default_system_ + std::string(kImEnd) + "\n";

@@ -13,8 +13,8 @@
 //    literal '<|im_start|>system\n...<|im_end|>\n') and the first message is not a system one;
 //    "<|im_start|>assistant\n" as the generation prompt.
 //  - DeepSeek-R1 ("<｜User｜>", "<｜Assistant｜>"): BOS text, the last system message's content,
-//    then "<｜User｜>" + content and "<｜Assistant｜>" + content + "<｜end▁of▁sentence｜>" with past
-//    assistant turns cut to what follows their last "</think>"; the generation prompt is
+//    then "<｜User｜>" + content and "<｜Assistant｜>" + content + "<｜end▁of▁sentence｜>" with
+//    past assistant turns cut to what follows their last "</think>"; the generation prompt is
 //    "<｜Assistant｜>", plus "<think>\n" when the template's generation prompt has it.
 // Anything else is rejected (InvalidArgument: "unsupported chat template").
 #include <optional>

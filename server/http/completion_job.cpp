@@ -7,17 +7,21 @@ namespace {
 
 constexpr std::string_view kSpacePiece = "\xE2\x96\x81";  // "▁"
 
-double finite_logprob(float lp) { return std::isfinite(lp) ? lp : -9999.0; }
+double finite_logprob(float lp) {
+  return std::isfinite(lp) ? lp : -9999.0;
+}
 
 Json bytes_of(const std::string& s) {
   Json out = Json::array();
-  for (unsigned char c : s) out.push_back(static_cast<int>(c));
+  for (unsigned char c : s)
+    out.push_back(static_cast<int>(c));
   return out;
 }
 
 int64_t code_points(const std::string& s) {
   int64_t n = 0;
-  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  for (unsigned char c : s)
+    n += (c & 0xC0) != 0x80;
   return n;
 }
 
@@ -32,6 +36,11 @@ ApiError end_error(const StreamUpdate& u) {
                       .message = u.error.empty() ? "the server is shutting down" : u.error,
                       .type = "server_error",
                       .code = "shutting_down"};
+    case StreamEnd::kError:
+      return ApiError{.status = 500,
+                      .message = u.error.empty() ? "internal error" : u.error,
+                      .type = "server_error",
+                      .code = "internal_error"};
     default:
       return ApiError{.status = 408,
                       .message = "the request was cancelled before it finished (request timeout)",
@@ -53,7 +62,9 @@ std::string token_text(const Tokenizer* tokenizer, int32_t id) {
   return s;
 }
 
-std::string sse_data(const Json& payload) { return "data: " + dump(payload) + "\n\n"; }
+std::string sse_data(const Json& payload) {
+  return "data: " + dump(payload) + "\n\n";
+}
 
 CompletionJob::CompletionJob(const ApiRequest& request, std::string id, std::string model,
                              int64_t created, const Tokenizer* tokenizer)
@@ -74,13 +85,15 @@ CompletionJob::CompletionJob(const ApiRequest& request, std::string id, std::str
 
 int64_t CompletionJob::prompt_tokens() const {
   int64_t total = 0;  // each prompt counts once, whatever n is
-  for (size_t i = 0; i < choices_.size(); i += n_) total += choices_[i].prompt_tokens;
+  for (size_t i = 0; i < choices_.size(); i += n_)
+    total += choices_[i].prompt_tokens;
   return total;
 }
 
 int64_t CompletionJob::completion_tokens() const {
   int64_t total = 0;
-  for (const Choice& c : choices_) total += c.completion_tokens;
+  for (const Choice& c : choices_)
+    total += c.completion_tokens;
   return total;
 }
 
@@ -109,7 +122,8 @@ void CompletionJob::add_completion_logprobs(Json& lp, Choice& c,
     const std::string text = token_text(tokenizer_, t.token_id);
     const double sampled = finite_logprob(t.logprob.value_or(0.0f));
     Json top = Json::object();
-    for (const auto& [id, v] : t.top_logprobs) top[token_text(tokenizer_, id)] = finite_logprob(v);
+    for (const auto& [id, v] : t.top_logprobs)
+      top[token_text(tokenizer_, id)] = finite_logprob(v);
     if (!top.contains(text)) top[text] = sampled;
     lp["tokens"].push_back(text);
     lp["token_logprobs"].push_back(sampled);
@@ -125,10 +139,12 @@ Json CompletionJob::logprob_delta(Choice& c, const std::vector<TokenEvent>& toke
   Json delta;
   if (endpoint_ == Endpoint::kChat) {
     delta = {{"content", Json::array()}};
-    for (const TokenEvent& t : tokens) delta["content"].push_back(chat_logprob(t));
+    for (const TokenEvent& t : tokens)
+      delta["content"].push_back(chat_logprob(t));
     if (!stream_) {
       if (c.logprobs.is_null()) c.logprobs = {{"content", Json::array()}};
-      for (Json& e : delta["content"]) c.logprobs["content"].push_back(e);
+      for (Json& e : delta["content"])
+        c.logprobs["content"].push_back(e);
     }
     return delta;
   }
@@ -138,10 +154,12 @@ Json CompletionJob::logprob_delta(Choice& c, const std::vector<TokenEvent>& toke
            {"text_offset", Json::array()}};
   add_completion_logprobs(delta, c, tokens);
   if (!stream_) {
-    if (c.logprobs.is_null()) c.logprobs = delta;
+    if (c.logprobs.is_null())
+      c.logprobs = delta;
     else
       for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
-        for (Json& e : delta[k]) c.logprobs[k].push_back(e);
+        for (Json& e : delta[k])
+          c.logprobs[k].push_back(e);
   }
   return delta;
 }
@@ -167,7 +185,8 @@ Json CompletionJob::chunk_envelope() const {
 
 std::string CompletionJob::stream_chunk(int32_t index, Choice& c, const StreamUpdate& u) {
   std::string text;
-  for (const TokenEvent& t : u.tokens) text += t.text;
+  for (const TokenEvent& t : u.tokens)
+    text += t.text;
   const Json lp = logprob_delta(c, u.tokens);
   std::string out;
   if (endpoint_ == Endpoint::kChat && !c.started) {
@@ -205,13 +224,15 @@ std::string CompletionJob::apply(int32_t index, const StreamUpdate& update) {
   if (update.end) record_end(c, update);
   if (error_) {
     if (!stream_ || !emitted_) return {};
-    return sse_data({{"error", {{"message", error_->message},
-                                {"type", error_->type},
-                                {"param", nullptr},
-                                {"code", error_->code ? Json(*error_->code) : Json(nullptr)}}}});
+    return sse_data({{"error",
+                      {{"message", error_->message},
+                       {"type", error_->type},
+                       {"param", nullptr},
+                       {"code", error_->code ? Json(*error_->code) : Json(nullptr)}}}});
   }
   if (!stream_) {
-    for (const TokenEvent& t : update.tokens) c.text += t.text;
+    for (const TokenEvent& t : update.tokens)
+      c.text += t.text;
     logprob_delta(c, update.tokens);
     return {};
   }

@@ -13,9 +13,9 @@ const Json* find(const Json& obj, std::string_view name) {
 }
 
 [[noreturn]] void wrong_type(std::string_view name, std::string_view expected, const Json& v) {
-  throw bad_request("'" + std::string(name) + "' must be " + std::string(expected) + ", got " +
-                        type_name(v),
-                    std::string(name));
+  throw bad_request(
+      "'" + std::string(name) + "' must be " + std::string(expected) + ", got " + type_name(v),
+      std::string(name));
 }
 
 size_t utf8_length(unsigned char c) {
@@ -61,7 +61,7 @@ Json parse_body(std::string_view body) {
   if (j.is_discarded()) {
     // Parse again for the parser's message (line and column of the error).
     try {
-      (void)Json::parse(body);
+      const Json again = Json::parse(body);
     } catch (const Json::parse_error& e) {
       throw bad_request(std::string("request body is not valid JSON: ") + e.what());
     }
@@ -99,7 +99,8 @@ void reject_unknown_fields(const Json& obj, std::initializer_list<std::string_vi
   std::string first;
   for (const auto& [key, value] : obj.items()) {
     bool found = false;
-    for (std::string_view k : known) found = found || k == key;
+    for (std::string_view k : known)
+      found = found || k == key;
     if (found) continue;
     if (first.empty()) first = key;
     unknown += (unknown.empty() ? "" : ", ") + key;
@@ -179,7 +180,8 @@ std::optional<std::vector<int32_t>> get_int_list(const Json& obj, std::string_vi
   if (!v) return std::nullopt;
   if (!v->is_array()) wrong_type(name, "an array of integers", *v);
   std::vector<int32_t> out;
-  for (const Json& e : *v) out.push_back(static_cast<int32_t>(as_int(e, name, min, max)));
+  for (const Json& e : *v)
+    out.push_back(static_cast<int32_t>(as_int(e, name, min, max)));
   return out;
 }
 

@@ -45,18 +45,21 @@ void reject_unsupported(const Json& j) {
            !(it->is_object() && it->empty()) && !(it->is_boolean() && !it->get<bool>()) &&
            !(it->is_string() && it->get<std::string>().empty());
   };
-  for (std::string_view name : {"echo", "suffix", "logit_bias", "tools", "functions", "audio",
-                                "prediction"}) {
-    if (set(name)) throw bad_request("'" + std::string(name) + "' is not supported", std::string(name));
+  for (std::string_view name :
+       {"echo", "suffix", "logit_bias", "tools", "functions", "audio", "prediction"}) {
+    if (set(name))
+      throw bad_request("'" + std::string(name) + "' is not supported", std::string(name));
   }
-  if (set("best_of") && get_int(j, "best_of", 1, kInt32Max) != get_int(j, "n", 1, kInt32Max).value_or(1)) {
+  if (set("best_of") &&
+      get_int(j, "best_of", 1, kInt32Max) != get_int(j, "n", 1, kInt32Max).value_or(1)) {
     throw bad_request("'best_of' is not supported (it must equal n)", "best_of");
   }
   for (std::string_view name : {"tool_choice", "function_call"}) {
     if (!set(name)) continue;
     const auto v = get_string(j, name);  // an object (a forced function) is a type error
     if (*v != "none" && *v != "auto") {
-      throw bad_request("'" + std::string(name) + "' must be \"none\" or \"auto\"", std::string(name));
+      throw bad_request("'" + std::string(name) + "' must be \"none\" or \"auto\"",
+                        std::string(name));
     }
   }
   if (set("response_format")) {
@@ -127,8 +130,8 @@ void parse_common(const Json& j, const ModelInfo& m, ApiRequest& r) {
 
 std::vector<int32_t> encode_text(const ModelInfo& m, const std::string& text) {
   if (m.tokenizer == nullptr) {
-    throw bad_request(
-        "this model has no tokenizer (tokenizer.model): send the prompt as token ids", "prompt");
+    throw bad_request("this model has no tokenizer (tokenizer.model): send the prompt as token ids",
+                      "prompt");
   }
   try {
     return m.tokenizer->encode_prompt(text);
@@ -140,7 +143,8 @@ std::vector<int32_t> encode_text(const ModelInfo& m, const std::string& text) {
 std::vector<int32_t> ids_of(const Json& arr, const ModelInfo& m) {
   const int64_t max_id = m.vocab_size > 0 ? m.vocab_size - 1 : kInt32Max;
   std::vector<int32_t> ids;
-  for (const Json& e : arr) ids.push_back(static_cast<int32_t>(as_int(e, "prompt", 0, max_id)));
+  for (const Json& e : arr)
+    ids.push_back(static_cast<int32_t>(as_int(e, "prompt", 0, max_id)));
   return ids;
 }
 
@@ -151,7 +155,9 @@ std::vector<std::vector<int32_t>> parse_prompts(const Json& j, const ModelInfo& 
   constexpr const char* kShape =
       "a string, an array of strings, an array of token ids or an array of token id arrays";
   if (p.is_string()) return {encode_text(m, p.get<std::string>())};
-  if (!p.is_array()) throw bad_request("'prompt' must be " + std::string(kShape) + ", got " + type_name(p), "prompt");
+  if (!p.is_array())
+    throw bad_request("'prompt' must be " + std::string(kShape) + ", got " + type_name(p),
+                      "prompt");
   if (p.empty()) throw bad_request("'prompt' must not be empty", "prompt");
   if (p.front().is_number()) return {ids_of(p, m)};
   std::vector<std::vector<int32_t>> out;
@@ -172,17 +178,17 @@ std::string message_content(const Json& msg, const std::string& where) {
   if (it == msg.end() || it->is_null()) return {};
   if (it->is_string()) return it->get<std::string>();
   if (!it->is_array()) {
-    throw bad_request(where + ".content must be a string or an array of text parts, got " +
-                          type_name(*it),
-                      "messages");
+    throw bad_request(
+        where + ".content must be a string or an array of text parts, got " + type_name(*it),
+        "messages");
   }
   std::string text;
   for (const Json& part : *it) {
     if (!part.is_object() || part.value("type", Json()) != "text" || !part.contains("text") ||
         !part["text"].is_string()) {
-      throw bad_request(where + ".content: only {\"type\": \"text\", \"text\": ...} parts are " +
-                            "supported",
-                        "messages");
+      throw bad_request(
+          where + ".content: only {\"type\": \"text\", \"text\": ...} parts are " + "supported",
+          "messages");
     }
     if (!text.empty()) text += "\n";
     text += part["text"].get<std::string>();
@@ -193,7 +199,8 @@ std::string message_content(const Json& msg, const std::string& where) {
 std::vector<chat::ChatMessage> parse_messages(const Json& j) {
   const auto it = j.find("messages");
   if (it == j.end() || it->is_null()) throw bad_request("'messages' is required", "messages");
-  if (!it->is_array()) throw bad_request("'messages' must be an array, got " + type_name(*it), "messages");
+  if (!it->is_array())
+    throw bad_request("'messages' must be an array, got " + type_name(*it), "messages");
   if (it->empty()) throw bad_request("'messages' must not be empty", "messages");
   std::vector<chat::ChatMessage> out;
   for (size_t i = 0; i < it->size(); ++i) {
@@ -202,7 +209,8 @@ std::vector<chat::ChatMessage> parse_messages(const Json& j) {
     if (!msg.is_object()) throw bad_request(where + " must be an object", "messages");
     Json checked = msg;
     for (const char* key : {"tool_calls", "function_call", "refusal", "audio"}) {
-      if (checked.contains(key) && (checked[key].is_null() || checked[key].empty())) checked.erase(key);
+      if (checked.contains(key) && (checked[key].is_null() || checked[key].empty()))
+        checked.erase(key);
     }
     reject_unknown_fields(checked, {"role", "content", "name"}, where);
     const auto role = get_string(msg, "role");
@@ -217,11 +225,30 @@ std::vector<chat::ChatMessage> parse_messages(const Json& j) {
 
 ApiRequest parse_completion_request(std::string_view body, const ModelInfo& model) {
   const Json j = parse_body(body);
-  reject_unknown_fields(
-      j, {"model", "prompt", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p",
-          "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
-          "repetition_penalty", "logprobs", "ignore_eos", "stop_token_ids",
-          "include_stop_str_in_output", "user", "logit_bias", "best_of", "echo", "suffix"});
+  reject_unknown_fields(j, {"model",
+                            "prompt",
+                            "stream",
+                            "stream_options",
+                            "n",
+                            "max_tokens",
+                            "temperature",
+                            "top_p",
+                            "top_k",
+                            "min_p",
+                            "seed",
+                            "stop",
+                            "presence_penalty",
+                            "frequency_penalty",
+                            "repetition_penalty",
+                            "logprobs",
+                            "ignore_eos",
+                            "stop_token_ids",
+                            "include_stop_str_in_output",
+                            "user",
+                            "logit_bias",
+                            "best_of",
+                            "echo",
+                            "suffix"});
   ApiRequest r;
   r.endpoint = Endpoint::kCompletions;
   parse_common(j, model, r);
@@ -239,20 +266,49 @@ ApiRequest parse_completion_request(std::string_view body, const ModelInfo& mode
 
 ApiRequest parse_chat_request(std::string_view body, const ModelInfo& model) {
   const Json j = parse_body(body);
-  reject_unknown_fields(
-      j, {"model", "messages", "stream", "stream_options", "n", "max_tokens",
-          "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
-          "top_logprobs", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "user",
-          "logit_bias", "tools", "tool_choice", "functions", "function_call",
-          "parallel_tool_calls", "response_format", "store", "metadata", "service_tier",
-          "modalities", "audio", "prediction", "add_generation_prompt"});
+  reject_unknown_fields(j, {"model",
+                            "messages",
+                            "stream",
+                            "stream_options",
+                            "n",
+                            "max_tokens",
+                            "max_completion_tokens",
+                            "temperature",
+                            "top_p",
+                            "top_k",
+                            "min_p",
+                            "seed",
+                            "stop",
+                            "presence_penalty",
+                            "frequency_penalty",
+                            "repetition_penalty",
+                            "logprobs",
+                            "top_logprobs",
+                            "ignore_eos",
+                            "stop_token_ids",
+                            "include_stop_str_in_output",
+                            "user",
+                            "logit_bias",
+                            "tools",
+                            "tool_choice",
+                            "functions",
+                            "function_call",
+                            "parallel_tool_calls",
+                            "response_format",
+                            "store",
+                            "metadata",
+                            "service_tier",
+                            "modalities",
+                            "audio",
+                            "prediction",
+                            "add_generation_prompt"});
   ApiRequest r;
   r.endpoint = Endpoint::kChat;
   parse_common(j, model, r);
   const bool logprobs = get_bool(j, "logprobs").value_or(false);
   const auto top = get_int(j, "top_logprobs", 0, kMaxLogprobs);
-  if (top && !logprobs) throw bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs");
+  if (top && !logprobs)
+    throw bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs");
   if (logprobs) r.logprobs = static_cast<int32_t>(top.value_or(0));
   (void)get_string(j, "user");
   (void)get_bool(j, "parallel_tool_calls");

@@ -17,13 +17,13 @@ enum class Endpoint { kCompletions, kChat };
 
 // What parsing needs to know about the served model.
 struct ModelInfo {
-  const Tokenizer* tokenizer = nullptr;     // null: prompts must be token ids, no chat
-  const chat::ChatPrompt* chat = nullptr;   // the model's chat template
-  std::string served_name;                  // requests naming another model get 404
-  std::string alt_name;                     // also accepted (the model directory's name)
+  const Tokenizer* tokenizer = nullptr;    // null: prompts must be token ids, no chat
+  const chat::ChatPrompt* chat = nullptr;  // the model's chat template
+  std::string served_name;                 // requests naming another model get 404
+  std::string alt_name;                    // also accepted (the model directory's name)
   int32_t vocab_size = 0;
   int32_t max_model_len = 0;
-  int32_t max_n = 16;                       // choices per request at most
+  int32_t max_n = 16;  // choices per request at most
 };
 
 // Parameters of an OpenAI request that shape the response (the rest goes into the engine).

@@ -2,6 +2,7 @@
 
 PMKV_BIN (set by ctest) points at the binary; PMKV_SOURCE_DIR at the checkout.
 """
+import contextlib
 import json
 import os
 import pathlib
@@ -49,3 +50,168 @@ def stories260k(tmp_path_factory):
                     "--tokenizer", str(src / "tok512.model"), "--out", str(out)],
                    check=True, capture_output=True)
     return out
+
+
+# ---- pmkv serve ---------------------------------------------------------------------------------
+
+CHAT_TEMPLATES = SOURCE_DIR / "tests" / "fixtures" / "chat_templates"
+
+
+class Server:
+    """A running `pmkv serve`; its log is drained into `lines` by a thread (never blocks)."""
+
+    def __init__(self, pmkv_bin, model_dir, *extra, timeout=60):
+        import re
+        import threading
+        import time
+        self.proc = subprocess.Popen(
+            [pmkv_bin, "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+             "--grpc-port", "0", *map(str, extra)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        self.lines = []
+        self.http_port = self.grpc_port = None
+        ready = threading.Event()
+        pattern = re.compile(r"pmkv: (HTTP|gRPC) listening on [^\s:]+:(\d+)")
+
+        def drain():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                m = pattern.search(line)
+                if m and m.group(1) == "HTTP":
+                    self.http_port = int(m.group(2))
+                elif m:
+                    self.grpc_port = int(m.group(2))
+                if self.http_port and self.grpc_port:
+                    ready.set()
+            ready.set()
+
+        self.thread = threading.Thread(target=drain, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1) and time.monotonic() < deadline:
+            pass
+        if not (self.http_port and self.grpc_port):
+            self.proc.kill()
+            raise AssertionError("pmkv serve did not start:\n" + "".join(self.lines))
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+
+    def log(self):
+        return "".join(self.lines)
+
+    def stop(self, timeout=60):
+        """SIGTERM, then the exit code (0 expected)."""
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("pmkv serve did not stop on SIGTERM:\n" + self.log()[-4000:])
+        self.thread.join(timeout=5)
+        return code
+
+
+def model_with_template(base, out, template_file):
+    """A copy of a model directory whose tokenizer_config.json has the given chat template."""
+    import shutil
+    shutil.copytree(base, out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if template_file is None:
+        cfg.pop("chat_template", None)
+    else:
+        cfg["chat_template"] = (CHAT_TEMPLATES / template_file).read_text(encoding="utf-8")
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+# Small and quick on 2 cores: one backend thread, a KV pool for ~8 full-length (512-token) chains.
+SERVE_ARGS = ("--set", "kv_cache.memory=32M", "--set", "engine.threads=1",
+              "--set", "server.max_body_bytes=1M", "--set", "server.max_n=8",
+              "--set", "server.shutdown_grace_s=5")
+
+
+@contextlib.contextmanager
+def running_server(pmkv_bin, model_dir, *extra):
+    server = Server(pmkv_bin, model_dir, *SERVE_ARGS, *extra)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+        assert code == 0, f"pmkv serve exited {code}:\n{server.log()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def chatml_model(stories260k, tmp_path_factory):
+    return model_with_template(stories260k, tmp_path_factory.mktemp("m") / "stories-chatml",
+                               "chatml.jinja")
+
+
+@pytest.fixture(scope="session")
+def server(pmkv_bin, chatml_model):
+    """`pmkv serve` of stories260K with a ChatML chat template, for the whole session."""
+    with running_server(pmkv_bin, chatml_model) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def llama2_server(pmkv_bin, stories260k, tmp_path_factory):
+    """stories260K with the Llama-2 chat template, behind an API key ("sekret")."""
+    model = model_with_template(stories260k, tmp_path_factory.mktemp("m") / "stories-llama2",
+                                "llama2.jinja")
+    with running_server(pmkv_bin, model, "--set", "server.api_key=sekret") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def unsupported_server(pmkv_bin, stories260k, tmp_path_factory):
+    """stories260K with a chat template pmkv does not render (Alpaca-style)."""
+    model = model_with_template(stories260k, tmp_path_factory.mktemp("m") / "stories-alpaca",
+                                "alpaca_unsupported.jinja")
+    with running_server(pmkv_bin, model) as s:
+        yield s
+
+
+def http_request(base_url, method, path, body=None, headers=None, timeout=60):
+    """(status, headers, body bytes) of one raw HTTP request (no client-side validation)."""
+    import urllib.error
+    import urllib.request
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(base_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def metrics(base_url):
+    """The /metrics scrape parsed with prometheus_client: {sample name + labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, _, body = http_request(base_url, "GET", "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def wait_for_idle_kv(base_url, timeout=20):
+    """Polls /metrics until no KV page is in use and nothing runs; returns the last scrape."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(base_url)
+        if m["pmkv_kv_pool_pages_used"] == 0 and m["pmkv_requests_running"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV pages still in use after {timeout} s: "
+                                 f"{m['pmkv_kv_pool_pages_used']}, running "
+                                 f"{m['pmkv_requests_running']}")
+        time.sleep(0.05)

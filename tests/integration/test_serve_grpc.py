@@ -1,0 +1,167 @@
+"""`pmkv serve` over gRPC with grpcio (stubs generated from proto/ at test time): Generate
+(streaming, cancellation, errors), Tokenize, GetKvStats, UpdateBudgets, health, API key."""
+import importlib
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import SOURCE_DIR, http_request
+
+PROTO_DIR = SOURCE_DIR / "proto"
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory):
+    """(pmkv_pb2, pmkv_pb2_grpc) generated with grpc_tools.protoc into a temporary directory."""
+    from grpc_tools import protoc
+    out = tmp_path_factory.mktemp("stubs")
+    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}",
+            str(PROTO_DIR / "pmkv" / "v1" / "pmkv.proto")]
+    assert protoc.main(args) == 0
+    sys.path.insert(0, str(out))
+    try:
+        return (importlib.import_module("pmkv.v1.pmkv_pb2"),
+                importlib.import_module("pmkv.v1.pmkv_pb2_grpc"))
+    finally:
+        sys.path.remove(str(out))
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(pb, channel):
+    return pb[1].PmkvStub(channel)
+
+
+def generate(stub, pb, **kw):
+    return list(stub.Generate(pb[0].GenerateRequest(**kw), timeout=60))
+
+
+def test_generate_streams_the_same_text_as_http(server, stub, pb):
+    m = pb[0]
+    responses = generate(stub, pb, text="Once upon a time",
+                         sampling=m.SamplingParams(temperature=0, max_tokens=20))
+    assert len(responses) > 1  # streamed, not one message
+    text = "".join(r.text for r in responses)
+    assert text == "".join(t.text for r in responses for t in r.tokens)
+    assert responses[-1].finish_reason == m.FINISH_REASON_LENGTH
+    assert all(r.finish_reason == m.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    assert responses[-1].completion_tokens == 20 and responses[-1].prompt_tokens == 5
+    status, _, body = http_request(server.base_url, "POST", "/v1/completions",
+                                   '{"prompt": "Once upon a time", "max_tokens": 20, '
+                                   '"temperature": 0}')
+    import json
+    assert json.loads(body)["choices"][0]["text"] == text
+
+
+def test_generate_token_ids_chat_stop_and_logprobs(stub, pb):
+    m = pb[0]
+    ids = generate(stub, pb, token_ids=m.TokenIds(ids=[1, 403, 407, 261, 378]),
+                   sampling=m.SamplingParams(temperature=0, max_tokens=48, stop=["Lily"]),
+                   logprobs=2)
+    assert "".join(r.text for r in ids) == ", there was a little girl named "
+    assert ids[-1].finish_reason == m.FINISH_REASON_STOP
+    tokens = [t for r in ids for t in r.tokens]
+    assert all(t.HasField("logprob") and len(t.top_logprobs) == 2 for t in tokens)
+    chat = generate(stub, pb, chat=m.ChatMessages(messages=[m.ChatMessage(role="user",
+                                                                          content="Hi")]),
+                    sampling=m.SamplingParams(max_tokens=4, seed=3, ignore_eos=True))
+    assert chat[-1].completion_tokens == 4
+
+
+def test_generate_bad_input_is_invalid_argument(stub, pb):
+    m = pb[0]
+    cases = [
+        (m.GenerateRequest(), "prompt is required"),
+        (m.GenerateRequest(token_ids=m.TokenIds(ids=[1, 9999])), "outside the vocabulary"),
+        (m.GenerateRequest(text="x", sampling=m.SamplingParams(top_p=2)), "top_p"),
+        (m.GenerateRequest(text="x", sampling=m.SamplingParams(max_tokens=100000)), "context"),
+        (m.GenerateRequest(text="Once upon a time " * 200), "tokens long"),
+        (m.GenerateRequest(text="x", logprobs=50), "logprobs"),
+        (m.GenerateRequest(chat=m.ChatMessages()), "empty"),
+    ]
+    for req, fragment in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req, timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in e.value.details(), e.value.details()
+    assert generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))
+
+
+def test_cancelled_generate_frees_its_pages(stub, pb):
+    m = pb[0]
+    call = stub.Generate(m.GenerateRequest(
+        text="Once upon a time", sampling=m.SamplingParams(max_tokens=450, ignore_eos=True)))
+    first = next(call)
+    assert first.tokens
+    assert stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0
+    call.cancel()
+    deadline = time.monotonic() + 20
+    while stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0:
+        assert time.monotonic() < deadline, "pages not freed after cancel"
+        time.sleep(0.05)
+
+
+def test_tokenize(stub, pb):
+    m = pb[0]
+    r = stub.Tokenize(m.TokenizeRequest(text="Once upon a time"))
+    assert list(r.ids) == [1, 403, 407, 261, 378]
+    assert r.pieces[0] == "<s>" and r.max_model_len == 512
+    r = stub.Tokenize(m.TokenizeRequest(text="Once upon a time", add_special_tokens=False))
+    assert list(r.ids) == [403, 407, 261, 378]
+    chat = stub.Tokenize(m.TokenizeRequest(chat=m.ChatMessages(
+        messages=[m.ChatMessage(role="user", content="Hi")])))
+    # "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", as text (not in the vocabulary)
+    assert len(chat.ids) > 10 and "".join(chat.pieces).count("im") == 3
+
+
+def test_kv_stats_and_budgets(stub, pb):
+    m = pb[0]
+    s = stub.GetKvStats(m.GetKvStatsRequest())
+    assert s.pages_total > 0 and s.page_bytes > 0
+    assert s.bytes_total == s.pages_total * s.page_bytes
+    assert [b.bits for b in s.by_bits] == [16, 8, 4, 2]
+    assert len(s.layers) == 5 and s.budgets_source == "none"
+    r = stub.UpdateBudgets(m.UpdateBudgetsRequest(uniform_bytes=4 * s.page_bytes))
+    assert list(r.per_layer_bytes) == [4 * s.page_bytes] * 5
+    generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))  # a step applies it
+    s = stub.GetKvStats(m.GetKvStatsRequest())
+    assert s.budgets_source == "runtime"
+    assert all(layer.budget_bytes == 4 * s.page_bytes for layer in s.layers)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.UpdateBudgets(m.UpdateBudgetsRequest(per_layer=m.PerLayerBudgets(bytes=[1, 2])))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        stub.UpdateBudgets(m.UpdateBudgetsRequest())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(stub.UpdateBudgets(m.UpdateBudgetsRequest(clear=True)).per_layer_bytes) == []
+    generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))
+
+
+def test_health(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "pmkv.v1.Pmkv"):
+        r = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_api_key(llama2_server, pb):
+    m, g = pb
+    with grpc.insecure_channel(llama2_server.grpc_target) as ch:
+        stub = g.PmkvStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Tokenize(m.TokenizeRequest(text="x"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Tokenize(m.TokenizeRequest(text="x"),
+                           metadata=[("authorization", "Bearer sekret")])
+        assert ok.ids
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+            health_pb2.HealthCheckResponse.SERVING
