@@ -81,6 +81,7 @@ struct ServingEngine::Impl {
   kv::KvPoolStats kv_stats;
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
+  std::string key_scales_source;
 
   // The submit seam (mu).
   mutable std::mutex mu;
@@ -135,6 +136,8 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
       std::make_unique<CpuBackend>(model.config, model.weights, g, static_cast<int32_t>(num_pages),
                                    CpuBackendOptions{options.num_threads});
   if (!model.key_scales().empty()) backend->fold_key_scales(model.key_scales());
+  key_scales_source =
+      options.kv.key_scales ? "file:" + options.kv.key_scales->string() : std::string("none");
   kv = std::make_unique<kv::KvCacheManager>(layers, g, static_cast<int32_t>(num_pages), options.kv,
                                             budgets);
   scheduler = std::make_unique<Scheduler>(*kv, options.scheduler);
@@ -365,6 +368,7 @@ void ServingEngine::Impl::publish(bool full) {
   st.inter_token_latency = metrics.inter_token_latency.snapshot();
   st.request_latency = metrics.request_latency.snapshot();
   st.budgets_source = budgets_source;
+  st.key_scales_source = key_scales_source;
   std::lock_guard lock(stats_mu);
   snapshot = std::move(st);
 }

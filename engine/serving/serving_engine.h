@@ -64,6 +64,7 @@ struct EngineStats {
   HistogramSnapshot inter_token_latency;
   HistogramSnapshot request_latency;
   std::string budgets_source;  // "none", "uniform", "file:PATH", "runtime"
+  std::string key_scales_source;  // "none" or "file:PATH" (kv_cache.key_scales, folded at load)
 };
 
 // What submit() throws when the request is fine but the engine cannot take it now (the queue is

@@ -129,6 +129,7 @@ def test_kv_stats_and_budgets(stub, pb):
     assert s.bytes_total == s.pages_total * s.page_bytes
     assert [b.bits for b in s.by_bits] == [16, 8, 4, 2]
     assert len(s.layers) == 5 and s.budgets_source == "none"
+    assert s.key_scales_source == "none"
     r = stub.UpdateBudgets(m.UpdateBudgetsRequest(uniform_bytes=4 * s.page_bytes))
     assert list(r.per_layer_bytes) == [4 * s.page_bytes] * 5
     generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))  # a step applies it
