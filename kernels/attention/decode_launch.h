@@ -14,10 +14,11 @@ template <int kBits, int kD>
 cudaError_t launch_split(const KernelParams& p, bool q_f32, const int32_t* item_ids, int num_items,
                          cudaStream_t stream);
 
-#define PMKV_DECODE_DECLARE(B, D)                                                            \
-  template <>                                                                                \
-  cudaError_t launch_split<B, D>(const KernelParams& p, bool q_f32, const int32_t* item_ids, \
-                                 int num_items, cudaStream_t stream);
+// Defined once in decode_split_launch.cuh; each inst/decode_b*_d*.cu instantiates one pair.
+#define PMKV_DECODE_DECLARE(B, D)                                                          \
+  extern template cudaError_t launch_split<B, D>(const KernelParams& p, bool q_f32,        \
+                                                 const int32_t* item_ids, int num_items, \
+                                                 cudaStream_t stream);
 PMKV_DECODE_DECLARE(16, 64)
 PMKV_DECODE_DECLARE(8, 64)
 PMKV_DECODE_DECLARE(4, 64)
