@@ -4,7 +4,7 @@
 #   bench/kv_quality.sh MODEL_DIR TEXT [WINDOW] [CHUNK] [MAX_TOKENS]
 # Budgets "= uniform b-bit" are the pages a uniform b-bit cache needs at WINDOW tokens
 # (kv_cache.budget.uniform_bits + max_len), so every row at one budget holds the same memory.
-# Prints a markdown table; writes one JSON per configuration under bench/results/kv_quality/.
+# Prints a markdown table; writes one JSON per configuration under bench/results/kv_quality/MODEL/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1
@@ -13,7 +13,7 @@ WINDOW=${3:-1024}
 CHUNK=${4:-16}
 MAX_TOKENS=${5:-0}
 PMKV=${PMKV:-build/pmkv}
-OUT=bench/results/kv_quality
+OUT=bench/results/kv_quality/$(basename "$MODEL")
 mkdir -p "$OUT"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
