@@ -323,25 +323,31 @@ bool KvCacheManager::demote_oldest(Seq& s, Layer& L, int32_t layer,
       emit_wave();
       continue;
     }
-    const PageRef a = L.pages[pick], b = L.pages[pick + 1];
-    DemoteOp op;
-    op.from_bits = a.bits;
-    op.to_bits = lower_bits(a.bits);
-    op.num_src = 2;
-    op.src[0] = a.page;
-    op.src[1] = b.page;
-    op.tokens[0] = a.num_tokens;
-    op.tokens[1] = b.num_tokens;
-    wave.push_back(op);
-    pending_free_.push_back(b.page);
-    L.pages[pick] = PageRef{a.page, op.to_bits, a.num_tokens + b.num_tokens};
-    L.pages.erase(L.pages.begin() + pick + 1);
+    wave.push_back(fold_pair(L, pick));
     fresh.erase(fresh.begin() + pick + 1);
     fresh[pick] = 1;
-    --L.num_body_pages;
   }
   emit_wave();
   return !over_budget(L, layer);
+}
+
+// Folds body pages i and i + 1 (same bits, above the floor) into page i one ladder step down; page
+// i + 1 is freed at end_step (the op reads it).
+DemoteOp KvCacheManager::fold_pair(Layer& L, int32_t i) {
+  const PageRef a = L.pages[i], b = L.pages[i + 1];
+  DemoteOp op;
+  op.from_bits = a.bits;
+  op.to_bits = lower_bits(a.bits);
+  op.num_src = 2;
+  op.src[0] = a.page;
+  op.src[1] = b.page;
+  op.tokens[0] = a.num_tokens;
+  op.tokens[1] = b.num_tokens;
+  pending_free_.push_back(b.page);
+  L.pages[i] = PageRef{a.page, op.to_bits, a.num_tokens + b.num_tokens};
+  L.pages.erase(L.pages.begin() + i + 1);
+  --L.num_body_pages;
+  return op;
 }
 
 // Pages one pressure fold of this layer frees. block: pairs of the body (all at body_bits) when
@@ -365,21 +371,8 @@ int32_t KvCacheManager::pressure_gain(const Layer& L) const {
 std::vector<DemoteOp> KvCacheManager::fold_pairs(Seq& s, Layer& L) {
   std::vector<DemoteOp> wave;
   for (int32_t i = L.num_sink_pages; i + 1 < L.num_sink_pages + L.num_body_pages; ++i) {
-    const PageRef a = L.pages[i], b = L.pages[i + 1];
-    if (a.bits != b.bits || lower_bits(a.bits) == 0) continue;
-    DemoteOp op;
-    op.from_bits = a.bits;
-    op.to_bits = lower_bits(a.bits);
-    op.num_src = 2;
-    op.src[0] = a.page;
-    op.src[1] = b.page;
-    op.tokens[0] = a.num_tokens;
-    op.tokens[1] = b.num_tokens;
-    wave.push_back(op);
-    pending_free_.push_back(b.page);
-    L.pages[i] = PageRef{a.page, op.to_bits, a.num_tokens + b.num_tokens};
-    L.pages.erase(L.pages.begin() + i + 1);
-    --L.num_body_pages;
+    if (L.pages[i].bits != L.pages[i + 1].bits || lower_bits(L.pages[i].bits) == 0) continue;
+    wave.push_back(fold_pair(L, i));
   }
   s.demotions += static_cast<int64_t>(wave.size());
   demotions_total_ += static_cast<int64_t>(wave.size());

@@ -151,6 +151,7 @@ class KvCacheManager {
   std::vector<DemoteOp> fold_pairs(Seq& s, Layer& L);
   int32_t pressure_gain(const Layer& L) const;
   PageId take_page();
+  DemoteOp fold_pair(Layer& L, int32_t i);
   int32_t enter_bits(const Layer& L) const;  // bits the next flush of L enters the body at
   int32_t layer_pages_needed(const Layer& L, int32_t n) const;
   int32_t lower_bits(int32_t bits) const;  // next ladder step below, or 0 at the floor
