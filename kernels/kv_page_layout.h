@@ -8,10 +8,11 @@
 // b/2-bit page.
 //
 // Byte layout of a page at b bits, T = tokens_per_page(b), H = num_kv_heads:
-//   [K codes: T x H x row_bytes(b)] [V codes: same] [K params: T x H x {f32 scale, f32 zero}]
+//   [K codes: H x T x row_bytes(b)] [V codes: same] [K params: H x T x {f32 scale, f32 zero}]
 //   [V params: same]
-// Codes of one (token, head) are one row of head_dim codes, 16-byte aligned (one 16-byte load
-// reads 128/b codes). Dequantized value = code * scale - zero (PM-KVQ: zero = -min).
+// Head-major: the T rows of one KV head are contiguous, so a decode CTA working on one head reads
+// one run of bytes per page. Codes of one (token, head) are one row of head_dim codes, 16-byte
+// aligned (one 16-byte load reads 128/b codes). Dequantized value = code * scale - zero (PM-KVQ: zero = -min).
 // Packing inside a row: 16-bit codes are little-endian uint16; for b < 16 code i sits in byte
 // (i * b) / 8 at bit offset (i * b) % 8 (least significant bits first).
 #include <cstdint>
@@ -71,10 +72,10 @@ struct PageLayout {
   int64_t v_params;
 
   PMKV_HD constexpr int64_t code_row(int64_t base, int32_t token, int32_t head) const {
-    return base + (int64_t{token} * heads + head) * row;
+    return base + (int64_t{head} * tokens + token) * row;
   }
   PMKV_HD constexpr int64_t param(int64_t base, int32_t token, int32_t head) const {
-    return base + (int64_t{token} * heads + head) * kParamBytes;
+    return base + (int64_t{head} * tokens + token) * kParamBytes;
   }
 };
 

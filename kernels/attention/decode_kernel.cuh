@@ -284,8 +284,7 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
                                            const kv::PageLayout& L, int tile, int nvalid, int kvh,
                                            int lane) {
   constexpr int kOps = kTile * Tr::kChunks;
-  const int heads = L.heads;
-  const int row0 = (tile * kTile * heads + kvh) * Tr::kRow;  // token tile*16, head kvh
+  const int row0 = (kvh * L.tokens + tile * kTile) * Tr::kRow;  // head kvh, token tile*16
   const uint8_t* kc = page + static_cast<int>(L.k_codes) + row0;
   const uint8_t* vc = page + static_cast<int>(L.v_codes) + row0;
 #pragma unroll
@@ -293,7 +292,7 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
     const int o = lane + 32 * i;
     const int t = o / Tr::kChunks, c = o % Tr::kChunks;
     if ((kOps % 32 == 0 || o < kOps) && t < nvalid) {
-      const int g = t * heads * Tr::kRow + c * 16;
+      const int g = t * Tr::kRow + c * 16;  // head-major page: a tile's rows are contiguous
       const int s = t * Tr::kRow + ((c ^ swz<Tr>(t)) << 4);
       cp_async16(st + Tr::kKOff + s, kc + g);
       cp_async16(st + Tr::kVOff + s, vc + g);
@@ -303,7 +302,7 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
   uint8_t* dst = st + Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8;
   if (t < nvalid) {
     const int off =
-        static_cast<int>(kind ? L.v_params : L.k_params) + ((tile * kTile + t) * heads + kvh) * 8;
+        static_cast<int>(kind ? L.v_params : L.k_params) + (kvh * L.tokens + tile * kTile + t) * 8;
     cp_async8(dst, page + off);
   } else {
     *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);

@@ -179,17 +179,11 @@ struct DemoteBody {
     uint8_t* dst = base + int64_t{op.src[0]} * pool.page_bytes;
     const int H = g.num_kv_heads, D = g.head_dim;
 
-    // 1. Stage the tokens of src[0] that we read (it is also the destination).
-    const int64_t t0 = op.tokens[0];
-    for (int kind = 0; kind < 2; ++kind) {
-      const int64_t off = kind ? ls.v_codes : ls.k_codes;
-      for (int64_t i = threadIdx.x; i < t0 * H * ls.row / 16; i += blockDim.x) {
-        reinterpret_cast<uint4*>(staged + off)[i] = reinterpret_cast<const uint4*>(dst + off)[i];
-      }
-      const int64_t poff = kind ? ls.v_params : ls.k_params;
-      for (int64_t i = threadIdx.x; i < t0 * H; i += blockDim.x) {
-        reinterpret_cast<uint2*>(staged + poff)[i] = reinterpret_cast<const uint2*>(dst + poff)[i];
-      }
+    // 1. Stage src[0] (it is also the destination): its whole used area, codes and params of every
+    //    head (pages are head-major, so the rows read are spread over the page).
+    const int64_t used = kv::page_used_bytes(g, kFrom);  // a multiple of 8
+    for (int64_t i = threadIdx.x; i < used / 8; i += blockDim.x) {
+      reinterpret_cast<uint2*>(staged)[i] = reinterpret_cast<const uint2*>(dst)[i];
     }
     __syncthreads();
 
@@ -225,15 +219,14 @@ struct DemoteBody {
       *reinterpret_cast<float2*>(dst + ld.param(kind ? ld.v_params : ld.k_params, slot, h)) =
           make_float2(shrink_scale_chain<kFrom, kTo>(p.x), p.y);
     }
-    const int64_t code_bytes = int64_t{ld.tokens} * H * ld.row;
-    const int64_t used_codes = int64_t{total} * H * ld.row;
-    const int64_t param_bytes = int64_t{ld.tokens} * H * kv::kParamBytes;
-    const int64_t used_params = int64_t{total} * H * kv::kParamBytes;
-    zero_range(dst, ld.k_codes + used_codes, ld.k_codes + code_bytes);
-    zero_range(dst, ld.v_codes + used_codes, ld.v_codes + code_bytes);
-    zero_range(dst, ld.k_params + used_params, ld.k_params + param_bytes);
-    zero_range(dst, ld.v_params + used_params, ld.v_params + param_bytes);
-    zero_range(dst, ld.v_params + param_bytes, pool.page_bytes);
+    // Head-major: each head's rows past `total` up to the page's capacity.
+    for (int h = 0; h < H; ++h) {
+      zero_range(dst, ld.code_row(ld.k_codes, total, h), ld.code_row(ld.k_codes, ld.tokens, h));
+      zero_range(dst, ld.code_row(ld.v_codes, total, h), ld.code_row(ld.v_codes, ld.tokens, h));
+      zero_range(dst, ld.param(ld.k_params, total, h), ld.param(ld.k_params, ld.tokens, h));
+      zero_range(dst, ld.param(ld.v_params, total, h), ld.param(ld.v_params, ld.tokens, h));
+    }
+    zero_range(dst, ld.v_params + int64_t{ld.tokens} * H * kv::kParamBytes, pool.page_bytes);
   }
 };
 
