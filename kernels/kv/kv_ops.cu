@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/kv/kv_ops.h"
+#include "kernels/kv/kv_quantize.cuh"
 
 namespace pmkv::kernels {
 
@@ -13,10 +14,7 @@ namespace {
 
 constexpr int kOpThreads = 256;
 
-template <int kBits>
-__device__ __forceinline__ constexpr uint32_t qmax() {
-  return kBits == 16 ? 65535u : (1u << kBits) - 1u;
-}
+using kvq::qmax;
 
 // kv::shrink_code: q' = round(q (2^c - 1) / (2^b - 1)), c = b / 2, in uint32 arithmetic.
 __device__ __forceinline__ uint32_t shrink_code(uint32_t q, int from_bits) {
@@ -241,31 +239,7 @@ __global__ void __launch_bounds__(kOpThreads)
 // ---- write (quantize new rows) --------------------------------------------------------------
 
 constexpr int kWriteWarps = 4;
-constexpr int kMaxHeadDim = 256;
-
-// Min and max in the CPU's order: std::min/std::max from x[0] keep the first of equal values.
-__device__ __forceinline__ void reduce_min_first(float& v, int& i) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-    if (ov < v || (!(v < ov) && oi < i)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
-__device__ __forceinline__ void reduce_max_first(float& v, int& i) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-    if (v < ov || (!(ov < v) && oi < i)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
+constexpr int kMaxHeadDim = kvq::kMaxHeadDim;
 
 template <int kBits>
 __device__ void write_row(const KvWriteParams& p, const float (&x)[kMaxHeadDim / 32], int row,
@@ -275,55 +249,17 @@ __device__ void write_row(const KvWriteParams& p, const float (&x)[kMaxHeadDim /
   const kv::PageLayout L = kv::page_layout(g, kBits);
   const int slot = p.slots[row];
   if (slot < 0 || slot >= L.tokens) return;
-  float lo = INFINITY, hi = -INFINITY;
-  int lo_i = 1 << 30, hi_i = 1 << 30;
-#pragma unroll
-  for (int k = 0; k < kMaxHeadDim / 32; ++k) {
-    const int i = lane + 32 * k;
-    if (i < D) {
-      if (x[k] < lo || lo_i == (1 << 30)) {
-        lo = x[k];
-        lo_i = i;
-      }
-      if (hi < x[k] || hi_i == (1 << 30)) {
-        hi = x[k];
-        hi_i = i;
-      }
-    }
-  }
-  reduce_min_first(lo, lo_i);
-  reduce_max_first(hi, hi_i);
-  constexpr float kQmax = static_cast<float>(qmax<kBits>());
-  float scale = __fdiv_rn(__fsub_rn(hi, lo), kQmax);
-  scale = scale < 1e-5f ? 1e-5f : (1e5f < scale ? 1e5f : scale);  // std::clamp
-  const float zero = -lo;
-  const int words = static_cast<int>(L.row / 4);
-  for (int w = lane; w < words; w += 32)
-    sw[w] = 0u;
-  __syncwarp();
-#pragma unroll
-  for (int k = 0; k < kMaxHeadDim / 32; ++k) {
-    const int i = lane + 32 * k;
-    if (i < D) {
-      float r = rintf(__fdiv_rn(__fadd_rn(x[k], zero), scale));  // nearbyint: half to even
-      r = r < 0.0f ? 0.0f : (kQmax < r ? kQmax : r);
-      atomicOr(&sw[(i * kBits) / 32], static_cast<uint32_t>(r) << ((i * kBits) % 32));
-    }
-  }
-  __syncwarp();
   uint8_t* page = static_cast<uint8_t*>(p.pool.base) + int64_t{p.page_ids[row]} * p.pool.page_bytes;
-  uint32_t* dst =
-      reinterpret_cast<uint32_t*>(page + L.code_row(kind ? L.v_codes : L.k_codes, slot, h));
-  for (int w = lane; w < words; w += 32)
-    dst[w] = sw[w];
-  if (lane == 0) {
-    *reinterpret_cast<float2*>(page + L.param(kind ? L.v_params : L.k_params, slot, h)) =
-        make_float2(scale, zero);
-  }
+  // Lane-strided row: x[k] is element lane + 32 k (increasing with k, as quantize_row needs).
+  const auto index = [&](int k) {
+    const int i = lane + 32 * k;
+    return i < D ? i : -1;
+  };
+  kvq::quantize_row<kBits>(x, index, L, page, slot, h, kind, lane, sw);
 }
 
 __global__ void __launch_bounds__(kWriteWarps * 32) kv_write_kernel(const KvWriteParams p) {
-  __shared__ uint32_t row_words[kWriteWarps][kMaxHeadDim * 16 / 32];
+  __shared__ uint32_t row_words[kWriteWarps][kvq::kRowWords];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int H = p.pool.geometry.num_kv_heads, D = p.pool.geometry.head_dim;
   const int64_t task = int64_t{blockIdx.x} * kWriteWarps + warp;  // (row, head, K|V)
