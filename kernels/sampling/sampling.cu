@@ -1,0 +1,486 @@
+// Token sampling, one CTA of 1024 threads per row. Mirrors engine/sampling/sampler.cpp step for
+// step; see sampling.h for the contract. Outline of a row:
+//  1. penalties on the row's history entries (IEEE ops in the CPU's order, written back);
+//  2. greedy: one argmax pass, lowest id on ties (NaN as -inf), done;
+//  3. otherwise one pass divides by the temperature (written back) and finds the maximum and
+//     the number of candidates (logit > -inf); if the maximum is +inf, the candidates become
+//     the +inf tokens with logit 0 (the CPU's uniform distribution over them);
+//  4. top-k: radix selection (11 + 11 + 10 bits of an order-preserving key, shared-memory
+//     histograms of counts) of the k-th largest logit; kept: logit >= it;
+//  5. probabilities w = expf(logit - max) in [0, 1], as fixed-point integers m(w) = rn(w 2^40):
+//     sums are exact and independent of the order of the atomics, so a row is deterministic;
+//  6. top-p: the same radix selection over the bits of w (non-negative floats order as their
+//     bits) weighted by m(w) finds the boundary probability tau: mass(w > tau) < target <=
+//     mass(w >= tau), target = ceil(top_p * total); of the tokens tied at tau the ones with the
+//     lowest ids are kept, as many as the CPU's (probability desc, id asc) order needs;
+//  7. min-p: w >= min_p (the top token has w = 1);
+//  8. draw: u from Philox (curand_init(seed, 0, offset), curand_uniform), r = ceil(u * kept mass);
+//     the token is the first id whose inclusive prefix of kept mass reaches r (block scan over
+//     per-thread contiguous chunks, then one warp rescans the chunk that holds r).
+// The passes re-read the row (a 256K-token row is 1 MiB, L2 resident) and recompute w; nothing
+// sorts, and no pass allocates: histograms and scan scratch live in 25 KB of shared memory.
+#include <curand_kernel.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/sampling/sampling.h"
+
+namespace pmkv::kernels {
+
+namespace {
+
+using u64 = unsigned long long;
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+// Radix digits of the 32-bit keys, most significant first.
+constexpr int kPasses = 3;
+constexpr int kMaxBins = 2048;
+// Fixed point of probabilities: w in [0, 1] -> rn(w * 2^40). A row's total is at most
+// kMaxSamplingVocab * 2^40 = 2^62, so no sum overflows a u64.
+constexpr float kFixedScale = 1099511627776.0f;  // 2^40
+static_assert(kThreads * 2 == kMaxBins, "the bin scan gives each thread two bins");
+
+__device__ __forceinline__ float neg_inf() {
+  return __int_as_float(0xff800000);
+}
+__device__ __forceinline__ float pos_inf() {
+  return __int_as_float(0x7f800000);
+}
+
+struct Smem {
+  u64 mass[kMaxBins];      // per-digit mass (or count) of the selection pass
+  uint32_t cnt[kMaxBins];  // per-digit count (mass selections only)
+  u64 warp_u64[kWarps];
+  float warp_f[kWarps];
+  int32_t warp_i[kWarps];
+  // Broadcast slots, each written by one thread between two barriers.
+  u64 sel_above;
+  u64 cross_base;
+  uint32_t sel_bin;
+  int32_t cross_owner;
+  int32_t cross_found;
+  float uniform;
+};
+
+// ---- Block primitives. Each ends with a barrier so that its scratch can be reused at once. ----
+
+__device__ __forceinline__ u64 warp_incl_scan(u64 x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const u64 y = __shfl_up_sync(kFull, x, off);
+    if (lane >= off) x += y;
+  }
+  return x;
+}
+
+// Exclusive prefix sum over the block in thread order; *total gets the block's sum.
+__device__ u64 block_excl_scan(u64 x, u64* total, Smem& s) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const u64 incl = warp_incl_scan(x);
+  if (lane == 31) s.warp_u64[warp] = incl;
+  __syncthreads();
+  if (warp == 0) s.warp_u64[lane] = warp_incl_scan(s.warp_u64[lane]);
+  __syncthreads();
+  const u64 before = warp == 0 ? 0ull : s.warp_u64[warp - 1];
+  *total = s.warp_u64[kWarps - 1];
+  __syncthreads();
+  return before + incl - x;
+}
+
+__device__ u64 block_sum(u64 x, Smem& s) {
+  u64 total;
+  block_excl_scan(x, &total, s);
+  return total;
+}
+
+__device__ float block_max(float x, Smem& s) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
+  if (lane == 0) s.warp_f[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float m = s.warp_f[0];
+  for (int w = 1; w < kWarps; ++w)
+    m = fmaxf(m, s.warp_f[w]);
+  __syncthreads();
+  return m;
+}
+
+// (value, id) is better than (bv, bi) when larger, or equal with a lower id.
+__device__ __forceinline__ bool better(float v, int32_t i, float bv, int32_t bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+// The id of the block's best (value, id) pair.
+__device__ int32_t block_argmax(float v, int32_t i, Smem& s) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(kFull, v, off);
+    const int32_t oi = __shfl_xor_sync(kFull, i, off);
+    if (better(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+  if (lane == 0) {
+    s.warp_f[threadIdx.x >> 5] = v;
+    s.warp_i[threadIdx.x >> 5] = i;
+  }
+  __syncthreads();
+  float bv = s.warp_f[0];
+  int32_t bi = s.warp_i[0];
+  for (int w = 1; w < kWarps; ++w) {
+    if (better(s.warp_f[w], s.warp_i[w], bv, bi)) {
+      bv = s.warp_f[w];
+      bi = s.warp_i[w];
+    }
+  }
+  __syncthreads();
+  return bi;
+}
+
+// ---- Keys and probabilities. ----
+
+// Order-preserving map of a float (not NaN) to uint32; -0 is first made +0 so that the two
+// zeros, equal as floats (what the CPU compares), get one key.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) != 0 ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ u64 fixed_mass(float w) {
+  return __float2ull_rn(__fmul_rn(w, kFixedScale));  // exact scaling by a power of two
+}
+
+// ---- Selection. ----
+
+struct Selection {
+  uint32_t key;    // the boundary key
+  u64 need;        // what was asked for
+  u64 above;       // amount of the items with a larger key
+  uint32_t count;  // items with exactly this key (when counted)
+};
+
+// Descending radix selection over the items i in [0, vocab): item(i, &key) returns the item's
+// amount (0: not an item) and sets its key. Finds the key K with
+//   amount(key > K) < need <= amount(key >= K),
+// need = need_of(total amount), which must lie in [1, total]. Each pass histograms one digit of
+// the items that match the digits chosen so far; the invariant 1 <= need - above <= amount of
+// the matching items holds after every pass, so exactly one bin is chosen. kCount also counts
+// the items per bin (the count of the final key is returned).
+template <bool kCount, class Item, class NeedOf>
+__device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& need_of, Smem& s) {
+  uint32_t prefix = 0;
+  u64 above = 0;
+  u64 need = 0;
+  uint32_t count = 0;
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    // Digits of 11, 11 and 10 bits: [31:21], [20:10], [9:0].
+    const int width = pass < 2 ? 11 : 10;
+    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    const int nbins = 1 << width;
+    for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
+      s.mass[b] = 0;
+      if constexpr (kCount) s.cnt[b] = 0;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int32_t i = threadIdx.x; i < vocab; i += kThreads) {
+      uint32_t key = 0;
+      const u64 a = item(i, &key);
+      if (a == 0) continue;
+      if (pass > 0 && (key >> (shift + width)) != prefix) continue;
+      const uint32_t d = (key >> shift) & static_cast<uint32_t>(nbins - 1);
+      atomicAdd(&s.mass[d], a);
+      if constexpr (kCount) atomicAdd(&s.cnt[d], 1u);
+    }
+    __syncthreads();
+    // Thread t looks at the bins of descending rank 2t and 2t + 1.
+    const int r0 = 2 * static_cast<int>(threadIdx.x);
+    const int b0 = nbins - 1 - r0;
+    const int b1 = b0 - 1;
+    const u64 a0 = r0 < nbins ? s.mass[b0] : 0;
+    const u64 a1 = r0 + 1 < nbins ? s.mass[b1] : 0;
+    u64 total;
+    const u64 excl = block_excl_scan(a0 + a1, &total, s);
+    if (pass == 0) need = need_of(total);
+    const u64 rem = need - above;
+    if (a0 != 0 && excl < rem && rem <= excl + a0) {
+      s.sel_bin = static_cast<uint32_t>(b0);
+      s.sel_above = excl;
+    } else if (a1 != 0 && excl + a0 < rem && rem <= excl + a0 + a1) {
+      s.sel_bin = static_cast<uint32_t>(b1);
+      s.sel_above = excl + a0;
+    }
+    __syncthreads();
+    const uint32_t bin = s.sel_bin;
+    above += s.sel_above;
+    if constexpr (kCount) count = s.cnt[bin];
+    prefix = (prefix << width) | bin;
+    __syncthreads();  // the next pass clears the histograms and rewrites the slots
+  }
+  return {prefix, need, above, count};
+}
+
+// The smallest id i with amount(0) + ... + amount(i) >= need_of(total amount), need in
+// [1, total]. Thread t sums a contiguous chunk of ids, a block scan finds the chunk that
+// holds the crossing, and warp 0 rescans that chunk 32 ids at a time. amount must give the same
+// value on every call (it is a pure function of the row), so the rescan crosses where the scan
+// said it would.
+template <class Amount, class NeedOf>
+__device__ int32_t find_crossing(int32_t vocab, const Amount& amount, const NeedOf& need_of,
+                                 Smem& s) {
+  const int32_t chunk = (vocab + kThreads - 1) / kThreads;
+  const int32_t lo = min(static_cast<int32_t>(threadIdx.x) * chunk, vocab);
+  const int32_t hi = min(lo + chunk, vocab);
+  u64 sum = 0;
+  for (int32_t i = lo; i < hi; ++i)
+    sum += amount(i);
+  if (threadIdx.x == 0) s.cross_owner = 0;  // ordered before the winner's write by the scan
+  u64 total;
+  const u64 excl = block_excl_scan(sum, &total, s);
+  const u64 need = need_of(total);
+  if (sum != 0 && excl < need && need <= excl + sum) {
+    s.cross_owner = static_cast<int32_t>(threadIdx.x);
+    s.cross_base = excl;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int32_t olo = s.cross_owner * chunk;
+    const int32_t ohi = min(olo + chunk, vocab);
+    u64 base = s.cross_base;
+    int32_t found = -1;
+    for (int32_t b = olo; b < ohi; b += 32) {  // warp-uniform trip count
+      const int32_t i = b + lane;
+      const u64 a = i < ohi ? amount(i) : 0;
+      const u64 incl = warp_incl_scan(a);
+      const unsigned hit = __ballot_sync(kFull, a != 0 && base + incl >= need);
+      if (hit != 0) {
+        found = b + __ffs(hit) - 1;
+        break;
+      }
+      base += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0) s.cross_found = found < 0 ? olo : found;  // found < 0 cannot happen
+  }
+  __syncthreads();
+  const int32_t result = s.cross_found;
+  __syncthreads();
+  return result;
+}
+
+// ---- The kernel. ----
+
+__global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLaunch p) {
+  __shared__ Smem s;
+  const int32_t row = static_cast<int32_t>(blockIdx.x);
+  const int32_t vocab = p.vocab;
+  const SamplingRow prm = p.params[row];
+  float* const logits = p.logits + static_cast<int64_t>(row) * vocab;
+  const int tid = static_cast<int>(threadIdx.x);
+
+  // 1. Penalties, exactly Sampler::apply_penalties (history ids are distinct, so no two threads
+  // touch one logit). Repetition over prompt-or-output tokens, then frequency and presence over
+  // output tokens, as two roundings like the CPU's two `-=`.
+  const float rep = prm.repetition_penalty;
+  const float freq = prm.frequency_penalty;
+  const float pres = prm.presence_penalty;
+  const bool do_rep = rep != 1.0f;
+  const bool do_freq_pres = freq != 0.0f || pres != 0.0f;
+  if (p.hist_starts != nullptr && (do_rep || do_freq_pres)) {
+    const int32_t begin = p.hist_starts[row];
+    const int32_t end = p.hist_starts[row + 1];
+    for (int32_t j = begin + tid; j < end; j += kThreads) {
+      const int32_t id = p.hist_ids[j];
+      const int32_t count = p.hist_output_counts[j];
+      float l = logits[id];
+      if (do_rep && (p.hist_in_prompt[j] != 0 || count > 0))
+        l = l > 0.0f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
+      if (do_freq_pres && count > 0) {
+        l = __fsub_rn(l, __fmul_rn(freq, static_cast<float>(count)));
+        l = __fsub_rn(l, pres);
+      }
+      logits[id] = l;
+    }
+    __syncthreads();  // makes the writes visible to the threads that read those logits below
+  }
+
+  // 2. Greedy: argmax with NaN as -inf; (-inf, lowest id) when nothing is finite, i.e. token 0.
+  if (prm.temperature < 1e-5f) {
+    float bv = neg_inf();
+    int32_t bi = INT_MAX;
+#pragma unroll 8
+    for (int32_t i = tid; i < vocab; i += kThreads) {
+      const float l = logits[i];
+      const float v = l == l ? l : neg_inf();
+      if (better(v, i, bv, bi)) {
+        bv = v;
+        bi = i;
+      }
+    }
+    const int32_t best = block_argmax(bv, bi, s);
+    if (tid == 0) p.out_tokens[row] = best;
+    return;
+  }
+
+  if (tid == 0) {
+    curandStatePhilox4_32_10_t state;
+    curand_init(prm.seed, 0ull, prm.offset, &state);
+    s.uniform = curand_uniform(&state);  // in (0, 1]
+  }
+
+  // 3. Temperature (written back), maximum, candidates.
+  const bool scale = prm.temperature != 1.0f;
+  float lmax = neg_inf();
+  u64 ncand = 0;
+  u64 nposinf = 0;
+#pragma unroll 4
+  for (int32_t i = tid; i < vocab; i += kThreads) {
+    float l = logits[i];
+    if (scale) {
+      l = __fdiv_rn(l, prm.temperature);
+      logits[i] = l;
+    }
+    if (l > neg_inf()) {  // false for NaN
+      ++ncand;
+      nposinf += l == pos_inf() ? 1 : 0;
+      lmax = fmaxf(lmax, l);
+    }
+  }
+  float vmax = block_max(lmax, s);
+  ncand = block_sum(ncand, s);
+  nposinf = block_sum(nposinf, s);
+  if (ncand == 0) {
+    if (tid == 0) p.out_tokens[row] = 0;
+    return;
+  }
+  // The barriers above ordered every thread's logits writes before the reads below.
+  const bool inf_mode = vmax == pos_inf();
+  if (inf_mode) {
+    ncand = nposinf;
+    vmax = 0.0f;
+  }
+  // A token's logit as the filters see it: -inf for non-candidates.
+  auto value = [&](int32_t i) -> float {
+    const float l = logits[i];
+    if (inf_mode) return l == pos_inf() ? 0.0f : neg_inf();
+    return l == l ? l : neg_inf();
+  };
+
+  // 4. top-k on the logits: keep v >= the k-th largest (ties kept). In inf mode every
+  // candidate is 0, so top-k keeps them all.
+  float kth = neg_inf();
+  const int32_t k = prm.top_k;
+  if (!inf_mode && k > 0 && static_cast<u64>(k) < ncand) {
+    auto item = [&](int32_t i, uint32_t* key) -> u64 {
+      const float v = value(i);
+      if (!(v > neg_inf())) return 0;
+      *key = order_key(v);
+      return 1;
+    };
+    const Selection sel = select_desc<false>(
+        vocab, item, [k](u64) { return static_cast<u64>(k); }, s);
+    kth = key_value(sel.key);
+  }
+
+  // 5. Probabilities of the top-k survivors; 0 (and no key) for the others.
+  auto weight = [&](int32_t i, float* w) -> bool {
+    const float v = value(i);
+    if (!(v > neg_inf()) || v < kth) return false;
+    *w = expf(__fsub_rn(v, vmax));
+    return true;
+  };
+
+  // 6. top-p: tau and, for the tokens tied at tau, the last id kept.
+  const bool use_p = prm.top_p < 1.0f;
+  uint32_t tau = 0;
+  int32_t tie_last = INT_MAX;
+  if (use_p) {
+    // Tokens whose mass rounds to 0 never reach the boundary (the total is carried by the
+    // others and target < total), so they are no items and end up dropped.
+    auto item = [&](int32_t i, uint32_t* key) -> u64 {
+      float w;
+      if (!weight(i, &w)) return 0;
+      *key = __float_as_uint(w);
+      return fixed_mass(w);
+    };
+    const float top_p = prm.top_p;
+    // The CPU keeps the head while its mass is < top_p * total; in integers: mass >= ceil().
+    auto need_of = [top_p](u64 total) {
+      const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
+      const u64 need = static_cast<u64>(t);
+      return need < 1 ? 1ull : (need > total ? total : need);
+    };
+    const Selection sel = select_desc<true>(vocab, item, need_of, s);
+    tau = sel.key;
+    const u64 unit = fixed_mass(__uint_as_float(tau));  // > 0: tau's bin had mass
+    // Tied tokens (id ascending) needed after the mass above tau: 1 <= m <= sel.count.
+    const u64 m = (sel.need - sel.above + unit - 1) / unit;
+    if (m < sel.count) {
+      auto tied = [&](int32_t i) -> u64 {
+        float w;
+        return weight(i, &w) && __float_as_uint(w) == tau ? 1ull : 0ull;
+      };
+      tie_last = find_crossing(
+          vocab, tied, [m](u64) { return m; }, s);
+    }
+  }
+
+  // 7-8. min-p and the draw over what is kept, in id order.
+  const float min_p = prm.min_p;
+  auto kept_mass = [&](int32_t i) -> u64 {
+    float w;
+    if (!weight(i, &w)) return 0;
+    if (use_p) {
+      const uint32_t key = __float_as_uint(w);
+      if (key < tau || (key == tau && i > tie_last)) return 0;
+    }
+    if (min_p > 0.0f && w < min_p) return 0;
+    return fixed_mass(w);
+  };
+  const float u = s.uniform;  // written before the barriers of step 3
+  auto need_of_draw = [u](u64 total) {
+    // total >= 2^40: the top token (w = 1) survives every filter.
+    const u64 r = static_cast<u64>(ceil(static_cast<double>(u) * static_cast<double>(total)));
+    return r < 1 ? 1ull : (r > total ? total : r);
+  };
+  const int32_t token = find_crossing(vocab, kept_mass, need_of_draw, s);
+  if (tid == 0) p.out_tokens[row] = token;
+}
+
+}  // namespace
+
+int64_t sampling_workspace_bytes(int32_t /*rows*/, int32_t /*vocab*/) {
+  return 0;
+}
+
+cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream) {
+  if (launch.rows == 0) return cudaSuccess;
+  if (launch.rows < 0 || launch.vocab < 1 || launch.vocab > kMaxSamplingVocab ||
+      launch.logits == nullptr || launch.params == nullptr || launch.out_tokens == nullptr ||
+      launch.workspace_bytes < sampling_workspace_bytes(launch.rows, launch.vocab)) {
+    return cudaErrorInvalidValue;
+  }
+  if (launch.hist_starts != nullptr &&
+      (launch.hist_ids == nullptr || launch.hist_output_counts == nullptr ||
+       launch.hist_in_prompt == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  sampling_kernel<<<launch.rows, kThreads, 0, stream>>>(launch);
+  return cudaGetLastError();
+}
+
+}  // namespace pmkv::kernels

@@ -1,0 +1,65 @@
+#pragma once
+// On-GPU token selection for a batch of rows of logits, with the CPU Sampler's semantics
+// (engine/sampling/sampler.cpp): repetition penalty -> frequency and presence penalties ->
+// greedy argmax (lowest id on ties) | temperature -> top-k -> top-p -> min-p -> one seeded draw.
+// NaN logits count as -inf; a row without a finite logit answers token 0.
+//
+// One CTA per row; asynchronous on the stream, no host synchronization, no allocation, so a
+// launch can be captured in a CUDA graph. The kept set of a row is the CPU's (top-k keeps ties at
+// the k-th value; top-p keeps the shortest head in (probability desc, id asc) order whose mass
+// reaches top_p; min-p drops p < min_p * p_max), up to the rounding of expf (at most 2 ulp on the
+// GPU) and of the probability sums (fixed point with 2^-40 resolution on the GPU, double on the
+// CPU): a token whose membership depends on a margin below about 1e-6 of the row's mass may be
+// decided differently. The draw itself differs from the CPU's (Philox, not mt19937).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pmkv::kernels {
+
+// One row's parameters: the SamplingParams fields, plus where its random number comes from.
+struct SamplingRow {
+  float temperature;  // < 1e-5: greedy
+  int32_t top_k;      // <= 0: disabled
+  float top_p;        // >= 1: disabled
+  float min_p;        // <= 0: disabled
+  float repetition_penalty;
+  float presence_penalty;
+  float frequency_penalty;
+  int32_t pad;
+  uint64_t seed;    // Philox key of the row's sequence
+  uint64_t offset;  // Philox counter: tokens the sequence has sampled so far, so a seeded
+                    // sequence gets the same tokens whatever else is in the batch
+};
+
+struct SamplingLaunch {
+  float* logits = nullptr;  // device [rows, vocab] fp32; rewritten in place: penalties, then
+                            // (non-greedy rows only) the division by a temperature != 1
+  int32_t rows = 0;
+  int32_t vocab = 0;                    // 1 .. kMaxSamplingVocab
+  const SamplingRow* params = nullptr;  // device [rows]
+  // Penalty history, CSR over rows (device), or hist_starts == nullptr when no row has a penalty.
+  // Row r's entries are [hist_starts[r], hist_starts[r + 1]), each a DISTINCT token id of the
+  // row's prompt or output with its number of occurrences among the generated tokens (0 for a
+  // prompt-only token) and whether it occurs in the prompt.
+  const int32_t* hist_starts = nullptr;         // [rows + 1]
+  const int32_t* hist_ids = nullptr;            // [hist_starts[rows]], in [0, vocab)
+  const int32_t* hist_output_counts = nullptr;  // [hist_starts[rows]]
+  const uint8_t* hist_in_prompt = nullptr;      // [hist_starts[rows]], 0 or 1
+  int32_t* out_tokens = nullptr;                // device [rows]
+  void* workspace = nullptr;  // sampling_workspace_bytes(rows, vocab) bytes (may be nullptr if 0)
+  int64_t workspace_bytes = 0;
+};
+
+inline constexpr int32_t kMaxSamplingVocab = 1 << 22;
+
+// Device scratch that launch_sampling needs for this shape. Currently 0 (everything lives in
+// shared memory); callers still pass what it asks for so that the kernel may grow into it.
+int64_t sampling_workspace_bytes(int32_t rows, int32_t vocab);
+
+// Samples one token per row into out_tokens. cudaErrorInvalidValue for a bad shape, a missing
+// pointer or a workspace smaller than sampling_workspace_bytes; otherwise the launch status.
+// rows == 0 launches nothing.
+cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream);
+
+}  // namespace pmkv::kernels
