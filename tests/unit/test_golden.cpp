@@ -2,13 +2,19 @@
 // (tests/fixtures/golden/<model>/, made by tools/make_golden.py). Logits of every prompt position
 // and a 32-token greedy continuation were recorded by transformers in float32 from the bf16 weights.
 //
+// Models: llama_gqa, qwen2_bias_tied, mistral, llama31_rope (head_dim 16-32), and llama_gqa_d64,
+// qwen2_bias_tied_d64, mistral_swa_d128, llama31_rope_d64 (head_dim 64/128, group <= 8: shapes the
+// CUDA kernels take; vocab 256).
+//
 // Bound: max |logit difference| <= 5e-4 (kLogitTolerance). Both sides compute in fp32 on the same
 // bf16-rounded weights; what remains is fp32 summation order, fp32 RoPE angles at long positions and
-// our 16-bit KV codes (step = range / 65535). Measured: <= 8.3e-6 on prompts of up to 60 tokens and
-// 8.7e-5 on the 1,111-token llama3-rope prompt. Any functional difference (a wrong RoPE pair,
-// scaling, bias, norm or mask) moves logits by > 1e-2 (a sliding window off by one: 1.8). The
-// recorded greedy continuations have top-2 margins >= 2.2e-3 > 2 x the bound, so equal tokens are
-// a fair requirement.
+// our 16-bit KV codes (step = range / 65535). Measured (whole-prompt prefill): <= 8.7e-6 on
+// prompts of up to 60 tokens, 8.7e-5 on the 1,111-token llama31_rope prompt and 1.1e-5 on the
+// 1,100-token llama31_rope_d64 one; chunked prefill, which reads earlier tokens back from the
+// 16-bit KV codes: <= 3.6e-4 (llama31_rope; <= 1.9e-4 on the others). Any functional difference
+// (a wrong RoPE pair, scaling, bias, norm or mask) moves logits by > 1e-2 (a sliding window off by
+// one: 0.87-1.8). The recorded greedy continuations have top-2 margins >= 2.0e-3 > 2 x the bound,
+// so equal tokens are a fair requirement.
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -115,7 +121,10 @@ int32_t argmax(std::span<const float> v) {
   return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
 }
 
-const char* const kModels[] = {"llama_gqa", "qwen2_bias_tied", "mistral", "llama31_rope"};
+// The *_d64 / *_d128 fixtures have shapes the CUDA kernels take (head_dim 64 or 128, group <= 8).
+const char* const kModels[] = {"llama_gqa",        "qwen2_bias_tied", "mistral",
+                               "llama31_rope",     "llama_gqa_d64",   "qwen2_bias_tied_d64",
+                               "mistral_swa_d128", "llama31_rope_d64"};
 
 }  // namespace
 
