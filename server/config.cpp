@@ -264,6 +264,7 @@ void read_engine_and_logging(const YAML::Node& root, ServerConfig& c) {
   c.engine.threads = static_cast<int32_t>(e.integer("threads", 0, 4096, "an integer >= 0"));
   c.engine.max_model_len =
       static_cast<int32_t>(e.integer("max_model_len", 0, big, "an integer >= 0"));
+  c.engine.device = parse_device(e.choice("device", {"auto", "cpu", "cuda"}), "engine.device");
   e.done();
   Section l(root, "logging");
   c.logging.level =
@@ -309,6 +310,7 @@ EngineOptions ServerConfig::engine_options() const {
   o.kv = kv_cache;
   o.kv_memory_bytes = kv_memory_bytes;
   o.num_threads = engine.threads;
+  o.device = engine.device;
   o.max_model_len = engine.max_model_len;
   return o;
 }

@@ -36,6 +36,7 @@ struct ServerConfig {
   struct Engine {
     int32_t threads = 0;
     int32_t max_model_len = 0;
+    Device device = Device::kAuto;  // auto: cuda when a GPU is present
   } engine;
   struct Logging {
     std::string level;

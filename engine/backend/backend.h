@@ -8,8 +8,21 @@
 
 #include "engine/backend/step_batch.h"
 #include "engine/model/model_config.h"
+#include "engine/sampling/sampling_params.h"
 
 namespace pmkv {
+
+// What a backend that samples on the device needs to pick one logit row's token: the request's
+// parameters, the sequence's seed and how many tokens it has sampled so far (together they fix the
+// random draw, so a seeded request gives the same tokens whatever else is in the batch), and the
+// history its penalties read.
+struct DeviceSampling {
+  const SamplingParams* params = nullptr;
+  uint64_t seed = 0;
+  uint64_t sampled = 0;
+  std::span<const int32_t> prompt_ids;
+  std::span<const int32_t> output_ids;
+};
 
 class Backend {
  public:
@@ -19,6 +32,15 @@ class Backend {
   // Runs the step: writes the K/V of every row into its page slot, and the logits of
   // batch.logit_rows into `logits` ([logit_rows.size(), vocab_size] row-major).
   virtual void forward(const StepBatch& batch, std::span<float> logits) = 0;
+  // Device-side sampling: a backend that can (samples_on_device()) runs the step and picks one
+  // token per logit row (rows[i] for batch.logit_rows[i]) without copying logits back. Same
+  // semantics as Sampler, except the random source (seed + sampled count, not Sampler's RNG).
+  virtual bool samples_on_device() const { return false; }
+  virtual void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
+                              std::span<int32_t> tokens);
+  // Memory the backend holds for the weights and for the KV pool (start-up log, metrics).
+  virtual int64_t weight_bytes() const = 0;
+  virtual int64_t kv_pool_bytes() const = 0;
 };
 
 }  // namespace pmkv

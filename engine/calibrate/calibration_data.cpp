@@ -46,7 +46,7 @@ CalibrationSet make_calibration_set(const std::vector<int32_t>& tokens,
 std::vector<float> forward_sample(LocalModel& model, const std::vector<int32_t>& sample,
                                   int32_t stretch, bool want_logits) {
   const int64_t len = static_cast<int64_t>(sample.size());
-  CpuBackend& backend = model.backend(len + 64);
+  CpuBackend& backend = model.cpu_backend(len + 64);
   kv::KvCacheManager& kv = model.kv_manager(len + 64);
   constexpr kv::SeqId kSeq = 0;
   const SeqChunk chunk{kSeq, sample,

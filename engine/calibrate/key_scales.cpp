@@ -76,7 +76,7 @@ PerLayer measure_key_maxima(LocalModel& model, const CalibrationSet& data,
   const auto& cfg = model.config;
   const int64_t H = cfg.num_kv_heads, d = cfg.head_dim, half = d / 2;
   PerLayer maxima(cfg.num_layers, std::vector<float>(H * half, 0.0f));
-  CpuBackend& backend = model.backend(static_cast<int64_t>(data.samples.front().size()) + 64);
+  CpuBackend& backend = model.cpu_backend(static_cast<int64_t>(data.samples.front().size()) + 64);
   backend.set_attention_probe([&](int32_t layer, int64_t rows, float*, float* k, float*,
                                   int64_t stride) {
     auto& m = maxima[layer];
@@ -167,7 +167,7 @@ RepScales search_rep_scales(LocalModel& model, const CalibrationSet& data,
   const auto& cfg = model.config;
   const int32_t layers = static_cast<int32_t>(cfg.num_layers);
   const int64_t qw = cfg.q_width(), kvw = cfg.kv_width();
-  CpuBackend& backend = model.backend(static_cast<int64_t>(data.samples.front().size()) + 64);
+  CpuBackend& backend = model.cpu_backend(static_cast<int64_t>(data.samples.front().size()) + 64);
   // Full-precision inputs of every layer for every sample (one forward per sample).
   std::vector<std::vector<LayerInputs>> inputs(layers);
   backend.set_attention_probe(

@@ -54,7 +54,7 @@ Sensitivity measure_sensitivity(LocalModel& model, const CalibrationSet& data,
   const int64_t total = static_cast<int64_t>(data.samples.size()) * layers * o.bits.size() * 2;
   int64_t done = 0;
   const int64_t max_len = static_cast<int64_t>(data.samples.front().size());
-  CpuBackend& backend = model.backend(max_len + 64);
+  CpuBackend& backend = model.cpu_backend(max_len + 64);
   for (const auto& sample : data.samples) {
     backend.set_attention_probe(nullptr);
     const std::vector<float> fp = forward_sample(model, sample, data.stretch, true);

@@ -85,6 +85,8 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
   ReleaseGuard guard{kv_, seqs};
 
   std::vector<float> logits;
+  std::vector<DeviceSampling> sampling_rows;
+  std::vector<int32_t> device_tokens;
   std::vector<SeqChunk> chunks;
   std::vector<size_t> chunk_seq;  // chunks[k] belongs to seqs[chunk_seq[k]]
   using Clock = std::chrono::steady_clock;
@@ -119,8 +121,22 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
       throw Error("the KV cache pool is too small for this batch (" +
                   std::to_string(kv_.pool().num_free()) + " free pages)");
     }
-    logits.resize(batch->logit_rows.size() * static_cast<size_t>(vocab));
-    backend_.forward(*batch, logits);
+    // On a backend that samples on the device, logits stay there; the host gets tokens.
+    const bool on_device = backend_.samples_on_device();
+    if (on_device) {
+      sampling_rows.clear();
+      for (size_t k = 0; k < chunks.size(); ++k) {
+        if (chunks[k].logits == SeqChunk::Logits::kNone) continue;
+        const Sequence& s = seqs[chunk_seq[k]];
+        sampling_rows.push_back({&s.request->params, s.sampler.seed(), s.output.size(),
+                                 s.request->prompt_ids, s.output});
+      }
+      device_tokens.resize(sampling_rows.size());
+      backend_.forward_sample(*batch, sampling_rows, device_tokens);
+    } else {
+      logits.resize(batch->logit_rows.size() * static_cast<size_t>(vocab));
+      backend_.forward(*batch, logits);
+    }
     kv_.end_step();
 
     auto finish = [&](size_t i, const StopUpdate& u) {
@@ -157,8 +173,10 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
       const size_t this_row = row++;
       if (ended[k]) continue;
       Sequence& s = seqs[chunk_seq[k]];
-      const std::span<float> l(logits.data() + this_row * vocab, vocab);
-      const int32_t token = s.sampler.sample(l, s.request->prompt_ids, s.output);
+      const int32_t token =
+          on_device ? device_tokens[this_row]
+                    : s.sampler.sample(std::span<float>(logits.data() + this_row * vocab, vocab),
+                                       s.request->prompt_ids, s.output);
       s.output.push_back(token);
       std::string text;
       if (s.detok) {

@@ -46,6 +46,7 @@ std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir) {
 LocalModel::LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
     : config(std::move(c)), weights(std::move(w)), options_(std::move(o)) {
   options_.kv.validate();
+  options_.device = resolve_device(options_.device);
   geometry_ = kv::resolve_geometry(options_.kv, static_cast<int32_t>(config.num_kv_heads),
                                    static_cast<int32_t>(config.head_dim));
   budgets_ =
@@ -84,13 +85,12 @@ void LocalModel::ensure_capacity(int64_t tokens) {
   const int64_t num_pages = pages_per_layer * config.num_layers;
   kv_.reset();
   backend_.reset();
-  backend_ = std::make_unique<CpuBackend>(config, weights, g, static_cast<int32_t>(num_pages),
-                                          CpuBackendOptions{options_.num_threads});
+  backend_ = make_backend({.device = options_.device, .num_threads = options_.num_threads}, config,
+                          &weights, g, static_cast<int32_t>(num_pages), key_scales_);
   kv_ =
       std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
                                            static_cast<int32_t>(num_pages), options_.kv, budgets_);
   capacity_tokens_ = tokens;
-  if (!key_scales_.empty()) backend_->fold_key_scales(key_scales_);
   spdlog::debug("KV pool: {} pages of {} bytes ({} MiB)", num_pages, kv::page_bytes(g),
                 backend_->kv_pool_bytes() >> 20);
 }
@@ -132,9 +132,20 @@ PerplexityResult LocalModel::perplexity(std::span<const int32_t> tokens,
   return evaluate_perplexity(*backend_, *kv_, tokens, options);
 }
 
-CpuBackend& LocalModel::backend(int64_t tokens) {
+Backend& LocalModel::backend(int64_t tokens) {
   ensure_capacity(tokens);
   return *backend_;
+}
+
+CpuBackend& LocalModel::cpu_backend(int64_t tokens) {
+  ensure_capacity(tokens);
+  auto* cpu = dynamic_cast<CpuBackend*>(backend_.get());
+  if (cpu == nullptr) {
+    throw InvalidArgument(std::string("this needs the cpu device (it probes the CPU backend); "
+                                      "the model runs on ") +
+                          device_name(options_.device));
+  }
+  return *cpu;
 }
 
 kv::KvCacheManager& LocalModel::kv_manager(int64_t tokens) {

@@ -8,6 +8,7 @@
 #include <span>
 #include <vector>
 
+#include "engine/backend/backend_factory.h"
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/kv/kv_cache_manager.h"
 #include "engine/model/model_config.h"
@@ -19,8 +20,9 @@
 namespace pmkv {
 
 struct LocalModelOptions {
-  int32_t num_threads = 0;  // 0: every core
-  kv::KvCacheConfig kv;     // page size, bit ladder, sink/window, policy, budgets, key scales
+  int32_t num_threads = 0;       // 0: every core
+  Device device = Device::kCpu;  // the CLI and server default to auto (cuda when a GPU is present)
+  kv::KvCacheConfig kv;          // page size, bit ladder, sink/window, policy, budgets, key scales
 };
 
 class LocalModel {
@@ -41,8 +43,12 @@ class LocalModel {
   PerplexityResult perplexity(std::span<const int32_t> tokens, PerplexityOptions options);
   const kv::KvCacheManager* kv() const { return kv_.get(); }
   // The backend and KV manager, sized for at least `tokens` tokens (calibration drives steps
-  // itself through these).
-  CpuBackend& backend(int64_t tokens);
+  // itself through these; it needs the CPU backend's probes: cpu_backend() throws
+  // InvalidArgument on another device).
+  Backend& backend(int64_t tokens);
+  CpuBackend& cpu_backend(int64_t tokens);
+  // The device the backend runs on (auto resolved at open).
+  Device device() const { return options_.device; }
   kv::KvCacheManager& kv_manager(int64_t tokens);
   const kv::PageGeometry& kv_geometry() const { return geometry_; }
   const std::vector<int64_t>& kv_budgets() const { return budgets_; }
@@ -58,7 +64,7 @@ class LocalModel {
   kv::PageGeometry geometry_;
   std::vector<int64_t> budgets_;
   std::vector<std::vector<float>> key_scales_;  // [layers][kv_width], empty = none
-  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Backend> backend_;
   std::unique_ptr<kv::KvCacheManager> kv_;
   int64_t capacity_tokens_ = 0;
   GenerationTimings timings_;

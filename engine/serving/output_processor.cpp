@@ -14,8 +14,14 @@ double seconds(Sequence::Clock::duration d) {
 
 }  // namespace
 
-TokenEvent OutputProcessor::sample(Sequence& s, std::span<float> logits) {
+TokenEvent OutputProcessor::sample(Sequence& s, Pick pick) {
   TokenEvent ev;
+  if (pick.token) {  // sampled on the device; the engine only does that without logprobs
+    ev.token_id = *pick.token;
+    s.tokens.push_back(ev.token_id);
+    return ev;
+  }
+  const std::span<float> logits = pick.logits;
   const int32_t k = s.request.logprobs;
   // Log-probabilities come from the raw logits; sample() rewrites the row (penalties, temperature).
   if (k >= 0) raw_.assign(logits.begin(), logits.end());
@@ -36,8 +42,8 @@ std::string OutputProcessor::detokenize(Sequence& s, int32_t token) {
   return text;
 }
 
-bool OutputProcessor::on_logits(Sequence& s, std::span<float> logits, Clock::time_point now) {
-  TokenEvent ev = sample(s, logits);
+bool OutputProcessor::on_logits(Sequence& s, Pick pick, Clock::time_point now) {
+  TokenEvent ev = sample(s, pick);
   StopUpdate u = s.stop.append(ev.token_id, detokenize(s, ev.token_id));
   ev.text = std::move(u.text);
   StreamUpdate up;
@@ -50,15 +56,15 @@ bool OutputProcessor::on_logits(Sequence& s, std::span<float> logits, Clock::tim
   return u.finished();
 }
 
-void OutputProcessor::on_floor(Sequence& s, std::span<float> logits, Clock::time_point now) {
+void OutputProcessor::on_floor(Sequence& s, Pick pick, Clock::time_point now) {
   spdlog::warn(
       "request {}: KV budget exhausted at the floor bits after {} tokens; finishing "
       "with reason length",
       s.request.request_id, s.num_computed);
   StreamUpdate up;
   StopUpdate u;
-  if (!logits.empty()) {
-    TokenEvent ev = sample(s, logits);
+  if (!pick.empty()) {
+    TokenEvent ev = sample(s, pick);
     std::string text = detokenize(s, ev.token_id);
     if (s.detok) text += s.detok->flush();
     u = s.stop.append(ev.token_id, text);

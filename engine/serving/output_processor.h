@@ -2,6 +2,7 @@
 // OutputProcessor: what happens to a sequence after a step, on the engine thread: sampling from
 // its logits row (log-probabilities from the raw logits first), the detokenizer and the stop
 // checker, the StreamUpdate pushed to its stream, and the latency metrics.
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -16,19 +17,27 @@ class OutputProcessor {
   using Clock = Sequence::Clock;
   explicit OutputProcessor(EngineMetrics& metrics) : metrics_(metrics) {}
 
-  // Samples the next token from `logits` (the sequence's raw row, rewritten in place), streams it
-  // with its text; true when the sequence finished (the update carried end = kFinished).
-  bool on_logits(Sequence& s, std::span<float> logits, Clock::time_point now);
-  // Floor action: the KV budget cannot hold `s` even at the floor bits. With `logits` (the step
+  // The step's result for one sequence: its raw logits row (sampled here, rewritten in place), or
+  // the token a backend already sampled on the device (no logprobs then), or neither (a prompt
+  // chunk that did not reach the end of the prompt).
+  struct Pick {
+    std::span<float> logits;
+    std::optional<int32_t> token;
+    bool empty() const { return logits.empty() && !token; }
+  };
+  // Takes the next token from `pick`, streams it with its text; true when the sequence finished
+  // (the update carried end = kFinished).
+  bool on_logits(Sequence& s, Pick pick, Clock::time_point now);
+  // Floor action: the KV budget cannot hold `s` even at the floor bits. With a pick (the step
   // sampled it) one last token is streamed first; the stream ends with finish reason "length"
-  // (or "stop" when that token stops it). Without logits (a prompt chunk) the text still held
+  // (or "stop" when that token stops it). Without one (a prompt chunk) the text still held
   // back has no token to travel with and is dropped.
-  void on_floor(Sequence& s, std::span<float> logits, Clock::time_point now);
+  void on_floor(Sequence& s, Pick pick, Clock::time_point now);
   // Ends the stream for a reason outside the sequence (kCancelled, kRejected, kShutdown, kError).
   void end(Sequence& s, StreamEnd end, std::string error, Clock::time_point now);
 
  private:
-  TokenEvent sample(Sequence& s, std::span<float> logits);
+  TokenEvent sample(Sequence& s, Pick pick);
   std::string detokenize(Sequence& s, int32_t token);
   void push(Sequence& s, StreamUpdate u, Clock::time_point now);
 

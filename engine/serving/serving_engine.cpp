@@ -10,7 +10,7 @@
 #include <mutex>
 #include <thread>
 
-#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/backend/backend_factory.h"
 #include "engine/runtime/local_model.h"
 #include "engine/serving/metrics.h"
 #include "engine/serving/output_processor.h"
@@ -69,7 +69,7 @@ struct ServingEngine::Impl {
   LocalModel model;
   std::string name;
   int32_t max_len = 0;
-  std::unique_ptr<CpuBackend> backend;
+  std::unique_ptr<Backend> backend;
   std::unique_ptr<kv::KvCacheManager> kv;
   int64_t num_pages = 0;
 
@@ -78,6 +78,8 @@ struct ServingEngine::Impl {
   EngineMetrics metrics;
   OutputProcessor outputs{metrics};
   std::vector<float> logits;
+  std::vector<DeviceSampling> sampling_rows;
+  std::vector<int32_t> device_tokens;  // this step's tokens when sampled on the device
   kv::KvPoolStats kv_stats;
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
@@ -132,10 +134,11 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
         options.kv_memory_bytes, num_pages, page, max_len, one, one * page,
         num_pages > INT32_MAX ? " and the pool is limited to 2^31 pages" : ""));
   }
-  backend =
-      std::make_unique<CpuBackend>(model.config, model.weights, g, static_cast<int32_t>(num_pages),
-                                   CpuBackendOptions{options.num_threads});
-  if (!model.key_scales().empty()) backend->fold_key_scales(model.key_scales());
+  backend = make_backend({.device = resolve_device(options.device),
+                          .num_threads = options.num_threads,
+                          .max_step_tokens = options.scheduler.max_step_tokens},
+                         model.config, &model.weights, g, static_cast<int32_t>(num_pages),
+                         model.key_scales());
   key_scales_source =
       options.kv.key_scales ? "file:" + options.kv.key_scales->string() : std::string("none");
   kv = std::make_unique<kv::KvCacheManager>(layers, g, static_cast<int32_t>(num_pages), options.kv,
@@ -151,8 +154,9 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
 void ServingEngine::Impl::log_plan(int64_t full_length_pages) const {
   const kv::PageGeometry& g = kv->geometry();
   const int64_t page = kv->page_bytes();
-  spdlog::info("engine: model {} ({} layers, context {}), weights {} (fp32, cpu)", name,
-               kv->num_layers(), max_len, mib(backend->weight_bytes()));
+  spdlog::info("engine: model {} ({} layers, context {}), weights {} ({}, {})", name,
+               kv->num_layers(), max_len, mib(backend->weight_bytes()),
+               backend->name() == "cpu" ? "fp32" : "bf16", backend->name());
   spdlog::info(
       "engine: KV pool {} pages of {} bytes = {}; a page holds {}/{}/{}/{} tokens at "
       "16/8/4/2 bits; budgets: {}",
@@ -298,8 +302,26 @@ void ServingEngine::Impl::run_plan(const StepPlan& plan) {
   StepBatch batch;
   try {
     batch = scheduler->build(plan);
-    logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
-    backend->forward(batch, logits);
+    // Sampling on the device (no logits copied back) unless a request wants logprobs.
+    device_tokens.clear();
+    bool on_device = backend->samples_on_device();
+    for (const ScheduledChunk& c : plan.chunks) {
+      if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
+    }
+    if (on_device) {
+      sampling_rows.clear();
+      for (const ScheduledChunk& c : plan.chunks) {
+        if (!c.sample) continue;
+        const Sequence& s = *c.seq;
+        sampling_rows.push_back(
+            {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
+      }
+      device_tokens.resize(sampling_rows.size());
+      backend->forward_sample(batch, sampling_rows, device_tokens);
+    } else {
+      logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
+      backend->forward(batch, logits);
+    }
   } catch (const std::exception& e) {
     scheduler->end_step();
     spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
@@ -324,14 +346,21 @@ void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch&
   size_t row = 0;
   for (size_t k = 0; k < plan.chunks.size(); ++k) {
     Sequence& s = *plan.chunks[k].seq;
-    std::span<float> l;
-    if (plan.chunks[k].sample) l = std::span(logits).subspan(row++ * vocab, vocab);
+    OutputProcessor::Pick pick;
+    if (plan.chunks[k].sample) {
+      const size_t r = row++;
+      if (device_tokens.empty()) {
+        pick.logits = std::span(logits).subspan(r * vocab, vocab);
+      } else {
+        pick.token = device_tokens[r];
+      }
+    }
     bool done = true;
     try {
       if (at_floor[k]) {
-        outputs.on_floor(s, l, now);
+        outputs.on_floor(s, pick, now);
       } else {
-        done = !l.empty() && outputs.on_logits(s, l, now);
+        done = !pick.empty() && outputs.on_logits(s, pick, now);
       }
     } catch (const std::exception& e) {
       spdlog::error("request {}: {}", s.request.request_id, e.what());

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/backend/backend_factory.h"
 #include "engine/common/error.h"
 #include "engine/kv/kv_cache_manager.h"
 #include "engine/kv/kv_config.h"
@@ -22,10 +23,10 @@
 namespace pmkv {
 
 struct SchedulerConfig {
-  int32_t max_running = 256;        // sequences in one step at most
-  int32_t max_step_tokens = 2048;   // tokens of one step (prompt chunks + decode tokens)
-  int32_t prefill_chunk = 512;      // prompt tokens of one sequence per step at most
-  int32_t max_waiting = 4096;       // queued requests at most; beyond, submit() rejects
+  int32_t max_running = 256;       // sequences in one step at most
+  int32_t max_step_tokens = 2048;  // tokens of one step (prompt chunks + decode tokens)
+  int32_t prefill_chunk = 512;     // prompt tokens of one sequence per step at most
+  int32_t max_waiting = 4096;      // queued requests at most; beyond, submit() rejects
   // guaranteed: admit only what fits at its full length (prompt + max_tokens) under the KV
   // budgets, so no sequence is ever preempted. overcommit: admit while pages are free; when the
   // pool runs out, first demote across sequences, then preempt (recompute) the newest.
@@ -37,13 +38,14 @@ struct EngineOptions {
   kv::KvCacheConfig kv;
   int64_t kv_memory_bytes = 256ll << 20;  // the KV pool
   int32_t num_threads = 0;                // CPU backend threads; 0 = every core
+  Device device = Device::kCpu;           // auto: cuda when a GPU is present
   int32_t max_model_len = 0;              // context cap; 0 = the model's max_position_embeddings
 };
 
 // A latency histogram with fixed buckets (seconds), Prometheus-style cumulative on export.
 struct HistogramSnapshot {
-  std::vector<double> bounds;           // upper bounds, ascending (+Inf implied)
-  std::vector<uint64_t> counts;         // per bucket (not cumulative), bounds.size() + 1 entries
+  std::vector<double> bounds;    // upper bounds, ascending (+Inf implied)
+  std::vector<uint64_t> counts;  // per bucket (not cumulative), bounds.size() + 1 entries
   double sum = 0;
   uint64_t count = 0;
 };
@@ -63,7 +65,7 @@ struct EngineStats {
   HistogramSnapshot time_to_first_token;
   HistogramSnapshot inter_token_latency;
   HistogramSnapshot request_latency;
-  std::string budgets_source;  // "none", "uniform", "file:PATH", "runtime"
+  std::string budgets_source;     // "none", "uniform", "file:PATH", "runtime"
   std::string key_scales_source;  // "none" or "file:PATH" (kv_cache.key_scales, folded at load)
 };
 

@@ -36,6 +36,7 @@ caches' logits have the same argmax (teacher-forced).
                     cached, quantized K/V rather than to their own step's exact K/V)
   --max-tokens N    evaluate only the first N tokens of the text
   --threads N       CPU threads (default: all cores)
+  --device D        auto|cpu|cuda (default auto: cuda when a GPU is present)
 )";
 
 nlohmann::json kv_summary(const kv::KvCacheConfig& c, const LocalModel& m) {
@@ -77,10 +78,10 @@ std::string read_file(const std::string& path) {
 }  // namespace
 
 int run_eval(const std::vector<std::string>& argv) {
-  const Args a(
-      argv, {.flags = {"help"},
-             .values = {"model", "text", "window", "chunk", "threads", "kv-config", "max-tokens"},
-             .repeatable = {}});
+  const Args a(argv, {.flags = {"help"},
+                      .values = {"model", "text", "window", "chunk", "threads", "kv-config",
+                                 "max-tokens", "device"},
+                      .repeatable = {}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
     return 0;
@@ -93,7 +94,8 @@ int run_eval(const std::vector<std::string>& argv) {
   if (opt.chunk < 1) throw InvalidArgument("--chunk must be at least 1");
   const int32_t threads = static_cast<int32_t>(a.get_int("threads").value_or(0));
   const std::string model_dir = a.require("model");
-  LocalModel reference = LocalModel::open(model_dir, {.num_threads = threads});
+  const Device device = parse_device(a.get("device").value_or("auto"), "--device");
+  LocalModel reference = LocalModel::open(model_dir, {.num_threads = threads, .device = device});
   if (!reference.tokenizer) {
     throw InvalidArgument("eval needs a tokenizer (tokenizer.model) in the model directory");
   }
@@ -136,7 +138,8 @@ int run_eval(const std::vector<std::string>& argv) {
   out["reference_16bit"]["kv"] = kv_summary(kv::KvCacheConfig{}, reference);
   if (kv_file) {
     const kv::KvCacheConfig cfg = kv::load_kv_config(*kv_file);
-    LocalModel model = LocalModel::open(model_dir, {.num_threads = threads, .kv = cfg});
+    LocalModel model =
+        LocalModel::open(model_dir, {.num_threads = threads, .device = device, .kv = cfg});
     int64_t agree = 0;
     opt.on_logits = [&](int64_t i, std::span<const float> l) {
       const auto am = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());

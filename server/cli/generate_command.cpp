@@ -31,6 +31,7 @@ constexpr const char* kHelp =
   --stop-token-id ID        token id that ends generation besides EOS (repeatable)
   --ignore-eos              keep generating past EOS
   --threads N               CPU threads (default: all cores)
+  --device auto|cpu|cuda    where the model runs (default auto: cuda when a GPU is present)
   --kv-config YAML          KV cache configuration (bits, sink/window, policy, budgets)
   --json                    print one JSON object instead of streaming text
 )";
@@ -84,7 +85,7 @@ int run_generate(const std::vector<std::string>& argv) {
                {.flags = {"json", "ignore-eos", "help"},
                 .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-k",
                            "top-p", "min-p", "repetition-penalty", "presence-penalty",
-                           "frequency-penalty", "seed", "threads", "kv-config"},
+                           "frequency-penalty", "seed", "threads", "kv-config", "device"},
                 .repeatable = {"stop", "stop-token-id"}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
@@ -95,7 +96,8 @@ int run_generate(const std::vector<std::string>& argv) {
     throw InvalidArgument("give exactly one of --prompt and --prompt-ids");
   }
   const SamplingParams params = sampling_from(a);
-  LocalModelOptions options{.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0))};
+  LocalModelOptions options{.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0)),
+                            .device = parse_device(a.get("device").value_or("auto"), "--device")};
   if (auto f = a.get("kv-config")) options.kv = kv::load_kv_config(*f);
   LocalModel model = LocalModel::open(a.require("model"), options);
   GenerationRequest req;
@@ -131,6 +133,7 @@ int run_generate(const std::vector<std::string>& argv) {
     out["output_ids"] = r.output_ids;
     out["text"] = r.text ? nlohmann::json(*r.text) : nlohmann::json(nullptr);
     out["finish_reason"] = to_string(r.finish_reason);
+    out["device"] = device_name(model.device());
     out["prefill_tokens_per_s"] = t.prefill_tokens_per_s();
     out["decode_tokens_per_s"] = t.decode_tokens_per_s();
     out["kv"] = kv_json(r.kv, *model.kv());

@@ -116,7 +116,7 @@ TEST_CASE("calibrate: folded key scales leave full-precision logits unchanged", 
       scales.push_back(
           scales_from_maxima(m, int32_t(cfg.num_kv_heads), int32_t(cfg.head_dim), 1.0));
     }
-    folded.backend(600).fold_key_scales(scales);
+    folded.cpu_backend(600).fold_key_scales(scales);
     const std::vector<int32_t> ids = golden_prompt(name);
     const auto a = forward_sample(plain, ids, 1, true);
     const auto b = forward_sample(folded, ids, 1, true);

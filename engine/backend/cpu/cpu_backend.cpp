@@ -11,6 +11,7 @@
 
 #include "engine/backend/cpu/cpu_ops.h"
 #include "engine/backend/cpu/kv_page_ops.h"
+#include "engine/backend/key_scale_fold.h"
 #include "engine/common/error.h"
 
 namespace pmkv {
@@ -199,31 +200,9 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
 }
 
 void CpuBackend::fold_key_scales(const std::vector<std::vector<float>>& scales) {
-  const int64_t H = cfg_.hidden_size, d = cfg_.head_dim, kvw = cfg_.kv_width();
-  const int64_t q_width = cfg_.q_width(), group = cfg_.group_size();
-  if (static_cast<int64_t>(scales.size()) != cfg_.num_layers) {
-    throw InvalidArgument("key scales: " + std::to_string(scales.size()) +
-                          " layers for a model of " + std::to_string(cfg_.num_layers));
-  }
+  validate_key_scales(cfg_, scales);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
-    const auto& s = scales[l];
-    if (static_cast<int64_t>(s.size()) != kvw) {
-      throw InvalidArgument("key scales of layer " + std::to_string(l) + ": " +
-                            std::to_string(s.size()) + " values, expected " + std::to_string(kvw));
-    }
-    Layer& L = layers_[l];
-    for (int64_t c = 0; c < q_width; ++c) {  // query channel c of head c / d
-      const float f = s[(c / d / group) * d + c % d];
-      for (int64_t i = 0; i < H; ++i)
-        L.wqkv[c * H + i] *= f;
-      if (!L.bqkv.empty()) L.bqkv[c] *= f;
-    }
-    for (int64_t c = 0; c < kvw; ++c) {
-      const float f = s[c];
-      for (int64_t i = 0; i < H; ++i)
-        L.wqkv[(q_width + c) * H + i] /= f;
-      if (!L.bqkv.empty()) L.bqkv[q_width + c] /= f;
-    }
+    fold_key_scales_layer(cfg_, scales[l], layers_[l].wqkv, layers_[l].bqkv);
   }
 }
 

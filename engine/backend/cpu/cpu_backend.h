@@ -28,8 +28,8 @@ class CpuBackend final : public Backend {
   const ModelConfig& config() const override { return cfg_; }
   void forward(const StepBatch& batch, std::span<float> logits) override;
 
-  int64_t kv_pool_bytes() const { return static_cast<int64_t>(kv_pool_.size()); }
-  int64_t weight_bytes() const;
+  int64_t kv_pool_bytes() const override { return static_cast<int64_t>(kv_pool_.size()); }
+  int64_t weight_bytes() const override;
 
   // Calibration (pmkv calibrate). The probe sees each layer's attention inputs after RoPE and
   // before attention: q [rows, q_width], k and v [rows, kv_width], rows `stride` floats apart; it
@@ -37,10 +37,8 @@ class CpuBackend final : public Backend {
   using AttentionProbe = std::function<void(int32_t layer, int64_t rows, float* q, float* k,
                                             float* v, int64_t stride)>;
   void set_attention_probe(AttentionProbe probe) { probe_ = std::move(probe); }
-  // Key reparameterization (PM-KVQ / SmoothAttention): per layer, per-channel scales
-  // [kv_heads * head_dim], equal on RoPE pairs (i, i + head_dim/2) so they commute with RoPE.
-  // k_proj rows (and bias) are divided and q_proj rows (and bias) multiplied by the scale of their
-  // channel (query head h uses KV head h / group), leaving q.k unchanged in exact arithmetic.
+  // Key reparameterization: folds per-layer key scales into q_proj/k_proj
+  // (engine/backend/key_scale_fold.h).
   void fold_key_scales(const std::vector<std::vector<float>>& scales);
   // out [rows, hidden] = attn [rows, q_width] o_proj^T (+ bias) of one layer.
   void apply_o_proj(int32_t layer, const float* attn, int64_t rows, float* out) const;

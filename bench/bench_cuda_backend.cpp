@@ -1,0 +1,457 @@
+// End-to-end benchmark of the CUDA backend on one GPU: the engine's real step path (KvCacheManager
+// -> build_step -> CudaBackend::forward -> end_step), on a real checkpoint or on random weights of
+// a real shape (--load-format dummy, e.g. bench/configs/llama3-8b).
+//
+//  batch1:     a 128-token prompt, then --decode-steps greedy decode steps at batch 1: ms per token
+//              (wall clock: page tables, upload, forward, greedy sampling on the device), against
+//              the weight-read floor = bytes of the weights / measured device-to-device copy
+//              bandwidth.
+//  prefill:    one 4096-token prompt in one step: tokens/s, and the time to first token (prefill
+//              step + the first token's logits).
+//  throughput: batch B x context C decode, 16-bit cache and progressive caches with a budget of
+//              uniform 4-bit or 2-bit memory (policy oldest_first): tokens/s. The context is filled
+//              with KV-manager bookkeeping only (no forward; page contents are whatever the pool
+//              holds), so the timed decode steps see the page tables and bit-widths a real chain
+//              of that length has. Points whose pool does not fit the free GPU memory are reported
+//              as not fitting.
+// Output: a table on stderr, one JSON object on stdout (or --out FILE).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cuda/cuda_backend.h"
+#include "engine/backend/cuda/gemm.h"
+#include "engine/kv/kv_cache_manager.h"
+#include "engine/kv/kv_config.h"
+#include "engine/model/model_config.h"
+#include "engine/model/weight_store.h"
+#include "engine/runtime/step_builder.h"
+
+using namespace pmkv;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> v;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) v.push_back(std::stoll(item));
+  return v;
+}
+
+// Device-to-device copy of 2 GiB, bytes read + written per second (as bench_decode_attention).
+double copy_bandwidth_gbps() {
+  const size_t bytes = size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+  cudaMemset(a, 1, bytes);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(e0);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float t = 0;
+    cudaEventElapsedTime(&t, e0, e1);
+    if (i >= 2) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaFree(a);
+  cudaFree(b);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
+}
+
+struct Setup {
+  ModelConfig cfg;
+  std::optional<WeightStore> weights;
+  bool dummy = true;
+  int64_t weight_bytes = 0;  // bf16 bytes of every matrix
+};
+
+// A backend plus KV manager sized for `pages` pages with `kv_cfg`.
+struct Engine {
+  kv::PageGeometry geometry;
+  std::unique_ptr<CudaBackend> backend;
+  std::unique_ptr<kv::KvCacheManager> kv;
+};
+
+Engine make_engine(const Setup& st, const kv::KvCacheConfig& kv_cfg, int64_t pages,
+                   int32_t max_step_tokens) {
+  Engine e;
+  e.geometry = kv::resolve_geometry(kv_cfg, static_cast<int32_t>(st.cfg.num_kv_heads),
+                                    static_cast<int32_t>(st.cfg.head_dim));
+  CudaBackendOptions o;
+  o.max_step_tokens = max_step_tokens;
+  o.dummy_weights = st.dummy;
+  o.dummy_seed = 1;
+  e.backend = std::make_unique<CudaBackend>(st.cfg, st.weights ? &*st.weights : nullptr, e.geometry,
+                                            static_cast<int32_t>(pages), o);
+  const auto budgets =
+      kv::resolve_layer_budgets(kv_cfg, static_cast<int32_t>(st.cfg.num_layers), e.geometry);
+  e.kv = std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(st.cfg.num_layers), e.geometry,
+                                              static_cast<int32_t>(pages), kv_cfg, budgets);
+  return e;
+}
+
+double g_forward_seconds = 0;  // forward_sample's share of the last run_step
+
+// Runs one step of `chunks` with greedy sampling on the device (the engine's path: no logits
+// copied back); returns its wall time and each chunk's token in `tokens`.
+double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t>& tokens) {
+  static const SamplingParams greedy = [] {
+    SamplingParams p;
+    p.temperature = 0;
+    return p;
+  }();
+  const auto t0 = Clock::now();
+  auto batch = build_step(*e.kv, chunks);
+  if (!batch) throw std::runtime_error("KV pool exhausted");
+  std::vector<DeviceSampling> rows(batch->logit_rows.size(), DeviceSampling{&greedy, 0, 0, {}, {}});
+  tokens.resize(rows.size());
+  const auto t1 = Clock::now();
+  e.backend->forward_sample(*batch, rows, tokens);
+  g_forward_seconds = seconds_since(t1);
+  e.kv->end_step();
+  return seconds_since(t0);
+}
+
+nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_tps) {
+  const int32_t prompt = 128;
+  kv::KvCacheConfig kv_cfg;
+  const kv::PageGeometry g = kv::resolve_geometry(kv_cfg, static_cast<int32_t>(st.cfg.num_kv_heads),
+                                                  static_cast<int32_t>(st.cfg.head_dim));
+  const int64_t pages =
+      (prompt + steps + 64) / g.tokens16 * st.cfg.num_layers + 64 * st.cfg.num_layers;
+  Engine e = make_engine(st, kv_cfg, pages, prompt);
+  std::mt19937 rng(7);
+  std::vector<int32_t> ids(prompt);
+  for (int32_t& t : ids)
+    t = static_cast<int32_t>(rng() % st.cfg.vocab_size);
+  std::vector<int32_t> out;
+  SeqChunk c{1, ids};
+  run_step(e, {&c, 1}, out);
+  int32_t tok = out[0];
+  std::vector<double> t, fwd;
+  for (int32_t i = 0; i < steps; ++i) {
+    SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
+    t.push_back(run_step(e, {&d, 1}, out));
+    fwd.push_back(g_forward_seconds);
+    tok = out[0];
+  }
+  std::sort(fwd.begin(), fwd.end());
+  const double fwd_ms = fwd[fwd.size() / 2] * 1e3;
+  e.kv->release(1);
+  // Median of the steps after a warm-up of 8 (first steps plan cuBLASLt algorithms).
+  std::vector<double> warm(t.begin() + std::min<size_t>(8, t.size() / 2), t.end());
+  std::sort(warm.begin(), warm.end());
+  const double ms = warm[warm.size() / 2] * 1e3;
+  const double tps = 1e3 / ms;
+  std::fprintf(stderr,
+               "batch1 decode: %.3f ms/token, %.1f tokens/s, floor %.1f tokens/s (%.1f%%)\n", ms,
+               tps, weight_floor_tps, 100 * tps / weight_floor_tps);
+  return {{"batch1_decode_ms_per_token", ms},
+          {"batch1_decode_tokens_per_s", tps},
+          {"weight_floor_tokens_per_s", weight_floor_tps},
+          {"fraction_of_weight_floor", tps / weight_floor_tps},
+          {"batch1_forward_ms", fwd_ms},
+          {"batch1_prompt_tokens", prompt},
+          {"batch1_decode_steps", steps}};
+}
+
+// The model's GEMMs alone at m rows (cuBLASLt through GemmRunner), effective weight-read
+// bandwidth: where batch-1 decode time goes.
+nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const Shape shapes[] = {{"qkv", c.q_width() + 2 * c.kv_width(), c.hidden_size},
+                          {"o", c.hidden_size, c.q_width()},
+                          {"gate_up", 2 * c.intermediate_size, c.hidden_size},
+                          {"down", c.hidden_size, c.intermediate_size},
+                          {"lm_head", c.vocab_size, c.hidden_size}};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  nlohmann::json out = nlohmann::json::array();
+  {
+    cuda::GemmRunner gemm(stream);
+    for (const Shape& sh : shapes) {
+      cuda::DeviceMemory w(sh.n * sh.k * 2), a(m * sh.k * 2), d(m * sh.n * 4);
+      cudaMemsetAsync(w.as(), 0, w.bytes(), stream);
+      cudaMemsetAsync(a.as(), 0, a.bytes(), stream);
+      cudaEvent_t e0, e1;
+      cudaEventCreate(&e0);
+      cudaEventCreate(&e1);
+      for (int i = 0; i < 3; ++i)
+        gemm.run(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
+      const int reps = 50;
+      cudaEventRecord(e0, stream);
+      for (int i = 0; i < reps; ++i)
+        gemm.run(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
+      cudaEventRecord(e1, stream);
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      const double us = ms * 1e3 / reps;
+      const double gbps = double(sh.n * sh.k * 2) / (us * 1e-6) / 1e9;
+      std::fprintf(stderr,
+                   "gemm m=%lld %-8s n=%6lld k=%6lld: %8.1f us, %6.0f GB/s (%.0f%% of copy)\n",
+                   static_cast<long long>(m), sh.name, static_cast<long long>(sh.n),
+                   static_cast<long long>(sh.k), us, gbps, 100 * gbps / copy_gbps);
+      out.push_back({{"name", sh.name},
+                     {"m", m},
+                     {"n", sh.n},
+                     {"k", sh.k},
+                     {"us", us},
+                     {"weight_gb_s", gbps},
+                     {"fraction_of_copy", gbps / copy_gbps}});
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+    }
+  }
+  cudaStreamDestroy(stream);
+  return out;
+}
+
+nlohmann::json bench_prefill(const Setup& st, int32_t len) {
+  kv::KvCacheConfig kv_cfg;
+  const kv::PageGeometry g = kv::resolve_geometry(kv_cfg, static_cast<int32_t>(st.cfg.num_kv_heads),
+                                                  static_cast<int32_t>(st.cfg.head_dim));
+  const int64_t pages = (len / g.tokens16 + 16) * st.cfg.num_layers;
+  Engine e = make_engine(st, kv_cfg, pages, len);
+  std::mt19937 rng(11);
+  std::vector<int32_t> ids(len);
+  for (int32_t& t : ids)
+    t = static_cast<int32_t>(rng() % st.cfg.vocab_size);
+  std::vector<int32_t> out;
+  std::vector<double> times;
+  for (int rep = 0; rep < 4; ++rep) {  // the first is a warm-up (cuBLASLt plans)
+    SeqChunk c{static_cast<kv::SeqId>(rep + 1), ids};
+    times.push_back(run_step(e, {&c, 1}, out));
+    e.kv->release(c.seq);
+    e.kv->end_step();
+  }
+  std::sort(times.begin() + 1, times.end());
+  const double s = times[1 + (times.size() - 1) / 2];
+  std::fprintf(stderr, "prefill %d tokens: %.1f ms, %.0f tokens/s (TTFT %.1f ms)\n", len, s * 1e3,
+               len / s, s * 1e3);
+  return {{"prefill_tokens", len}, {"prefill_tokens_per_s", len / s}, {"ttft_ms", s * 1e3}};
+}
+
+nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context, int bits,
+                                int32_t steps) {
+  kv::KvCacheConfig kv_cfg;
+  if (bits < 16) {
+    kv_cfg.uniform_bits = bits;
+    kv_cfg.uniform_max_len = context + steps;
+    kv_cfg.policy = kv::DemotionPolicy::kOldestFirst;
+  }
+  const kv::PageGeometry g = kv::resolve_geometry(kv_cfg, static_cast<int32_t>(st.cfg.num_kv_heads),
+                                                  static_cast<int32_t>(st.cfg.head_dim));
+  const int64_t per_layer = kv::pages_for_uniform(kv_cfg, g, context + steps, bits) +
+                            2 * kv_cfg.window_tokens / g.tokens16 + 4;
+  const int64_t pages = batch * st.cfg.num_layers * per_layer;
+  const int64_t pool_bytes = pages * kv::page_bytes(g);
+  nlohmann::json j{
+      {"batch", batch}, {"context", context}, {"kv_bits", bits}, {"pool_bytes", pool_bytes}};
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  // Weights, activations and workspaces come on top of the pool.
+  const int64_t need = pool_bytes + st.weight_bytes + (int64_t{6} << 30);
+  if (need > static_cast<int64_t>(free_b) || pages > INT32_MAX) {
+    std::fprintf(stderr, "throughput b=%lld ctx=%lld %d-bit: pool %.1f GiB does not fit\n",
+                 static_cast<long long>(batch), static_cast<long long>(context), bits,
+                 pool_bytes / 1073741824.0);
+    j["fits"] = false;
+    return j;
+  }
+  Engine e = make_engine(st, kv_cfg, pages, static_cast<int32_t>(batch));
+  // Fill: bookkeeping only, one window of tokens per append so the manager demotes as a real
+  // chain would (a sequence over budget at the floor would be finished by the engine; it is
+  // counted and kept here).
+  const int32_t chunk = kv_cfg.window_tokens;
+  int64_t at_floor = 0;
+  for (int64_t s = 0; s < batch; ++s) {
+    for (int64_t done = 0; done < context; done += chunk) {
+      const int32_t n = static_cast<int32_t>(std::min<int64_t>(chunk, context - done));
+      kv::KvStepOps ops;
+      ops.layers.resize(st.cfg.num_layers);
+      std::vector<std::vector<kv::KvWrite>> writes(st.cfg.num_layers);
+      const kv::AppendStatus a = e.kv->append(static_cast<kv::SeqId>(s + 1), n, &ops, &writes);
+      if (a == kv::AppendStatus::kPoolExhausted) throw std::runtime_error("fill: pool exhausted");
+      at_floor += a == kv::AppendStatus::kOverBudgetAtFloor ? 1 : 0;
+      e.kv->end_step();
+    }
+  }
+  std::vector<int32_t> toks(batch, 1);
+  std::vector<SeqChunk> chunks;
+  for (int64_t s = 0; s < batch; ++s) {
+    chunks.push_back({static_cast<kv::SeqId>(s + 1), std::span<const int32_t>(&toks[s], 1)});
+  }
+  std::vector<int32_t> out;
+  std::vector<double> t;
+  for (int32_t i = 0; i < steps; ++i) {
+    t.push_back(run_step(e, chunks, out));
+    for (int64_t s = 0; s < batch; ++s)
+      toks[s] = out[s];
+  }
+  const kv::KvPoolStats ps = e.kv->pool_stats();
+  for (int64_t s = 0; s < batch; ++s)
+    e.kv->release(static_cast<kv::SeqId>(s + 1));
+  e.kv->end_step();
+  std::vector<double> warm(t.begin() + std::min<size_t>(4, t.size() / 2), t.end());
+  double sum = 0;
+  for (double x : warm)
+    sum += x;
+  const double step_ms = sum / warm.size() * 1e3;
+  const double tps = batch * 1e3 / step_ms;
+  std::fprintf(stderr,
+               "throughput b=%lld ctx=%lld %2d-bit: %.2f ms/step, %.0f tokens/s, pool %.1f GiB, "
+               "%d pages used\n",
+               static_cast<long long>(batch), static_cast<long long>(context), bits, step_ms, tps,
+               pool_bytes / 1073741824.0, ps.pages_used);
+  j["fits"] = true;
+  j["fill_appends_over_budget_at_floor"] = at_floor;
+  j["step_ms"] = step_ms;
+  j["tokens_per_s"] = tps;
+  j["pages_used"] = ps.pages_used;
+  j["steps"] = steps;
+  return j;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, out_path, scenarios = "batch1,prefill,throughput";
+  std::string batches = "16,64,128", contexts = "4096,16384", bits_list = "16,4,2";
+  bool dummy = false;
+  int32_t decode_steps = 128, tp_steps = 32, prefill_len = 4096;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--model")
+      model_dir = next();
+    else if (a == "--load-format")
+      dummy = next() == "dummy";
+    else if (a == "--out")
+      out_path = next();
+    else if (a == "--scenarios")
+      scenarios = next();
+    else if (a == "--batches")
+      batches = next();
+    else if (a == "--contexts")
+      contexts = next();
+    else if (a == "--bits")
+      bits_list = next();
+    else if (a == "--decode-steps")
+      decode_steps = std::stoi(next());
+    else if (a == "--throughput-steps")
+      tp_steps = std::stoi(next());
+    else if (a == "--prefill-len")
+      prefill_len = std::stoi(next());
+    else {
+      std::fprintf(stderr,
+                   "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
+                   "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
+                   "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
+                   "[--throughput-steps N] [--prefill-len N] [--out FILE]\n");
+      return 2;
+    }
+  }
+  if (model_dir.empty()) {
+    std::fprintf(stderr, "--model DIR is required (config.json; weights unless dummy)\n");
+    return 2;
+  }
+  try {
+    Setup st;
+    st.cfg = parse_model_config(model_dir + "/config.json");
+    st.dummy = dummy;
+    if (!dummy) st.weights.emplace(WeightStore::open(model_dir));
+    {
+      const ModelConfig& c = st.cfg;
+      const int64_t per_layer = (c.q_width() + 2 * c.kv_width()) * c.hidden_size +
+                                c.hidden_size * c.q_width() +
+                                3 * c.intermediate_size * c.hidden_size;
+      st.weight_bytes = 2 * (per_layer * c.num_layers +
+                             (c.tie_word_embeddings ? 1 : 2) * c.vocab_size * c.hidden_size);
+    }
+    std::string command;
+    for (int i = 0; i < argc; ++i)
+      command += (i ? " " : "") + std::string(argv[i]);
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, 0);
+    const double copy = copy_bandwidth_gbps();
+    nlohmann::json out{{"device", prop.name},
+                       {"commit", std::getenv("COMMIT") ? std::getenv("COMMIT") : "unknown"},
+                       {"command", command},
+                       {"model", model_dir},
+                       {"load_format", dummy ? "dummy" : "safetensors"},
+                       {"copy_bandwidth_gb_s", copy}};
+    std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
+    auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };
+    if (has("batch1")) {
+      // Weight bytes read per decode token: every matrix once (the embedding gathers one row; a
+      // tied lm_head reads the table once).
+      const ModelConfig& c = st.cfg;
+      const int64_t per_layer = (c.q_width() + 2 * c.kv_width()) * c.hidden_size +
+                                c.hidden_size * c.q_width() +
+                                3 * c.intermediate_size * c.hidden_size;
+      const int64_t weight_bytes = 2 * (per_layer * c.num_layers + c.vocab_size * c.hidden_size);
+      const double floor_tps = copy * 1e9 / static_cast<double>(weight_bytes);
+      out["weight_bytes_per_token"] = weight_bytes;
+      out["batch1"] = bench_batch1(st, decode_steps, floor_tps);
+    }
+    if (has("gemm")) {
+      nlohmann::json g;
+      for (int64_t m : {1, 16, 64})
+        g[std::to_string(m)] = bench_gemm(st.cfg, m, copy);
+      out["gemm"] = g;
+    }
+    if (has("prefill")) out["prefill"] = bench_prefill(st, prefill_len);
+    if (has("throughput")) {
+      nlohmann::json pts = nlohmann::json::array();
+      for (int64_t b : parse_list(batches))
+        for (int64_t ctx : parse_list(contexts))
+          for (int64_t bits : parse_list(bits_list))
+            pts.push_back(bench_throughput(st, b, ctx, static_cast<int>(bits), tp_steps));
+      out["throughput"] = pts;
+    }
+    const std::string text = out.dump(2);
+    if (out_path.empty()) {
+      std::puts(text.c_str());
+    } else {
+      std::ofstream(out_path) << text << "\n";
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_backend: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

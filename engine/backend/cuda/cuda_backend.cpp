@@ -1,0 +1,824 @@
+#include "engine/backend/cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+
+#include "engine/backend/cuda/cuda_util.h"
+#include "engine/backend/cuda/gemm.h"
+#include "engine/backend/key_scale_fold.h"
+#include "engine/common/error.h"
+#include "kernels/attention/decode.h"
+#include "kernels/attention/prefill.h"
+#include "kernels/kv/kv_ops.h"
+#include "kernels/model/fill.h"
+#include "kernels/model/layer_ops.h"
+#include "kernels/sampling/sampling.h"
+
+namespace pmkv {
+
+using cuda::DeviceMemory;
+using cuda::GemmOut;
+
+// The backend hands the engine's op structs to the kernels byte for byte.
+static_assert(sizeof(kernels::KvRequantOp) == sizeof(kv::RequantOp));
+static_assert(sizeof(kernels::KvDemoteOp) == sizeof(kv::DemoteOp));
+
+namespace {
+
+uint16_t to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+std::string layer_name(int64_t l, const char* rest) {
+  return "model.layers." + std::to_string(l) + "." + rest;
+}
+
+std::string mib(int64_t bytes) {
+  return std::to_string((bytes + (1 << 19)) >> 20) + " MiB";
+}
+
+uint64_t mix_seed(uint64_t seed, uint64_t i) {
+  uint64_t x = seed ^ (i * 0x9E3779B97F4A7C15ull);
+  x = (x ^ (x >> 31)) * 0xBF58476D1CE4E5B9ull;
+  return x ^ (x >> 29);
+}
+
+// Step inputs are packed into one host buffer (each array 256-byte aligned) and copied with one
+// cudaMemcpyAsync; offsets say where each array lands in the device copy.
+class Packer {
+ public:
+  template <class T>
+  size_t add(const T* data, size_t n) {
+    const size_t off = (bytes_.size() + 255) / 256 * 256;
+    bytes_.resize(off + n * sizeof(T));
+    if (n > 0) std::memcpy(bytes_.data() + off, data, n * sizeof(T));
+    return off;
+  }
+  template <class T>
+  size_t add(const std::vector<T>& v) {
+    return add(v.data(), v.size());
+  }
+  const std::vector<std::byte>& bytes() const { return bytes_; }
+  void clear() { bytes_.clear(); }
+
+ private:
+  std::vector<std::byte> bytes_;
+};
+
+}  // namespace
+
+struct CudaBackend::Impl {
+  struct Layer {
+    DeviceMemory attn_norm, mlp_norm;          // f32 [hidden]
+    DeviceMemory wqkv, wo, w_gate_up, w_down;  // bf16, [out, in]
+    DeviceMemory bqkv, bo, b_gate_up, b_down;  // f32, empty when the model has none
+  };
+
+  ModelConfig cfg;
+  kv::PageGeometry geometry;
+  int64_t page_bytes = 0;
+  int32_t num_pages = 0;
+  CudaBackendOptions options;
+  int num_sms = 0;
+  std::unique_ptr<cuda::Stream> stream;
+  std::unique_ptr<cuda::GemmRunner> gemm;
+
+  DeviceMemory embed, lm_head, final_norm, inv_freq;
+  std::vector<Layer> layers;
+  int64_t weight_bytes = 0;
+  DeviceMemory pool;
+
+  // Activations, [rows_capacity] rows each.
+  int64_t rows_capacity = 0;
+  DeviceMemory x, h, qkv, q, attn, delta, gu, act;
+  int64_t logit_capacity = 0;
+  DeviceMemory hf, logits;
+  cuda::PinnedMemory logits_host;
+
+  // Step inputs and workspaces.
+  Packer packer;
+  cuda::PinnedMemory staging;
+  DeviceMemory inputs;
+  cuda::PinnedMemory sample_staging;
+  DeviceMemory sample_inputs, sample_ws;
+  DeviceMemory prefill_ws, decode_ws;
+  kernels::DecodePlan decode_plan;
+  CudaMemoryPlan memory;
+
+  // PMKV_CUDA_TIMING=1: CUDA events split each step into phases (upload + embedding, QKV + RoPE
+  // + KV write, KV ops, attention, o_proj + MLP, head + sampling); totals are logged every 64
+  // steps. Off by default: the events cost a little.
+  struct PhaseTimer {
+    static constexpr int kPhases = 6;
+    static constexpr const char* kNames[kPhases] = {"upload+embed", "qkv+rope", "kv_ops",
+                                                    "attention",    "mlp",      "head"};
+    bool enabled = false;
+    std::vector<cudaEvent_t> events;  // [marks]
+    std::vector<int> phase_of;        // phase ending at mark i (i >= 1)
+    double total_ms[kPhases] = {};
+    double host_ms = 0;
+    int64_t steps = 0;
+    std::chrono::steady_clock::time_point host_t0;
+  } timer;
+  void mark(int phase_ending) {
+    if (!timer.enabled) return;
+    cudaEvent_t e;
+    PMKV_CUDA_CHECK(cudaEventCreate(&e));
+    PMKV_CUDA_CHECK(cudaEventRecord(e, s()));
+    timer.events.push_back(e);
+    timer.phase_of.push_back(phase_ending);
+  }
+  void begin_timing() {
+    if (!timer.enabled) return;
+    timer.host_t0 = std::chrono::steady_clock::now();
+    mark(-1);
+  }
+  // After the step's synchronization.
+  void end_timing() {
+    if (!timer.enabled || timer.events.empty()) return;
+    for (size_t i = 1; i < timer.events.size(); ++i) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, timer.events[i - 1], timer.events[i]);
+      timer.total_ms[timer.phase_of[i]] += ms;
+    }
+    for (cudaEvent_t e : timer.events)
+      cudaEventDestroy(e);
+    timer.events.clear();
+    timer.phase_of.clear();
+    timer.host_ms +=
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - timer.host_t0)
+            .count();
+    if (++timer.steps % 64 == 0) {
+      std::string line;
+      double gpu = 0;
+      for (int p = 0; p < PhaseTimer::kPhases; ++p) {
+        line += std::string(PhaseTimer::kNames[p]) + " " +
+                std::to_string(timer.total_ms[p] / timer.steps) + " ms, ";
+        gpu += timer.total_ms[p];
+      }
+      spdlog::info("cuda timing over {} steps, per step: {}gpu {} ms, wall {} ms", timer.steps,
+                   line, gpu / timer.steps, timer.host_ms / timer.steps);
+    }
+  }
+
+  cudaStream_t s() const { return stream->get(); }
+
+  // -- loading
+  DeviceMemory upload_f32(const std::vector<float>& v) {
+    DeviceMemory m(v.size() * sizeof(float));
+    PMKV_CUDA_CHECK(cudaMemcpy(m.as(), v.data(), m.bytes(), cudaMemcpyHostToDevice));
+    weight_bytes += static_cast<int64_t>(m.bytes());
+    return m;
+  }
+  DeviceMemory upload_bf16(const std::vector<float>& v) {
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i)
+      b[i] = to_bf16(v[i]);
+    DeviceMemory m(b.size() * sizeof(uint16_t));
+    PMKV_CUDA_CHECK(cudaMemcpy(m.as(), b.data(), m.bytes(), cudaMemcpyHostToDevice));
+    weight_bytes += static_cast<int64_t>(m.bytes());
+    return m;
+  }
+  // Row blocks [rows_i, cols] stacked into one bf16 matrix. bf16 tensors are copied as stored;
+  // others are widened to fp32 and rounded to bf16.
+  DeviceMemory upload_stacked(const WeightStore& w, const std::vector<std::string>& names,
+                              const std::vector<int64_t>& rows, int64_t cols) {
+    int64_t total = 0;
+    for (int64_t r : rows)
+      total += r;
+    DeviceMemory m(static_cast<size_t>(total * cols) * sizeof(uint16_t));
+    int64_t at = 0;
+    for (size_t i = 0; i < names.size(); ++i) {
+      const TensorInfo& info = w.info(names[i]);
+      const std::vector<int64_t> shape{rows[i], cols};
+      auto* dst = m.as<uint16_t>() + at * cols;
+      if (info.dtype == DType::kBF16 && info.shape == shape) {
+        const auto raw = w.raw(names[i]);
+        PMKV_CUDA_CHECK(cudaMemcpy(dst, raw.data(), raw.size(), cudaMemcpyHostToDevice));
+      } else {
+        const std::vector<float> f = w.load_f32(names[i], shape);  // validates the shape
+        std::vector<uint16_t> b(f.size());
+        for (size_t j = 0; j < f.size(); ++j)
+          b[j] = to_bf16(f[j]);
+        PMKV_CUDA_CHECK(
+            cudaMemcpy(dst, b.data(), b.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+      }
+      at += rows[i];
+    }
+    weight_bytes += static_cast<int64_t>(m.bytes());
+    return m;
+  }
+  std::vector<float> load_cat(const WeightStore& w, const std::vector<std::string>& names,
+                              const std::vector<std::vector<int64_t>>& shapes) {
+    std::vector<float> out;
+    for (size_t i = 0; i < names.size(); ++i) {
+      const auto v = w.load_f32(names[i], shapes[i]);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    return out;
+  }
+  DeviceMemory dummy_bf16(int64_t n, uint64_t tag) {
+    DeviceMemory m(static_cast<size_t>(n) * sizeof(uint16_t));
+    // Uniform with std 0.02 (a common init scale): activations stay finite through every layer.
+    PMKV_CUDA_CHECK(kernels::launch_fill_uniform_bf16(
+        m.as<uint16_t>(), n, mix_seed(options.dummy_seed, tag), 0.02f * std::sqrt(3.0f), s()));
+    weight_bytes += static_cast<int64_t>(m.bytes());
+    return m;
+  }
+  DeviceMemory ones_f32(int64_t n) {
+    DeviceMemory m(static_cast<size_t>(n) * sizeof(float));
+    PMKV_CUDA_CHECK(kernels::launch_fill_f32(m.as<float>(), n, 1.0f, s()));
+    weight_bytes += static_cast<int64_t>(m.bytes());
+    return m;
+  }
+
+  void load(const WeightStore& w);
+  void load_dummy();
+  void reserve_rows(int64_t rows);
+  void reserve_logits(int64_t rows);
+};
+
+void CudaBackend::Impl::load(const WeightStore& w) {
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, V = cfg.vocab_size;
+  const int64_t qw = cfg.q_width(), kvw = cfg.kv_width();
+  const bool has_embed = w.contains("model.embed_tokens.weight");
+  const bool has_head = w.contains("lm_head.weight");
+  const std::string embed_name = (has_embed || !cfg.tie_word_embeddings || !has_head)
+                                     ? "model.embed_tokens.weight"
+                                     : "lm_head.weight";
+  embed = upload_stacked(w, {embed_name}, {V}, H);
+  if (!cfg.tie_word_embeddings) lm_head = upload_stacked(w, {"lm_head.weight"}, {V}, H);
+  final_norm = upload_f32(w.load_f32("model.norm.weight", std::vector<int64_t>{H}));
+  layers.resize(cfg.num_layers);
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    Layer& L = layers[l];
+    L.attn_norm =
+        upload_f32(w.load_f32(layer_name(l, "input_layernorm.weight"), std::vector<int64_t>{H}));
+    L.mlp_norm = upload_f32(
+        w.load_f32(layer_name(l, "post_attention_layernorm.weight"), std::vector<int64_t>{H}));
+    const std::vector<std::string> qkv_names{layer_name(l, "self_attn.q_proj.weight"),
+                                             layer_name(l, "self_attn.k_proj.weight"),
+                                             layer_name(l, "self_attn.v_proj.weight")};
+    std::vector<float> bqkv;
+    if (cfg.qkv_bias) {
+      bqkv =
+          load_cat(w,
+                   {layer_name(l, "self_attn.q_proj.bias"), layer_name(l, "self_attn.k_proj.bias"),
+                    layer_name(l, "self_attn.v_proj.bias")},
+                   {{qw}, {kvw}, {kvw}});
+    }
+    if (options.key_scales.empty()) {
+      L.wqkv = upload_stacked(w, qkv_names, {qw, kvw, kvw}, H);
+    } else {
+      // Folding needs the values: widen, fold in fp32 (as the CPU backend does), round once.
+      std::vector<float> wqkv = load_cat(w, qkv_names, {{qw, H}, {kvw, H}, {kvw, H}});
+      fold_key_scales_layer(cfg, options.key_scales[l], wqkv, bqkv);
+      L.wqkv = upload_bf16(wqkv);
+    }
+    if (cfg.qkv_bias) L.bqkv = upload_f32(bqkv);
+    L.wo = upload_stacked(w, {layer_name(l, "self_attn.o_proj.weight")}, {H}, qw);
+    if (cfg.o_bias) {
+      L.bo =
+          upload_f32(w.load_f32(layer_name(l, "self_attn.o_proj.bias"), std::vector<int64_t>{H}));
+    }
+    L.w_gate_up = upload_stacked(
+        w, {layer_name(l, "mlp.gate_proj.weight"), layer_name(l, "mlp.up_proj.weight")}, {I, I}, H);
+    L.w_down = upload_stacked(w, {layer_name(l, "mlp.down_proj.weight")}, {H}, I);
+    if (cfg.mlp_bias) {
+      L.b_gate_up = upload_f32(load_cat(
+          w, {layer_name(l, "mlp.gate_proj.bias"), layer_name(l, "mlp.up_proj.bias")}, {{I}, {I}}));
+      L.b_down =
+          upload_f32(w.load_f32(layer_name(l, "mlp.down_proj.bias"), std::vector<int64_t>{H}));
+    }
+  }
+}
+
+void CudaBackend::Impl::load_dummy() {
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, V = cfg.vocab_size;
+  const int64_t qw = cfg.q_width(), kvw = cfg.kv_width();
+  uint64_t tag = 0;
+  embed = dummy_bf16(V * H, tag++);
+  if (!cfg.tie_word_embeddings) lm_head = dummy_bf16(V * H, tag++);
+  final_norm = ones_f32(H);
+  layers.resize(cfg.num_layers);
+  for (Layer& L : layers) {
+    L.attn_norm = ones_f32(H);
+    L.mlp_norm = ones_f32(H);
+    L.wqkv = dummy_bf16((qw + 2 * kvw) * H, tag++);
+    L.wo = dummy_bf16(H * qw, tag++);
+    L.w_gate_up = dummy_bf16(2 * I * H, tag++);
+    L.w_down = dummy_bf16(H * I, tag++);
+    // Biases stay empty: a dummy model of a biased architecture runs without them.
+  }
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
+}
+
+void CudaBackend::Impl::reserve_rows(int64_t rows) {
+  if (rows <= rows_capacity) return;
+  const bool growing = rows_capacity > 0;
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size;
+  const int64_t qw = cfg.q_width(), qkvw = qw + 2 * cfg.kv_width();
+  x.allocate(rows * H * 4);
+  h.allocate(rows * H * 2);
+  qkv.allocate(rows * qkvw * 4);
+  q.allocate(rows * qw * 4);
+  attn.allocate(rows * qw * 2);
+  delta.allocate(rows * H * 4);
+  gu.allocate(rows * 2 * I * 2);
+  act.allocate(rows * I * 2);
+  rows_capacity = rows;
+  memory.activation_bytes =
+      static_cast<int64_t>(x.bytes() + h.bytes() + qkv.bytes() + q.bytes() + attn.bytes() +
+                           delta.bytes() + gu.bytes() + act.bytes());
+  if (growing) {
+    spdlog::info("cuda: activations grown to {} rows ({})", rows, mib(memory.activation_bytes));
+  }
+}
+
+void CudaBackend::Impl::reserve_logits(int64_t rows) {
+  if (rows <= logit_capacity) return;
+  const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
+  hf.allocate(rows * H * 2);
+  logits.allocate(rows * V * 4);
+  logits_host.reserve(static_cast<size_t>(rows * V * 4));
+  logit_capacity = rows;
+}
+
+CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
+                         kv::PageGeometry geometry, int32_t num_pages, CudaBackendOptions options)
+    : impl_(std::make_unique<Impl>()), cfg_(config) {
+  Impl& m = *impl_;
+  if (device_count() <= options.device) {
+    throw InvalidArgument("device cuda: no usable CUDA GPU " + std::to_string(options.device) +
+                          " (" + std::to_string(device_count()) + " found); use --device cpu");
+  }
+  if (geometry.num_kv_heads != cfg_.num_kv_heads || geometry.head_dim != cfg_.head_dim) {
+    throw InvalidArgument("CudaBackend: KV page geometry does not match the model");
+  }
+  if (cfg_.head_dim != 64 && cfg_.head_dim != 128) {
+    throw InvalidArgument("device cuda: head_dim " + std::to_string(cfg_.head_dim) +
+                          " is not supported by the CUDA kernels (64 or 128); use --device cpu");
+  }
+  if (cfg_.group_size() > kernels::kDecodeMaxGroup) {
+    throw InvalidArgument("device cuda: " + std::to_string(cfg_.group_size()) +
+                          " query heads per KV head; the CUDA kernels take at most " +
+                          std::to_string(kernels::kDecodeMaxGroup) + "; use --device cpu");
+  }
+  if (weights == nullptr && !options.dummy_weights) {
+    throw InvalidArgument("CudaBackend: no weights given and dummy weights not asked for");
+  }
+  if (!options.key_scales.empty()) validate_key_scales(cfg_, options.key_scales);
+  m.cfg = cfg_;
+  m.geometry = geometry;
+  m.page_bytes = kv::page_bytes(geometry);
+  m.num_pages = num_pages;
+  m.options = std::move(options);
+  PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
+  cudaDeviceProp prop{};
+  PMKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.options.device));
+  m.num_sms = prop.multiProcessorCount;
+  m.memory.device_name = prop.name;
+  m.memory.device_total_bytes = static_cast<int64_t>(prop.totalGlobalMem);
+  m.stream = std::make_unique<cuda::Stream>();
+  if (const char* t = std::getenv("PMKV_CUDA_TIMING"); t != nullptr && std::string(t) == "1") {
+    m.timer.enabled = true;
+  }
+  m.gemm = std::make_unique<cuda::GemmRunner>(m.stream->get());
+
+  if (m.options.dummy_weights) {
+    m.load_dummy();
+  } else {
+    m.load(*weights);
+  }
+  m.memory.weight_bytes = m.weight_bytes;
+  const std::vector<float> inv = rope_inv_freq(cfg_);
+  m.inv_freq.allocate(inv.size() * sizeof(float));
+  PMKV_CUDA_CHECK(
+      cudaMemcpy(m.inv_freq.as(), inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  m.pool.allocate(static_cast<size_t>(num_pages) * static_cast<size_t>(m.page_bytes));
+  // Pages are written before they are read; zeroing makes a stray read deterministic.
+  PMKV_CUDA_CHECK(cudaMemsetAsync(m.pool.as(), 0, m.pool.bytes(), m.s()));
+  m.memory.kv_pool_bytes = static_cast<int64_t>(m.pool.bytes());
+  m.reserve_rows(std::max<int32_t>(1, m.options.max_step_tokens));
+  m.reserve_logits(std::max<int32_t>(1, m.options.max_logit_rows));
+  m.memory.workspace_bytes = int64_t{32} << 20;  // cuBLASLt
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+  size_t free_b = 0, total_b = 0;
+  PMKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  spdlog::info(
+      "cuda: {} ({} SMs, {}): weights {} (bf16{}), KV pool {} ({} pages), activations {} for {} "
+      "rows, {} free",
+      m.memory.device_name, m.num_sms, mib(m.memory.device_total_bytes), mib(m.weight_bytes),
+      m.options.dummy_weights ? ", dummy" : "", mib(m.memory.kv_pool_bytes), num_pages,
+      mib(m.memory.activation_bytes), m.rows_capacity, mib(static_cast<int64_t>(free_b)));
+}
+
+CudaBackend::~CudaBackend() {
+  if (impl_ && impl_->stream) cudaStreamSynchronize(impl_->s());
+}
+
+int CudaBackend::device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+int64_t CudaBackend::weight_bytes() const {
+  return impl_->weight_bytes;
+}
+int64_t CudaBackend::kv_pool_bytes() const {
+  return impl_->memory.kv_pool_bytes;
+}
+const CudaMemoryPlan& CudaBackend::memory_plan() const {
+  return impl_->memory;
+}
+void CudaBackend::synchronize() {
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->s()));
+}
+
+void CudaBackend::run_step(const StepBatch& b) {
+  Impl& m = *impl_;
+  const int64_t N = b.num_tokens(), S = b.num_seqs(), L = cfg_.num_layers;
+  const int64_t H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const int64_t qw = cfg_.q_width(), kvw = cfg_.kv_width(), qkvw = qw + 2 * kvw;
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  for (int64_t r = 0; r < N; ++r) {
+    const int32_t id = b.token_ids[r];
+    if (id < 0 || id >= V)
+      throw InvalidArgument("token id " + std::to_string(id) + " out of range");
+  }
+  for (int64_t i = 0; i < R; ++i) {
+    if (b.logit_rows[i] < 0 || b.logit_rows[i] >= N) {
+      throw std::invalid_argument("CudaBackend::forward: logit row out of range");
+    }
+  }
+  // The engine thread may not be the thread that built the backend.
+  PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
+  m.reserve_rows(std::max<int64_t>(N, 1));
+  m.reserve_logits(std::max<int64_t>(R, 1));
+
+  // -- Host side: flatten the step into arrays.
+  std::vector<int32_t> cached_starts(S + 1, 0);
+  int32_t max_rows = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    cached_starts[s + 1] = cached_starts[s] + b.seq_cached[s];
+    max_rows = std::max(max_rows, b.seq_starts[s + 1] - b.seq_starts[s]);
+  }
+  const size_t P = b.pages.size();
+  std::vector<int32_t> page_ids(P), page_bits(P), page_tokens(P);
+  for (size_t i = 0; i < P; ++i) {
+    page_ids[i] = b.pages[i].page;
+    page_bits[i] = b.pages[i].bits;
+    page_tokens[i] = b.pages[i].num_tokens;
+  }
+  // Per layer and row: the 16-bit slot the row's K/V goes to.
+  std::vector<int32_t> w_page(L * N), w_bits(L * N, 16), w_slot(L * N);
+  if (N > 0) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t s = 0; s < S; ++s) {
+        int32_t row = b.seq_starts[s];
+        for (int32_t w = b.write_starts[l * S + s]; w < b.write_starts[l * S + s + 1]; ++w) {
+          const kv::KvWrite& kw = b.writes[w];
+          for (int32_t j = 0; j < kw.count; ++j, ++row) {
+            w_page[l * N + row] = kw.page;
+            w_slot[l * N + row] = kw.slot + j;
+          }
+        }
+        if (row != b.seq_starts[s + 1]) {
+          throw std::logic_error("CudaBackend: KV writes do not cover the rows of a sequence");
+        }
+      }
+    }
+  }
+  // KV ops of every layer: requants then each demotion wave, one contiguous run per (layer, list).
+  std::vector<kv::RequantOp> requants;
+  std::vector<kv::DemoteOp> demotes;
+  struct Run {
+    int32_t first, count;
+  };
+  std::vector<Run> requant_runs(L, {0, 0});
+  std::vector<std::vector<Run>> demote_runs(L);
+  for (int64_t l = 0; l < L && !b.kv_ops.layers.empty(); ++l) {
+    const kv::KvLayerOps& ops = b.kv_ops.layers[l];
+    requant_runs[l] = {static_cast<int32_t>(requants.size()),
+                       static_cast<int32_t>(ops.requant.size())};
+    requants.insert(requants.end(), ops.requant.begin(), ops.requant.end());
+    for (const auto& wave : ops.demote_waves) {
+      demote_runs[l].push_back(
+          {static_cast<int32_t>(demotes.size()), static_cast<int32_t>(wave.size())});
+      demotes.insert(demotes.end(), wave.begin(), wave.end());
+    }
+  }
+
+  Packer& pk = m.packer;
+  pk.clear();
+  const size_t o_tok = pk.add(b.token_ids), o_pos = pk.add(b.positions);
+  const size_t o_seq_starts = pk.add(b.seq_starts), o_seq_cached = pk.add(b.seq_cached);
+  const size_t o_cached_starts = pk.add(cached_starts);
+  const size_t o_page_starts = pk.add(b.page_starts);
+  const size_t o_page_ids = pk.add(page_ids), o_page_bits = pk.add(page_bits);
+  const size_t o_page_tokens = pk.add(page_tokens);
+  const size_t o_w_page = pk.add(w_page), o_w_bits = pk.add(w_bits), o_w_slot = pk.add(w_slot);
+  const size_t o_logit_rows = pk.add(b.logit_rows);
+  const size_t o_requants = pk.add(requants), o_demotes = pk.add(demotes);
+  const size_t in_bytes = pk.bytes().size();
+  m.staging.reserve(in_bytes);
+  m.inputs.reserve(in_bytes);
+  // The previous step ended with a synchronize, so the staging buffer is free to overwrite.
+  std::memcpy(m.staging.as(), pk.bytes().data(), in_bytes);
+  m.begin_timing();
+  PMKV_CUDA_CHECK(
+      cudaMemcpyAsync(m.inputs.as(), m.staging.as(), in_bytes, cudaMemcpyHostToDevice, m.s()));
+  auto dev = [&](size_t off) {
+    return reinterpret_cast<const int32_t*>(m.inputs.as<std::byte>() + off);
+  };
+
+  const kernels::KvPoolRef pool{m.pool.as(), m.page_bytes, m.geometry};
+  auto kv_ops = [&](int64_t l) {
+    const Run rq = requant_runs[l];
+    if (rq.count > 0) {
+      PMKV_CUDA_CHECK(kernels::launch_requant(
+          pool,
+          reinterpret_cast<const kernels::KvRequantOp*>(m.inputs.as<std::byte>() + o_requants) +
+              rq.first,
+          rq.count, m.s()));
+    }
+    for (const Run& wave : demote_runs[l]) {
+      if (wave.count == 0) continue;
+      PMKV_CUDA_CHECK(kernels::launch_demote(
+          pool,
+          reinterpret_cast<const kernels::KvDemoteOp*>(m.inputs.as<std::byte>() + o_demotes) +
+              wave.first,
+          wave.count, m.s()));
+    }
+  };
+
+  if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
+    for (int64_t l = 0; l < L; ++l)
+      kv_ops(l);
+    return;
+  }
+
+  // Decode steps (one row per sequence) use the split-KV decode kernel over the pages, planned
+  // once for every layer; anything else the prefill kernel.
+  const bool decode = max_rows == 1 && N == S;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
+  const int32_t window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
+  if (decode) {
+    std::vector<kernels::DecodeLayerTable> tables(L);
+    for (int64_t l = 0; l < L; ++l) {
+      tables[l] = {static_cast<int32_t>(S), b.page_starts.data() + l * S, page_bits.data(),
+                   page_tokens.data()};
+    }
+    kernels::DecodePlanConfig pc;
+    pc.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
+    pc.group = static_cast<int32_t>(cfg_.group_size());
+    pc.head_dim = static_cast<int32_t>(cfg_.head_dim);
+    pc.tokens16 = m.geometry.tokens16;
+    pc.sliding_window = window;
+    pc.num_sms = m.num_sms;
+    kernels::plan_decode(pc, tables, &m.decode_plan);
+    m.decode_ws.reserve(static_cast<size_t>(m.decode_plan.workspace_bytes));
+    PMKV_CUDA_CHECK(kernels::upload_decode_plan(m.decode_plan, m.decode_ws.as(),
+                                                static_cast<int64_t>(m.decode_ws.bytes()), m.s()));
+  } else {
+    m.prefill_ws.reserve(static_cast<size_t>(std::max<int64_t>(
+        1,
+        kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(cfg_.num_kv_heads),
+                                         static_cast<int32_t>(cfg_.head_dim)))));
+  }
+
+  float* x = m.x.as<float>();
+  uint16_t* h = m.h.as<uint16_t>();
+  float* qkv = m.qkv.as<float>();
+  float* delta = m.delta.as<float>();
+  PMKV_CUDA_CHECK(kernels::launch_embedding(m.embed.as<uint16_t>(), static_cast<int32_t>(V),
+                                            dev(o_tok), static_cast<int32_t>(N),
+                                            static_cast<int32_t>(H), x, m.s()));
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  m.mark(0);
+  for (int64_t l = 0; l < L; ++l) {
+    Impl::Layer& Ly = m.layers[l];
+    // Residual add of the previous layer's MLP (none before layer 0), then the attention norm.
+    const Impl::Layer* prev = l > 0 ? &m.layers[l - 1] : nullptr;
+    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
+        {x, prev ? delta : nullptr, prev ? prev->b_down.as<float>() : nullptr,
+         Ly.attn_norm.as<float>(), eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr,
+         h},
+        m.s()));
+    m.gemm->run(h, Ly.wqkv.as(), qkv, GemmOut::kF32, N, qkvw, H);
+    kernels::RopeKvWriteParams rp{};
+    rp.qkv = qkv;
+    rp.qkv_stride = qkvw;
+    rp.bias = Ly.bqkv.as<float>();
+    rp.rows = static_cast<int32_t>(N);
+    rp.num_heads = static_cast<int32_t>(cfg_.num_heads);
+    rp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
+    rp.head_dim = static_cast<int32_t>(cfg_.head_dim);
+    rp.positions = dev(o_pos);
+    rp.inv_freq = m.inv_freq.as<float>();
+    rp.q_out = m.q.as<float>();
+    rp.pool = pool;
+    rp.page_ids = dev(o_w_page) + l * N;
+    rp.bits = dev(o_w_bits) + l * N;
+    rp.slots = dev(o_w_slot) + l * N;
+    PMKV_CUDA_CHECK(kernels::launch_rope_kv_write(rp, m.s()));
+    m.mark(1);
+    kv_ops(l);
+    m.mark(2);
+    if (decode) {
+      kernels::DecodeParams dp{};
+      dp.pool = m.pool.as();
+      dp.page_bytes = m.page_bytes;
+      dp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
+      dp.group = static_cast<int32_t>(cfg_.group_size());
+      dp.head_dim = static_cast<int32_t>(cfg_.head_dim);
+      dp.tokens16 = m.geometry.tokens16;
+      dp.page_ids = dev(o_page_ids);
+      dp.page_tokens = dev(o_page_tokens);
+      dp.plan = kernels::decode_layer_view(m.decode_plan, m.decode_ws.as(), static_cast<int>(l));
+      dp.q = m.q.as();
+      dp.q_dtype = kernels::DType::kF32;
+      dp.out = m.attn.as();
+      dp.out_dtype = kernels::DType::kBF16;
+      dp.scale = scale;
+      PMKV_CUDA_CHECK(kernels::launch_decode(dp, m.s()));
+    } else {
+      kernels::PrefillParams pp{};
+      pp.pool = m.pool.as();
+      pp.page_bytes = m.page_bytes;
+      pp.tokens16 = m.geometry.tokens16;
+      pp.num_heads = static_cast<int32_t>(cfg_.num_heads);
+      pp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
+      pp.head_dim = static_cast<int32_t>(cfg_.head_dim);
+      pp.sliding_window = window;
+      pp.scale = scale;
+      pp.num_seqs = static_cast<int32_t>(S);
+      pp.num_rows = static_cast<int32_t>(N);
+      pp.max_rows_per_seq = max_rows;
+      pp.total_cached = cached_starts[S];
+      pp.seq_starts = dev(o_seq_starts);
+      pp.seq_cached = dev(o_seq_cached);
+      pp.cached_starts = dev(o_cached_starts);
+      pp.page_starts = dev(o_page_starts) + l * S;
+      pp.page_ids = dev(o_page_ids);
+      pp.page_bits = dev(o_page_bits);
+      pp.page_tokens = dev(o_page_tokens);
+      pp.q = m.q.as<float>();
+      pp.q_stride = qw;
+      pp.k = qkv + qw;
+      pp.v = qkv + qw + kvw;
+      pp.kv_stride = qkvw;
+      pp.out = m.attn.as<uint16_t>();
+      pp.workspace = m.prefill_ws.as();
+      pp.workspace_bytes = static_cast<int64_t>(m.prefill_ws.bytes());
+      PMKV_CUDA_CHECK(kernels::launch_prefill(pp, m.s()));
+    }
+    m.mark(3);
+    m.gemm->run(m.attn.as(), Ly.wo.as(), delta, GemmOut::kF32, N, H, qw);
+    PMKV_CUDA_CHECK(
+        kernels::launch_add_rmsnorm({x, delta, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
+                                     static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, h},
+                                    m.s()));
+    m.gemm->run(h, Ly.w_gate_up.as(), m.gu.as(), GemmOut::kBF16, N, 2 * I, H);
+    PMKV_CUDA_CHECK(kernels::launch_silu_mul(m.gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
+                                             static_cast<int32_t>(N), static_cast<int32_t>(I),
+                                             m.act.as<uint16_t>(), m.s()));
+    m.gemm->run(m.act.as(), Ly.w_down.as(), delta, GemmOut::kF32, N, H, I);
+    m.mark(4);
+  }
+  if (R > 0) {
+    // The last MLP's residual add and the final norm, only for the rows whose logits are wanted.
+    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
+        {x, delta, m.layers.back().b_down.as<float>(), m.final_norm.as<float>(), eps,
+         static_cast<int32_t>(R), static_cast<int32_t>(H), dev(o_logit_rows), m.hf.as<uint16_t>()},
+        m.s()));
+    const void* head = m.lm_head.bytes() > 0 ? m.lm_head.as() : m.embed.as();
+    m.gemm->run(m.hf.as(), head, m.logits.as(), GemmOut::kF32, R, V, H);
+  }
+}
+
+void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {
+  Impl& m = *impl_;
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size()), V = cfg_.vocab_size;
+  if (static_cast<int64_t>(logits_out.size()) != R * V) {
+    throw std::invalid_argument("CudaBackend::forward: logits buffer has the wrong size");
+  }
+  run_step(b);
+  if (R > 0) {
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(m.logits_host.as(), m.logits.as(),
+                                    static_cast<size_t>(R * V) * sizeof(float),
+                                    cudaMemcpyDeviceToHost, m.s()));
+  }
+  m.mark(5);
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+  m.end_timing();
+  if (R > 0) {
+    std::memcpy(logits_out.data(), m.logits_host.as(), static_cast<size_t>(R * V) * sizeof(float));
+  }
+}
+
+void CudaBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampling> rows,
+                                 std::span<int32_t> tokens) {
+  Impl& m = *impl_;
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size()), V = cfg_.vocab_size;
+  if (static_cast<int64_t>(rows.size()) != R || static_cast<int64_t>(tokens.size()) != R) {
+    throw std::invalid_argument("CudaBackend::forward_sample: one sampling row per logit row");
+  }
+  // Sampling inputs first (host work overlaps nothing yet, but validates before any launch).
+  std::vector<kernels::SamplingRow> params(R);
+  std::vector<int32_t> hist_starts{0}, hist_ids, hist_counts;
+  std::vector<uint8_t> hist_prompt;
+  bool any_penalty = false;
+  std::unordered_map<int32_t, std::pair<int32_t, uint8_t>> hist;  // id -> (output count, in prompt)
+  for (int64_t r = 0; r < R; ++r) {
+    const DeviceSampling& d = rows[r];
+    if (d.params == nullptr) throw std::invalid_argument("forward_sample: row without params");
+    const SamplingParams& p = *d.params;
+    params[r] = {
+        p.temperature,       p.top_k, p.top_p, p.min_p,  p.repetition_penalty, p.presence_penalty,
+        p.frequency_penalty, 0,       d.seed,  d.sampled};
+    const bool rep = p.repetition_penalty != 1.0f;
+    const bool out_pen = rep || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    hist.clear();
+    if (out_pen) {
+      for (int32_t id : d.output_ids) {
+        if (id < 0 || id >= V) throw InvalidArgument("history token id out of range");
+        ++hist[id].first;
+      }
+    }
+    if (rep) {
+      for (int32_t id : d.prompt_ids) {
+        if (id < 0 || id >= V) throw InvalidArgument("prompt token id out of range");
+        hist[id].second = 1;
+      }
+    }
+    for (const auto& [id, v] : hist) {
+      hist_ids.push_back(id);
+      hist_counts.push_back(v.first);
+      hist_prompt.push_back(v.second);
+    }
+    any_penalty = any_penalty || out_pen;
+    hist_starts.push_back(static_cast<int32_t>(hist_ids.size()));
+  }
+  run_step(b);
+  if (R == 0) {
+    PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+    return;
+  }
+  Packer pk;
+  const size_t o_params = pk.add(params), o_starts = pk.add(hist_starts);
+  const size_t o_ids = pk.add(hist_ids), o_counts = pk.add(hist_counts);
+  const size_t o_prompt = pk.add(hist_prompt);
+  const size_t bytes = pk.bytes().size();
+  // A second pinned buffer: run_step's upload from `staging` may still be in flight.
+  m.sample_staging.reserve(bytes + static_cast<size_t>(R) * 4);
+  m.sample_inputs.reserve(bytes + static_cast<size_t>(R) * 4 + 256);
+  std::memcpy(m.sample_staging.as(), pk.bytes().data(), bytes);
+  PMKV_CUDA_CHECK(cudaMemcpyAsync(m.sample_inputs.as(), m.sample_staging.as(), bytes,
+                                  cudaMemcpyHostToDevice, m.s()));
+  std::byte* base = m.sample_inputs.as<std::byte>();
+  const size_t o_out = (bytes + 255) / 256 * 256;
+  kernels::SamplingLaunch sl;
+  sl.logits = m.logits.as<float>();
+  sl.rows = static_cast<int32_t>(R);
+  sl.vocab = static_cast<int32_t>(V);
+  sl.params = reinterpret_cast<const kernels::SamplingRow*>(base + o_params);
+  if (any_penalty) {
+    sl.hist_starts = reinterpret_cast<const int32_t*>(base + o_starts);
+    sl.hist_ids = reinterpret_cast<const int32_t*>(base + o_ids);
+    sl.hist_output_counts = reinterpret_cast<const int32_t*>(base + o_counts);
+    sl.hist_in_prompt = reinterpret_cast<const uint8_t*>(base + o_prompt);
+  }
+  sl.out_tokens = reinterpret_cast<int32_t*>(base + o_out);
+  const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab);
+  m.sample_ws.reserve(static_cast<size_t>(std::max<int64_t>(ws, 1)));
+  sl.workspace = m.sample_ws.as();
+  sl.workspace_bytes = static_cast<int64_t>(m.sample_ws.bytes());
+  PMKV_CUDA_CHECK(kernels::launch_sampling(sl, m.s()));
+  auto* out_host = reinterpret_cast<int32_t*>(m.sample_staging.as<std::byte>() + bytes);
+  PMKV_CUDA_CHECK(cudaMemcpyAsync(out_host, sl.out_tokens, static_cast<size_t>(R) * 4,
+                                  cudaMemcpyDeviceToHost, m.s()));
+  m.mark(5);
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+  m.end_timing();
+  std::memcpy(tokens.data(), out_host, static_cast<size_t>(R) * 4);
+}
+
+}  // namespace pmkv

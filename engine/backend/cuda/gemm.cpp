@@ -1,0 +1,92 @@
+#include "engine/backend/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <string>
+
+namespace pmkv::cuda {
+
+namespace {
+
+void check_lt(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw CudaError(std::string(what) + ": cuBLASLt status " + std::to_string(static_cast<int>(s)));
+  }
+}
+#define PMKV_LT_CHECK(expr) check_lt((expr), #expr)
+
+}  // namespace
+
+// Row-major d[m, n] = a[m, k] w[n, k]^T is, in cuBLAS's column-major terms, the n x m matrix
+// D = op(W) * A with W read as a k x n column-major matrix (transposed) and A as k x m.
+struct GemmRunner::Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t w = nullptr, a = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~Plan() {
+    if (d != nullptr) cublasLtMatrixLayoutDestroy(d);
+    if (a != nullptr) cublasLtMatrixLayoutDestroy(a);
+    if (w != nullptr) cublasLtMatrixLayoutDestroy(w);
+    if (op != nullptr) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
+    : stream_(stream), workspace_(workspace_bytes) {
+  cublasLtHandle_t h = nullptr;
+  PMKV_LT_CHECK(cublasLtCreate(&h));
+  handle_ = h;
+}
+
+GemmRunner::~GemmRunner() {
+  plans_.clear();
+  if (handle_ != nullptr) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
+}
+
+GemmRunner::Plan& GemmRunner::plan(int64_t m, int64_t n, int64_t k, GemmOut out) {
+  const auto key = std::make_tuple(m, n, k, static_cast<int>(out));
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return *it->second;
+  auto p = std::make_unique<Plan>();
+  PMKV_LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t trans_w = CUBLAS_OP_T, trans_a = CUBLAS_OP_N;
+  PMKV_LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w,
+                                               sizeof(trans_w)));
+  PMKV_LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_a,
+                                               sizeof(trans_a)));
+  const cudaDataType_t d_type = out == GemmOut::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  PMKV_LT_CHECK(cublasLtMatrixLayoutCreate(&p->w, CUDA_R_16BF, k, n, k));
+  PMKV_LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, m, k));
+  PMKV_LT_CHECK(cublasLtMatrixLayoutCreate(&p->d, d_type, n, m, n));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  PMKV_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const size_t ws = workspace_.bytes();
+  PMKV_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                     &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t s =
+      cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->op, p->w, p->a,
+                                     p->d, p->d, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  check_lt(s, "cublasLtMatmulAlgoGetHeuristic");
+  if (found == 0) {
+    throw CudaError("cuBLASLt has no algorithm for a bf16 GEMM of m=" + std::to_string(m) +
+                    " n=" + std::to_string(n) + " k=" + std::to_string(k));
+  }
+  p->algo = result.algo;
+  return *plans_.emplace(key, std::move(p)).first->second;
+}
+
+void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
+                     int64_t k) {
+  if (m == 0) return;
+  Plan& p = plan(m, n, k, out);
+  const float alpha = 1.0f, beta = 0.0f;
+  PMKV_LT_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.op, &alpha, w, p.w, a, p.a,
+                               &beta, d, p.d, d, p.d, &p.algo, workspace_.as(), workspace_.bytes(),
+                               stream_));
+}
+
+}  // namespace pmkv::cuda
