@@ -32,8 +32,8 @@ struct Run {
   int32_t window_start;
 };
 
-void check(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("plan_decode: " + what);
+void check(bool ok, const char* what) {  // const char*: no string built on the hot path
+  if (!ok) throw std::invalid_argument(std::string("plan_decode: ") + what);
 }
 
 // Appends the runs of one layer; returns the KV bytes of one KV head over all of them.
