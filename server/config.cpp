@@ -204,6 +204,7 @@ void read_model(const YAML::Node& root, ServerConfig& c) {
   c.model.path = s.string("path");
   if (c.model.path.empty()) fail("model.path", "expected a model directory, got ''");
   c.model.served_name = s.string("served_name", /*allow_null=*/true);
+  c.model.dummy_weights = s.choice("load_format", {"safetensors", "dummy"}) == "dummy";
   s.done();
 }
 
@@ -311,6 +312,7 @@ EngineOptions ServerConfig::engine_options() const {
   o.kv_memory_bytes = kv_memory_bytes;
   o.num_threads = engine.threads;
   o.device = engine.device;
+  o.dummy_weights = model.dummy_weights;
   o.max_model_len = engine.max_model_len;
   return o;
 }

@@ -17,7 +17,8 @@ namespace pmkv {
 struct ServerConfig {
   struct Model {
     std::filesystem::path path;
-    std::string served_name;  // empty: the directory's name
+    std::string served_name;     // empty: the directory's name
+    bool dummy_weights = false;  // load_format: dummy (random weights; cuda only)
   } model;
   struct Server {
     std::string host;

@@ -100,6 +100,16 @@ WeightStore::WeightStore(WeightStore&&) noexcept = default;
 WeightStore& WeightStore::operator=(WeightStore&&) noexcept = default;
 WeightStore::~WeightStore() = default;
 
+WeightStore WeightStore::none(const std::filesystem::path& dir) {
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  return WeightStore(std::move(impl));
+}
+
+bool WeightStore::empty() const {
+  return impl_->tensors.empty();
+}
+
 WeightStore WeightStore::open(const std::filesystem::path& dir) {
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;

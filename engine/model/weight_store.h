@@ -35,6 +35,10 @@ class WeightStore {
   // Validates every header fully (see safetensors.h). Throws LoadError naming the file (and the
   // tensor) on any problem.
   static WeightStore open(const std::filesystem::path& dir);
+  // A store with no tensors (`--load-format dummy`: the backend makes random weights of the
+  // config's shape). Every lookup throws LoadError naming `dir`.
+  static WeightStore none(const std::filesystem::path& dir);
+  bool empty() const;
 
   WeightStore(WeightStore&&) noexcept;
   WeightStore& operator=(WeightStore&&) noexcept;

@@ -60,7 +60,9 @@ LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions 
   if (!std::filesystem::is_directory(dir)) {
     throw LoadError("model directory " + dir.string() + " does not exist");
   }
-  LocalModel m(parse_model_config(dir / "config.json"), WeightStore::open(dir), options);
+  const bool dummy = options.dummy_weights;
+  LocalModel m(parse_model_config(dir / "config.json"),
+               dummy ? WeightStore::none(dir) : WeightStore::open(dir), options);
   if (Tokenizer::available(dir)) {
     m.tokenizer = Tokenizer::load(dir);
     m.eos_ids = m.tokenizer->eos_ids();
@@ -85,8 +87,10 @@ void LocalModel::ensure_capacity(int64_t tokens) {
   const int64_t num_pages = pages_per_layer * config.num_layers;
   kv_.reset();
   backend_.reset();
-  backend_ = make_backend({.device = options_.device, .num_threads = options_.num_threads}, config,
-                          &weights, g, static_cast<int32_t>(num_pages), key_scales_);
+  backend_ = make_backend({.device = options_.device,
+                           .num_threads = options_.num_threads,
+                           .dummy_weights = options_.dummy_weights},
+                          config, &weights, g, static_cast<int32_t>(num_pages), key_scales_);
   kv_ =
       std::make_unique<kv::KvCacheManager>(static_cast<int32_t>(config.num_layers), g,
                                            static_cast<int32_t>(num_pages), options_.kv, budgets_);

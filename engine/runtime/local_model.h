@@ -22,7 +22,10 @@ namespace pmkv {
 struct LocalModelOptions {
   int32_t num_threads = 0;       // 0: every core
   Device device = Device::kCpu;  // the CLI and server default to auto (cuda when a GPU is present)
-  kv::KvCacheConfig kv;          // page size, bit ladder, sink/window, policy, budgets, key scales
+  // Random weights of the config's shape instead of the checkpoint (vLLM's --load-format dummy;
+  // cuda only): benchmarks and smoke tests of a real shape without its file.
+  bool dummy_weights = false;
+  kv::KvCacheConfig kv;  // page size, bit ladder, sink/window, policy, budgets, key scales
 };
 
 class LocalModel {

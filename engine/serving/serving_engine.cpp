@@ -106,7 +106,9 @@ struct ServingEngine::Impl {
 
 ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
     : options(std::move(o)),
-      model(LocalModel::open(dir, {.num_threads = options.num_threads, .kv = options.kv})),
+      model(LocalModel::open(dir, {.num_threads = options.num_threads,
+                                   .dummy_weights = options.dummy_weights,
+                                   .kv = options.kv})),
       name(directory_name(dir)) {
   validate_scheduler(options.scheduler);
   const int64_t context = model.config.max_position_embeddings;
@@ -136,7 +138,8 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
   }
   backend = make_backend({.device = resolve_device(options.device),
                           .num_threads = options.num_threads,
-                          .max_step_tokens = options.scheduler.max_step_tokens},
+                          .max_step_tokens = options.scheduler.max_step_tokens,
+                          .dummy_weights = options.dummy_weights},
                          model.config, &model.weights, g, static_cast<int32_t>(num_pages),
                          model.key_scales());
   key_scales_source =

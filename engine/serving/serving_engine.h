@@ -39,6 +39,7 @@ struct EngineOptions {
   int64_t kv_memory_bytes = 256ll << 20;  // the KV pool
   int32_t num_threads = 0;                // CPU backend threads; 0 = every core
   Device device = Device::kCpu;           // auto: cuda when a GPU is present
+  bool dummy_weights = false;             // random weights of the config's shape (cuda only)
   int32_t max_model_len = 0;              // context cap; 0 = the model's max_position_embeddings
 };
 

@@ -32,6 +32,7 @@ constexpr const char* kHelp =
   --ignore-eos              keep generating past EOS
   --threads N               CPU threads (default: all cores)
   --device auto|cpu|cuda    where the model runs (default auto: cuda when a GPU is present)
+  --load-format F           safetensors (default) | dummy: random weights of config.json's shape
   --kv-config YAML          KV cache configuration (bits, sink/window, policy, budgets)
   --json                    print one JSON object instead of streaming text
 )";
@@ -81,12 +82,12 @@ nlohmann::json kv_json(const kv::SeqKvStats& st, const kv::KvCacheManager& kv) {
 }  // namespace
 
 int run_generate(const std::vector<std::string>& argv) {
-  const Args a(argv,
-               {.flags = {"json", "ignore-eos", "help"},
-                .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature", "top-k",
-                           "top-p", "min-p", "repetition-penalty", "presence-penalty",
-                           "frequency-penalty", "seed", "threads", "kv-config", "device"},
-                .repeatable = {"stop", "stop-token-id"}});
+  const Args a(argv, {.flags = {"json", "ignore-eos", "help"},
+                      .values = {"model", "prompt", "prompt-ids", "max-tokens", "temperature",
+                                 "top-k", "top-p", "min-p", "repetition-penalty",
+                                 "presence-penalty", "frequency-penalty", "seed", "threads",
+                                 "kv-config", "device", "load-format"},
+                      .repeatable = {"stop", "stop-token-id"}});
   if (a.flag("help")) {
     std::fputs(kHelp, stdout);
     return 0;
@@ -99,6 +100,12 @@ int run_generate(const std::vector<std::string>& argv) {
   LocalModelOptions options{.num_threads = static_cast<int32_t>(a.get_int("threads").value_or(0)),
                             .device = parse_device(a.get("device").value_or("auto"), "--device")};
   if (auto f = a.get("kv-config")) options.kv = kv::load_kv_config(*f);
+  if (auto f = a.get("load-format")) {
+    if (*f != "safetensors" && *f != "dummy") {
+      throw InvalidArgument("--load-format: '" + *f + "' is not one of safetensors, dummy");
+    }
+    options.dummy_weights = *f == "dummy";
+  }
   LocalModel model = LocalModel::open(a.require("model"), options);
   GenerationRequest req;
   req.params = params;

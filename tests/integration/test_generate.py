@@ -1,6 +1,7 @@
 """`pmkv generate` end to end: golden models, a converted real model, sampling flags, bad input."""
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -102,6 +103,10 @@ def _broken_copy(tmp_path, model="llama_gqa"):
     (["--prompt-ids", "1,2", "--bogus", "1"], 2, "--bogus"),
     (["--prompt", "hello"], 2, "tokenizer"),
     (["--prompt-ids", "1", "--prompt", "x"], 2, "exactly one"),
+    (["--prompt-ids", "1,2", "--device", "gpu"], 2, "--device: 'gpu' is not one of auto, cpu, cuda"),
+    (["--prompt-ids", "1,2", "--load-format", "gguf"], 2, "--load-format"),
+    (["--prompt-ids", "1,2", "--device", "cpu", "--load-format", "dummy"], 2,
+     "only the cuda device supports random weights"),
 ])
 def test_bad_arguments_are_clear_errors(pmkv_bin, args, rc, message):
     proc = run_pmkv(pmkv_bin, "generate", "--json", "--model", GOLDEN_DIR / "llama_gqa", *args,
@@ -156,3 +161,23 @@ def test_wrong_shape_names_tensor(pmkv_bin, tmp_path):
                     check=False)
     assert proc.returncode == 1
     assert "mlp.gate_proj.weight" in proc.stderr and "shape" in proc.stderr
+
+
+def _has_gpu():
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(_has_gpu(), reason="checks the error a machine without a GPU gives")
+def test_device_cuda_without_a_gpu_is_a_clear_error(pmkv_bin):
+    proc = run_pmkv(pmkv_bin, "generate", "--json", "--model", GOLDEN_DIR / "llama_gqa_d64",
+                    "--prompt-ids", "1,2", "--device", "cuda", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "device cuda:" in proc.stderr and "--device cpu" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_device_auto_falls_back_to_cpu_and_says_so(pmkv_bin):
+    proc = run_pmkv(pmkv_bin, "generate", "--json", "--model", GOLDEN_DIR / "llama_gqa_d64",
+                    "--prompt-ids", "1,2", "--max-tokens", "3", "--device", "cpu")
+    assert json.loads(proc.stdout)["device"] == "cpu"

@@ -43,6 +43,8 @@ TEST_CASE("server config: the defaults of config/default.yaml", "[config]") {
   CHECK(c.scheduler.prefill_chunk == 512);
   CHECK(c.scheduler.max_waiting == 4096);
   CHECK(c.scheduler.admission == SchedulerConfig::Admission::kGuaranteed);
+  CHECK(c.engine.device == Device::kAuto);
+  CHECK_FALSE(c.model.dummy_weights);
   CHECK(c.kv_memory_bytes == 256ll << 20);
   CHECK(c.kv_cache.page_bytes == 0);
   CHECK(c.kv_cache.bit_ladder == std::vector<int32_t>{16, 8, 4, 2});
@@ -98,6 +100,8 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("scheduler: {max_runing: 3}", {}, "config error: scheduler.max_runing: unknown key");
   check_error("", {"scheduler.admission=sometimes"},
               "config error: scheduler.admission: expected one of guaranteed, overcommit");
+  check_error("", {"engine.device=gpu"}, "config error: engine.device: expected one of");
+  check_error("", {"model.load_format=gguf"}, "config error: model.load_format: expected one of");
   check_error("serve: {port: 1}", {}, "config error: serve: unknown section");
   check_error("server: {port: 70000}", {}, "config error: server.port: expected a port number");
   check_error("server: {max_body_bytes: 12Q}", {}, "config error: server.max_body_bytes:");
