@@ -2,7 +2,11 @@
 
 #include <cublasLt.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
+
+#include "kernels/gemm/skinny_gemm.h"
 
 namespace pmkv::cuda {
 
@@ -14,6 +18,11 @@ void check_lt(cublasStatus_t s, const char* what) {
   }
 }
 #define PMKV_LT_CHECK(expr) check_lt((expr), #expr)
+
+int32_t env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? static_cast<int32_t>(std::strtol(v, nullptr, 10)) : 0;
+}
 
 }  // namespace
 
@@ -36,6 +45,15 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   cublasLtHandle_t h = nullptr;
   PMKV_LT_CHECK(cublasLtCreate(&h));
   handle_ = h;
+  const char* mode = std::getenv("PMKV_GEMM");
+  skinny_enabled_ = mode == nullptr || std::strcmp(mode, "cublaslt") != 0;
+  int dev = 0;
+  PMKV_CUDA_CHECK(cudaGetDevice(&dev));
+  int sms = 0;
+  PMKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  num_sms_ = sms;
+  skinny_warp_rows_ = env_int("PMKV_SKINNY_WARP_ROWS");
+  skinny_k_split_ = env_int("PMKV_SKINNY_K_SPLIT");
 }
 
 GemmRunner::~GemmRunner() {
@@ -82,11 +100,33 @@ GemmRunner::Plan& GemmRunner::plan(int64_t m, int64_t n, int64_t k, GemmOut out)
 void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
                      int64_t k) {
   if (m == 0) return;
+  if (uses_skinny(a, w, d, out, m, n, k)) {
+    kernels::SkinnyGemmParams sp;
+    sp.a = static_cast<const uint16_t*>(a);
+    sp.w = static_cast<const uint16_t*>(w);
+    sp.d = d;
+    sp.out = out == GemmOut::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16;
+    sp.m = m;
+    sp.n = n;
+    sp.k = k;
+    sp.num_sms = num_sms_;
+    sp.warp_rows = skinny_warp_rows_;
+    sp.k_split = skinny_k_split_;
+    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+    return;
+  }
   Plan& p = plan(m, n, k, out);
   const float alpha = 1.0f, beta = 0.0f;
   PMKV_LT_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.op, &alpha, w, p.w, a, p.a,
                                &beta, d, p.d, d, p.d, &p.algo, workspace_.as(), workspace_.bytes(),
                                stream_));
+}
+
+bool GemmRunner::uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m,
+                             int64_t n, int64_t k) const {
+  return skinny_enabled_ &&
+         kernels::skinny_gemm_supported(
+             a, w, d, out == GemmOut::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16, m, n, k);
 }
 
 }  // namespace pmkv::cuda

@@ -1,0 +1,56 @@
+#pragma once
+// Skinny GEMM ("GEMV") for decode: d[m, n] = a[m, k] * w[n, k]^T with m <= 16, a and w bf16
+// row-major (w is [out, in] as in Hugging Face checkpoints), fp32 accumulation, fp32 or bf16
+// output. Memory-bound by design: the weight matrix is streamed exactly once with 16-byte
+// coalesced loads (many in flight per thread), and the tiny activation block a is re-read from
+// L1/L2. The products run on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) with
+// w as the 16-row operand and a as the 8-column operand, so the cost per weight byte does not
+// grow with m (CUDA-core FMAs would be compute-bound near m = 16 on an H200).
+//
+// The launcher only enqueues one kernel on `stream` (no host sync, no allocation, no device
+// attribute queries; graph-capturable) and returns the launch error, or cudaErrorInvalidValue for
+// parameters it rejects (without launching). m == 0 launches nothing. No workspace is needed: k
+// is split across the warps of one CTA (reduced in shared memory), never across CTAs, so there is
+// no second pass and the result is deterministic (bit-identical run to run for a given
+// configuration).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/kernels_common.h"
+
+namespace pmkv::kernels {
+
+inline constexpr int64_t kSkinnyGemmMaxM = 16;
+
+struct SkinnyGemmParams {
+  const uint16_t* a = nullptr;  // bf16 [m, k], row-major, 16-byte aligned
+  const uint16_t* w = nullptr;  // bf16 [n, k], row-major, 16-byte aligned
+  void* d = nullptr;            // [m, n] row-major, fp32 or bf16 (out); must not alias a or w
+  DType out = DType::kF32;
+  int64_t m = 0;  // 0..16
+  int64_t n = 0;  // 1..2^31-1
+  int64_t k = 0;  // 8..2^31-1, k % 8 == 0
+  // The number of SMs of the device (the caller queries it once); 0 means 132 (H100/H200).
+  int32_t num_sms = 0;
+  // Tuning overrides, 0 = automatic: rows of w per warp tile (16 or 32) and the number of warps
+  // of a CTA that split k for one warp tile (1, 2, 4 or 8; the CTA has 8 warps).
+  int32_t warp_rows = 0;
+  int32_t k_split = 0;
+};
+
+// True when launch_skinny_gemm accepts these operands (shape and alignment; pointers non-null).
+inline bool skinny_gemm_supported(const void* a, const void* w, const void* d, DType out, int64_t m,
+                                  int64_t n, int64_t k) {
+  const auto addr = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  return m >= 1 && m <= kSkinnyGemmMaxM && n >= 1 && n <= INT32_MAX && k >= 8 && k <= INT32_MAX &&
+         k % 8 == 0 && a != nullptr && w != nullptr && d != nullptr && addr(a) % 16 == 0 &&
+         addr(w) % 16 == 0 && addr(d) % dtype_bytes(out) == 0;
+}
+
+// d[i, j] = sum_l a[i, l] * w[j, l] for i < m, j < n (fp32 accumulation; bf16 outputs rounded to
+// nearest even from the fp32 sum). Only d[0..m)[0..n) is written. Rejects (cudaErrorInvalidValue)
+// what skinny_gemm_supported rejects, m == 0 aside (a no-op), and bad tuning overrides.
+cudaError_t launch_skinny_gemm(const SkinnyGemmParams& params, cudaStream_t stream);
+
+}  // namespace pmkv::kernels
