@@ -21,18 +21,25 @@ using decode_detail::ex2;
 using decode_detail::mma_bf16;
 using decode_detail::pack_bf16;
 
-// ---- Kernel 1: cached tokens -> bf16 workspace --------------------------------------------------
-// Workspace: K at [kvh][total_cached][head_dim], then V likewise; sequence s's cached tokens of a
-// KV head are rows cached_starts[s] .. cached_starts[s + 1] - 1 of its [total_cached] block.
+// ---- Kernel 1: every key of the step -> bf16 workspace -----------------------------------------
+// Workspace: K at [kvh][total_keys][head_dim] with total_keys = total_cached + num_rows, then V
+// likewise. The keys of sequence s (its cached tokens, then its step rows) are the contiguous rows
+// key0(s) = cached_starts[s] + seq_starts[s] .. key0(s) + seq_cached[s] + rows(s) - 1 of a KV
+// head's block: cached token t at key0(s) + t, step row r (a global row index) at
+// cached_starts[s + 1] + r.
 //
-// One CTA per (chunk of kDqChunk consecutive cached tokens of the whole batch, KV head). A chunk
-// can span several sequences; per sequence it locates its tokens in the page table with a
-// block-wide scan of page_tokens (256 pages per round, so a long table costs a few rounds, not a
-// serial walk), then one warp per (token, K|V) dequantizes a row exactly as kv::dequantize_group
-// does (float(code) * scale - zero, no contraction) and rounds it to bf16.
+// The grid's first blocks dequantize the cached tokens, the rest round the step's fp32 K/V (one
+// CTA per (kCvRows rows, KV head)).
+//
+// Dequantization: one CTA per (chunk of kDqChunk consecutive cached tokens of the whole batch, KV
+// head). A chunk can span several sequences; per sequence it locates its tokens in the page table
+// with a block-wide scan of page_tokens (256 pages per round, so a long table costs a few rounds,
+// not a serial walk), then one warp per (token, K|V) dequantizes a row exactly as
+// kv::dequantize_group does (float(code) * scale - zero, no contraction) and rounds it to bf16.
 inline constexpr int kDqThreads = 256;
 inline constexpr int kDqWarps = kDqThreads / 32;
 inline constexpr int kDqChunk = 256;
+inline constexpr int kCvRows = 32;  // step rows per conversion CTA
 
 struct DequantParams {
   const uint8_t* pool;
@@ -47,6 +54,14 @@ struct DequantParams {
   const int32_t* page_tokens;
   __nv_bfloat16* ws_k;
   __nv_bfloat16* ws_v;
+  // The step's rows.
+  int32_t num_rows;
+  int32_t total_keys;  // total_cached + num_rows
+  int32_t dq_blocks;   // blocks of the dequantization part of the grid
+  const int32_t* seq_starts;
+  const float* k;
+  const float* v;
+  int64_t kv_stride;
 };
 
 // Inclusive prefix sum over the CTA; `total` gets the sum of all. Contains two barriers (s_warp is
@@ -89,8 +104,8 @@ __device__ __forceinline__ uint32_t unpack_code(const uint8_t* row, int bits, in
 // Dequantizes tokens [t0, t1) of sequence s (sequence-local indices) for KV head kvh into the
 // workspace rows starting at `ws_row0` (the sequence's first cached row of this head).
 template <int kD>
-__device__ void dequant_range(const DequantParams& p, int s, int kvh, int t0, int t1,
-                              int64_t ws_row0, int* s_start, int* s_warp) {
+__device__ __forceinline__ void dequant_range(const DequantParams& p, int s, int kvh, int t0,
+                                              int t1, int64_t ws_row0, int* s_start, int* s_warp) {
   constexpr int kPer = kD / 32;  // codes per lane
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int pe = p.page_starts[s + 1];
@@ -146,11 +161,52 @@ __device__ void dequant_range(const DequantParams& p, int s, int kvh, int t0, in
   }
 }
 
+// Rounds step rows r0 .. r0 + kCvRows - 1 (those < num_rows) of KV head kvh to bf16 into their
+// workspace rows; consecutive threads take consecutive 16-byte chunks of a row (coalesced).
 template <int kD>
-__global__ void __launch_bounds__(kDqThreads) prefill_dequant_kernel(const DequantParams p) {
-  __shared__ int s_start[kDqThreads];
+__device__ __forceinline__ void convert_rows(const DequantParams& p, int kvh, int r0,
+                                             int64_t* s_dst) {
+  constexpr int kChunks = kD / 8;
+  const int nr = min(kCvRows, p.num_rows - r0);
+  if (static_cast<int>(threadIdx.x) < nr) {
+    const int r = r0 + static_cast<int>(threadIdx.x);
+    // The sequence of row r: the largest s with seq_starts[s] <= r (empty sequences share their
+    // start with the next one, so this is the non-empty sequence holding r).
+    int lo = 0, hi = p.num_seqs - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (p.seq_starts[mid] <= r) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    s_dst[threadIdx.x] = (int64_t{kvh} * p.total_keys + p.cached_starts[lo + 1] + r) * kD;
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int o = static_cast<int>(threadIdx.x); o < nr * kChunks * 2; o += kDqThreads) {
+    const int c = o % kChunks, rest = o / kChunks, kind = rest & 1, rl = rest >> 1;
+    const float* src =
+        (kind ? p.v : p.k) + int64_t{r0 + rl} * p.kv_stride + int64_t{kvh} * kD + c * 8;
+    const float4 x0 = __ldg(reinterpret_cast<const float4*>(src));
+    const float4 x1 = __ldg(reinterpret_cast<const float4*>(src + 4));
+    *reinterpret_cast<uint4*>((kind ? p.ws_v : p.ws_k) + s_dst[rl] + c * 8) = make_uint4(
+        pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
+  }
+}
+
+template <int kD>
+__global__ void __launch_bounds__(kDqThreads) prefill_keys_kernel(const DequantParams p) {
+  __shared__ __align__(8) int s_start[kDqThreads];
   __shared__ int s_warp[kDqWarps];
   const int kvh = blockIdx.y;
+  if (static_cast<int>(blockIdx.x) >= p.dq_blocks) {
+    static_assert(kCvRows * sizeof(int64_t) <= sizeof(s_start), "s_start holds the row targets");
+    convert_rows<kD>(p, kvh, (static_cast<int>(blockIdx.x) - p.dq_blocks) * kCvRows,
+                     reinterpret_cast<int64_t*>(s_start));
+    return;
+  }
   const int g0 = blockIdx.x * kDqChunk;
   const int g1 = min(g0 + kDqChunk, p.total_cached);
   // The sequence holding cached token g0: the largest s < num_seqs with cached_starts[s] <= g0
@@ -171,7 +227,8 @@ __global__ void __launch_bounds__(kDqThreads) prefill_dequant_kernel(const Dequa
       ++s;
     const int cs = p.cached_starts[s];
     const int t1 = min(g1, p.cached_starts[s + 1]) - cs;
-    dequant_range<kD>(p, s, kvh, g - cs, t1, int64_t{kvh} * p.total_cached + cs, s_start, s_warp);
+    dequant_range<kD>(p, s, kvh, g - cs, t1, int64_t{kvh} * p.total_keys + cs + p.seq_starts[s],
+                      s_start, s_warp);
     g = cs + t1;
   }
 }
@@ -186,9 +243,11 @@ __global__ void __launch_bounds__(kDqThreads) prefill_dequant_kernel(const Dequa
 //   online softmax in the log2 domain on the S accumulators (masks only on boundary tiles)
 //   O += P V        A = P (the S accumulator layout of two n-tiles is the A layout of one k-step),
 //                   B = V via ldmatrix.trans (k: keys, n: dims)
-// Keys j < cached come from the workspace (cp.async); keys cached <= j < cached + n are the step's
-// fp32 rows, rounded to bf16 on the way into shared memory; keys >= cached + n are zeros (always
-// masked: j > every row's token; zeros keep 0 * V finite).
+// Keys j < cached + n are the sequence's workspace rows (cp.async, cached tokens then the step's
+// rows); keys >= cached + n are zeros (always masked: j > every row's token; zeros keep 0 * V
+// finite).
+// The CTA's packed-row tile and KV head come from blockIdx.x (KV head fastest, heaviest tiles of
+// a causal sequence first), the sequence from blockIdx.z.
 inline constexpr int kWarps = 4;
 inline constexpr int kThreads = kWarps * 32;
 inline constexpr int kRows = kPrefillRowsPerCta;
@@ -196,9 +255,11 @@ inline constexpr int kKeys = kPrefillKeysPerTile;
 static_assert(kRows == kWarps * 16, "one 16-row mma tile per warp");
 
 struct AttnParams {
-  const __nv_bfloat16* ws_k;  // [num_kv_heads][total_cached][kD]
+  const __nv_bfloat16* ws_k;  // [num_kv_heads][total_keys][kD]
   const __nv_bfloat16* ws_v;
-  int32_t total_cached;
+  int32_t total_keys;
+  int32_t num_kv_heads;
+  int32_t row_tiles;
   int32_t group;
   int32_t sliding_window;
   float scale_log2;  // softmax scale * log2(e)
@@ -207,9 +268,6 @@ struct AttnParams {
   const int32_t* cached_starts;
   const float* q;
   int64_t q_stride;
-  const float* k;
-  const float* v;
-  int64_t kv_stride;
   __nv_bfloat16* out;
   int64_t out_stride;  // num_heads * kD
 };
@@ -249,7 +307,8 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
 struct SeqInfo {
   int row0;     // first step row of the sequence
   int n;        // step rows of the sequence
-  int cached;   // cached tokens (keys 0 .. cached - 1 are in the workspace)
+  int cached;   // cached tokens
+  int keys;     // cached + n: keys 0 .. keys - 1 are in the workspace
   int64_t ws0;  // workspace row of key 0 of this (sequence, KV head)
 };
 
@@ -257,7 +316,7 @@ struct SeqInfo {
 // chunks of each; consecutive threads take consecutive chunks of a row (coalesced reads).
 template <int kD>
 __device__ __forceinline__ void load_tile(uint8_t* stage, const AttnParams& p, const SeqInfo& si,
-                                          int kvh, int kb) {
+                                          int kb) {
   using S = Smem<kD>;
   constexpr int kOps = kKeys * S::kChunks;
   static_assert(kOps % kThreads == 0, "whole rounds of chunks");
@@ -268,20 +327,10 @@ __device__ __forceinline__ void load_tile(uint8_t* stage, const AttnParams& p, c
     const int j = kb * kKeys + r;
     uint8_t* dk = stage + swz<kD>(r, c);
     uint8_t* dv = dk + S::kTileBytes;
-    if (j < si.cached) {
+    if (j < si.keys) {
       const int64_t src = (si.ws0 + j) * kD + c * 8;
       cp_async16(dk, p.ws_k + src);
       cp_async16(dv, p.ws_v + src);
-    } else if (j < si.cached + si.n) {
-      const int64_t src = int64_t{si.row0 + j - si.cached} * p.kv_stride + kvh * kD + c * 8;
-      const float4 k0 = __ldg(reinterpret_cast<const float4*>(p.k + src));
-      const float4 k1 = __ldg(reinterpret_cast<const float4*>(p.k + src + 4));
-      const float4 v0 = __ldg(reinterpret_cast<const float4*>(p.v + src));
-      const float4 v1 = __ldg(reinterpret_cast<const float4*>(p.v + src + 4));
-      *reinterpret_cast<uint4*>(dk) = make_uint4(pack_bf16(k0.x, k0.y), pack_bf16(k0.z, k0.w),
-                                                 pack_bf16(k1.x, k1.y), pack_bf16(k1.z, k1.w));
-      *reinterpret_cast<uint4*>(dv) = make_uint4(pack_bf16(v0.x, v0.y), pack_bf16(v0.z, v0.w),
-                                                 pack_bf16(v1.x, v1.y), pack_bf16(v1.z, v1.w));
     } else {
       *reinterpret_cast<uint4*>(dk) = make_uint4(0u, 0u, 0u, 0u);
       *reinterpret_cast<uint4*>(dv) = make_uint4(0u, 0u, 0u, 0u);
@@ -300,16 +349,18 @@ template <int kD>
 __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnParams p) {
   using S = Smem<kD>;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int seq = blockIdx.z, kvh = blockIdx.y, G = p.group;
+  const int seq = blockIdx.z, G = p.group;
+  const int kvh = static_cast<int>(blockIdx.x) % p.num_kv_heads;
   SeqInfo si;
   si.row0 = p.seq_starts[seq];
   si.n = p.seq_starts[seq + 1] - si.row0;
   // Row tiles in reverse: the late (longest) tiles of a causal sequence start first.
-  const int R0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kRows;
+  const int R0 = (p.row_tiles - 1 - static_cast<int>(blockIdx.x) / p.num_kv_heads) * kRows;
   const int nrows = si.n * G;
   if (R0 >= nrows) return;
   si.cached = p.seq_cached[seq];
-  si.ws0 = int64_t{kvh} * p.total_cached + p.cached_starts[seq];
+  si.keys = si.cached + si.n;
+  si.ws0 = int64_t{kvh} * p.total_keys + p.cached_starts[seq] + si.row0;
   const int W = p.sliding_window;
   // Tokens of the CTA's first and last valid rows; the keys any row sees lie in
   // [t_lo - W + 1 (window) or 0, t_hi].
@@ -344,20 +395,20 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnPar
 #pragma unroll
   for (int dt = 0; dt < kD / 8; ++dt)
     o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
-  // Running max (log2 domain, -inf until a visible key) and this lane's part of the row sums
-  // (its 2 columns of every n-tile; all 4 lanes of a row scale by the same alpha).
+  // Running max of the raw scores q.k (-inf until a visible key) and this lane's part of the row
+  // sums (its 2 columns of every n-tile; all 4 lanes of a row scale by the same alpha).
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
 
   const int ntiles = kb_hi - kb_lo + 1;
-  load_tile<kD>(smem, p, si, kvh, kb_lo);
+  load_tile<kD>(smem, p, si, kb_lo);
   cp_async_commit();
   for (int it = 0; it < ntiles; ++it) {
     const int kb = kb_lo + it;
     // Stage (it + 1) & 1 was last read in iteration it - 1, which ended with a barrier.
-    if (it + 1 < ntiles) load_tile<kD>(smem + ((it + 1) & 1) * S::kStageBytes, p, si, kvh, kb + 1);
+    if (it + 1 < ntiles) load_tile<kD>(smem + ((it + 1) & 1) * S::kStageBytes, p, si, kb + 1);
     cp_async_commit();
     cp_async_wait<1>();  // this thread's copies of tile it have landed
-    __syncthreads();     // ... and everyone's (cp.async and plain stores)
+    __syncthreads();     // ... and everyone's (cp.async and the zero stores)
     const uint8_t* sk = smem + (it & 1) * S::kStageBytes;
     const uint8_t* sv = sk + S::kTileBytes;
 
@@ -387,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnPar
     for (int nt = 0; nt < kKeys / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = sacc[nt][e] * p.scale_log2;
+        float x = sacc[nt][e];
         if (need_mask) {
           const int j = j0 + 8 * nt + 2 * tig + (e & 1);
           const int t = e < 2 ? ta : tb;
@@ -406,11 +457,14 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnPar
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
     const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-    // A row without a visible key so far keeps max -inf; subtracting 0 instead keeps p = 0 (not
-    // NaN) and alpha = 0 (its sums are 0 anyway).
-    const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a;
-    const float mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
-    const float alpha_a = ex2(m_a - mu_a), alpha_b = ex2(m_b - mu_b);
+    // The weights are 2^(s * scale_log2 - mu) with mu the running max in the log2 domain (the scale
+    // is positive, so it is the scaled max). A row without a visible key so far keeps max -inf;
+    // subtracting 0 instead keeps p = 0 (not NaN) and alpha = 0 (its sums are 0 anyway). The
+    // unfused products make alpha exactly 1 while the max stays.
+    const float sl = p.scale_log2;
+    const float mu_a = mn_a == -INFINITY ? 0.0f : __fmul_rn(mn_a, sl);
+    const float mu_b = mn_b == -INFINITY ? 0.0f : __fmul_rn(mn_b, sl);
+    const float alpha_a = ex2(__fmul_rn(m_a, sl) - mu_a), alpha_b = ex2(__fmul_rn(m_b, sl) - mu_b);
     m_a = mn_a;
     m_b = mn_b;
 
@@ -423,8 +477,10 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnPar
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float* sc = sacc[2 * kk + h];
-        const __nv_bfloat162 pa2 = __floats2bfloat162_rn(ex2(sc[0] - mu_a), ex2(sc[1] - mu_a));
-        const __nv_bfloat162 pb2 = __floats2bfloat162_rn(ex2(sc[2] - mu_b), ex2(sc[3] - mu_b));
+        const __nv_bfloat162 pa2 =
+            __floats2bfloat162_rn(ex2(fmaf(sc[0], sl, -mu_a)), ex2(fmaf(sc[1], sl, -mu_a)));
+        const __nv_bfloat162 pb2 =
+            __floats2bfloat162_rn(ex2(fmaf(sc[2], sl, -mu_b)), ex2(fmaf(sc[3], sl, -mu_b)));
         pa[kk][2 * h] = bf16x2_bits(pa2);
         pa[kk][2 * h + 1] = bf16x2_bits(pb2);
         const float2 fa = __bfloat1622float2(pa2), fb = __bfloat1622float2(pb2);
@@ -487,11 +543,12 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attn_kernel(const AttnPar
 
 template <int kD>
 cudaError_t launch_d(const PrefillParams& P, cudaStream_t stream) {
-  const int64_t kv_elems = int64_t{P.num_kv_heads} * P.total_cached * kD;
+  const int32_t total_keys = P.total_cached + P.num_rows;  // checked to fit by the caller
+  const int64_t kv_elems = int64_t{P.num_kv_heads} * total_keys * kD;
   __nv_bfloat16* ws_k = static_cast<__nv_bfloat16*>(P.workspace);
   __nv_bfloat16* ws_v = ws_k + kv_elems;
   const int group = P.num_heads / P.num_kv_heads;
-  if (P.total_cached > 0) {
+  {
     DequantParams dp;
     dp.pool = static_cast<const uint8_t*>(P.pool);
     dp.page_bytes = P.page_bytes;
@@ -505,15 +562,23 @@ cudaError_t launch_d(const PrefillParams& P, cudaStream_t stream) {
     dp.page_tokens = P.page_tokens;
     dp.ws_k = ws_k;
     dp.ws_v = ws_v;
-    const dim3 grid((P.total_cached + kDqChunk - 1) / kDqChunk, P.num_kv_heads);
-    prefill_dequant_kernel<kD><<<grid, kDqThreads, 0, stream>>>(dp);
+    dp.num_rows = P.num_rows;
+    dp.total_keys = total_keys;
+    dp.dq_blocks = (P.total_cached + kDqChunk - 1) / kDqChunk;
+    dp.seq_starts = P.seq_starts;
+    dp.k = P.k;
+    dp.v = P.v;
+    dp.kv_stride = P.kv_stride;
+    const dim3 grid(dp.dq_blocks + (P.num_rows + kCvRows - 1) / kCvRows, P.num_kv_heads);
+    prefill_keys_kernel<kD><<<grid, kDqThreads, 0, stream>>>(dp);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   AttnParams ap;
   ap.ws_k = ws_k;
   ap.ws_v = ws_v;
-  ap.total_cached = P.total_cached;
+  ap.total_keys = total_keys;
+  ap.num_kv_heads = P.num_kv_heads;
   ap.group = group;
   ap.sliding_window = P.sliding_window;
   ap.scale_log2 = P.scale * 1.4426950408889634f;
@@ -522,17 +587,15 @@ cudaError_t launch_d(const PrefillParams& P, cudaStream_t stream) {
   ap.cached_starts = P.cached_starts;
   ap.q = P.q;
   ap.q_stride = P.q_stride;
-  ap.k = P.k;
-  ap.v = P.v;
-  ap.kv_stride = P.kv_stride;
   ap.out = reinterpret_cast<__nv_bfloat16*>(P.out);
   ap.out_stride = int64_t{P.num_heads} * kD;
   const int64_t row_tiles = (int64_t{P.max_rows_per_seq} * group + kRows - 1) / kRows;
-  if (row_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+  if (row_tiles * P.num_kv_heads > 0x7fffffff) return cudaErrorInvalidValue;
+  ap.row_tiles = static_cast<int32_t>(row_tiles);
   cudaError_t e = cudaFuncSetAttribute(
       prefill_attn_kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<kD>::kBytes);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>(row_tiles), P.num_kv_heads, P.num_seqs);
+  const dim3 grid(static_cast<unsigned>(row_tiles * P.num_kv_heads), 1, P.num_seqs);
   prefill_attn_kernel<kD><<<grid, kThreads, Smem<kD>::kBytes, stream>>>(ap);
   return cudaGetLastError();
 }
@@ -543,8 +606,10 @@ bool misaligned(const void* ptr, uintptr_t a) {
 
 }  // namespace prefill_detail
 
-int64_t prefill_workspace_bytes(int32_t total_cached, int32_t num_kv_heads, int32_t head_dim) {
-  const int64_t b = 2 * int64_t{total_cached} * num_kv_heads * head_dim * 2;  // K and V, bf16
+int64_t prefill_workspace_bytes(int32_t total_cached, int32_t num_rows, int32_t num_kv_heads,
+                                int32_t head_dim) {
+  // K and V, bf16, of every key: the cached tokens and the step's rows.
+  const int64_t b = 2 * (int64_t{total_cached} + num_rows) * num_kv_heads * head_dim * 2;
   return (b + 255) / 256 * 256;
 }
 
@@ -560,10 +625,13 @@ cudaError_t launch_prefill(const PrefillParams& P, cudaStream_t stream) {
       P.kv_stride % 4 != 0 || misaligned(P.out, 4) || P.max_rows_per_seq < 1) {
     return cudaErrorInvalidValue;
   }
-  if (P.total_cached > 0 &&
-      (P.workspace == nullptr || misaligned(P.workspace, 16) ||
-       P.workspace_bytes < prefill_workspace_bytes(P.total_cached, P.num_kv_heads, P.head_dim) ||
-       P.pool == nullptr || P.page_bytes % 16 != 0 || P.tokens16 < 1)) {
+  if (int64_t{P.total_cached} + P.num_rows > 0x7fffffff || P.workspace == nullptr ||
+      misaligned(P.workspace, 16) ||
+      P.workspace_bytes <
+          prefill_workspace_bytes(P.total_cached, P.num_rows, P.num_kv_heads, P.head_dim)) {
+    return cudaErrorInvalidValue;
+  }
+  if (P.total_cached > 0 && (P.pool == nullptr || P.page_bytes % 16 != 0 || P.tokens16 < 1)) {
     return cudaErrorInvalidValue;
   }
   return P.head_dim == 64 ? prefill_detail::launch_d<64>(P, stream)

@@ -11,20 +11,21 @@
 // writes zeros (cannot happen: a row always sees its own token).
 //
 // Two kernels on the stream, nothing on the host but the launches:
-//  1. dequantize: every sequence's cached tokens -> workspace, bf16, one contiguous [tokens,
-//  head_dim]
-//     run per (KV head, sequence) (a single pass over the pages);
+//  1. keys: every sequence's cached tokens (dequantized, a single pass over the pages) and then its
+//     step rows (the fp32 K/V rounded) -> workspace, bf16, one contiguous [cached + rows, head_dim]
+//     run per (KV head, sequence);
 //  2. flash attention (online softmax, bf16 mma.sync with fp32 accumulation), one CTA per
 //     (64 packed query rows, KV head, sequence) where a packed row is a (token, query head of this
-//     KV head) pair, so all query heads of a KV head share each loaded K/V tile (GQA). Keys are
-//     [workspace cached K/V | the step's K/V rounded to bf16 while loading], in 64-key tiles.
+//     KV head) pair, so all query heads of a KV head share each loaded K/V tile (GQA). All keys
+//     come from the workspace (cp.async, double-buffered), in 64-key tiles.
 // Precision: q, K, V and the softmax weights enter the tensor cores as bf16 (relative rounding
 // up to 2^-8 each), scores and sums are fp32; the output is bf16.
 //
 // Requires: head_dim 64 or 128; num_heads a multiple of num_kv_heads; q 8-byte aligned with an even
 // q_stride; k and v 16-byte aligned with kv_stride a multiple of 4; out 4-byte aligned; workspace
-// 16-byte aligned; num_seqs <= 65535; every page of a table holds at most its capacity and the
-// tables cover at least seq_cached tokens. Returns cudaErrorInvalidValue on an unsupported shape.
+// 16-byte aligned; num_rows == seq_starts[num_seqs]; total_cached + num_rows < 2^31; num_seqs <=
+// 65535; every page of a table holds at most its capacity and the tables cover at least seq_cached
+// tokens. Returns cudaErrorInvalidValue on an unsupported shape.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -55,13 +56,14 @@ struct PrefillParams {
   const float* k = nullptr;  // [num_rows, num_kv_heads * head_dim] the step's own K (exact fp32)
   const float* v = nullptr;  // same for V; both with row stride kv_stride
   int64_t kv_stride = 0;
-  uint16_t* out = nullptr;  // bf16 [num_rows, num_heads * head_dim], contiguous
-  void* workspace = nullptr;
-  int64_t workspace_bytes = 0;  // >= prefill_workspace_bytes(total_cached, ...)
+  uint16_t* out = nullptr;      // bf16 [num_rows, num_heads * head_dim], contiguous
+  void* workspace = nullptr;    // always needed (the step's own K/V go there too)
+  int64_t workspace_bytes = 0;  // >= prefill_workspace_bytes(total_cached, num_rows, ...)
 };
 
-// Bytes of the workspace: bf16 K and V of all cached tokens of all KV heads (0 without a cache).
-int64_t prefill_workspace_bytes(int32_t total_cached, int32_t num_kv_heads, int32_t head_dim);
+// Bytes of the workspace: bf16 K and V of all keys (cached tokens and step rows) of all KV heads.
+int64_t prefill_workspace_bytes(int32_t total_cached, int32_t num_rows, int32_t num_kv_heads,
+                                int32_t head_dim);
 
 // Enqueues the dequantization (when total_cached > 0) and the attention kernel on `stream`.
 // Returns the first launch error; cudaErrorInvalidValue on unsupported shapes or a short workspace.

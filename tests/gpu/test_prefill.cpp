@@ -18,13 +18,15 @@
 //    bound drops to (u + 2^-14) |ref| + 1e-5 R: the output is the mean of the visible values,
 //    which catches a single key too many or too few (a shift of |v_j - mean| / count) even at
 //    thousands of keys (the values have mean 0, so |ref| and its rounding are small).
-//  - vs exact: |err| <= (u + 2^-14) |ref| + 4e-2 max |v| (over the visible keys of that row and KV
+//  - vs exact: |err| <= (u + 2^-14) |ref| + 8e-2 max |v| (over the visible keys of that row and KV
 //    head). On top of the above, bf16 q and K perturb score j by scale * sum_d q_d k_d (e_q + e_k)
 //    with |e| <= u, random signs over head_dim terms: a standard deviation of about
 //    2^-9 scale ||q * k||_2, ~0.01 for the sharpest test queries (|q_d| ~ 3.3, logits of standard
 //    deviation ~3.5), i.e. weights off by ~1 % relative; bf16 V adds <= u max |v|. This is the
 //    operand precision of bf16 tensor cores, not a property of the kernel (which the emulated
-//    bound pins down): observed worst 1.3e-2 max |v| over ~10^8 elements, hence the 3x margin.
+//    bound pins down): typical worst 1.3e-2 max |v| over ~10^8 elements, but the tail of that
+//    random-sign sum is long: one element in 4e7 exceeded 4e-2 in a run on the H200 (the emulated
+//    bound held), hence 8e-2. Gross errors (a wrong page, bits or mask) are the emulated check's.
 // The poisoned (NaN) output and workspace must be fully overwritten.
 #include <catch2/catch.hpp>
 
@@ -212,7 +214,8 @@ kernels::PrefillParams make_params(const Batch& b, const DeviceBatch& d, int win
   p.kv_stride = b.qkv_width;
   out.resize(static_cast<size_t>(b.num_rows()) * b.q_width);
   p.out = out.get();
-  p.workspace_bytes = kernels::prefill_workspace_bytes(p.total_cached, p.num_kv_heads, p.head_dim);
+  p.workspace_bytes =
+      kernels::prefill_workspace_bytes(p.total_cached, p.num_rows, p.num_kv_heads, p.head_dim);
   ws.resize(static_cast<size_t>(p.workspace_bytes));
   p.workspace = ws.get();
   return p;
@@ -324,7 +327,7 @@ void check_rows(const Batch& b, const std::vector<uint16_t>& out, const std::vec
         REQUIRE(tight_err <= tight_bound);
         const double loose_err = std::fabs(x - ref.exact[e]);
         w.loose = std::max(w.loose, (loose_err - u * std::fabs(ref.exact[e])) / ref.vmax[h]);
-        REQUIRE(loose_err <= u * std::fabs(ref.exact[e]) + 4e-2 * ref.vmax[h]);
+        REQUIRE(loose_err <= u * std::fabs(ref.exact[e]) + 8e-2 * ref.vmax[h]);
         num += (x - ref.exact[e]) * (x - ref.exact[e]);
         den += ref.exact[e] * ref.exact[e];
       }
@@ -370,6 +373,14 @@ TEST_CASE("gpu prefill attention: mixed-bit cache + step rows vs fp64 references
     const Batch b = build_batch(s, specs, rng, false);
     DeviceBatch d;
     upload(b, d);
+    {  // the workspace holds every key, the step's rows included: one row short is rejected
+      DeviceBuffer<uint16_t> out;
+      DeviceBuffer<std::byte> ws;
+      kernels::PrefillParams p = make_params(b, d, 0, out, ws);
+      p.workspace_bytes = kernels::prefill_workspace_bytes(p.total_cached, p.num_rows - 1,
+                                                           p.num_kv_heads, p.head_dim);
+      REQUIRE(kernels::launch_prefill(p, nullptr) == cudaErrorInvalidValue);
+    }
     Batch bz = b;  // q = 0: uniform attention over the visible keys
     for (int row = 0; row < bz.num_rows(); ++row)
       std::fill_n(bz.qkv.begin() + static_cast<size_t>(row) * bz.qkv_width, bz.q_width, 0.0f);

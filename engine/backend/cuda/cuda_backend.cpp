@@ -599,9 +599,9 @@ void CudaBackend::run_step(const StepBatch& b) {
                                                 static_cast<int64_t>(m.decode_ws.bytes()), m.s()));
   } else {
     m.prefill_ws.reserve(static_cast<size_t>(std::max<int64_t>(
-        1,
-        kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(cfg_.num_kv_heads),
-                                         static_cast<int32_t>(cfg_.head_dim)))));
+        1, kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(N),
+                                            static_cast<int32_t>(cfg_.num_kv_heads),
+                                            static_cast<int32_t>(cfg_.head_dim)))));
   }
 
   float* x = m.x.as<float>();
