@@ -118,6 +118,12 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
 cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t workspace_bytes,
                                cudaStream_t stream);
 
+// The same tables laid out as upload_decode_plan() places them (plan.partials_offset bytes from
+// the start of the workspace), written into host memory at `dst`: a caller that keeps a pinned
+// staging buffer copies them with one truly asynchronous cudaMemcpyAsync (no stream sync, which a
+// copy from pageable memory implies).
+void pack_decode_plan(const DecodePlan& plan, void* dst);
+
 // Device pointers of one layer's part of an uploaded plan.
 struct DecodeLayerView {
   const DecodeWorkItem* items = nullptr;  // [num_items]

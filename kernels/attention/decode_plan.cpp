@@ -1,6 +1,7 @@
 // Host side of decode attention: cuts each layer's page tables into work items (plan_decode),
 // copies them to the device (upload_decode_plan) and hands out per-layer device views.
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -218,6 +219,23 @@ cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t 
                            plan.bit_items.data(), bit_items_bytes, cudaMemcpyHostToDevice, stream);
   }
   return cudaSuccess;
+}
+
+void pack_decode_plan(const DecodePlan& plan, void* dst) {
+  auto* base = static_cast<char*>(dst);
+  const int64_t items_bytes = align_up(int64_t(plan.items.size()) * sizeof(DecodeWorkItem));
+  const int64_t merges_bytes = align_up(int64_t(plan.merges.size()) * sizeof(DecodeMergeItem));
+  if (!plan.items.empty()) {
+    std::memcpy(base, plan.items.data(), plan.items.size() * sizeof(DecodeWorkItem));
+  }
+  if (!plan.merges.empty()) {
+    std::memcpy(base + items_bytes, plan.merges.data(),
+                plan.merges.size() * sizeof(DecodeMergeItem));
+  }
+  if (!plan.bit_items.empty()) {
+    std::memcpy(base + items_bytes + merges_bytes, plan.bit_items.data(),
+                plan.bit_items.size() * sizeof(int32_t));
+  }
 }
 
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer) {

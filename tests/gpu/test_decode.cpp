@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -308,6 +309,27 @@ TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][
     const kernels::DecodeLayerTable t{num_seqs, starts.data(), bits.data(), tokens.data()};
     kernels::DecodePlan plan;
     kernels::plan_decode(cfg, {&t, 1}, &plan);
+    // pack_decode_plan lays the tables out exactly where decode_layer_view points.
+    std::vector<std::byte> packed(static_cast<size_t>(plan.workspace_bytes) + 1);
+    kernels::pack_decode_plan(plan, packed.data());
+    const kernels::DecodeLayerView view = kernels::decode_layer_view(plan, packed.data(), 0);
+    REQUIRE(view.num_items == static_cast<int32_t>(plan.items.size()));
+    for (int32_t i = 0; i < view.num_items; ++i) {
+      REQUIRE(std::memcmp(&view.items[i], &plan.items[i], sizeof(kernels::DecodeWorkItem)) == 0);
+    }
+    REQUIRE(view.num_merges == static_cast<int32_t>(plan.merges.size()));
+    for (int32_t i = 0; i < view.num_merges; ++i) {
+      REQUIRE(view.merges[i].seq == plan.merges[i].seq);
+      REQUIRE(view.merges[i].item_begin == plan.merges[i].item_begin);
+      REQUIRE(view.merges[i].num_items == plan.merges[i].num_items);
+    }
+    for (int b = 0; b < 4; ++b) {
+      for (int32_t i = 0; i < view.bit_count[b]; ++i) {
+        REQUIRE(view.bit_items[b][i] == plan.bit_items[plan.layers[0].bits_begin[b] + i]);
+      }
+    }
+    REQUIRE(reinterpret_cast<const std::byte*>(view.partial_lse) ==
+            packed.data() + plan.partials_offset);
     // Replay the items like the kernel does (each warp walks its own range): every visible tile
     // exactly once, in token order, only pages of the item's bits, page_end bounding them.
     std::vector<int> total(num_seqs, 0), next(num_seqs), page_pos(tokens.size());

@@ -112,6 +112,7 @@ struct CudaBackend::Impl {
   cuda::PinnedMemory staging;
   DeviceMemory inputs;
   cuda::PinnedMemory sample_staging;
+  cuda::PinnedMemory plan_staging;  // the decode plan's tables
   DeviceMemory sample_inputs, sample_ws;
   DeviceMemory prefill_ws, decode_ws;
   kernels::DecodePlan decode_plan;
@@ -595,8 +596,14 @@ void CudaBackend::run_step(const StepBatch& b) {
     pc.num_sms = m.num_sms;
     kernels::plan_decode(pc, tables, &m.decode_plan);
     m.decode_ws.reserve(static_cast<size_t>(m.decode_plan.workspace_bytes));
-    PMKV_CUDA_CHECK(kernels::upload_decode_plan(m.decode_plan, m.decode_ws.as(),
-                                                static_cast<int64_t>(m.decode_ws.bytes()), m.s()));
+    // The plan's tables go through pinned memory (a pageable copy would sync the stream).
+    const auto table_bytes = static_cast<size_t>(m.decode_plan.partials_offset);
+    m.plan_staging.reserve(std::max<size_t>(table_bytes, 1));
+    kernels::pack_decode_plan(m.decode_plan, m.plan_staging.as());
+    if (table_bytes > 0) {
+      PMKV_CUDA_CHECK(cudaMemcpyAsync(m.decode_ws.as(), m.plan_staging.as(), table_bytes,
+                                      cudaMemcpyHostToDevice, m.s()));
+    }
   } else {
     m.prefill_ws.reserve(static_cast<size_t>(std::max<int64_t>(
         1, kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(N),
