@@ -1,6 +1,9 @@
 pmkv_unit_test(pmkv_test_engine
   SOURCES test_kv_codec.cpp test_page_pool.cpp test_kv_cache_manager.cpp test_paged_attention.cpp test_kv_page_ops.cpp
   LIBS pmkv_engine)
+pmkv_unit_test(pmkv_test_backend
+  SOURCES test_backend_factory.cpp
+  LIBS pmkv_engine)
 pmkv_unit_test(pmkv_test_golden
   SOURCES test_golden.cpp
   LIBS pmkv_engine nlohmann_json::nlohmann_json)
