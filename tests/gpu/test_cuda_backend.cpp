@@ -136,7 +136,7 @@ TEST_CASE("cuda backend: prefill logits match transformers (GPU-shaped golden mo
   for (size_t p = 0; p < prompts.size(); ++p) {
     chunks.push_back({p, prompts[p].prompt_ids, SeqChunk::Logits::kAll});
   }
-  // All prompts in one step (varlen prefill), then each alone.
+  // All prompts in one step (varlen prefill: several sequences of different lengths).
   const auto all = r.step(chunks);
   size_t off = 0;
   for (const auto& gp : prompts) {
