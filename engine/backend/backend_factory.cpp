@@ -1,5 +1,7 @@
 #include "engine/backend/backend_factory.h"
 
+#include <spdlog/spdlog.h>
+
 #include <string>
 
 #include "engine/backend/cpu/cpu_backend.h"
@@ -54,11 +56,40 @@ Device resolve_device(Device d) {
   return d;
 }
 
+bool cuda_supports(const ModelConfig& c, std::string* why) {
+  std::string w;
+  if (c.head_dim != 64 && c.head_dim != 128) {
+    w = "head_dim " + std::to_string(c.head_dim) + " (the CUDA kernels take 64 or 128)";
+  } else if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0 || c.group_size() > 8) {
+    w = std::to_string(c.num_heads) + " query heads over " + std::to_string(c.num_kv_heads) +
+        " KV heads (the CUDA kernels take at most 8 per KV head)";
+  }
+  if (why != nullptr) *why = w;
+  return w.empty();
+}
+
+Device choose_device(Device requested, const ModelConfig& config) {
+  std::string why;
+  if (requested == Device::kCuda) {
+    resolve_device(Device::kCuda);  // throws without a GPU
+    if (!cuda_supports(config, &why)) {
+      throw InvalidArgument("device cuda: this model has " + why + "; use --device cpu");
+    }
+    return Device::kCuda;
+  }
+  if (requested == Device::kAuto && cuda_available()) {
+    if (cuda_supports(config, &why)) return Device::kCuda;
+    spdlog::info("device auto: running on the cpu, the CUDA kernels do not take this model's {}",
+                 why);
+  }
+  return Device::kCpu;
+}
+
 std::unique_ptr<Backend> make_backend(const BackendOptions& o, const ModelConfig& config,
                                       const WeightStore* weights, kv::PageGeometry geometry,
                                       int32_t num_pages,
                                       const std::vector<std::vector<float>>& key_scales) {
-  const Device device = resolve_device(o.device);
+  const Device device = choose_device(o.device, config);
   if (device == Device::kCuda) {
 #if defined(PMKV_HAVE_CUDA)
     CudaBackendOptions co;

@@ -24,6 +24,13 @@ const char* device_name(Device d);
 bool cuda_available();
 // auto -> cuda or cpu; cuda without a usable GPU (or without CUDA in this build) throws.
 Device resolve_device(Device d);
+// Whether the CUDA kernels take this model's shape (head_dim 64 or 128, at most 8 query heads per
+// KV head); `why` (may be null) says what does not fit.
+bool cuda_supports(const ModelConfig& config, std::string* why = nullptr);
+// The device a model runs on: cpu as asked; cuda as asked (InvalidArgument when there is no GPU
+// or the model's shape is not supported); auto: cuda when available and supported, else cpu (an
+// info log line says why).
+Device choose_device(Device requested, const ModelConfig& config);
 
 struct BackendOptions {
   Device device = Device::kCpu;

@@ -46,7 +46,7 @@ std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir) {
 LocalModel::LocalModel(ModelConfig c, WeightStore w, LocalModelOptions o)
     : config(std::move(c)), weights(std::move(w)), options_(std::move(o)) {
   options_.kv.validate();
-  options_.device = resolve_device(options_.device);
+  options_.device = choose_device(options_.device, config);
   geometry_ = kv::resolve_geometry(options_.kv, static_cast<int32_t>(config.num_kv_heads),
                                    static_cast<int32_t>(config.head_dim));
   budgets_ =

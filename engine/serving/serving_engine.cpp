@@ -136,7 +136,7 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
         options.kv_memory_bytes, num_pages, page, max_len, one, one * page,
         num_pages > INT32_MAX ? " and the pool is limited to 2^31 pages" : ""));
   }
-  backend = make_backend({.device = resolve_device(options.device),
+  backend = make_backend({.device = choose_device(options.device, model.config),
                           .num_threads = options.num_threads,
                           .max_step_tokens = options.scheduler.max_step_tokens,
                           .dummy_weights = options.dummy_weights},

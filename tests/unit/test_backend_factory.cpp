@@ -56,6 +56,20 @@ TEST_CASE("backend factory: auto and cuda follow the hardware", "[backend]") {
   }
 }
 
+TEST_CASE("backend factory: auto runs a shape the CUDA kernels do not take on the cpu",
+          "[backend]") {
+  const ModelConfig small = parse_model_config(golden("llama_gqa") / "config.json");  // head_dim 16
+  std::string why;
+  CHECK_FALSE(cuda_supports(small, &why));
+  CHECK(why.find("head_dim 16") == 0);
+  CHECK(cuda_supports(parse_model_config(golden("mistral_swa_d128") / "config.json")));
+  CHECK(choose_device(Device::kAuto, small) == Device::kCpu);
+  CHECK(choose_device(Device::kCpu, small) == Device::kCpu);
+  const std::string m = message_of([&] { choose_device(Device::kCuda, small); });
+  CHECK(m.find("device cuda:") == 0);
+  CHECK(m.find("--device cpu") != std::string::npos);
+}
+
 TEST_CASE("backend factory: cpu backend with key scales, dummy weights refused on cpu",
           "[backend]") {
   const fs::path dir = golden("llama_gqa_d64");

@@ -11,6 +11,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "engine/backend/backend_factory.h"
 #include "engine/backend/cuda/cuda_util.h"
 #include "engine/backend/cuda/gemm.h"
 #include "engine/backend/key_scale_fold.h"
@@ -368,14 +369,9 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   if (geometry.num_kv_heads != cfg_.num_kv_heads || geometry.head_dim != cfg_.head_dim) {
     throw InvalidArgument("CudaBackend: KV page geometry does not match the model");
   }
-  if (cfg_.head_dim != 64 && cfg_.head_dim != 128) {
-    throw InvalidArgument("device cuda: head_dim " + std::to_string(cfg_.head_dim) +
-                          " is not supported by the CUDA kernels (64 or 128); use --device cpu");
-  }
-  if (cfg_.group_size() > kernels::kDecodeMaxGroup) {
-    throw InvalidArgument("device cuda: " + std::to_string(cfg_.group_size()) +
-                          " query heads per KV head; the CUDA kernels take at most " +
-                          std::to_string(kernels::kDecodeMaxGroup) + "; use --device cpu");
+  static_assert(kernels::kDecodeMaxGroup == 8, "cuda_supports() says 8 query heads per KV head");
+  if (std::string why; !cuda_supports(cfg_, &why)) {
+    throw InvalidArgument("device cuda: this model has " + why + "; use --device cpu");
   }
   if (weights == nullptr && !options.dummy_weights) {
     throw InvalidArgument("CudaBackend: no weights given and dummy weights not asked for");
