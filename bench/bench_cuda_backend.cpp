@@ -398,14 +398,16 @@ int main(int argc, char** argv) {
     st.cfg = parse_model_config(model_dir + "/config.json");
     st.dummy = dummy;
     if (!dummy) st.weights.emplace(WeightStore::open(model_dir));
-    {
-      const ModelConfig& c = st.cfg;
-      const int64_t per_layer = (c.q_width() + 2 * c.kv_width()) * c.hidden_size +
+    // bf16 bytes of the matrices: the layers' and one vocabulary table (what a decode token
+    // reads: the embedding is a row gather, lm_head is read whole), plus a second table when
+    // lm_head is not tied (what the GPU holds).
+    const ModelConfig& c = st.cfg;
+    const int64_t layer_elems = (c.q_width() + 2 * c.kv_width()) * c.hidden_size +
                                 c.hidden_size * c.q_width() +
                                 3 * c.intermediate_size * c.hidden_size;
-      st.weight_bytes = 2 * (per_layer * c.num_layers +
-                             (c.tie_word_embeddings ? 1 : 2) * c.vocab_size * c.hidden_size);
-    }
+    const int64_t read_per_token = 2 * (layer_elems * c.num_layers + c.vocab_size * c.hidden_size);
+    st.weight_bytes =
+        read_per_token + (c.tie_word_embeddings ? 0 : 2 * c.vocab_size * c.hidden_size);
     std::string command;
     for (int i = 0; i < argc; ++i)
       command += (i ? " " : "") + std::string(argv[i]);
@@ -421,15 +423,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
     auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };
     if (has("batch1")) {
-      // Weight bytes read per decode token: every matrix once (the embedding gathers one row; a
-      // tied lm_head reads the table once).
-      const ModelConfig& c = st.cfg;
-      const int64_t per_layer = (c.q_width() + 2 * c.kv_width()) * c.hidden_size +
-                                c.hidden_size * c.q_width() +
-                                3 * c.intermediate_size * c.hidden_size;
-      const int64_t weight_bytes = 2 * (per_layer * c.num_layers + c.vocab_size * c.hidden_size);
-      const double floor_tps = copy * 1e9 / static_cast<double>(weight_bytes);
-      out["weight_bytes_per_token"] = weight_bytes;
+      const double floor_tps = copy * 1e9 / static_cast<double>(read_per_token);
+      out["weight_bytes_per_token"] = read_per_token;
       out["batch1"] = bench_batch1(st, decode_steps, floor_tps);
     }
     if (has("gemm")) {
