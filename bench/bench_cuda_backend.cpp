@@ -82,6 +82,8 @@ double copy_bandwidth_gbps() {
   return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
 }
 
+bool g_cuda_graphs = true;  // --cuda-graphs 0|1
+
 struct Setup {
   ModelConfig cfg;
   std::optional<WeightStore> weights;
@@ -105,6 +107,7 @@ Engine make_engine(const Setup& st, const kv::KvCacheConfig& kv_cfg, int64_t pag
   o.max_step_tokens = max_step_tokens;
   o.dummy_weights = st.dummy;
   o.dummy_seed = 1;
+  o.cuda_graphs = g_cuda_graphs;
   e.backend = std::make_unique<CudaBackend>(st.cfg, st.weights ? &*st.weights : nullptr, e.geometry,
                                             static_cast<int32_t>(pages), o);
   const auto budgets =
@@ -114,7 +117,12 @@ Engine make_engine(const Setup& st, const kv::KvCacheConfig& kv_cfg, int64_t pag
   return e;
 }
 
-double g_forward_seconds = 0;  // forward_sample's share of the last run_step
+double g_forward_seconds = 0;
+
+nlohmann::json graph_json(const CudaBackend& b) {
+  const CudaGraphCounters& c = b.graph_counters();
+  return {{"captures", c.captures}, {"replays", c.replays}, {"eager_warmups", c.eager_warmups}};
+}  // forward_sample's share of the last run_step
 
 // Runs one step of `chunks` with greedy sampling on the device (the engine's path: no logits
 // copied back); returns its wall time and each chunk's token in `tokens`.
@@ -176,7 +184,8 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
           {"fraction_of_weight_floor", tps / weight_floor_tps},
           {"batch1_forward_ms", fwd_ms},
           {"batch1_prompt_tokens", prompt},
-          {"batch1_decode_steps", steps}};
+          {"batch1_decode_steps", steps},
+          {"cuda_graphs", graph_json(*e.backend)}};
 }
 
 // The model's GEMMs alone at m rows (cuBLASLt through GemmRunner), effective weight-read
@@ -341,6 +350,7 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
   j["tokens_per_s"] = tps;
   j["pages_used"] = ps.pages_used;
   j["steps"] = steps;
+  j["cuda_graphs"] = graph_json(*e.backend);
   return j;
 }
 
@@ -380,12 +390,14 @@ int main(int argc, char** argv) {
       tp_steps = std::stoi(next());
     else if (a == "--prefill-len")
       prefill_len = std::stoi(next());
+    else if (a == "--cuda-graphs")
+      g_cuda_graphs = next() != "0";
     else {
       std::fprintf(stderr,
                    "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
                    "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
                    "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
-                   "[--throughput-steps N] [--prefill-len N] [--out FILE]\n");
+                   "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] [--out FILE]\n");
       return 2;
     }
   }
@@ -419,6 +431,7 @@ int main(int argc, char** argv) {
                        {"command", command},
                        {"model", model_dir},
                        {"load_format", dummy ? "dummy" : "safetensors"},
+                       {"cuda_graphs_enabled", g_cuda_graphs},
                        {"copy_bandwidth_gb_s", copy}};
     std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
     auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };

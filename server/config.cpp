@@ -266,6 +266,7 @@ void read_engine_and_logging(const YAML::Node& root, ServerConfig& c) {
   c.engine.max_model_len =
       static_cast<int32_t>(e.integer("max_model_len", 0, big, "an integer >= 0"));
   c.engine.device = parse_device(e.choice("device", {"auto", "cpu", "cuda"}), "engine.device");
+  c.engine.cuda_graphs = e.boolean("cuda_graphs");
   e.done();
   Section l(root, "logging");
   c.logging.level =
@@ -313,6 +314,7 @@ EngineOptions ServerConfig::engine_options() const {
   o.num_threads = engine.threads;
   o.device = engine.device;
   o.dummy_weights = model.dummy_weights;
+  o.cuda_graphs = engine.cuda_graphs;
   o.max_model_len = engine.max_model_len;
   return o;
 }

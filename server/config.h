@@ -38,6 +38,7 @@ struct ServerConfig {
     int32_t threads = 0;
     int32_t max_model_len = 0;
     Device device = Device::kAuto;  // auto: cuda when a GPU is present
+    bool cuda_graphs = true;        // cuda: decode steps replay CUDA graphs
   } engine;
   struct Logging {
     std::string level;

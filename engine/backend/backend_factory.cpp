@@ -95,6 +95,8 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& o, const ModelConfig
     CudaBackendOptions co;
     co.max_step_tokens = o.max_step_tokens;
     co.dummy_weights = o.dummy_weights;
+    co.cuda_graphs = o.cuda_graphs;
+    co.graph_max_batch = o.graph_max_batch;
     co.key_scales = key_scales;
     return std::make_unique<CudaBackend>(config, weights, geometry, num_pages, std::move(co));
 #endif

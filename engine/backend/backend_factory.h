@@ -37,6 +37,8 @@ struct BackendOptions {
   int32_t num_threads = 0;         // cpu: OpenMP/OpenBLAS threads; 0 = every core
   int32_t max_step_tokens = 2048;  // cuda: rows of one step the activations are planned for
   bool dummy_weights = false;      // cuda: random weights (weights may then be null)
+  bool cuda_graphs = true;         // cuda: decode steps as CUDA graphs per batch bucket
+  int32_t graph_max_batch = 256;   // cuda: largest decode batch run as a graph
 };
 
 // Builds the backend with its KV pool of `num_pages` pages and folds `key_scales` (may be empty).

@@ -139,7 +139,9 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
   backend = make_backend({.device = choose_device(options.device, model.config),
                           .num_threads = options.num_threads,
                           .max_step_tokens = options.scheduler.max_step_tokens,
-                          .dummy_weights = options.dummy_weights},
+                          .dummy_weights = options.dummy_weights,
+                          .cuda_graphs = options.cuda_graphs,
+                          .graph_max_batch = options.scheduler.max_running},
                          model.config, &model.weights, g, static_cast<int32_t>(num_pages),
                          model.key_scales());
   key_scales_source =

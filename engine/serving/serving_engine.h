@@ -40,6 +40,7 @@ struct EngineOptions {
   int32_t num_threads = 0;                // CPU backend threads; 0 = every core
   Device device = Device::kCpu;           // auto: cuda when a GPU is present
   bool dummy_weights = false;             // random weights of the config's shape (cuda only)
+  bool cuda_graphs = true;                // cuda: decode steps replay CUDA graphs
   int32_t max_model_len = 0;              // context cap; 0 = the model's max_position_embeddings
 };
 

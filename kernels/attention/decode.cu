@@ -13,7 +13,8 @@ namespace pmkv::kernels {
 namespace {
 
 struct MergeParams {
-  const DecodeMergeItem* merges;  // [num_merges]
+  const DecodeLayerPlan* layer;   // device: the layer's merge_begin and num_merges
+  const DecodeMergeItem* merges;  // every layer's merge entries
   const float* partial_lse;       // [num_items * num_kv_heads, group]
   const float* partial_o;         // [num_items * num_kv_heads, group, head_dim]
   void* out;                      // [num_seqs, num_kv_heads * group, head_dim]
@@ -23,31 +24,36 @@ struct MergeParams {
   int32_t head_dim;
 };
 
-// One CTA per (merge entry, KV head): out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max).
+// CTAs over (merge entries, KV head), entries blockIdx.x, + gridDim.x, ... of the layer's list:
+// out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max).
 __global__ void __launch_bounds__(128) decode_merge_kernel(const MergeParams p) {
-  const DecodeMergeItem mi = p.merges[blockIdx.x];
+  const int n = p.layer->num_merges;
+  const DecodeMergeItem* merges = p.merges + p.layer->merge_begin;
   const int kvh = blockIdx.y, G = p.group, D = p.head_dim;
-  const int64_t out_row = (int64_t{mi.seq} * p.num_kv_heads + kvh) * G;
-  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
-    const int h = idx / D, d = idx % D;
-    float mx = -INFINITY;
-    for (int i = 0; i < mi.num_items; ++i) {
-      const int64_t slot = int64_t{mi.item_begin + i} * p.num_kv_heads + kvh;
-      mx = fmaxf(mx, p.partial_lse[slot * G + h]);
-    }
-    float den = 0.0f, num = 0.0f;
-    for (int i = 0; i < mi.num_items; ++i) {
-      const int64_t slot = int64_t{mi.item_begin + i} * p.num_kv_heads + kvh;
-      const float f = exp2f(p.partial_lse[slot * G + h] - mx);
-      den += f;
-      num += f * p.partial_o[(slot * G + h) * D + d];
-    }
-    const float val = mi.num_items > 0 ? num / den : 0.0f;
-    const int64_t o = (out_row + h) * D + d;
-    if (p.out_dtype == DType::kF32) {
-      static_cast<float*>(p.out)[o] = val;
-    } else {
-      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(val);
+  for (int e = blockIdx.x; e < n; e += gridDim.x) {
+    const DecodeMergeItem mi = merges[e];
+    const int64_t out_row = (int64_t{mi.seq} * p.num_kv_heads + kvh) * G;
+    for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+      const int h = idx / D, d = idx % D;
+      float mx = -INFINITY;
+      for (int i = 0; i < mi.num_items; ++i) {
+        const int64_t slot = int64_t{mi.item_begin + i} * p.num_kv_heads + kvh;
+        mx = fmaxf(mx, p.partial_lse[slot * G + h]);
+      }
+      float den = 0.0f, num = 0.0f;
+      for (int i = 0; i < mi.num_items; ++i) {
+        const int64_t slot = int64_t{mi.item_begin + i} * p.num_kv_heads + kvh;
+        const float f = exp2f(p.partial_lse[slot * G + h] - mx);
+        den += f;
+        num += f * p.partial_o[(slot * G + h) * D + d];
+      }
+      const float val = mi.num_items > 0 ? num / den : 0.0f;
+      const int64_t o = (out_row + h) * D + d;
+      if (p.out_dtype == DType::kF32) {
+        static_cast<float*>(p.out)[o] = val;
+      } else {
+        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(val);
+      }
     }
   }
 }
@@ -64,20 +70,20 @@ int decode_ctas_per_sm(int bits) {
 
 namespace {
 
-// One launch per bit-width present (16, 8, 4, 2 in turn).
+// One launch per bit-width with CTAs (16, 8, 4, 2 in turn).
 template <int kD>
 cudaError_t launch_all_bits(const decode_detail::KernelParams& kp, bool q_f32,
                             const DecodeLayerView& v, cudaStream_t stream) {
   using decode_detail::launch_split;
   cudaError_t e = cudaSuccess;
-  if (e == cudaSuccess && v.bit_count[0] > 0)
-    e = launch_split<16, kD>(kp, q_f32, v.bit_items[0], v.bit_count[0], stream);
-  if (e == cudaSuccess && v.bit_count[1] > 0)
-    e = launch_split<8, kD>(kp, q_f32, v.bit_items[1], v.bit_count[1], stream);
-  if (e == cudaSuccess && v.bit_count[2] > 0)
-    e = launch_split<4, kD>(kp, q_f32, v.bit_items[2], v.bit_count[2], stream);
-  if (e == cudaSuccess && v.bit_count[3] > 0)
-    e = launch_split<2, kD>(kp, q_f32, v.bit_items[3], v.bit_count[3], stream);
+  if (e == cudaSuccess && v.split_ctas[0] > 0)
+    e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], stream);
+  if (e == cudaSuccess && v.split_ctas[1] > 0)
+    e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], stream);
+  if (e == cudaSuccess && v.split_ctas[2] > 0)
+    e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], stream);
+  if (e == cudaSuccess && v.split_ctas[3] > 0)
+    e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], stream);
   return e;
 }
 
@@ -88,7 +94,12 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
       (p.head_dim != 64 && p.head_dim != 128) || p.page_bytes % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  if (p.plan.num_items > 0) {
+  if (p.plan.layer == nullptr) return cudaErrorInvalidValue;
+  for (int b = 0; b < 4; ++b) {
+    if (p.plan.split_ctas[b] < 0) return cudaErrorInvalidValue;
+  }
+  if (p.plan.split_ctas[0] + p.plan.split_ctas[1] + p.plan.split_ctas[2] + p.plan.split_ctas[3] >
+      0) {
     decode_detail::KernelParams kp;
     kp.pool = static_cast<const uint8_t*>(p.pool);
     kp.page_bytes = p.page_bytes;
@@ -97,7 +108,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     kp.tokens16 = p.tokens16;
     kp.page_ids = p.page_ids;
     kp.page_tokens = p.page_tokens;
+    kp.layer = p.plan.layer;
     kp.items = p.plan.items;
+    kp.bit_items = p.plan.bit_items;
     kp.partial_lse = p.plan.partial_lse;
     kp.partial_o = p.plan.partial_o;
     kp.q = p.q;
@@ -109,10 +122,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
                                            : launch_all_bits<128>(kp, q_f32, p.plan, stream);
     if (e != cudaSuccess) return e;
   }
-  if (p.plan.num_merges > 0) {
-    MergeParams mp{p.plan.merges, p.plan.partial_lse, p.plan.partial_o, p.out,
-                   p.out_dtype,   p.num_kv_heads,     p.group,          p.head_dim};
-    decode_merge_kernel<<<dim3(p.plan.num_merges, p.num_kv_heads), 128, 0, stream>>>(mp);
+  if (p.plan.merge_ctas > 0) {
+    MergeParams mp{p.plan.layer,     p.plan.merges, p.plan.partial_lse,
+                   p.plan.partial_o, p.out,         p.out_dtype,
+                   p.num_kv_heads,   p.group,       p.head_dim};
+    decode_merge_kernel<<<dim3(p.plan.merge_ctas, p.num_kv_heads), 128, 0, stream>>>(mp);
     return cudaGetLastError();
   }
   return cudaSuccess;

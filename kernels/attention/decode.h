@@ -7,12 +7,13 @@
 //     sequence's pages into work items: a contiguous run of 16-token tiles whose pages all have
 //     one bit-width, sized so that a launch fills the GPU. A sequence covered by one item writes
 //     its output directly; the others get a merge entry.
-//  2. upload_decode_plan() copies items, merge entries and per-bits item lists of all layers into a
-//     device workspace.
-//  3. Per layer, launch_decode() runs the split kernel once per bit-width present (one CTA per
-//     (item of that bit-width, KV head), the kernel templated on the bits) and then, if any
+//  2. upload_decode_plan() / pack_decode_plan() put the layer table, items, merge entries and
+//     per-bits item lists of all layers into a device workspace.
+//  3. Per layer, launch_decode() runs the split kernel once per bit-width present (CTAs over
+//     (items of that bit-width, KV head), the kernel templated on the bits) and then, if any
 //     sequence has several items, the merge kernel (log-sum-exp combine of the partial states of
-//     a (sequence, KV head)'s items).
+//     a (sequence, KV head)'s items). The kernels read the layer's counts from the device, so a
+//     launch of fixed size can be captured in a CUDA graph and replayed for the next step's plan.
 //
 // Semantics (engine/backend/cpu/paged_attention.cpp, causal_attention with n = 1): the query of
 // sequence s attends to every token of its page table (its own new token included), or only the
@@ -112,30 +113,79 @@ struct DecodePlan {
 void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> layers,
                  DecodePlan* plan);
 
-// Copies the plan's items and merge entries into `workspace` (device, >= plan.workspace_bytes,
-// 256-byte aligned; the partial-state area after them is scratch for launch_decode). The copy
-// is a cudaMemcpyAsync from pageable host memory: it has finished reading `plan` when it returns.
+// Table sizes a device workspace is laid out for. A plan fits a layout whose capacities are >= its
+// sizes: the kernels read each layer's offsets and counts from the layer table on the device, so a
+// CUDA-graph decode step keeps one layout (one set of pointers) across steps and only growth
+// re-lays it out.
+struct DecodeCapacity {
+  int32_t layers = 0;
+  int32_t items = 0;        // all layers
+  int32_t merges = 0;       // all layers
+  int32_t bit_items = 0;    // all layers (== items)
+  int32_t layer_items = 0;  // the most items of one layer (partial-state slots)
+  bool holds(const DecodeCapacity& need) const {
+    return layers >= need.layers && items >= need.items && merges >= need.merges &&
+           bit_items >= need.bit_items && layer_items >= need.layer_items;
+  }
+};
+DecodeCapacity decode_plan_sizes(const DecodePlan& plan);
+
+// Byte offsets in the workspace (each 256-byte aligned): the tables (layer table, items, merge
+// entries, per-bits item lists: `tables_bytes`, what one upload copies), then the partial states
+// (scratch of the kernels).
+struct DecodeWorkspaceLayout {
+  DecodeCapacity capacity;
+  int32_t num_kv_heads = 0;
+  int32_t group = 0;
+  int32_t head_dim = 0;
+  int64_t layers_offset = 0;
+  int64_t items_offset = 0;
+  int64_t merges_offset = 0;
+  int64_t bit_items_offset = 0;
+  int64_t partial_lse_offset = 0;
+  int64_t partial_o_offset = 0;
+  int64_t tables_bytes = 0;
+  int64_t total_bytes = 0;
+};
+DecodeWorkspaceLayout decode_workspace_layout(const DecodeCapacity& capacity, int32_t num_kv_heads,
+                                              int32_t group, int32_t head_dim);
+// The layout of exactly this plan's sizes (plan.workspace_bytes == its total_bytes).
+DecodeWorkspaceLayout decode_workspace_layout(const DecodePlan& plan);
+
+// Copies the plan's tables into `workspace` (device, >= plan.workspace_bytes, 256-byte aligned),
+// laid out for exactly its sizes; the partial-state area after them is scratch for
+// launch_decode. The copy is a cudaMemcpyAsync from pageable host memory: it has finished reading
+// `plan` when it returns.
 cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t workspace_bytes,
                                cudaStream_t stream);
 
-// The same tables laid out as upload_decode_plan() places them (plan.partials_offset bytes from
-// the start of the workspace), written into host memory at `dst`: a caller that keeps a pinned
-// staging buffer copies them with one truly asynchronous cudaMemcpyAsync (no stream sync, which a
-// copy from pageable memory implies).
-void pack_decode_plan(const DecodePlan& plan, void* dst);
+// The same tables written into host memory at `dst` (layout.tables_bytes bytes) as `layout` places
+// them: a caller that keeps a pinned staging buffer copies them with one truly asynchronous
+// cudaMemcpyAsync (no stream sync, which a copy from pageable memory implies). Throws
+// std::invalid_argument when the layout's capacity does not hold the plan.
+void pack_decode_plan(const DecodePlan& plan, const DecodeWorkspaceLayout& layout, void* dst);
+void pack_decode_plan(const DecodePlan& plan, void* dst);  // the plan's exact layout
 
-// Device pointers of one layer's part of an uploaded plan.
+// Device pointers of one layer's part of an uploaded plan. The kernels read the layer's counts and
+// offsets from `layer` (device memory); the launch sizes are host values: a bit-width's launch has
+// split_ctas[b] CTAs per KV head (0: not launched) and each CTA takes that bit-width's items
+// blockIdx.x, blockIdx.x + gridDim.x, ... (fewer CTAs than items loop; more exit at once).
 struct DecodeLayerView {
-  const DecodeWorkItem* items = nullptr;  // [num_items]
-  int32_t num_items = 0;
-  const DecodeMergeItem* merges = nullptr;  // [num_merges]
-  int32_t num_merges = 0;
-  const int32_t* bit_items[4] = {};  // per decode_bits_index: [bit_count] item indices
-  int32_t bit_count[4] = {};
-  float* partial_lse = nullptr;  // [num_items * num_kv_heads, group] log2-sum-exp of a partial
-  float* partial_o = nullptr;    // [num_items * num_kv_heads, group, head_dim] normalized output
+  const DecodeLayerPlan* layer = nullptr;   // this layer's entry of the layer table
+  const DecodeWorkItem* items = nullptr;    // every layer's items (layer->item_begin: this one's)
+  const DecodeMergeItem* merges = nullptr;  // every layer's merge entries
+  const int32_t* bit_items = nullptr;       // every layer's per-bits item lists
+  int32_t split_ctas[4] = {};               // per decode_bits_index
+  int32_t merge_ctas = 0;
+  float* partial_lse = nullptr;  // [layer items * num_kv_heads, group] log2-sum-exp of a partial
+  float* partial_o = nullptr;    // [layer items * num_kv_heads, group, head_dim] normalized output
 };
+// Exact launch sizes (one CTA per item and per merge entry) for a plan uploaded by
+// upload_decode_plan or packed with its exact layout.
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer);
+// Fixed launch sizes for a workspace laid out by `layout` (what a captured graph bakes in).
+DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
+                                  const int32_t (&split_ctas)[4], int32_t merge_ctas);
 
 struct DecodeParams {
   const void* pool = nullptr;  // page p starts at pool + p * page_bytes (256-byte aligned)

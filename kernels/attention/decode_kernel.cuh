@@ -31,13 +31,15 @@ struct KernelParams {
   int32_t num_kv_heads;
   int32_t group;
   int32_t tokens16;
-  const int32_t* page_ids;      // [num_pages]
-  const int32_t* page_tokens;   // [num_pages]
-  const DecodeWorkItem* items;  // [num_items]
-  float* partial_lse;           // [num_items * num_kv_heads, group]
-  float* partial_o;             // [num_items * num_kv_heads, group, head_dim]
-  const void* q;                // [num_seqs, num_heads, head_dim]
-  void* out;                    // [num_seqs, num_heads, head_dim]
+  const int32_t* page_ids;       // [num_pages]
+  const int32_t* page_tokens;    // [num_pages]
+  const DecodeLayerPlan* layer;  // device: the layer's offsets and counts
+  const DecodeWorkItem* items;   // every layer's items (layer->item_begin: this layer's first)
+  const int32_t* bit_items;      // every layer's per-bits item lists
+  float* partial_lse;            // [layer items * num_kv_heads, group]
+  float* partial_o;              // [layer items * num_kv_heads, group, head_dim]
+  const void* q;                 // [num_seqs, num_heads, head_dim]
+  void* out;                     // [num_seqs, num_heads, head_dim]
   DType out_dtype;
   float scale_log2;  // softmax scale * log2(e)
 };
@@ -497,8 +499,8 @@ __device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, 
 }
 
 template <int kBits, int kD, typename TQ, int kCols>
-__device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem& it, int item,
-                                         uint8_t* smem) {
+__device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem* items,
+                                         const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
   static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4,
                 "the epilogue reuses the rings");
@@ -527,8 +529,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
   // (valid tokens, first visible token) from shared memory, written when the tile was issued.
   int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + warp * kMaxStages;
-  const DecodeWorkItem* itg = p.items + item;  // per-warp fields: read from global, not a
-  const int n_my = itg->warp_tiles[warp];      // local copy (dynamic index -> stack)
+  const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
+  const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
   int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
   int64_t next_id = 0;
   const uint8_t* pptr = p.pool;
@@ -650,15 +652,23 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   }
 }
 
-// One launch per bit-width present: blockIdx.x indexes that bit-width's item list. kCols: 1 for
-// groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
+// One launch per bit-width present. The layer's list of items of this bit-width is read from the
+// device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
+// which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
 template <int kBits, int kD, typename TQ, int kCols>
 __global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
-    decode_split_kernel(const KernelParams p, const int32_t* item_ids) {
+    decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
-  const int item = item_ids[blockIdx.x];
-  const DecodeWorkItem it = p.items[item];
-  run_item<kBits, kD, TQ, kCols>(p, it, item, smem);
+  constexpr int kB = kBits == 16 ? 0 : kBits == 8 ? 1 : kBits == 4 ? 2 : 3;  // decode_bits_index
+  const int count = p.layer->bits_count[kB];
+  const int32_t* ids = p.bit_items + p.layer->bits_begin[kB];
+  const DecodeWorkItem* items = p.items + p.layer->item_begin;
+  for (int i = blockIdx.x; i < count; i += gridDim.x) {
+    if (i != static_cast<int>(blockIdx.x)) __syncthreads();  // the last item's epilogue used smem
+    const int item = ids[i];
+    const DecodeWorkItem it = items[item];
+    run_item<kBits, kD, TQ, kCols>(p, items, it, item, smem);
+  }
 }
 
 }  // namespace pmkv::kernels::decode_detail

@@ -9,15 +9,14 @@ namespace pmkv::kernels::decode_detail {
 
 struct KernelParams;
 
-// Launches the split kernel over `num_items` items of one bit-width (indices in item_ids).
+// Launches the split kernel of one bit-width with `ctas` CTAs per KV head (they loop over the
+// layer's items of that bit-width).
 template <int kBits, int kD>
-cudaError_t launch_split(const KernelParams& p, bool q_f32, const int32_t* item_ids, int num_items,
-                         cudaStream_t stream);
+cudaError_t launch_split(const KernelParams& p, bool q_f32, int ctas, cudaStream_t stream);
 
 // Defined once in decode_split_launch.cuh; each inst/decode_b*_d*.cu instantiates one pair.
-#define PMKV_DECODE_DECLARE(B, D)                                                          \
-  extern template cudaError_t launch_split<B, D>(const KernelParams& p, bool q_f32,        \
-                                                 const int32_t* item_ids, int num_items, \
+#define PMKV_DECODE_DECLARE(B, D)                                                             \
+  extern template cudaError_t launch_split<B, D>(const KernelParams& p, bool q_f32, int ctas, \
                                                  cudaStream_t stream);
 PMKV_DECODE_DECLARE(16, 64)
 PMKV_DECODE_DECLARE(8, 64)

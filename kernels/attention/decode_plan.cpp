@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels/attention/decode.h"
 #include "kernels/kv_page_layout.h"
@@ -188,76 +189,92 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
     plan->max_layer_items = std::max(plan->max_layer_items, lp.num_items);
     plan->layers.push_back(lp);
   }
-  const int64_t items_bytes = align_up(int64_t(plan->items.size()) * sizeof(DecodeWorkItem));
-  const int64_t merges_bytes = align_up(int64_t(plan->merges.size()) * sizeof(DecodeMergeItem));
-  const int64_t bit_items_bytes = align_up(int64_t(plan->bit_items.size()) * sizeof(int32_t));
-  const int64_t slots = int64_t{plan->max_layer_items} * cfg.num_kv_heads * cfg.group;
-  plan->partials_offset = items_bytes + merges_bytes + bit_items_bytes;
-  plan->workspace_bytes = plan->partials_offset + align_up(slots * int64_t(sizeof(float))) +
-                          align_up(slots * cfg.head_dim * int64_t(sizeof(float)));
+  const DecodeWorkspaceLayout layout = decode_workspace_layout(*plan);
+  plan->partials_offset = layout.partial_lse_offset;
+  plan->workspace_bytes = layout.total_bytes;
+}
+
+DecodeCapacity decode_plan_sizes(const DecodePlan& plan) {
+  return {static_cast<int32_t>(plan.layers.size()), static_cast<int32_t>(plan.items.size()),
+          static_cast<int32_t>(plan.merges.size()), static_cast<int32_t>(plan.bit_items.size()),
+          plan.max_layer_items};
+}
+
+DecodeWorkspaceLayout decode_workspace_layout(const DecodeCapacity& c, int32_t num_kv_heads,
+                                              int32_t group, int32_t head_dim) {
+  DecodeWorkspaceLayout w;
+  w.capacity = c;
+  w.num_kv_heads = num_kv_heads;
+  w.group = group;
+  w.head_dim = head_dim;
+  w.layers_offset = 0;
+  w.items_offset = w.layers_offset + align_up(int64_t{c.layers} * int64_t(sizeof(DecodeLayerPlan)));
+  w.merges_offset = w.items_offset + align_up(int64_t{c.items} * int64_t(sizeof(DecodeWorkItem)));
+  w.bit_items_offset =
+      w.merges_offset + align_up(int64_t{c.merges} * int64_t(sizeof(DecodeMergeItem)));
+  w.partial_lse_offset = w.bit_items_offset + align_up(int64_t{c.bit_items} * 4);
+  const int64_t slots = int64_t{c.layer_items} * num_kv_heads * group;
+  w.partial_o_offset = w.partial_lse_offset + align_up(slots * 4);
+  w.tables_bytes = w.partial_lse_offset;
+  w.total_bytes = w.partial_o_offset + align_up(slots * head_dim * 4);
+  return w;
+}
+
+DecodeWorkspaceLayout decode_workspace_layout(const DecodePlan& plan) {
+  return decode_workspace_layout(decode_plan_sizes(plan), plan.num_kv_heads, plan.group,
+                                 plan.head_dim);
+}
+
+void pack_decode_plan(const DecodePlan& plan, const DecodeWorkspaceLayout& layout, void* dst) {
+  check(layout.capacity.holds(decode_plan_sizes(plan)), "the workspace layout is too small");
+  check(layout.num_kv_heads == plan.num_kv_heads && layout.group == plan.group &&
+            layout.head_dim == plan.head_dim,
+        "the workspace layout is for another shape");
+  auto* base = static_cast<char*>(dst);
+  auto put = [&](int64_t offset, const auto& v) {
+    if (!v.empty()) std::memcpy(base + offset, v.data(), v.size() * sizeof(v[0]));
+  };
+  put(layout.layers_offset, plan.layers);
+  put(layout.items_offset, plan.items);
+  put(layout.merges_offset, plan.merges);
+  put(layout.bit_items_offset, plan.bit_items);
+}
+
+void pack_decode_plan(const DecodePlan& plan, void* dst) {
+  pack_decode_plan(plan, decode_workspace_layout(plan), dst);
 }
 
 cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t workspace_bytes,
                                cudaStream_t stream) {
   if (workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
-  auto* base = static_cast<char*>(workspace);
-  const size_t items_bytes = plan.items.size() * sizeof(DecodeWorkItem);
-  const size_t merges_bytes = plan.merges.size() * sizeof(DecodeMergeItem);
-  if (items_bytes > 0) {
-    const cudaError_t e =
-        cudaMemcpyAsync(base, plan.items.data(), items_bytes, cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess) return e;
-  }
-  if (merges_bytes > 0) {
-    const cudaError_t e = cudaMemcpyAsync(base + align_up(int64_t(items_bytes)), plan.merges.data(),
-                                          merges_bytes, cudaMemcpyHostToDevice, stream);
-    if (e != cudaSuccess) return e;
-  }
-  const size_t bit_items_bytes = plan.bit_items.size() * sizeof(int32_t);
-  if (bit_items_bytes > 0) {
-    return cudaMemcpyAsync(base + align_up(int64_t(items_bytes)) + align_up(int64_t(merges_bytes)),
-                           plan.bit_items.data(), bit_items_bytes, cudaMemcpyHostToDevice, stream);
-  }
-  return cudaSuccess;
+  const DecodeWorkspaceLayout layout = decode_workspace_layout(plan);
+  std::vector<char> host(static_cast<size_t>(layout.tables_bytes));
+  pack_decode_plan(plan, layout, host.data());
+  if (host.empty()) return cudaSuccess;
+  return cudaMemcpyAsync(workspace, host.data(), host.size(), cudaMemcpyHostToDevice, stream);
 }
 
-void pack_decode_plan(const DecodePlan& plan, void* dst) {
-  auto* base = static_cast<char*>(dst);
-  const int64_t items_bytes = align_up(int64_t(plan.items.size()) * sizeof(DecodeWorkItem));
-  const int64_t merges_bytes = align_up(int64_t(plan.merges.size()) * sizeof(DecodeMergeItem));
-  if (!plan.items.empty()) {
-    std::memcpy(base, plan.items.data(), plan.items.size() * sizeof(DecodeWorkItem));
-  }
-  if (!plan.merges.empty()) {
-    std::memcpy(base + items_bytes, plan.merges.data(),
-                plan.merges.size() * sizeof(DecodeMergeItem));
-  }
-  if (!plan.bit_items.empty()) {
-    std::memcpy(base + items_bytes + merges_bytes, plan.bit_items.data(),
-                plan.bit_items.size() * sizeof(int32_t));
-  }
+DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
+                                  const int32_t (&split_ctas)[4], int32_t merge_ctas) {
+  check(layer >= 0 && layer < layout.capacity.layers, "layer out of range");
+  auto* base = static_cast<char*>(workspace);
+  DecodeLayerView v;
+  v.layer = reinterpret_cast<const DecodeLayerPlan*>(base + layout.layers_offset) + layer;
+  v.items = reinterpret_cast<const DecodeWorkItem*>(base + layout.items_offset);
+  v.merges = reinterpret_cast<const DecodeMergeItem*>(base + layout.merges_offset);
+  v.bit_items = reinterpret_cast<const int32_t*>(base + layout.bit_items_offset);
+  for (int b = 0; b < 4; ++b)
+    v.split_ctas[b] = split_ctas[b];
+  v.merge_ctas = merge_ctas;
+  v.partial_lse = reinterpret_cast<float*>(base + layout.partial_lse_offset);
+  v.partial_o = reinterpret_cast<float*>(base + layout.partial_o_offset);
+  return v;
 }
 
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer) {
   const DecodeLayerPlan& lp = plan.layers.at(static_cast<size_t>(layer));
-  auto* base = static_cast<char*>(workspace);
-  const int64_t items_bytes = align_up(int64_t(plan.items.size()) * sizeof(DecodeWorkItem));
-  const int64_t slots = int64_t{plan.max_layer_items} * plan.num_kv_heads * plan.group;
-  DecodeLayerView v;
-  v.items = reinterpret_cast<const DecodeWorkItem*>(base) + lp.item_begin;
-  v.num_items = lp.num_items;
-  v.merges = reinterpret_cast<const DecodeMergeItem*>(base + items_bytes) + lp.merge_begin;
-  v.num_merges = lp.num_merges;
-  const int64_t merges_bytes = align_up(int64_t(plan.merges.size()) * sizeof(DecodeMergeItem));
-  const auto* bit_items = reinterpret_cast<const int32_t*>(base + items_bytes + merges_bytes);
-  for (int b = 0; b < 4; ++b) {
-    v.bit_items[b] = bit_items + lp.bits_begin[b];
-    v.bit_count[b] = lp.bits_count[b];
-  }
-  v.partial_lse = reinterpret_cast<float*>(base + plan.partials_offset);
-  v.partial_o = reinterpret_cast<float*>(base + plan.partials_offset +
-                                         align_up(slots * int64_t(sizeof(float))));
-  return v;
+  return decode_layer_view(decode_workspace_layout(plan), workspace, layer, lp.bits_count,
+                           lp.num_merges);
 }
 
 }  // namespace pmkv::kernels

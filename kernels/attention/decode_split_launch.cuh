@@ -8,27 +8,25 @@
 namespace pmkv::kernels::decode_detail {
 
 template <int kBits, int kD, typename TQ, int kCols>
-cudaError_t launch_split_as(const KernelParams& p, const int32_t* item_ids, int num_items,
-                            cudaStream_t stream) {
+cudaError_t launch_split_as(const KernelParams& p, int ctas, cudaStream_t stream) {
   constexpr int kSmem = Tile<kBits, kD>::kSmemBytes;
   auto* kernel = decode_split_kernel<kBits, kD, TQ, kCols>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return attr;
-  kernel<<<dim3(num_items, p.num_kv_heads), kThreads, kSmem, stream>>>(p, item_ids);
+  kernel<<<dim3(ctas, p.num_kv_heads), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 // bf16 and fp32 q; groups of up to 4 query heads per KV head use one mma column block, 5 to 8 two.
 template <int kBits, int kD>
-cudaError_t launch_split(const KernelParams& p, bool q_f32, const int32_t* item_ids, int num_items,
-                         cudaStream_t stream) {
+cudaError_t launch_split(const KernelParams& p, bool q_f32, int ctas, cudaStream_t stream) {
   if (p.group <= 4) {
-    return q_f32 ? launch_split_as<kBits, kD, float, 1>(p, item_ids, num_items, stream)
-                 : launch_split_as<kBits, kD, __nv_bfloat16, 1>(p, item_ids, num_items, stream);
+    return q_f32 ? launch_split_as<kBits, kD, float, 1>(p, ctas, stream)
+                 : launch_split_as<kBits, kD, __nv_bfloat16, 1>(p, ctas, stream);
   }
-  return q_f32 ? launch_split_as<kBits, kD, float, 2>(p, item_ids, num_items, stream)
-               : launch_split_as<kBits, kD, __nv_bfloat16, 2>(p, item_ids, num_items, stream);
+  return q_f32 ? launch_split_as<kBits, kD, float, 2>(p, ctas, stream)
+               : launch_split_as<kBits, kD, __nv_bfloat16, 2>(p, ctas, stream);
 }
 
 }  // namespace pmkv::kernels::decode_detail

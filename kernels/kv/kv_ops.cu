@@ -139,11 +139,23 @@ struct RequantBody {
   }
 };
 
+// The ops [first, first + count): (0, num_ops) from the host, or read from `range` (device
+// {first, count}) when it is set. CTA x runs ops x, x + gridDim.x, ...
+struct OpRange {
+  const int32_t* range;
+  int32_t num_ops;
+  __device__ int32_t first() const { return range ? range[0] : 0; }
+  __device__ int32_t count() const { return range ? range[1] : num_ops; }
+};
+
 __global__ void __launch_bounds__(kOpThreads)
-    requant_kernel(const KvPoolRef pool, const KvRequantOp* ops) {
-  const KvRequantOp op = ops[blockIdx.x];
-  RequantBody body{pool, op};
-  dispatch_bits_pair(op.src_bits, op.dst_bits, body);
+    requant_kernel(const KvPoolRef pool, const KvRequantOp* ops, const OpRange r) {
+  const int32_t first = r.first(), count = r.count();
+  for (int32_t i = blockIdx.x; i < count; i += gridDim.x) {
+    const KvRequantOp op = ops[first + i];
+    RequantBody body{pool, op};
+    dispatch_bits_pair(op.src_bits, op.dst_bits, body);
+  }
 }
 
 // ---- demote (in place) ----------------------------------------------------------------------
@@ -229,11 +241,15 @@ struct DemoteBody {
 };
 
 __global__ void __launch_bounds__(kOpThreads)
-    demote_kernel(const KvPoolRef pool, const KvDemoteOp* ops) {
+    demote_kernel(const KvPoolRef pool, const KvDemoteOp* ops, const OpRange r) {
   extern __shared__ __align__(16) uint8_t staged[];
-  const KvDemoteOp op = ops[blockIdx.x];
-  DemoteBody body{pool, op, staged};
-  dispatch_bits_pair(op.from_bits, op.to_bits, body);
+  const int32_t first = r.first(), count = r.count();
+  for (int32_t i = blockIdx.x; i < count; i += gridDim.x) {
+    if (i != static_cast<int32_t>(blockIdx.x)) __syncthreads();  // `staged` is reused
+    const KvDemoteOp op = ops[first + i];
+    DemoteBody body{pool, op, staged};
+    dispatch_bits_pair(op.from_bits, op.to_bits, body);
+  }
 }
 
 // ---- write (quantize new rows) --------------------------------------------------------------
@@ -314,18 +330,20 @@ bool valid_pool(const KvPoolRef& pool) {
 
 }  // namespace
 
-cudaError_t launch_requant(const KvPoolRef& pool, const KvRequantOp* ops, int32_t num_ops,
-                           cudaStream_t stream) {
-  if (num_ops == 0) return cudaSuccess;
-  if (!valid_pool(pool) || num_ops < 0) return cudaErrorInvalidValue;
-  requant_kernel<<<num_ops, kOpThreads, 0, stream>>>(pool, ops);
+namespace {
+
+cudaError_t requant(const KvPoolRef& pool, const KvRequantOp* ops, OpRange r, int32_t ctas,
+                    cudaStream_t stream) {
+  if (ctas == 0) return cudaSuccess;
+  if (!valid_pool(pool) || ctas < 0) return cudaErrorInvalidValue;
+  requant_kernel<<<ctas, kOpThreads, 0, stream>>>(pool, ops, r);
   return cudaGetLastError();
 }
 
-cudaError_t launch_demote(const KvPoolRef& pool, const KvDemoteOp* ops, int32_t num_ops,
-                          cudaStream_t stream) {
-  if (num_ops == 0) return cudaSuccess;
-  if (!valid_pool(pool) || num_ops < 0) return cudaErrorInvalidValue;
+cudaError_t demote(const KvPoolRef& pool, const KvDemoteOp* ops, OpRange r, int32_t ctas,
+                   cudaStream_t stream) {
+  if (ctas == 0) return cudaSuccess;
+  if (!valid_pool(pool) || ctas < 0) return cudaErrorInvalidValue;
   const int64_t smem = max_used_bytes(pool.geometry);
   int device = 0, limit = 0;
   cudaError_t e = cudaGetDevice(&device);
@@ -336,8 +354,34 @@ cudaError_t launch_demote(const KvPoolRef& pool, const KvDemoteOp* ops, int32_t 
   e = cudaFuncSetAttribute(demote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  demote_kernel<<<num_ops, kOpThreads, smem, stream>>>(pool, ops);
+  demote_kernel<<<ctas, kOpThreads, smem, stream>>>(pool, ops, r);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_requant(const KvPoolRef& pool, const KvRequantOp* ops, int32_t num_ops,
+                           cudaStream_t stream) {
+  if (num_ops < 0) return cudaErrorInvalidValue;
+  return requant(pool, ops, {nullptr, num_ops}, num_ops, stream);
+}
+
+cudaError_t launch_demote(const KvPoolRef& pool, const KvDemoteOp* ops, int32_t num_ops,
+                          cudaStream_t stream) {
+  if (num_ops < 0) return cudaErrorInvalidValue;
+  return demote(pool, ops, {nullptr, num_ops}, num_ops, stream);
+}
+
+cudaError_t launch_requant_ranged(const KvPoolRef& pool, const KvRequantOp* ops,
+                                  const int32_t* range, int32_t ctas, cudaStream_t stream) {
+  if (range == nullptr) return cudaErrorInvalidValue;
+  return requant(pool, ops, {range, 0}, ctas, stream);
+}
+
+cudaError_t launch_demote_ranged(const KvPoolRef& pool, const KvDemoteOp* ops, const int32_t* range,
+                                 int32_t ctas, cudaStream_t stream) {
+  if (range == nullptr) return cudaErrorInvalidValue;
+  return demote(pool, ops, {range, 0}, ctas, stream);
 }
 
 cudaError_t launch_kv_write(const KvWriteParams& p, cudaStream_t stream) {

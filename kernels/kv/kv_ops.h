@@ -56,6 +56,14 @@ cudaError_t launch_requant(const KvPoolRef& pool, const KvRequantOp* ops, int32_
 cudaError_t launch_demote(const KvPoolRef& pool, const KvDemoteOp* ops, int32_t num_ops,
                           cudaStream_t stream);
 
+// The same two launches for a CUDA graph: the batch's {first, count} is read from `range` (device,
+// two int32) when the kernel runs, and `ctas` CTAs loop over the ops (count 0: they exit), so one
+// captured launch serves every step.
+cudaError_t launch_requant_ranged(const KvPoolRef& pool, const KvRequantOp* ops,
+                                  const int32_t* range, int32_t ctas, cudaStream_t stream);
+cudaError_t launch_demote_ranged(const KvPoolRef& pool, const KvDemoteOp* ops, const int32_t* range,
+                                 int32_t ctas, cudaStream_t stream);
+
 struct KvWriteParams {
   KvPoolRef pool;
   int32_t num_rows = 0;

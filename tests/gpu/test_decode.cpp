@@ -230,6 +230,20 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
         CUDA_REQUIRE_LAUNCH(kernels::launch_decode(p, nullptr));
         std::vector<std::byte> raw;
         CUDA_REQUIRE(dout.download(raw));
+        {
+          // Fixed launch sizes (a CUDA graph's): fewer CTAs than items loop, more exit; every
+          // bit-width launched whether present or not. The same bytes come out.
+          const int32_t fixed[4] = {1 + static_cast<int32_t>(rng() % 3), 2, 3, 64};
+          kernels::DecodeParams pf = p;
+          pf.plan = kernels::decode_layer_view(kernels::decode_workspace_layout(plan), ws.get(), l,
+                                               fixed, 1 + static_cast<int32_t>(rng() % 2));
+          CUDA_REQUIRE(dout.poison());
+          CUDA_REQUIRE_LAUNCH(kernels::launch_decode(pf, nullptr));
+          std::vector<std::byte> raw_fixed;
+          CUDA_REQUIRE(dout.download(raw_fixed));
+          INFO("fixed-size launches differ from exact ones, layer " << l);
+          REQUIRE(raw_fixed == raw);
+        }
         std::vector<float> out(qsize);
         for (int i = 0; i < qsize; ++i) {
           if (var.out == DType::kF32) {
@@ -313,23 +327,57 @@ TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][
     std::vector<std::byte> packed(static_cast<size_t>(plan.workspace_bytes) + 1);
     kernels::pack_decode_plan(plan, packed.data());
     const kernels::DecodeLayerView view = kernels::decode_layer_view(plan, packed.data(), 0);
-    REQUIRE(view.num_items == static_cast<int32_t>(plan.items.size()));
-    for (int32_t i = 0; i < view.num_items; ++i) {
-      REQUIRE(std::memcmp(&view.items[i], &plan.items[i], sizeof(kernels::DecodeWorkItem)) == 0);
+    const kernels::DecodeLayerPlan& lp = *view.layer;  // read back from the packed table
+    REQUIRE(lp.num_items == static_cast<int32_t>(plan.items.size()));
+    for (int32_t i = 0; i < lp.num_items; ++i) {
+      REQUIRE(std::memcmp(&view.items[lp.item_begin + i], &plan.items[i],
+                          sizeof(kernels::DecodeWorkItem)) == 0);
     }
-    REQUIRE(view.num_merges == static_cast<int32_t>(plan.merges.size()));
-    for (int32_t i = 0; i < view.num_merges; ++i) {
-      REQUIRE(view.merges[i].seq == plan.merges[i].seq);
-      REQUIRE(view.merges[i].item_begin == plan.merges[i].item_begin);
-      REQUIRE(view.merges[i].num_items == plan.merges[i].num_items);
+    REQUIRE(lp.num_merges == static_cast<int32_t>(plan.merges.size()));
+    REQUIRE(view.merge_ctas == lp.num_merges);
+    for (int32_t i = 0; i < lp.num_merges; ++i) {
+      const kernels::DecodeMergeItem& m = view.merges[lp.merge_begin + i];
+      REQUIRE(m.seq == plan.merges[i].seq);
+      REQUIRE(m.item_begin == plan.merges[i].item_begin);
+      REQUIRE(m.num_items == plan.merges[i].num_items);
     }
     for (int b = 0; b < 4; ++b) {
-      for (int32_t i = 0; i < view.bit_count[b]; ++i) {
-        REQUIRE(view.bit_items[b][i] == plan.bit_items[plan.layers[0].bits_begin[b] + i]);
+      REQUIRE(view.split_ctas[b] == lp.bits_count[b]);
+      for (int32_t i = 0; i < lp.bits_count[b]; ++i) {
+        REQUIRE(view.bit_items[lp.bits_begin[b] + i] ==
+                plan.bit_items[plan.layers[0].bits_begin[b] + i]);
       }
     }
     REQUIRE(reinterpret_cast<const std::byte*>(view.partial_lse) ==
             packed.data() + plan.partials_offset);
+    // A layout with spare capacity (what a CUDA graph keeps across steps) holds the same tables
+    // at its own offsets; one too small is refused.
+    kernels::DecodeCapacity cap = kernels::decode_plan_sizes(plan);
+    cap.items += 7;
+    cap.merges += 3;
+    cap.bit_items += 7;
+    cap.layer_items += 7;
+    cap.layers += 2;
+    const auto big =
+        kernels::decode_workspace_layout(cap, plan.num_kv_heads, plan.group, plan.head_dim);
+    std::vector<std::byte> roomy(static_cast<size_t>(big.total_bytes));
+    kernels::pack_decode_plan(plan, big, roomy.data());
+    const int32_t fixed[4] = {5, 5, 5, 5};
+    const auto fv = kernels::decode_layer_view(big, roomy.data(), 0, fixed, 5);
+    REQUIRE(std::memcmp(fv.layer, &plan.layers[0], sizeof(kernels::DecodeLayerPlan)) == 0);
+    for (int32_t i = 0; i < lp.num_items; ++i) {
+      REQUIRE(std::memcmp(&fv.items[i], &plan.items[i], sizeof(kernels::DecodeWorkItem)) == 0);
+    }
+    REQUIRE(big.partial_o_offset >=
+            big.partial_lse_offset + int64_t{cap.layer_items} * plan.num_kv_heads * 3 * 4);
+    if (!plan.items.empty()) {
+      kernels::DecodeCapacity small = kernels::decode_plan_sizes(plan);
+      small.items -= 1;
+      const auto tight =
+          kernels::decode_workspace_layout(small, plan.num_kv_heads, plan.group, plan.head_dim);
+      REQUIRE_THROWS_AS(kernels::pack_decode_plan(plan, tight, roomy.data()),
+                        std::invalid_argument);
+    }
     // Replay the items like the kernel does (each warp walks its own range): every visible tile
     // exactly once, in token order, only pages of the item's bits, page_end bounding them.
     std::vector<int> total(num_seqs, 0), next(num_seqs), page_pos(tokens.size());

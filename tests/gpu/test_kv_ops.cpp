@@ -183,7 +183,9 @@ void fill_page(TestPool& pool, int page, int bits, int count, std::mt19937& rng)
 
 TEST_CASE("gpu requant: window flushes byte-equal to apply_requant", "[gpu][kv]") {
   std::mt19937 rng(gputest::test_seed("requant"));
+  int geometry_index = 0;
   for (const kv::PageGeometry& g : kGeometries) {
+    const bool ranged = geometry_index++ % 2 == 1;
     const int num_ops = 40;
     TestPool pool(g, 2 * num_ops, rng);
     std::vector<int> perm(pool.num_pages);
@@ -211,16 +213,31 @@ TEST_CASE("gpu requant: window flushes byte-equal to apply_requant", "[gpu][kv]"
                                        op.dst_slot, op.count});
     }
     DeviceBuffer<kernels::KvRequantOp> dops;
-    CUDA_REQUIRE(dops.upload(ops));
-    CUDA_REQUIRE_LAUNCH(kernels::launch_requant(pool.ref(), dops.get(), num_ops, nullptr));
-    INFO("geometry H=" << g.num_kv_heads << " D=" << g.head_dim << " tokens16=" << g.tokens16);
+    if (ranged) {
+      // A CUDA graph's launch: {first, count} read from the device, a few CTAs looping; the ops
+      // before `first` are no-ops that a launch ignoring `first` would run in place of real ones.
+      std::vector<kernels::KvRequantOp> padded(3, kernels::KvRequantOp{0, 16, 0, 1, 16, 0, 0});
+      padded.insert(padded.end(), ops.begin(), ops.end());
+      CUDA_REQUIRE(dops.upload(padded));
+      DeviceBuffer<int32_t> range;
+      CUDA_REQUIRE(range.upload(std::vector<int32_t>{3, num_ops}));
+      CUDA_REQUIRE_LAUNCH(kernels::launch_requant_ranged(pool.ref(), dops.get(), range.get(),
+                                                         1 + static_cast<int>(rng() % 7), nullptr));
+    } else {
+      CUDA_REQUIRE(dops.upload(ops));
+      CUDA_REQUIRE_LAUNCH(kernels::launch_requant(pool.ref(), dops.get(), num_ops, nullptr));
+    }
+    INFO("geometry H=" << g.num_kv_heads << " D=" << g.head_dim << " tokens16=" << g.tokens16
+                       << " ranged " << ranged);
     require_same_pool(pool);
   }
 }
 
 TEST_CASE("gpu demote: in-place folding byte-equal to apply_demote", "[gpu][kv]") {
   std::mt19937 rng(gputest::test_seed("demote"));
+  int geometry_index = 0;
   for (const kv::PageGeometry& g : kGeometries) {
+    const bool ranged = geometry_index++ % 2 == 1;
     const int num_ops = 30;
     TestPool pool(g, 8 * num_ops, rng);
     std::vector<int> perm(pool.num_pages);
@@ -257,9 +274,20 @@ TEST_CASE("gpu demote: in-place folding byte-equal to apply_demote", "[gpu][kv]"
       cpu::apply_demote(pool.view(), d);
     }
     DeviceBuffer<kernels::KvDemoteOp> dops;
-    CUDA_REQUIRE(dops.upload(ops));
-    CUDA_REQUIRE_LAUNCH(kernels::launch_demote(pool.ref(), dops.get(), num_ops, nullptr));
-    INFO("geometry H=" << g.num_kv_heads << " D=" << g.head_dim << " tokens16=" << g.tokens16);
+    if (ranged) {  // as in the requant case; num_src 0 makes an op a no-op
+      std::vector<kernels::KvDemoteOp> padded(3, kernels::KvDemoteOp{});
+      padded.insert(padded.end(), ops.begin(), ops.end());
+      CUDA_REQUIRE(dops.upload(padded));
+      DeviceBuffer<int32_t> range;
+      CUDA_REQUIRE(range.upload(std::vector<int32_t>{3, num_ops}));
+      CUDA_REQUIRE_LAUNCH(kernels::launch_demote_ranged(pool.ref(), dops.get(), range.get(),
+                                                        1 + static_cast<int>(rng() % 7), nullptr));
+    } else {
+      CUDA_REQUIRE(dops.upload(ops));
+      CUDA_REQUIRE_LAUNCH(kernels::launch_demote(pool.ref(), dops.get(), num_ops, nullptr));
+    }
+    INFO("geometry H=" << g.num_kv_heads << " D=" << g.head_dim << " tokens16=" << g.tokens16
+                       << " ranged " << ranged);
     require_same_pool(pool);
   }
 }

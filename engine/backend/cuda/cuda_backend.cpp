@@ -9,7 +9,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "engine/backend/backend_factory.h"
 #include "engine/backend/cuda/cuda_util.h"
@@ -78,6 +80,48 @@ class Packer {
   std::vector<std::byte> bytes_;
 };
 
+// A contiguous run of a step's op array: one (layer, op list).
+struct OpRun {
+  int32_t first, count;
+};
+
+struct GraphExecDeleter {
+  void operator()(cudaGraphExec_t e) const { cudaGraphExecDestroy(e); }
+};
+using GraphExecPtr = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
+
+// Everything the launches of one step read: device pointers and sizes. An eager step points into
+// `inputs` (packed per step) and the exact decode plan; a graph step into the fixed-layout graph
+// buffers, so that a captured graph replays with the next step's contents.
+struct StepArgs {
+  int64_t rows = 0;        // rows the launches cover (graph: the batch bucket)
+  int64_t logit_rows = 0;  // rows of the final norm and lm_head
+  bool decode = false;
+  int64_t num_seqs = 0;
+  int32_t max_rows = 0;
+  int32_t total_cached = 0;
+  const int32_t *tok = nullptr, *pos = nullptr, *seq_starts = nullptr, *seq_cached = nullptr;
+  const int32_t *cached_starts = nullptr, *page_starts = nullptr, *page_ids = nullptr;
+  const int32_t *page_bits = nullptr, *page_tokens = nullptr;
+  const int32_t *w_page = nullptr, *w_bits = nullptr, *w_slot = nullptr;  // [layers][rows]
+  const int32_t* logit_row_ids = nullptr;
+  const kernels::KvRequantOp* requants = nullptr;
+  const kernels::KvDemoteOp* demotes = nullptr;
+  // Eager: the host's runs per layer. Graph: op_ranges (device, [layers][1 + waves cap][2]) and
+  // which launches the graph has.
+  const std::vector<OpRun>* requant_runs = nullptr;
+  const std::vector<std::vector<OpRun>>* demote_runs = nullptr;
+  const int32_t* op_ranges = nullptr;
+  bool has_requant = false;
+  int32_t waves = 0;
+  // Decode: the exact plan's workspace, or the fixed layout with fixed launch sizes.
+  void* decode_ws = nullptr;
+  bool fixed_layout = false;
+  kernels::DecodeWorkspaceLayout layout;
+  int32_t split_ctas[4] = {};
+  int32_t merge_ctas = 0;
+};
+
 }  // namespace
 
 struct CudaBackend::Impl {
@@ -118,6 +162,55 @@ struct CudaBackend::Impl {
   DeviceMemory prefill_ws, decode_ws;
   kernels::DecodePlan decode_plan;
   CudaMemoryPlan memory;
+
+  // -- CUDA graphs of decode steps, one per (batch bucket, launch set); see run_step.
+  static constexpr int32_t kGraphWaves = 2;  // demotion waves a graph has launches for
+  static constexpr size_t kMaxGraphs = 96;
+  std::unordered_map<uint64_t, GraphExecPtr> graphs;
+  std::unordered_set<uint64_t> graph_seen;  // keys run once eagerly (captured on the next use)
+  CudaGraphCounters graph_counters;
+  // Fixed-layout inputs of graph steps (offsets in bytes; arrays sized by the capacities).
+  struct GraphInputs {
+    int32_t rows = 0, pages = 0, requants = 0, demotes = 0;  // capacities
+    size_t tok = 0, pos = 0, w_page = 0, w_bits = 0, w_slot = 0, logit_rows = 0, op_ranges = 0;
+    size_t page_ids = 0, page_tokens = 0, requant_ops = 0, demote_ops = 0, bytes = 0;
+  } gin;
+  DeviceMemory graph_inputs, graph_ws;
+  cuda::PinnedMemory graph_staging, graph_plan_staging;
+  kernels::DecodeWorkspaceLayout graph_layout;
+
+  bool graphs_enabled() const { return options.cuda_graphs && !timer.enabled; }
+  // The batch bucket a decode step of `seqs` sequences runs in (1, 2, 4, 8, 16, 24, ...), 0 when
+  // graphs are off or the batch is larger than graph_max_batch.
+  int64_t graph_bucket(int64_t seqs) const {
+    if (!graphs_enabled() || seqs < 1 || seqs > options.graph_max_batch) return 0;
+    if (seqs <= 8) return seqs <= 1 ? 1 : seqs <= 2 ? 2 : seqs <= 4 ? 4 : 8;
+    return (seqs + 7) / 8 * 8;
+  }
+  void drop_graphs(const char* why) {
+    if (graphs.empty() && graph_seen.empty()) return;
+    spdlog::debug("cuda: dropping {} captured graphs ({})", graphs.size(), why);
+    graphs.clear();
+    graph_seen.clear();
+    ++graph_counters.drops;
+  }
+  uint64_t graph_key(const StepArgs& a) const {
+    uint64_t mask = 0;
+    for (int b = 0; b < 4; ++b)
+      mask |= a.split_ctas[b] > 0 ? uint64_t{1} << b : 0;
+    return static_cast<uint64_t>(a.rows) | mask << 32 | uint64_t{a.merge_ctas > 0} << 36 |
+           uint64_t{a.has_requant} << 37 | static_cast<uint64_t>(a.waves) << 38;
+  }
+  void upload_graph_inputs(const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
+                           const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
+                           const std::vector<int32_t>& page_ids,
+                           const std::vector<int32_t>& page_tokens,
+                           const std::vector<kv::RequantOp>& requants,
+                           const std::vector<kv::DemoteOp>& demotes,
+                           const std::vector<OpRun>& requant_runs,
+                           const std::vector<std::vector<OpRun>>& demote_runs, StepArgs* a);
+  void kv_ops(const StepArgs& a, int64_t l);
+  void enqueue_forward(const StepArgs& a);
 
   // PMKV_CUDA_TIMING=1: CUDA events split each step into phases (upload + embedding, QKV + RoPE
   // + KV write, KV ops, attention, o_proj + MLP, head + sampling); totals are logged every 64
@@ -327,9 +420,306 @@ void CudaBackend::Impl::load_dummy() {
   PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
 }
 
+void CudaBackend::Impl::upload_graph_inputs(
+    const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
+    const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
+    const std::vector<int32_t>& page_ids, const std::vector<int32_t>& page_tokens,
+    const std::vector<kv::RequantOp>& requants, const std::vector<kv::DemoteOp>& demotes,
+    const std::vector<OpRun>& requant_runs, const std::vector<std::vector<OpRun>>& demote_runs,
+    StepArgs* a) {
+  const int64_t L = cfg.num_layers;
+  const auto P = static_cast<int32_t>(page_ids.size());
+  const auto NR = static_cast<int32_t>(requants.size()), ND = static_cast<int32_t>(demotes.size());
+  // Grow the fixed layouts when this step does not fit (every graph bakes their pointers in).
+  if (gin.bytes == 0 || P > gin.pages || NR > gin.requants || ND > gin.demotes) {
+    drop_graphs("graph inputs grow");
+    GraphInputs g;
+    g.rows = options.graph_max_batch;
+    g.pages = std::max({P, 2 * gin.pages, 4096});
+    g.requants = std::max({NR, 2 * gin.requants, 256});
+    g.demotes = std::max({ND, 2 * gin.demotes, 64});
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t off = at;
+      at = (at + bytes + 255) / 256 * 256;
+      return off;
+    };
+    const size_t row_ints = static_cast<size_t>(g.rows) * 4;
+    g.tok = take(row_ints);
+    g.pos = take(row_ints);
+    g.w_page = take(row_ints * L);
+    g.w_bits = take(row_ints * L);
+    g.w_slot = take(row_ints * L);
+    g.logit_rows = take(row_ints);
+    g.op_ranges = take(static_cast<size_t>(L) * (1 + kGraphWaves) * 2 * 4);
+    g.page_ids = take(static_cast<size_t>(g.pages) * 4);
+    g.page_tokens = take(static_cast<size_t>(g.pages) * 4);
+    g.requant_ops = take(static_cast<size_t>(g.requants) * sizeof(kv::RequantOp));
+    g.demote_ops = take(static_cast<size_t>(g.demotes) * sizeof(kv::DemoteOp));
+    g.bytes = at;
+    gin = g;
+    graph_inputs.allocate(gin.bytes);
+    graph_staging.reserve(gin.bytes);
+  }
+  kernels::DecodeCapacity need = kernels::decode_plan_sizes(decode_plan);
+  if (graph_layout.total_bytes == 0 || !graph_layout.capacity.holds(need)) {
+    drop_graphs("decode plan workspace grows");
+    const kernels::DecodeCapacity& old = graph_layout.capacity;
+    kernels::DecodeCapacity cap;
+    cap.layers = need.layers;
+    cap.items = std::max({need.items, 2 * old.items, 1024});
+    cap.merges = std::max({need.merges, 2 * old.merges, 256});
+    cap.bit_items = std::max({need.bit_items, 2 * old.bit_items, 1024});
+    cap.layer_items = std::max({need.layer_items, 2 * old.layer_items, 256});
+    graph_layout = kernels::decode_workspace_layout(cap, decode_plan.num_kv_heads,
+                                                    decode_plan.group, decode_plan.head_dim);
+    graph_ws.allocate(static_cast<size_t>(graph_layout.total_bytes));
+    graph_plan_staging.reserve(static_cast<size_t>(graph_layout.tables_bytes));
+  }
+
+  // Pack into the pinned staging buffer at the fixed offsets; padding rows as run_step says.
+  std::byte* st = graph_staging.as<std::byte>();
+  auto put = [&](size_t off, const void* src, size_t bytes) {
+    if (bytes > 0) std::memcpy(st + off, src, bytes);
+  };
+  std::vector<int32_t> rowv(static_cast<size_t>(rows), 0);
+  std::copy(b.token_ids.begin(), b.token_ids.end(), rowv.begin());
+  put(gin.tok, rowv.data(), rowv.size() * 4);
+  std::fill(rowv.begin(), rowv.end(), 0);
+  std::copy(b.positions.begin(), b.positions.end(), rowv.begin());
+  put(gin.pos, rowv.data(), rowv.size() * 4);
+  std::fill(rowv.begin(), rowv.end(), 0);
+  std::copy(b.logit_rows.begin(), b.logit_rows.end(), rowv.begin());
+  put(gin.logit_rows, rowv.data(), rowv.size() * 4);
+  put(gin.w_page, w_page.data(), w_page.size() * 4);
+  put(gin.w_bits, w_bits.data(), w_bits.size() * 4);
+  put(gin.w_slot, w_slot.data(), w_slot.size() * 4);
+  std::vector<int32_t> ranges(static_cast<size_t>(L) * (1 + kGraphWaves) * 2, 0);
+  bool has_requant = false;
+  int32_t waves = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    int32_t* r = ranges.data() + l * (1 + kGraphWaves) * 2;
+    r[0] = requant_runs[l].first;
+    r[1] = requant_runs[l].count;
+    has_requant = has_requant || requant_runs[l].count > 0;
+    for (size_t w = 0; w < demote_runs[l].size(); ++w) {
+      r[2 + 2 * w] = demote_runs[l][w].first;
+      r[3 + 2 * w] = demote_runs[l][w].count;
+      if (demote_runs[l][w].count > 0) waves = std::max(waves, static_cast<int32_t>(w) + 1);
+    }
+  }
+  put(gin.op_ranges, ranges.data(), ranges.size() * 4);
+  put(gin.page_ids, page_ids.data(), page_ids.size() * 4);
+  put(gin.page_tokens, page_tokens.data(), page_tokens.size() * 4);
+  put(gin.requant_ops, requants.data(), requants.size() * sizeof(kv::RequantOp));
+  put(gin.demote_ops, demotes.data(), demotes.size() * sizeof(kv::DemoteOp));
+  // Copies of the used parts only (the capacities can be far larger than a step).
+  std::byte* dv = graph_inputs.as<std::byte>();
+  auto copy = [&](size_t off, size_t bytes) {
+    if (bytes == 0) return;
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(dv + off, st + off, bytes, cudaMemcpyHostToDevice, s()));
+  };
+  copy(0, gin.page_ids);  // the row arrays and op ranges
+  copy(gin.page_ids, page_ids.size() * 4);
+  copy(gin.page_tokens, page_tokens.size() * 4);
+  copy(gin.requant_ops, requants.size() * sizeof(kv::RequantOp));
+  copy(gin.demote_ops, demotes.size() * sizeof(kv::DemoteOp));
+
+  std::byte* ps = graph_plan_staging.as<std::byte>();
+  kernels::pack_decode_plan(decode_plan, graph_layout, ps);
+  std::byte* pw = graph_ws.as<std::byte>();
+  auto copy_plan = [&](int64_t off, size_t bytes) {
+    if (bytes == 0) return;
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(pw + off, ps + off, bytes, cudaMemcpyHostToDevice, s()));
+  };
+  copy_plan(graph_layout.layers_offset,
+            decode_plan.layers.size() * sizeof(kernels::DecodeLayerPlan));
+  copy_plan(graph_layout.items_offset, decode_plan.items.size() * sizeof(kernels::DecodeWorkItem));
+  copy_plan(graph_layout.merges_offset,
+            decode_plan.merges.size() * sizeof(kernels::DecodeMergeItem));
+  copy_plan(graph_layout.bit_items_offset, decode_plan.bit_items.size() * 4);
+
+  auto dev = [&](size_t off) { return reinterpret_cast<const int32_t*>(dv + off); };
+  a->tok = dev(gin.tok);
+  a->pos = dev(gin.pos);
+  a->w_page = dev(gin.w_page);
+  a->w_bits = dev(gin.w_bits);
+  a->w_slot = dev(gin.w_slot);
+  a->logit_row_ids = dev(gin.logit_rows);
+  a->page_ids = dev(gin.page_ids);
+  a->page_tokens = dev(gin.page_tokens);
+  a->requants = reinterpret_cast<const kernels::KvRequantOp*>(dv + gin.requant_ops);
+  a->demotes = reinterpret_cast<const kernels::KvDemoteOp*>(dv + gin.demote_ops);
+  a->op_ranges = dev(gin.op_ranges);
+  a->has_requant = has_requant;
+  a->waves = waves;
+  a->decode_ws = graph_ws.as();
+  a->fixed_layout = true;
+  a->layout = graph_layout;
+  // Fixed launch sizes: two waves of resident CTAs per bit-width present in any layer (their CTAs
+  // loop when a layer has more items; the surplus exits at once), merges likewise.
+  const int32_t kvh = decode_plan.num_kv_heads;
+  bool any_merge = false;
+  for (const kernels::DecodeLayerPlan& lp : decode_plan.layers) {
+    any_merge = any_merge || lp.num_merges > 0;
+    for (int bi = 0; bi < 4; ++bi) {
+      if (lp.bits_count[bi] > 0) {
+        const int per_sm = kernels::decode_ctas_per_sm(16 >> bi);
+        a->split_ctas[bi] = std::max(1, (2 * num_sms * per_sm + kvh - 1) / kvh);
+      }
+    }
+  }
+  a->merge_ctas = any_merge ? std::max(1, (4 * num_sms + kvh - 1) / kvh) : 0;
+}
+
+void CudaBackend::Impl::kv_ops(const StepArgs& a, int64_t l) {
+  const kernels::KvPoolRef pool_ref{pool.as(), page_bytes, geometry};
+  if (a.op_ranges != nullptr) {
+    const int32_t* r = a.op_ranges + l * (1 + kGraphWaves) * 2;
+    if (a.has_requant) {
+      PMKV_CUDA_CHECK(kernels::launch_requant_ranged(pool_ref, a.requants, r, 2 * num_sms, s()));
+    }
+    for (int32_t w = 0; w < a.waves; ++w) {
+      PMKV_CUDA_CHECK(
+          kernels::launch_demote_ranged(pool_ref, a.demotes, r + 2 + 2 * w, num_sms, s()));
+    }
+    return;
+  }
+  const OpRun rq = (*a.requant_runs)[l];
+  if (rq.count > 0) {
+    PMKV_CUDA_CHECK(kernels::launch_requant(pool_ref, a.requants + rq.first, rq.count, s()));
+  }
+  for (const OpRun& wave : (*a.demote_runs)[l]) {
+    if (wave.count == 0) continue;
+    PMKV_CUDA_CHECK(kernels::launch_demote(pool_ref, a.demotes + wave.first, wave.count, s()));
+  }
+}
+
+void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
+  const int64_t L = cfg.num_layers, H = cfg.hidden_size, I = cfg.intermediate_size;
+  const int64_t V = cfg.vocab_size, qw = cfg.q_width(), kvw = cfg.kv_width();
+  const int64_t qkvw = qw + 2 * kvw, N = a.rows;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  const int32_t window = static_cast<int32_t>(cfg.sliding_window.value_or(0));
+  const kernels::KvPoolRef pool_ref{pool.as(), page_bytes, geometry};
+  float* xp = x.as<float>();
+  uint16_t* hp = h.as<uint16_t>();
+  float* qkvp = qkv.as<float>();
+  float* deltap = delta.as<float>();
+  PMKV_CUDA_CHECK(kernels::launch_embedding(embed.as<uint16_t>(), static_cast<int32_t>(V), a.tok,
+                                            static_cast<int32_t>(N), static_cast<int32_t>(H), xp,
+                                            s()));
+  const float eps = static_cast<float>(cfg.rms_norm_eps);
+  mark(0);
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& Ly = layers[l];
+    // Residual add of the previous layer's MLP (none before layer 0), then the attention norm.
+    const Layer* prev = l > 0 ? &layers[l - 1] : nullptr;
+    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
+        {xp, prev ? deltap : nullptr, prev ? prev->b_down.as<float>() : nullptr,
+         Ly.attn_norm.as<float>(), eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr,
+         hp},
+        s()));
+    gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H);
+    kernels::RopeKvWriteParams rp{};
+    rp.qkv = qkvp;
+    rp.qkv_stride = qkvw;
+    rp.bias = Ly.bqkv.as<float>();
+    rp.rows = static_cast<int32_t>(N);
+    rp.num_heads = static_cast<int32_t>(cfg.num_heads);
+    rp.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+    rp.head_dim = static_cast<int32_t>(cfg.head_dim);
+    rp.positions = a.pos;
+    rp.inv_freq = inv_freq.as<float>();
+    rp.q_out = q.as<float>();
+    rp.pool = pool_ref;
+    rp.page_ids = a.w_page + l * N;
+    rp.bits = a.w_bits + l * N;
+    rp.slots = a.w_slot + l * N;
+    PMKV_CUDA_CHECK(kernels::launch_rope_kv_write(rp, s()));
+    mark(1);
+    kv_ops(a, l);
+    mark(2);
+    if (a.decode) {
+      kernels::DecodeParams dp{};
+      dp.pool = pool.as();
+      dp.page_bytes = page_bytes;
+      dp.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+      dp.group = static_cast<int32_t>(cfg.group_size());
+      dp.head_dim = static_cast<int32_t>(cfg.head_dim);
+      dp.tokens16 = geometry.tokens16;
+      dp.page_ids = a.page_ids;
+      dp.page_tokens = a.page_tokens;
+      dp.plan = a.fixed_layout
+                    ? kernels::decode_layer_view(a.layout, a.decode_ws, static_cast<int>(l),
+                                                 a.split_ctas, a.merge_ctas)
+                    : kernels::decode_layer_view(decode_plan, a.decode_ws, static_cast<int>(l));
+      dp.q = q.as();
+      dp.q_dtype = kernels::DType::kF32;
+      dp.out = attn.as();
+      dp.out_dtype = kernels::DType::kBF16;
+      dp.scale = scale;
+      PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
+    } else {
+      kernels::PrefillParams pp{};
+      pp.pool = pool.as();
+      pp.page_bytes = page_bytes;
+      pp.tokens16 = geometry.tokens16;
+      pp.num_heads = static_cast<int32_t>(cfg.num_heads);
+      pp.num_kv_heads = static_cast<int32_t>(cfg.num_kv_heads);
+      pp.head_dim = static_cast<int32_t>(cfg.head_dim);
+      pp.sliding_window = window;
+      pp.scale = scale;
+      pp.num_seqs = static_cast<int32_t>(a.num_seqs);
+      pp.num_rows = static_cast<int32_t>(N);
+      pp.max_rows_per_seq = a.max_rows;
+      pp.total_cached = a.total_cached;
+      pp.seq_starts = a.seq_starts;
+      pp.seq_cached = a.seq_cached;
+      pp.cached_starts = a.cached_starts;
+      pp.page_starts = a.page_starts + l * a.num_seqs;
+      pp.page_ids = a.page_ids;
+      pp.page_bits = a.page_bits;
+      pp.page_tokens = a.page_tokens;
+      pp.q = q.as<float>();
+      pp.q_stride = qw;
+      pp.k = qkvp + qw;
+      pp.v = qkvp + qw + kvw;
+      pp.kv_stride = qkvw;
+      pp.out = attn.as<uint16_t>();
+      pp.workspace = prefill_ws.as();
+      pp.workspace_bytes = static_cast<int64_t>(prefill_ws.bytes());
+      PMKV_CUDA_CHECK(kernels::launch_prefill(pp, s()));
+    }
+    mark(3);
+    gemm->run(attn.as(), Ly.wo.as(), deltap, GemmOut::kF32, N, H, qw);
+    PMKV_CUDA_CHECK(
+        kernels::launch_add_rmsnorm({xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
+                                     static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
+                                    s()));
+    gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H);
+    PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
+                                             static_cast<int32_t>(N), static_cast<int32_t>(I),
+                                             act.as<uint16_t>(), s()));
+    gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I);
+    mark(4);
+  }
+  const int64_t R = a.logit_rows;
+  if (R > 0) {
+    // The last MLP's residual add and the final norm, only for the rows whose logits are wanted.
+    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
+        {xp, deltap, layers.back().b_down.as<float>(), final_norm.as<float>(), eps,
+         static_cast<int32_t>(R), static_cast<int32_t>(H), a.logit_row_ids, hf.as<uint16_t>()},
+        s()));
+    const void* head = lm_head.bytes() > 0 ? lm_head.as() : embed.as();
+    gemm->run(hf.as(), head, logits.as(), GemmOut::kF32, R, V, H);
+  }
+}
+
 void CudaBackend::Impl::reserve_rows(int64_t rows) {
   if (rows <= rows_capacity) return;
   const bool growing = rows_capacity > 0;
+  drop_graphs("activations grow");
   const int64_t H = cfg.hidden_size, I = cfg.intermediate_size;
   const int64_t qw = cfg.q_width(), qkvw = qw + 2 * cfg.kv_width();
   x.allocate(rows * H * 4);
@@ -340,6 +730,10 @@ void CudaBackend::Impl::reserve_rows(int64_t rows) {
   delta.allocate(rows * H * 4);
   gu.allocate(rows * 2 * I * 2);
   act.allocate(rows * I * 2);
+  // Zeroed once: the padding rows of a graph step read rows no step wrote (finite values keep
+  // every row of the GEMMs and norms clean).
+  for (DeviceMemory* d : {&x, &h, &qkv, &q, &attn, &delta, &gu, &act})
+    PMKV_CUDA_CHECK(cudaMemsetAsync(d->as(), 0, d->bytes(), s()));
   rows_capacity = rows;
   memory.activation_bytes =
       static_cast<int64_t>(x.bytes() + h.bytes() + qkv.bytes() + q.bytes() + attn.bytes() +
@@ -351,6 +745,7 @@ void CudaBackend::Impl::reserve_rows(int64_t rows) {
 
 void CudaBackend::Impl::reserve_logits(int64_t rows) {
   if (rows <= logit_capacity) return;
+  drop_graphs("logit rows grow");
   const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
   hf.allocate(rows * H * 2);
   logits.allocate(rows * V * 4);
@@ -382,6 +777,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   m.page_bytes = kv::page_bytes(geometry);
   m.num_pages = num_pages;
   m.options = std::move(options);
+  // Graph inputs are laid out for the largest bucket: keep that bounded.
+  m.options.graph_max_batch = std::clamp(m.options.graph_max_batch, 0, 512);
   PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
   cudaDeviceProp prop{};
   PMKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.options.device));
@@ -405,7 +802,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   PMKV_CUDA_CHECK(
       cudaMemcpy(m.inv_freq.as(), inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice));
 
-  m.pool.allocate(static_cast<size_t>(num_pages) * static_cast<size_t>(m.page_bytes));
+  // One page past the pool's: the scratch page the padding rows of a graph step write to.
+  m.pool.allocate(static_cast<size_t>(num_pages + 1) * static_cast<size_t>(m.page_bytes));
   // Pages are written before they are read; zeroing makes a stray read deterministic.
   PMKV_CUDA_CHECK(cudaMemsetAsync(m.pool.as(), 0, m.pool.bytes(), m.s()));
   m.memory.kv_pool_bytes = static_cast<int64_t>(m.pool.bytes());
@@ -445,6 +843,9 @@ int64_t CudaBackend::kv_pool_bytes() const {
 const CudaMemoryPlan& CudaBackend::memory_plan() const {
   return impl_->memory;
 }
+const CudaGraphCounters& CudaBackend::graph_counters() const {
+  return impl_->graph_counters;
+}
 void CudaBackend::synchronize() {
   PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->s()));
 }
@@ -452,8 +853,7 @@ void CudaBackend::synchronize() {
 void CudaBackend::run_step(const StepBatch& b) {
   Impl& m = *impl_;
   const int64_t N = b.num_tokens(), S = b.num_seqs(), L = cfg_.num_layers;
-  const int64_t H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size;
-  const int64_t qw = cfg_.q_width(), kvw = cfg_.kv_width(), qkvw = qw + 2 * kvw;
+  const int64_t V = cfg_.vocab_size;
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
   for (int64_t r = 0; r < N; ++r) {
     const int32_t id = b.token_ids[r];
@@ -467,8 +867,6 @@ void CudaBackend::run_step(const StepBatch& b) {
   }
   // The engine thread may not be the thread that built the backend.
   PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
-  m.reserve_rows(std::max<int64_t>(N, 1));
-  m.reserve_logits(std::max<int64_t>(R, 1));
 
   // -- Host side: flatten the step into arrays.
   std::vector<int32_t> cached_starts(S + 1, 0);
@@ -484,33 +882,12 @@ void CudaBackend::run_step(const StepBatch& b) {
     page_bits[i] = b.pages[i].bits;
     page_tokens[i] = b.pages[i].num_tokens;
   }
-  // Per layer and row: the 16-bit slot the row's K/V goes to.
-  std::vector<int32_t> w_page(L * N), w_bits(L * N, 16), w_slot(L * N);
-  if (N > 0) {
-    for (int64_t l = 0; l < L; ++l) {
-      for (int64_t s = 0; s < S; ++s) {
-        int32_t row = b.seq_starts[s];
-        for (int32_t w = b.write_starts[l * S + s]; w < b.write_starts[l * S + s + 1]; ++w) {
-          const kv::KvWrite& kw = b.writes[w];
-          for (int32_t j = 0; j < kw.count; ++j, ++row) {
-            w_page[l * N + row] = kw.page;
-            w_slot[l * N + row] = kw.slot + j;
-          }
-        }
-        if (row != b.seq_starts[s + 1]) {
-          throw std::logic_error("CudaBackend: KV writes do not cover the rows of a sequence");
-        }
-      }
-    }
-  }
   // KV ops of every layer: requants then each demotion wave, one contiguous run per (layer, list).
   std::vector<kv::RequantOp> requants;
   std::vector<kv::DemoteOp> demotes;
-  struct Run {
-    int32_t first, count;
-  };
-  std::vector<Run> requant_runs(L, {0, 0});
-  std::vector<std::vector<Run>> demote_runs(L);
+  std::vector<OpRun> requant_runs(L, {0, 0});
+  std::vector<std::vector<OpRun>> demote_runs(L);
+  size_t max_waves = 0;
   for (int64_t l = 0; l < L && !b.kv_ops.layers.empty(); ++l) {
     const kv::KvLayerOps& ops = b.kv_ops.layers[l];
     requant_runs[l] = {static_cast<int32_t>(requants.size()),
@@ -521,62 +898,41 @@ void CudaBackend::run_step(const StepBatch& b) {
           {static_cast<int32_t>(demotes.size()), static_cast<int32_t>(wave.size())});
       demotes.insert(demotes.end(), wave.begin(), wave.end());
     }
-  }
-
-  Packer& pk = m.packer;
-  pk.clear();
-  const size_t o_tok = pk.add(b.token_ids), o_pos = pk.add(b.positions);
-  const size_t o_seq_starts = pk.add(b.seq_starts), o_seq_cached = pk.add(b.seq_cached);
-  const size_t o_cached_starts = pk.add(cached_starts);
-  const size_t o_page_starts = pk.add(b.page_starts);
-  const size_t o_page_ids = pk.add(page_ids), o_page_bits = pk.add(page_bits);
-  const size_t o_page_tokens = pk.add(page_tokens);
-  const size_t o_w_page = pk.add(w_page), o_w_bits = pk.add(w_bits), o_w_slot = pk.add(w_slot);
-  const size_t o_logit_rows = pk.add(b.logit_rows);
-  const size_t o_requants = pk.add(requants), o_demotes = pk.add(demotes);
-  const size_t in_bytes = pk.bytes().size();
-  m.staging.reserve(in_bytes);
-  m.inputs.reserve(in_bytes);
-  // The previous step ended with a synchronize, so the staging buffer is free to overwrite.
-  std::memcpy(m.staging.as(), pk.bytes().data(), in_bytes);
-  m.begin_timing();
-  PMKV_CUDA_CHECK(
-      cudaMemcpyAsync(m.inputs.as(), m.staging.as(), in_bytes, cudaMemcpyHostToDevice, m.s()));
-  auto dev = [&](size_t off) {
-    return reinterpret_cast<const int32_t*>(m.inputs.as<std::byte>() + off);
-  };
-
-  const kernels::KvPoolRef pool{m.pool.as(), m.page_bytes, m.geometry};
-  auto kv_ops = [&](int64_t l) {
-    const Run rq = requant_runs[l];
-    if (rq.count > 0) {
-      PMKV_CUDA_CHECK(kernels::launch_requant(
-          pool,
-          reinterpret_cast<const kernels::KvRequantOp*>(m.inputs.as<std::byte>() + o_requants) +
-              rq.first,
-          rq.count, m.s()));
-    }
-    for (const Run& wave : demote_runs[l]) {
-      if (wave.count == 0) continue;
-      PMKV_CUDA_CHECK(kernels::launch_demote(
-          pool,
-          reinterpret_cast<const kernels::KvDemoteOp*>(m.inputs.as<std::byte>() + o_demotes) +
-              wave.first,
-          wave.count, m.s()));
-    }
-  };
-
-  if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
-    for (int64_t l = 0; l < L; ++l)
-      kv_ops(l);
-    return;
+    max_waves = std::max(max_waves, demote_runs[l].size());
   }
 
   // Decode steps (one row per sequence) use the split-KV decode kernel over the pages, planned
-  // once for every layer; anything else the prefill kernel.
-  const bool decode = max_rows == 1 && N == S;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
-  const int32_t window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
+  // once for every layer; anything else the prefill kernel. A decode step of at most
+  // graph_max_batch sequences whose demotions come in few enough waves runs as a CUDA graph of
+  // its batch-size bucket: `rows` = the bucket, the rows past N are padding (token 0 at position
+  // 0, K/V written to the scratch page, attention left out, logits not read).
+  const bool decode = N > 0 && max_rows == 1 && N == S;
+  const int64_t bucket = decode && max_waves <= Impl::kGraphWaves ? m.graph_bucket(S) : 0;
+  const bool graph = bucket > 0;
+  const int64_t rows = graph ? bucket : N;
+  const int64_t logit_rows = graph ? bucket : R;
+  m.reserve_rows(std::max<int64_t>(rows, 1));
+  m.reserve_logits(std::max<int64_t>(logit_rows, 1));
+
+  // Per layer and row: the 16-bit slot the row's K/V goes to.
+  std::vector<int32_t> w_page(L * rows, m.num_pages), w_bits(L * rows, 16), w_slot(L * rows, 0);
+  if (N > 0) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t s = 0; s < S; ++s) {
+        int32_t row = b.seq_starts[s];
+        for (int32_t w = b.write_starts[l * S + s]; w < b.write_starts[l * S + s + 1]; ++w) {
+          const kv::KvWrite& kw = b.writes[w];
+          for (int32_t j = 0; j < kw.count; ++j, ++row) {
+            w_page[l * rows + row] = kw.page;
+            w_slot[l * rows + row] = kw.slot + j;
+          }
+        }
+        if (row != b.seq_starts[s + 1]) {
+          throw std::logic_error("CudaBackend: KV writes do not cover the rows of a sequence");
+        }
+      }
+    }
+  }
   if (decode) {
     std::vector<kernels::DecodeLayerTable> tables(L);
     for (int64_t l = 0; l < L; ++l) {
@@ -588,133 +944,126 @@ void CudaBackend::run_step(const StepBatch& b) {
     pc.group = static_cast<int32_t>(cfg_.group_size());
     pc.head_dim = static_cast<int32_t>(cfg_.head_dim);
     pc.tokens16 = m.geometry.tokens16;
-    pc.sliding_window = window;
+    pc.sliding_window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
     pc.num_sms = m.num_sms;
     kernels::plan_decode(pc, tables, &m.decode_plan);
-    m.decode_ws.reserve(static_cast<size_t>(m.decode_plan.workspace_bytes));
-    // The plan's tables go through pinned memory (a pageable copy would sync the stream).
-    const auto table_bytes = static_cast<size_t>(m.decode_plan.partials_offset);
-    m.plan_staging.reserve(std::max<size_t>(table_bytes, 1));
-    kernels::pack_decode_plan(m.decode_plan, m.plan_staging.as());
-    if (table_bytes > 0) {
-      PMKV_CUDA_CHECK(cudaMemcpyAsync(m.decode_ws.as(), m.plan_staging.as(), table_bytes,
-                                      cudaMemcpyHostToDevice, m.s()));
-    }
-  } else {
-    m.prefill_ws.reserve(static_cast<size_t>(std::max<int64_t>(
-        1, kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(N),
-                                            static_cast<int32_t>(cfg_.num_kv_heads),
-                                            static_cast<int32_t>(cfg_.head_dim)))));
   }
 
-  float* x = m.x.as<float>();
-  uint16_t* h = m.h.as<uint16_t>();
-  float* qkv = m.qkv.as<float>();
-  float* delta = m.delta.as<float>();
-  PMKV_CUDA_CHECK(kernels::launch_embedding(m.embed.as<uint16_t>(), static_cast<int32_t>(V),
-                                            dev(o_tok), static_cast<int32_t>(N),
-                                            static_cast<int32_t>(H), x, m.s()));
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  m.mark(0);
-  for (int64_t l = 0; l < L; ++l) {
-    Impl::Layer& Ly = m.layers[l];
-    // Residual add of the previous layer's MLP (none before layer 0), then the attention norm.
-    const Impl::Layer* prev = l > 0 ? &m.layers[l - 1] : nullptr;
-    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
-        {x, prev ? delta : nullptr, prev ? prev->b_down.as<float>() : nullptr,
-         Ly.attn_norm.as<float>(), eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr,
-         h},
-        m.s()));
-    m.gemm->run(h, Ly.wqkv.as(), qkv, GemmOut::kF32, N, qkvw, H);
-    kernels::RopeKvWriteParams rp{};
-    rp.qkv = qkv;
-    rp.qkv_stride = qkvw;
-    rp.bias = Ly.bqkv.as<float>();
-    rp.rows = static_cast<int32_t>(N);
-    rp.num_heads = static_cast<int32_t>(cfg_.num_heads);
-    rp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
-    rp.head_dim = static_cast<int32_t>(cfg_.head_dim);
-    rp.positions = dev(o_pos);
-    rp.inv_freq = m.inv_freq.as<float>();
-    rp.q_out = m.q.as<float>();
-    rp.pool = pool;
-    rp.page_ids = dev(o_w_page) + l * N;
-    rp.bits = dev(o_w_bits) + l * N;
-    rp.slots = dev(o_w_slot) + l * N;
-    PMKV_CUDA_CHECK(kernels::launch_rope_kv_write(rp, m.s()));
-    m.mark(1);
-    kv_ops(l);
-    m.mark(2);
-    if (decode) {
-      kernels::DecodeParams dp{};
-      dp.pool = m.pool.as();
-      dp.page_bytes = m.page_bytes;
-      dp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
-      dp.group = static_cast<int32_t>(cfg_.group_size());
-      dp.head_dim = static_cast<int32_t>(cfg_.head_dim);
-      dp.tokens16 = m.geometry.tokens16;
-      dp.page_ids = dev(o_page_ids);
-      dp.page_tokens = dev(o_page_tokens);
-      dp.plan = kernels::decode_layer_view(m.decode_plan, m.decode_ws.as(), static_cast<int>(l));
-      dp.q = m.q.as();
-      dp.q_dtype = kernels::DType::kF32;
-      dp.out = m.attn.as();
-      dp.out_dtype = kernels::DType::kBF16;
-      dp.scale = scale;
-      PMKV_CUDA_CHECK(kernels::launch_decode(dp, m.s()));
-    } else {
-      kernels::PrefillParams pp{};
-      pp.pool = m.pool.as();
-      pp.page_bytes = m.page_bytes;
-      pp.tokens16 = m.geometry.tokens16;
-      pp.num_heads = static_cast<int32_t>(cfg_.num_heads);
-      pp.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
-      pp.head_dim = static_cast<int32_t>(cfg_.head_dim);
-      pp.sliding_window = window;
-      pp.scale = scale;
-      pp.num_seqs = static_cast<int32_t>(S);
-      pp.num_rows = static_cast<int32_t>(N);
-      pp.max_rows_per_seq = max_rows;
-      pp.total_cached = cached_starts[S];
-      pp.seq_starts = dev(o_seq_starts);
-      pp.seq_cached = dev(o_seq_cached);
-      pp.cached_starts = dev(o_cached_starts);
-      pp.page_starts = dev(o_page_starts) + l * S;
-      pp.page_ids = dev(o_page_ids);
-      pp.page_bits = dev(o_page_bits);
-      pp.page_tokens = dev(o_page_tokens);
-      pp.q = m.q.as<float>();
-      pp.q_stride = qw;
-      pp.k = qkv + qw;
-      pp.v = qkv + qw + kvw;
-      pp.kv_stride = qkvw;
-      pp.out = m.attn.as<uint16_t>();
-      pp.workspace = m.prefill_ws.as();
-      pp.workspace_bytes = static_cast<int64_t>(m.prefill_ws.bytes());
-      PMKV_CUDA_CHECK(kernels::launch_prefill(pp, m.s()));
-    }
-    m.mark(3);
-    m.gemm->run(m.attn.as(), Ly.wo.as(), delta, GemmOut::kF32, N, H, qw);
+  StepArgs a;
+  a.rows = rows;
+  a.logit_rows = logit_rows;
+  a.decode = decode;
+  a.num_seqs = S;
+  a.max_rows = max_rows;
+  a.total_cached = cached_starts[S];
+  if (graph) {
+    m.upload_graph_inputs(b, rows, w_page, w_bits, w_slot, page_ids, page_tokens, requants, demotes,
+                          requant_runs, demote_runs, &a);
+  } else {
+    Packer& pk = m.packer;
+    pk.clear();
+    const size_t o_tok = pk.add(b.token_ids), o_pos = pk.add(b.positions);
+    const size_t o_seq_starts = pk.add(b.seq_starts), o_seq_cached = pk.add(b.seq_cached);
+    const size_t o_cached_starts = pk.add(cached_starts);
+    const size_t o_page_starts = pk.add(b.page_starts);
+    const size_t o_page_ids = pk.add(page_ids), o_page_bits = pk.add(page_bits);
+    const size_t o_page_tokens = pk.add(page_tokens);
+    const size_t o_w_page = pk.add(w_page), o_w_bits = pk.add(w_bits), o_w_slot = pk.add(w_slot);
+    const size_t o_logit_rows = pk.add(b.logit_rows);
+    const size_t o_requants = pk.add(requants), o_demotes = pk.add(demotes);
+    const size_t in_bytes = pk.bytes().size();
+    m.staging.reserve(in_bytes);
+    m.inputs.reserve(in_bytes);
+    // The previous step ended with a synchronize, so the staging buffer is free to overwrite.
+    std::memcpy(m.staging.as(), pk.bytes().data(), in_bytes);
+    m.begin_timing();
     PMKV_CUDA_CHECK(
-        kernels::launch_add_rmsnorm({x, delta, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
-                                     static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, h},
-                                    m.s()));
-    m.gemm->run(h, Ly.w_gate_up.as(), m.gu.as(), GemmOut::kBF16, N, 2 * I, H);
-    PMKV_CUDA_CHECK(kernels::launch_silu_mul(m.gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
-                                             static_cast<int32_t>(N), static_cast<int32_t>(I),
-                                             m.act.as<uint16_t>(), m.s()));
-    m.gemm->run(m.act.as(), Ly.w_down.as(), delta, GemmOut::kF32, N, H, I);
-    m.mark(4);
+        cudaMemcpyAsync(m.inputs.as(), m.staging.as(), in_bytes, cudaMemcpyHostToDevice, m.s()));
+    auto dev = [&](size_t off) {
+      return reinterpret_cast<const int32_t*>(m.inputs.as<std::byte>() + off);
+    };
+    a.tok = dev(o_tok);
+    a.pos = dev(o_pos);
+    a.seq_starts = dev(o_seq_starts);
+    a.seq_cached = dev(o_seq_cached);
+    a.cached_starts = dev(o_cached_starts);
+    a.page_starts = dev(o_page_starts);
+    a.page_ids = dev(o_page_ids);
+    a.page_bits = dev(o_page_bits);
+    a.page_tokens = dev(o_page_tokens);
+    a.w_page = dev(o_w_page);
+    a.w_bits = dev(o_w_bits);
+    a.w_slot = dev(o_w_slot);
+    a.logit_row_ids = dev(o_logit_rows);
+    a.requants =
+        reinterpret_cast<const kernels::KvRequantOp*>(m.inputs.as<std::byte>() + o_requants);
+    a.demotes = reinterpret_cast<const kernels::KvDemoteOp*>(m.inputs.as<std::byte>() + o_demotes);
+    a.requant_runs = &requant_runs;
+    a.demote_runs = &demote_runs;
+    if (decode) {
+      // The plan's tables go through pinned memory (a pageable copy would sync the stream).
+      const kernels::DecodeWorkspaceLayout layout = kernels::decode_workspace_layout(m.decode_plan);
+      m.decode_ws.reserve(static_cast<size_t>(layout.total_bytes));
+      m.plan_staging.reserve(std::max<int64_t>(layout.tables_bytes, 1));
+      kernels::pack_decode_plan(m.decode_plan, layout, m.plan_staging.as());
+      if (layout.tables_bytes > 0) {
+        PMKV_CUDA_CHECK(cudaMemcpyAsync(m.decode_ws.as(), m.plan_staging.as(),
+                                        static_cast<size_t>(layout.tables_bytes),
+                                        cudaMemcpyHostToDevice, m.s()));
+      }
+      a.decode_ws = m.decode_ws.as();
+    } else if (N > 0) {
+      m.prefill_ws.reserve(static_cast<size_t>(std::max<int64_t>(
+          1, kernels::prefill_workspace_bytes(cached_starts[S], static_cast<int32_t>(N),
+                                              static_cast<int32_t>(cfg_.num_kv_heads),
+                                              static_cast<int32_t>(cfg_.head_dim)))));
+    }
   }
-  if (R > 0) {
-    // The last MLP's residual add and the final norm, only for the rows whose logits are wanted.
-    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
-        {x, delta, m.layers.back().b_down.as<float>(), m.final_norm.as<float>(), eps,
-         static_cast<int32_t>(R), static_cast<int32_t>(H), dev(o_logit_rows), m.hf.as<uint16_t>()},
-        m.s()));
-    const void* head = m.lm_head.bytes() > 0 ? m.lm_head.as() : m.embed.as();
-    m.gemm->run(m.hf.as(), head, m.logits.as(), GemmOut::kF32, R, V, H);
+
+  if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
+    for (int64_t l = 0; l < L; ++l)
+      m.kv_ops(a, l);
+    return;
   }
+  if (!graph) {
+    m.enqueue_forward(a);
+    return;
+  }
+  // The graph of this shape: replayed when captured; captured on its second use (the first runs
+  // the same launches eagerly, which also does every lazy set-up: cuBLASLt heuristics, kernel
+  // attributes).
+  const uint64_t key = m.graph_key(a);
+  if (auto it = m.graphs.find(key); it != m.graphs.end()) {
+    ++m.graph_counters.replays;
+    PMKV_CUDA_CHECK(cudaGraphLaunch(it->second.get(), m.s()));
+    return;
+  }
+  if (!m.graph_seen.insert(key).second) {
+    if (m.graphs.size() >= Impl::kMaxGraphs) m.drop_graphs("the graph cache is full");
+    cudaGraph_t g = nullptr;
+    PMKV_CUDA_CHECK(cudaStreamBeginCapture(m.s(), cudaStreamCaptureModeThreadLocal));
+    try {
+      m.enqueue_forward(a);
+    } catch (...) {
+      cudaStreamEndCapture(m.s(), &g);
+      if (g != nullptr) cudaGraphDestroy(g);
+      throw;
+    }
+    PMKV_CUDA_CHECK(cudaStreamEndCapture(m.s(), &g));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    PMKV_CUDA_CHECK(e);
+    auto& slot = m.graphs[key];
+    slot.reset(exec);
+    ++m.graph_counters.captures;
+    spdlog::debug("cuda: captured the decode graph of batch bucket {} (key {:#x})", bucket, key);
+    ++m.graph_counters.replays;
+    PMKV_CUDA_CHECK(cudaGraphLaunch(exec, m.s()));
+    return;
+  }
+  ++m.graph_counters.eager_warmups;
+  m.enqueue_forward(a);
 }
 
 void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {

@@ -4,7 +4,8 @@
 // kernels/: embedding, RMSNorm fused with the residual add, RoPE fused with the KV write into the
 // 16-bit window slots, the step's window flushes and demotions, prefill attention (chunk plus
 // cached mixed-bit pages) or split-KV decode attention, SiLU-mul, and the logits. One stream; the
-// only host synchronization of a step is the copy of its results back.
+// only host synchronization of a step is the copy of its results back. Decode steps replay CUDA
+// graphs captured per batch-size bucket (CudaBackendOptions::cuda_graphs).
 //
 // Memory is planned at construction and logged: weights, the KV pool (one cudaMalloc), and
 // activations for `max_step_tokens` rows. A step with more rows grows the activations (logged).
@@ -29,6 +30,19 @@ struct CudaBackendOptions {
   bool dummy_weights = false;
   uint64_t dummy_seed = 0;
   std::vector<std::vector<float>> key_scales;  // [layers][kv_width]; empty: none
+  // Decode steps of up to graph_max_batch sequences run as CUDA graphs, one per batch-size
+  // bucket (1, 2, 4, 8, then multiples of 8) and set of launches (bit-widths present, merges,
+  // flushes, demotion waves). Off: every step is launched kernel by kernel.
+  bool cuda_graphs = true;
+  int32_t graph_max_batch = 256;
+};
+
+// How decode steps ran (for tests and the benchmarks).
+struct CudaGraphCounters {
+  int64_t captures = 0;       // graphs captured and instantiated
+  int64_t replays = 0;        // steps launched as a graph
+  int64_t eager_warmups = 0;  // graph-shaped steps run eagerly (a shape's first use)
+  int64_t drops = 0;          // times every graph was dropped (a baked-in buffer grew)
 };
 
 // What a GPU has and what the backend took, for the start-up log and the benchmarks.
@@ -61,6 +75,7 @@ class CudaBackend final : public Backend {
   int64_t kv_pool_bytes() const override;
 
   const CudaMemoryPlan& memory_plan() const;
+  const CudaGraphCounters& graph_counters() const;
   // Waits for the device (benchmarks time whole steps).
   void synchronize();
 

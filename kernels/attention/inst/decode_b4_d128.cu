@@ -3,8 +3,7 @@
 
 namespace pmkv::kernels::decode_detail {
 
-template cudaError_t launch_split<4, 128>(const KernelParams& p, bool q_f32,
-                                          const int32_t* item_ids, int num_items,
+template cudaError_t launch_split<4, 128>(const KernelParams& p, bool q_f32, int ctas,
                                           cudaStream_t stream);
 
 }  // namespace pmkv::kernels::decode_detail
