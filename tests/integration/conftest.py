@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -38,9 +39,39 @@ def generate_json(pmkv_bin, *args):
     return json.loads(proc.stdout)
 
 
+# The serving tests run against stories260K on the CPU by default. PMKV_TEST_MODEL (a Hugging Face
+# model directory) serves another model instead, and PMKV_TEST_SERVE_ARGS adds `pmkv serve`
+# arguments, e.g. the CUDA run on the device machine (tests/gpu/serve_cuda/run.sh): the reference
+# model's shape with `--set engine.device=cuda --set model.load_format=dummy`. Tests whose
+# expectations are stories260K's own (transformers' greedy text, its 512-token context) carry the
+# `stories260k_only` mark and are skipped then.
+TEST_MODEL = os.environ.get("PMKV_TEST_MODEL")
+SERVE_EXTRA = tuple(shlex.split(os.environ.get("PMKV_TEST_SERVE_ARGS", "")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stories260k_only: expectations specific to stories260K")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not TEST_MODEL:
+        return
+    skip = pytest.mark.skip(reason=f"stories260K-specific; serving {TEST_MODEL}")
+    for item in items:
+        if "stories260k_only" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def stories260k(tmp_path_factory):
-    """stories260K (../shared/models) converted to a Hugging Face directory by our converter."""
+    """The served model: stories260K (../shared/models) converted to a Hugging Face directory by
+    our converter, or a copy of PMKV_TEST_MODEL (without weights when the server loads dummy ones)."""
+    if TEST_MODEL:
+        import shutil
+        out = tmp_path_factory.mktemp("model") / pathlib.Path(TEST_MODEL).name
+        shutil.copytree(TEST_MODEL, out, ignore=shutil.ignore_patterns("*.safetensors")
+                        if "load_format=dummy" in " ".join(SERVE_EXTRA) else None)
+        return out
     src = SHARED_DIR / "models" / "stories260K"
     if not (src / "stories260K.bin").exists():
         pytest.skip(f"{src} is not available")
@@ -50,6 +81,24 @@ def stories260k(tmp_path_factory):
                     "--tokenizer", str(src / "tok512.model"), "--out", str(out)],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def served(stories260k):
+    """Facts of the served model the tests check against: layers, vocabulary, context."""
+    cfg = json.loads((stories260k / "config.json").read_text())
+    return {"layers": cfg["num_hidden_layers"], "vocab": cfg["vocab_size"],
+            "context": cfg["max_position_embeddings"]}
+
+
+def stop_string_of(text):
+    """A stop string taken from the middle of a greedy continuation (4 characters, not blank) and
+    the text a request with it must return: everything before its first occurrence."""
+    for k in range(len(text) // 3, len(text) - 4):
+        stop = text[k:k + 4]
+        if stop.strip() and "\ufffd" not in stop:
+            return stop, text[:text.find(stop)]
+    raise AssertionError(f"no stop string in {text!r}")
 
 
 # ---- pmkv serve ---------------------------------------------------------------------------------
@@ -136,7 +185,7 @@ SERVE_ARGS = ("--set", "kv_cache.memory=32M", "--set", "engine.threads=1",
 
 @contextlib.contextmanager
 def running_server(pmkv_bin, model_dir, *extra):
-    server = Server(pmkv_bin, model_dir, *SERVE_ARGS, *extra)
+    server = Server(pmkv_bin, model_dir, *SERVE_ARGS, *SERVE_EXTRA, *extra)
     try:
         yield server
     finally:

@@ -8,7 +8,8 @@ import time
 import openai
 import pytest
 
-from conftest import SOURCE_DIR, http_request, metrics, wait_for_idle_kv
+from conftest import (SOURCE_DIR, TEST_MODEL, http_request, metrics, stop_string_of,
+                      wait_for_idle_kv)
 
 REF = json.loads((SOURCE_DIR / "tests" / "fixtures" / "stories260K_reference.json").read_text())
 
@@ -29,6 +30,7 @@ def test_models_list(client, chatml_model):
     assert models[0].owned_by == "pmkv"
 
 
+@pytest.mark.stories260k_only
 def test_completion_matches_transformers_greedy(client, model):
     n = len(REF["greedy_ids"])
     r = client.completions.create(model=model, prompt=REF["prompt"], max_tokens=n, temperature=0)
@@ -44,8 +46,10 @@ def test_completion_matches_transformers_greedy(client, model):
 
 
 def test_completion_stream_equals_non_stream_and_reports_usage(client, model):
-    kw = dict(model=model, prompt="Once upon a time", max_tokens=30, temperature=0)
-    whole = client.completions.create(**kw).choices[0].text
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    whole = r.choices[0].text
     chunks = list(client.completions.create(**kw, stream=True,
                                             stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -53,7 +57,9 @@ def test_completion_stream_equals_non_stream_and_reports_usage(client, model):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
-    assert chunks[-1].usage.prompt_tokens == 5
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    if not TEST_MODEL:
+        assert r.usage.prompt_tokens == 5  # <s> Once upon a time
 
 
 def test_chat_non_stream_and_stream(client, model):
@@ -109,6 +115,19 @@ def test_chat_stream_with_n(client, model):
     assert set(finished) == {0, 1}
 
 
+def test_stop_string_cuts_the_greedy_text(client, model):
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=48, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    stop, expected = stop_string_of(full)
+    r = client.completions.create(**kw, stop=[stop])
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+@pytest.mark.stories260k_only
 def test_stop_strings(client, model):
     r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=48,
                                   temperature=0, stop=["Lily"])
@@ -216,7 +235,7 @@ def check_400(server, body, fragment, path="/v1/completions"):
     return err
 
 
-def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, model):
+def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, model, served):
     check_400(server, '{"prompt": "x", "max_tokens": ', "not valid JSON")
     check_400(server, b'{"prompt": "\xff\xfe"}', "not valid UTF-8")
     check_400(server, '{"prompt": "x", "temperature": "hot"}', "'temperature' must be a number")
@@ -225,8 +244,10 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, model):
     assert err["param"] == "frobnicate"
     check_400(server, '{"prompt": "x", "max_tokens": -5}', "'max_tokens' must be in [1,")
     check_400(server, '{"prompt": "x", "max_tokens": 100000000000}', "'max_tokens' must be in")
-    check_400(server, '{"prompt": "x", "max_tokens": 100000}', "maximum context length is 512")
-    check_400(server, json.dumps({"prompt": "Once upon a time " * 200}), "tokens long")
+    check_400(server, '{"prompt": "x", "max_tokens": 100000}',
+              f"maximum context length is {served['context']}")
+    check_400(server, json.dumps({"prompt": "Once upon a time " * served["context"]}),
+              "tokens long")
     check_400(server, '{"prompt": "x", "n": 9}', "'n' must be at most 8")
     check_400(server, '{"messages": [{"role": "user", "content": 1}]}', "content must be",
               path="/v1/chat/completions")
