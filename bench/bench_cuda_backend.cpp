@@ -117,12 +117,18 @@ Engine make_engine(const Setup& st, const kv::KvCacheConfig& kv_cfg, int64_t pag
   return e;
 }
 
-double g_forward_seconds = 0;
+double g_forward_seconds = 0;  // forward_sample's share of the last run_step
+double g_build_seconds = 0;    // build_step's share of it
 
 nlohmann::json graph_json(const CudaBackend& b) {
   const CudaGraphCounters& c = b.graph_counters();
   return {{"captures", c.captures}, {"replays", c.replays}, {"eager_warmups", c.eager_warmups}};
-}  // forward_sample's share of the last run_step
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
 
 // Runs one step of `chunks` with greedy sampling on the device (the engine's path: no logits
 // copied back); returns its wall time and each chunk's token in `tokens`.
@@ -138,6 +144,7 @@ double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t
   std::vector<DeviceSampling> rows(batch->logit_rows.size(), DeviceSampling{&greedy, 0, 0, {}, {}});
   tokens.resize(rows.size());
   const auto t1 = Clock::now();
+  g_build_seconds = std::chrono::duration<double>(t1 - t0).count();
   e.backend->forward_sample(*batch, rows, tokens);
   g_forward_seconds = seconds_since(t1);
   e.kv->end_step();
@@ -323,9 +330,12 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
     chunks.push_back({static_cast<kv::SeqId>(s + 1), std::span<const int32_t>(&toks[s], 1)});
   }
   std::vector<int32_t> out;
-  std::vector<double> t;
+  std::vector<double> t, build, prepare, fwd;
   for (int32_t i = 0; i < steps; ++i) {
     t.push_back(run_step(e, chunks, out));
+    build.push_back(g_build_seconds);
+    prepare.push_back(e.backend->last_prepare_seconds());
+    fwd.push_back(g_forward_seconds);
     for (int64_t s = 0; s < batch; ++s)
       toks[s] = out[s];
   }
@@ -354,6 +364,11 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
   j["fill_appends_over_budget_at_floor"] = at_floor;
   j["step_ms"] = step_ms;
   j["step_ms_median"] = median_ms;
+  // Host parts (medians): build_step (KV bookkeeping, page tables), the backend's preparation
+  // (page arrays, decode plan, staging) before its launches, and forward_sample's whole wall time.
+  j["build_step_ms_median"] = median(build) * 1e3;
+  j["prepare_ms_median"] = median(prepare) * 1e3;
+  j["forward_ms_median"] = median(fwd) * 1e3;
   j["tokens_per_s"] = tps;
   j["pages_used"] = ps.pages_used;
   j["steps"] = steps;

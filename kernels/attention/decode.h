@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -108,10 +109,15 @@ struct DecodePlan {
   int64_t partials_offset = 0;  // byte offset of the partial states in the workspace
 };
 
-// Builds the plan. Throws std::invalid_argument on a bad config or table (bits not in
-// {16, 8, 4, 2}, page tokens above the page's capacity, group > 8, head_dim not 64/128).
+// Runs body(0), ..., body(n - 1), in any order and on any threads (body is thread-safe across
+// distinct indices and does not throw). Empty: a plain loop.
+using DecodeParallelFor = std::function<void(int n, const std::function<void(int)>& body)>;
+
+// Builds the plan (the layers independently, through parallel_for when given: the caller owns the
+// threads). Throws std::invalid_argument on a bad config or table (bits not in {16, 8, 4, 2}, page
+// tokens above the page's capacity, group > 8, head_dim not 64/128).
 void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> layers,
-                 DecodePlan* plan);
+                 DecodePlan* plan, const DecodeParallelFor& parallel_for = {});
 
 // Table sizes a device workspace is laid out for. A plan fits a layout whose capacities are >= its
 // sizes: the kernels read each layer's offsets and counts from the layer table on the device, so a

@@ -2,6 +2,7 @@
 // copies them to the device (upload_decode_plan) and hands out per-layer device views.
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -123,12 +124,93 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
 
 }  // namespace
 
+namespace {
+
+// One layer's plan with layer-relative offsets (item_begin, merge_begin, bits_begin at 0).
+struct LayerPart {
+  std::vector<DecodeWorkItem> items;
+  std::vector<DecodeMergeItem> merges;
+  std::vector<int32_t> bit_items;
+  DecodeLayerPlan lp;
+  std::exception_ptr error;
+};
+
+void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPart& out) {
+  std::vector<Run> runs;
+  collect_runs(cfg, t, runs);
+  // Each bit-width is its own launch: one wave of CTAs of about equal KV bytes per launch, never
+  // smaller than min_item_bytes.
+  int64_t bits_bytes[4] = {};
+  for (const Run& run : runs) {
+    bits_bytes[decode_bits_index(run.bits)] += int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
+                                               (kv::row_bytes(cfg.head_dim, run.bits) + 8);
+  }
+  int64_t chunk_of[4];
+  for (int b = 0; b < 4; ++b) {
+    const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
+    const int64_t target_ctas = int64_t{cfg.num_sms} * per_sm;
+    chunk_of[b] = std::max<int64_t>(
+        cfg.min_item_bytes, (bits_bytes[b] * cfg.num_kv_heads + target_ctas - 1) / target_ctas);
+  }
+  std::vector<DecodeWorkItem>& items = out.items;
+  DecodeLayerPlan& lp = out.lp;
+  size_t r = 0;
+  for (int32_t s = 0; s < t.num_seqs; ++s) {
+    const int32_t first = static_cast<int32_t>(items.size());
+    for (; r < runs.size() && runs[r].seq == s; ++r) {
+      const Run& run = runs[r];
+      const int64_t run_bytes = int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
+                                (kv::row_bytes(cfg.head_dim, run.bits) + 8);
+      const int64_t chunk = chunk_of[decode_bits_index(run.bits)];
+      const int64_t n = std::clamp<int64_t>((run_bytes + chunk - 1) / chunk, 1, run.num_tiles);
+      split_run(run, static_cast<int32_t>(n), t, items);
+    }
+    const int32_t count = static_cast<int32_t>(items.size()) - first;
+    if (count == 1) {
+      items.back().direct = 1;
+    } else {
+      out.merges.push_back({s, first, count, 0});
+    }
+  }
+  lp.num_items = static_cast<int32_t>(items.size());
+  for (int b = 0; b < 4; ++b) {
+    lp.bits_begin[b] = static_cast<int32_t>(out.bit_items.size());
+    for (int32_t i = 0; i < lp.num_items; ++i) {
+      if (decode_bits_index(items[i].bits) == b) out.bit_items.push_back(i);
+    }
+    lp.bits_count[b] = static_cast<int32_t>(out.bit_items.size()) - lp.bits_begin[b];
+  }
+  lp.num_merges = static_cast<int32_t>(out.merges.size());
+}
+
+}  // namespace
+
 void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> layers,
-                 DecodePlan* plan) {
+                 DecodePlan* plan, const DecodeParallelFor& parallel_for) {
   check(cfg.num_kv_heads > 0 && cfg.tokens16 > 0, "num_kv_heads and tokens16 must be positive");
   check(cfg.group >= 1 && cfg.group <= kDecodeMaxGroup, "group must be in [1, 8]");
   check(cfg.head_dim == 64 || cfg.head_dim == 128, "head_dim must be 64 or 128");
   check(cfg.num_sms > 0 && cfg.ctas_per_sm >= 0, "num_sms must be positive");
+  // Layers are planned independently (on the caller's threads when it gives parallel_for), then
+  // concatenated in layer order.
+  const int num_layers = static_cast<int>(layers.size());
+  std::vector<LayerPart> parts(layers.size());
+  const auto body = [&](int l) {
+    try {
+      plan_layer(cfg, layers[l], parts[l]);
+    } catch (...) {
+      parts[l].error = std::current_exception();
+    }
+  };
+  if (parallel_for && num_layers > 1) {
+    parallel_for(num_layers, body);
+  } else {
+    for (int l = 0; l < num_layers; ++l)
+      body(l);
+  }
+  for (const LayerPart& part : parts) {
+    if (part.error) std::rethrow_exception(part.error);
+  }
   plan->items.clear();
   plan->merges.clear();
   plan->layers.clear();
@@ -137,55 +219,15 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
   plan->group = cfg.group;
   plan->head_dim = cfg.head_dim;
   plan->max_layer_items = 0;
-  std::vector<Run> runs;
-  for (const DecodeLayerTable& t : layers) {
-    runs.clear();
-    collect_runs(cfg, t, runs);
-    // Each bit-width is its own launch: one wave of CTAs of about equal KV bytes per launch, never
-    // smaller than min_item_bytes.
-    int64_t bits_bytes[4] = {};
-    for (const Run& run : runs) {
-      bits_bytes[decode_bits_index(run.bits)] += int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
-                                                 (kv::row_bytes(cfg.head_dim, run.bits) + 8);
-    }
-    int64_t chunk_of[4];
-    for (int b = 0; b < 4; ++b) {
-      const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
-      const int64_t target_ctas = int64_t{cfg.num_sms} * per_sm;
-      chunk_of[b] = std::max<int64_t>(
-          cfg.min_item_bytes, (bits_bytes[b] * cfg.num_kv_heads + target_ctas - 1) / target_ctas);
-    }
-    DecodeLayerPlan lp;
+  for (const LayerPart& part : parts) {
+    DecodeLayerPlan lp = part.lp;
     lp.item_begin = static_cast<int32_t>(plan->items.size());
     lp.merge_begin = static_cast<int32_t>(plan->merges.size());
-    size_t r = 0;
-    for (int32_t s = 0; s < t.num_seqs; ++s) {
-      const int32_t first = static_cast<int32_t>(plan->items.size());
-      for (; r < runs.size() && runs[r].seq == s; ++r) {
-        const Run& run = runs[r];
-        const int64_t run_bytes = int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
-                                  (kv::row_bytes(cfg.head_dim, run.bits) + 8);
-        const int64_t chunk = chunk_of[decode_bits_index(run.bits)];
-        const int64_t n = std::clamp<int64_t>((run_bytes + chunk - 1) / chunk, 1, run.num_tiles);
-        split_run(run, static_cast<int32_t>(n), t, plan->items);
-      }
-      const int32_t count = static_cast<int32_t>(plan->items.size()) - first;
-      if (count == 1) {
-        plan->items.back().direct = 1;
-      } else {
-        plan->merges.push_back({s, first - lp.item_begin, count, 0});
-      }
-    }
-    lp.num_items = static_cast<int32_t>(plan->items.size()) - lp.item_begin;
-    for (int b = 0; b < 4; ++b) {
-      lp.bits_begin[b] = static_cast<int32_t>(plan->bit_items.size());
-      for (int32_t i = 0; i < lp.num_items; ++i) {
-        if (decode_bits_index(plan->items[lp.item_begin + i].bits) == b)
-          plan->bit_items.push_back(i);
-      }
-      lp.bits_count[b] = static_cast<int32_t>(plan->bit_items.size()) - lp.bits_begin[b];
-    }
-    lp.num_merges = static_cast<int32_t>(plan->merges.size()) - lp.merge_begin;
+    for (int b = 0; b < 4; ++b)
+      lp.bits_begin[b] += static_cast<int32_t>(plan->bit_items.size());
+    plan->items.insert(plan->items.end(), part.items.begin(), part.items.end());
+    plan->merges.insert(plan->merges.end(), part.merges.begin(), part.merges.end());
+    plan->bit_items.insert(plan->bit_items.end(), part.bit_items.begin(), part.bit_items.end());
     plan->max_layer_items = std::max(plan->max_layer_items, lp.num_items);
     plan->layers.push_back(lp);
   }

@@ -390,10 +390,10 @@ TEST_CASE("cuda backend: decode steps replay CUDA graphs with the eager launches
   Runner eager(cfg, w, Device::kCuda, kc, 4096, false);
   std::mt19937 rng(99);
   const int64_t V = cfg.vocab_size;
-  std::vector<int32_t> live{0, 1, 2, 3, 4};
+  std::vector<kv::SeqId> live{0, 1, 2, 3, 4};
   double worst = 0;
   int64_t rows = 0;
-  for (int32_t s : live) {
+  for (kv::SeqId s : live) {
     std::vector<int32_t> ids(12 + 5 * s);
     for (auto& t : ids)
       t = static_cast<int32_t>(rng() % V);
@@ -402,7 +402,7 @@ TEST_CASE("cuda backend: decode steps replay CUDA graphs with the eager launches
   }
   for (int t = 0; t < 70; ++t) {
     if (t == 25 || t == 45) {  // a sequence leaves: the batch shrinks
-      const int32_t gone = live[t == 25 ? 1 : 3];
+      const kv::SeqId gone = live[t == 25 ? 1 : 3];
       graphs.kv.release(gone);
       eager.kv.release(gone);
       live.erase(std::find(live.begin(), live.end(), gone));
@@ -421,7 +421,7 @@ TEST_CASE("cuda backend: decode steps replay CUDA graphs with the eager launches
     rows += static_cast<int64_t>(live.size());
   }
   int64_t demotions = 0;
-  for (int32_t s : live) {
+  for (kv::SeqId s : live) {
     demotions += graphs.kv.seq_stats(s).demotions;
     graphs.kv.release(s);
     eager.kv.release(s);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "engine/backend/cpu/paged_attention.h"
@@ -300,6 +301,56 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
     }
   }
   std::printf("decode: worst max rel L2, fp32 out %.3e, bf16 out %.3e\n", worst_f32, worst_bf16);
+}
+
+TEST_CASE("decode plan: layers planned on several threads give the serial plan",
+          "[gpu][attention][host]") {
+  std::mt19937 rng(gputest::test_seed("plan_parallel"));
+  const kv::PageGeometry g{2, 64, 4};
+  const int num_layers = 7, num_seqs = 5;
+  std::vector<std::vector<int32_t>> starts(num_layers), bits(num_layers), tokens(num_layers);
+  std::vector<kernels::DecodeLayerTable> tables;
+  for (int l = 0; l < num_layers; ++l) {
+    starts[l].push_back(0);
+    for (int s = 0; s < num_seqs; ++s) {
+      for (int p = static_cast<int>(rng() % 30); p > 0; --p) {
+        const int b = 16 >> (rng() % 4);
+        bits[l].push_back(b);
+        tokens[l].push_back(static_cast<int>(rng() % (kv::tokens_per_page(g, b) + 1)));
+      }
+      starts[l].push_back(static_cast<int32_t>(bits[l].size()));
+    }
+    tables.push_back({num_seqs, starts[l].data(), bits[l].data(), tokens[l].data()});
+  }
+  kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+  cfg.num_sms = 20;
+  // Threads in reverse order: any order and interleaving must give the same plan.
+  const kernels::DecodeParallelFor threads = [](int n, const std::function<void(int)>& body) {
+    std::vector<std::thread> ts;
+    for (int i = n - 1; i >= 0; --i)
+      ts.emplace_back(body, i);
+    for (auto& t : ts)
+      t.join();
+  };
+  kernels::DecodePlan serial, parallel;
+  kernels::plan_decode(cfg, tables, &serial);
+  kernels::plan_decode(cfg, tables, &parallel, threads);
+  REQUIRE(parallel.items.size() == serial.items.size());
+  REQUIRE(std::memcmp(parallel.items.data(), serial.items.data(),
+                      serial.items.size() * sizeof(kernels::DecodeWorkItem)) == 0);
+  REQUIRE(parallel.merges.size() == serial.merges.size());
+  REQUIRE(std::memcmp(parallel.merges.data(), serial.merges.data(),
+                      serial.merges.size() * sizeof(kernels::DecodeMergeItem)) == 0);
+  REQUIRE(parallel.bit_items == serial.bit_items);
+  REQUIRE(std::memcmp(parallel.layers.data(), serial.layers.data(),
+                      serial.layers.size() * sizeof(kernels::DecodeLayerPlan)) == 0);
+  REQUIRE(parallel.workspace_bytes == serial.workspace_bytes);
+  // A bad table in one layer is reported from the calling thread.
+  if (!bits[3].empty()) {
+    bits[3][0] = 3;
+    REQUIRE_THROWS_AS(kernels::plan_decode(cfg, tables, &parallel, threads),
+                      std::invalid_argument);
+  }
 }
 
 TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][host]") {

@@ -47,6 +47,8 @@ def generate_json(pmkv_bin, *args):
 # `stories260k_only` mark and are skipped then.
 TEST_MODEL = os.environ.get("PMKV_TEST_MODEL")
 SERVE_EXTRA = tuple(shlex.split(os.environ.get("PMKV_TEST_SERVE_ARGS", "")))
+# Whether a sequence's logits are the same bits alone and in any batch (the CPU backend's are).
+BATCH_INVARIANT = "engine.device=cuda" not in " ".join(SERVE_EXTRA)
 
 
 def pytest_configure(config):

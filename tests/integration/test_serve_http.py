@@ -8,8 +8,8 @@ import time
 import openai
 import pytest
 
-from conftest import (SOURCE_DIR, TEST_MODEL, http_request, metrics, stop_string_of,
-                      wait_for_idle_kv)
+from conftest import (BATCH_INVARIANT, SOURCE_DIR, TEST_MODEL, http_request, metrics,
+                      stop_string_of, wait_for_idle_kv)
 
 REF = json.loads((SOURCE_DIR / "tests" / "fixtures" / "stories260K_reference.json").read_text())
 
@@ -97,8 +97,11 @@ def test_n_and_seeds(client, model):
     b = client.completions.create(**kw, n=3, seed=5)
     texts = [c.text for c in sorted(a.choices, key=lambda c: c.index)]
     assert texts == [c.text for c in sorted(b.choices, key=lambda c: c.index)]
-    # Choice i is the request with seed + i.
-    for i in range(3):
+    # Choice i is the request with seed + i. Only a batch-invariant backend (the CPU one) computes
+    # a sequence's logits bit for bit alike alone and in a batch of three; the CUDA decode plan
+    # splits the KV by the batch's total work (split-KV), so a sampled near-tie may fall either
+    # way there (as in vLLM), and the same request twice is what is reproducible.
+    for i in range(3 if BATCH_INVARIANT else 0):
         single = client.completions.create(**kw, seed=5 + i)
         assert single.choices[0].text == texts[i]
     assert len(set(texts)) > 1
@@ -305,11 +308,12 @@ def test_llama2_template_and_api_key(llama2_server):
 
 
 def test_sigterm_finishes_running_streams_then_exits_0(pmkv_bin, chatml_model):
-    from conftest import SERVE_ARGS, Server
+    from conftest import SERVE_ARGS, SERVE_EXTRA, Server
     import signal
     # A grace long enough for the 8 streams on a loaded 2-core machine (~2 s alone); the server
     # exits as soon as they end, so this costs nothing when it is fast.
-    s = Server(pmkv_bin, chatml_model, *SERVE_ARGS, "--set", "server.shutdown_grace_s=120")
+    s = Server(pmkv_bin, chatml_model, *SERVE_ARGS, *SERVE_EXTRA, "--set",
+               "server.shutdown_grace_s=120")
     try:
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True,
                            "stream": True, "n": 8, "seed": 1}).encode()

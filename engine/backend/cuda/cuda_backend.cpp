@@ -4,10 +4,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -169,6 +171,7 @@ struct CudaBackend::Impl {
   std::unordered_map<uint64_t, GraphExecPtr> graphs;
   std::unordered_set<uint64_t> graph_seen;  // keys run once eagerly (captured on the next use)
   CudaGraphCounters graph_counters;
+  double last_prepare_seconds = 0;
   // Fixed-layout inputs of graph steps (offsets in bytes; arrays sized by the capacities).
   struct GraphInputs {
     int32_t rows = 0, pages = 0, requants = 0, demotes = 0;  // capacities
@@ -195,11 +198,13 @@ struct CudaBackend::Impl {
     ++graph_counters.drops;
   }
   uint64_t graph_key(const StepArgs& a) const {
-    uint64_t mask = 0;
+    // rows (<= 512: 10 bits), log2 + 1 of each launch size (0: none; 5 bits each), flags.
+    auto size_code = [](int32_t n) -> uint64_t { return n > 0 ? std::bit_width(uint32_t(n)) : 0; };
+    uint64_t key = static_cast<uint64_t>(a.rows);
     for (int b = 0; b < 4; ++b)
-      mask |= a.split_ctas[b] > 0 ? uint64_t{1} << b : 0;
-    return static_cast<uint64_t>(a.rows) | mask << 32 | uint64_t{a.merge_ctas > 0} << 36 |
-           uint64_t{a.has_requant} << 37 | static_cast<uint64_t>(a.waves) << 38;
+      key |= size_code(a.split_ctas[b]) << (10 + 5 * b);
+    key |= size_code(a.merge_ctas) << 30;
+    return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36;
   }
   void upload_graph_inputs(const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
                            const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
@@ -556,20 +561,24 @@ void CudaBackend::Impl::upload_graph_inputs(
   a->decode_ws = graph_ws.as();
   a->fixed_layout = true;
   a->layout = graph_layout;
-  // Fixed launch sizes: two waves of resident CTAs per bit-width present in any layer (their CTAs
-  // loop when a layer has more items; the surplus exits at once), merges likewise.
-  const int32_t kvh = decode_plan.num_kv_heads;
-  bool any_merge = false;
+  // Launch sizes: per bit-width, the most items any layer has of it, rounded up to a power of two
+  // (so the sizes, which are part of the graph's key, change rarely as contexts grow): every item
+  // gets its own CTA as in an eager step and the surplus CTAs exit at once. Merges likewise.
+  auto pow2_at_least = [](int32_t n) {
+    int32_t p = 1;
+    while (p < n)
+      p *= 2;
+    return p;
+  };
+  int32_t most[4] = {}, most_merges = 0;
   for (const kernels::DecodeLayerPlan& lp : decode_plan.layers) {
-    any_merge = any_merge || lp.num_merges > 0;
-    for (int bi = 0; bi < 4; ++bi) {
-      if (lp.bits_count[bi] > 0) {
-        const int per_sm = kernels::decode_ctas_per_sm(16 >> bi);
-        a->split_ctas[bi] = std::max(1, (2 * num_sms * per_sm + kvh - 1) / kvh);
-      }
-    }
+    most_merges = std::max(most_merges, lp.num_merges);
+    for (int bi = 0; bi < 4; ++bi)
+      most[bi] = std::max(most[bi], lp.bits_count[bi]);
   }
-  a->merge_ctas = any_merge ? std::max(1, (4 * num_sms + kvh - 1) / kvh) : 0;
+  for (int bi = 0; bi < 4; ++bi)
+    a->split_ctas[bi] = most[bi] > 0 ? pow2_at_least(most[bi]) : 0;
+  a->merge_ctas = most_merges > 0 ? pow2_at_least(most_merges) : 0;
 }
 
 void CudaBackend::Impl::kv_ops(const StepArgs& a, int64_t l) {
@@ -846,6 +855,9 @@ const CudaMemoryPlan& CudaBackend::memory_plan() const {
 const CudaGraphCounters& CudaBackend::graph_counters() const {
   return impl_->graph_counters;
 }
+double CudaBackend::last_prepare_seconds() const {
+  return impl_->last_prepare_seconds;
+}
 void CudaBackend::synchronize() {
   PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->s()));
 }
@@ -875,8 +887,13 @@ void CudaBackend::run_step(const StepBatch& b) {
     cached_starts[s + 1] = cached_starts[s] + b.seq_cached[s];
     max_rows = std::max(max_rows, b.seq_starts[s + 1] - b.seq_starts[s]);
   }
+  const auto t_prepare = std::chrono::steady_clock::now();
   const size_t P = b.pages.size();
+  // Long contexts at large batches have ~10^5-10^6 pages per step: the page arrays and the decode
+  // plan (per layer) are built on several host threads then.
+  const bool many_pages = P > 65536;
   std::vector<int32_t> page_ids(P), page_bits(P), page_tokens(P);
+#pragma omp parallel for if (many_pages) num_threads(8)
   for (size_t i = 0; i < P; ++i) {
     page_ids[i] = b.pages[i].page;
     page_bits[i] = b.pages[i].bits;
@@ -946,7 +963,14 @@ void CudaBackend::run_step(const StepBatch& b) {
     pc.tokens16 = m.geometry.tokens16;
     pc.sliding_window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
     pc.num_sms = m.num_sms;
-    kernels::plan_decode(pc, tables, &m.decode_plan);
+    static const kernels::DecodeParallelFor omp_for = [](int n,
+                                                         const std::function<void(int)>& body) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(8)
+      for (int i = 0; i < n; ++i)
+        body(i);
+    };
+    kernels::plan_decode(pc, tables, &m.decode_plan,
+                         many_pages ? omp_for : kernels::DecodeParallelFor{});
   }
 
   StepArgs a;
@@ -1020,6 +1044,8 @@ void CudaBackend::run_step(const StepBatch& b) {
     }
   }
 
+  m.last_prepare_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_prepare).count();
   if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
     for (int64_t l = 0; l < L; ++l)
       m.kv_ops(a, l);

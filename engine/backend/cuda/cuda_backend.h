@@ -76,6 +76,9 @@ class CudaBackend final : public Backend {
 
   const CudaMemoryPlan& memory_plan() const;
   const CudaGraphCounters& graph_counters() const;
+  // Host time of the last step from its batch to its launches (page arrays, decode plan, upload
+  // staging), for the benchmarks.
+  double last_prepare_seconds() const;
   // Waits for the device (benchmarks time whole steps).
   void synchronize();
 
