@@ -96,6 +96,7 @@ struct Engine {
   kv::PageGeometry geometry;
   std::unique_ptr<CudaBackend> backend;
   std::unique_ptr<kv::KvCacheManager> kv;
+  StepBatch batch;
 };
 
 Engine make_engine(const Setup& st, const kv::KvCacheConfig& kv_cfg, int64_t pages,
@@ -139,8 +140,9 @@ double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t
     return p;
   }();
   const auto t0 = Clock::now();
-  auto batch = build_step(*e.kv, chunks);
-  if (!batch) throw std::runtime_error("KV pool exhausted");
+  // One StepBatch reused from step to step, as the serving engine's scheduler does.
+  if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
+  const StepBatch* batch = &e.batch;
   std::vector<DeviceSampling> rows(batch->logit_rows.size(), DeviceSampling{&greedy, 0, 0, {}, {}});
   tokens.resize(rows.size());
   const auto t1 = Clock::now();

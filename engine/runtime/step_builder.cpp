@@ -7,16 +7,29 @@ namespace pmkv {
 
 std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks) {
   StepBatch b;
+  if (!build_step(kv, chunks, b)) return std::nullopt;
+  return b;
+}
+
+bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBatch& b) {
   const int32_t num_seqs = static_cast<int32_t>(chunks.size());
   // All or nothing: each sequence appears once per step, so the pages the chunks need simply add.
   int64_t needed = 0;
   for (const SeqChunk& c : chunks) {
     needed += kv.pages_needed(c.seq, static_cast<int32_t>(c.tokens.size()));
   }
-  if (needed > kv.pool().num_free()) return std::nullopt;
+  if (needed > kv.pool().num_free()) return false;
   std::vector<int32_t> cached(num_seqs);
   const int32_t num_layers = kv.num_layers();
+  for (auto* v : {&b.token_ids, &b.positions, &b.seq_starts, &b.seq_cached, &b.page_starts,
+                  &b.write_starts, &b.logit_rows, &b.over_budget})
+    v->clear();
+  b.writes.clear();
   b.kv_ops.layers.resize(num_layers);
+  for (kv::KvLayerOps& ops : b.kv_ops.layers) {
+    ops.requant.clear();
+    ops.demote_waves.clear();
+  }
   // writes_by_seq[s][l]: where sequence s writes its new tokens in layer l
   std::vector<std::vector<std::vector<kv::KvWrite>>> writes_by_seq(
       num_seqs, std::vector<std::vector<kv::KvWrite>>(num_layers));
@@ -56,13 +69,19 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
     }
   }
   refresh_page_tables(kv, chunks, b);
-  return b;
+  return true;
 }
 
 void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
                          StepBatch& b) {
   const int32_t num_seqs = static_cast<int32_t>(chunks.size());
+  size_t total = 0;
+  for (int32_t l = 0; l < kv.num_layers(); ++l) {
+    for (int32_t s = 0; s < num_seqs; ++s)
+      total += kv.table(chunks[s].seq, l).size();
+  }
   b.pages.clear();
+  b.pages.reserve(total);
   b.page_starts.assign(1, 0);
   for (int32_t l = 0; l < kv.num_layers(); ++l) {
     for (int32_t s = 0; s < num_seqs; ++s) {

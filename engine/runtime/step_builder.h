@@ -21,6 +21,10 @@ struct SeqChunk {
 // the pool cannot hold all chunks, returns nullopt and leaves the manager exactly as it was.
 // After running the batch the caller calls kv.end_step().
 std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks);
+// The same into `b`, whose vectors keep their capacity from step to step (a long-context batch
+// copies ~10^6 page references per step: reusing the memory spares its allocation and page
+// faults). Returns false (nothing changed, `b` unspecified) when the pool cannot hold the chunks.
+bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBatch& b);
 
 // Recopies the final page tables of `chunks` into `b` (after a change planned since build_step,
 // e.g. KvCacheManager::demote_for_pressure).

@@ -14,9 +14,9 @@
 namespace pmkv {
 
 struct EngineRequest {
-  std::string request_id;          // for logs; unique per submit
+  std::string request_id;  // for logs; unique per submit
   std::vector<int32_t> prompt_ids;
-  SamplingParams params;           // validate()d by the frontend (submit re-checks)
+  SamplingParams params;  // validate()d by the frontend (submit re-checks)
   // Log-probabilities: -1 = none; 0 = the sampled token's only; k > 0 = also the top k.
   int32_t logprobs = -1;
   // Absolute deadline: past it the request is cancelled (finish reason "cancelled").
@@ -25,8 +25,8 @@ struct EngineRequest {
 
 struct TokenEvent {
   int32_t token_id = 0;
-  std::string text;                 // text this token released (possibly empty; UTF-8 complete)
-  std::optional<float> logprob;     // when logprobs >= 0
+  std::string text;              // text this token released (possibly empty; UTF-8 complete)
+  std::optional<float> logprob;  // when logprobs >= 0
   std::vector<std::pair<int32_t, float>> top_logprobs;  // when logprobs > 0
 };
 
@@ -46,7 +46,7 @@ struct StreamUpdate {
   std::optional<FinishReason> finish_reason;  // with end == kFinished
   std::string error;                          // with kRejected / kShutdown / kError
   int32_t prompt_tokens = 0;
-  int32_t completion_tokens = 0;              // so far
+  int32_t completion_tokens = 0;  // so far
 };
 
 }  // namespace pmkv

@@ -41,8 +41,8 @@ class RequestStream {
   std::deque<StreamUpdate> pending_;
   std::function<void()> notify_;
   bool cancelled_ = false;
-  bool finished_ = false;   // an update with `end` was pushed
-  bool drained_ = false;    // ... and returned to the consumer
+  bool finished_ = false;  // an update with `end` was pushed
+  bool drained_ = false;   // ... and returned to the consumer
 };
 
 }  // namespace pmkv

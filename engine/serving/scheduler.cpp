@@ -175,22 +175,23 @@ void Scheduler::preempt_newest() {
   waiting_.push_front(std::move(s));
 }
 
-StepBatch Scheduler::build(const StepPlan& plan) {
+const StepBatch& Scheduler::build(const StepPlan& plan) {
   chunks_.clear();
   for (const ScheduledChunk& c : plan.chunks) {
     chunks_.push_back({c.seq->id,
                        std::span(c.seq->tokens).subspan(c.seq->num_computed, c.num_tokens),
                        c.sample ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone});
   }
-  std::optional<StepBatch> b = build_step(kv_, chunks_);
-  if (!b) throw std::logic_error("Scheduler: the planned step does not fit the KV pool");
+  if (!build_step(kv_, chunks_, batch_)) {
+    throw std::logic_error("Scheduler: the planned step does not fit the KV pool");
+  }
   if (plan.pressure_pages > 0) {
-    const int32_t freed = kv_.demote_for_pressure(plan.pressure_pages, &b->kv_ops);
+    const int32_t freed = kv_.demote_for_pressure(plan.pressure_pages, &batch_.kv_ops);
     spdlog::debug("scheduler: KV pool pressure: demoting frees {} of {} pages wanted", freed,
                   plan.pressure_pages);
-    refresh_page_tables(kv_, chunks_, *b);
+    refresh_page_tables(kv_, chunks_, batch_);
   }
-  return std::move(*b);
+  return batch_;
 }
 
 void Scheduler::commit(const StepPlan& plan) {

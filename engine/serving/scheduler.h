@@ -71,9 +71,10 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> remove_all();
   // Plans the next step (may preempt and reject; see above).
   StepPlan schedule();
-  // Reserves the plan's KV slots (and its pressure demotion) and builds the batch. After the
-  // backend ran it: end_step(), then commit(plan).
-  StepBatch build(const StepPlan& plan);
+  // Reserves the plan's KV slots (and its pressure demotion) and builds the batch (valid until
+  // the next build(): its buffers are reused from step to step). After the backend ran it:
+  // end_step(), then commit(plan).
+  const StepBatch& build(const StepPlan& plan);
   void end_step() { kv_.end_step(); }
   // Advances the counters of the plan's sequences.
   void commit(const StepPlan& plan);
@@ -111,6 +112,7 @@ class Scheduler {
   int64_t reserved_total_ = 0;
   uint64_t preemptions_total_ = 0;
   std::vector<SeqChunk> chunks_;  // scratch of build()
+  StepBatch batch_;               // what build() returns
 };
 
 }  // namespace pmkv

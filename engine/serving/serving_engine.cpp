@@ -304,9 +304,10 @@ bool ServingEngine::Impl::step() {
 }
 
 void ServingEngine::Impl::run_plan(const StepPlan& plan) {
-  StepBatch batch;
+  const StepBatch* built = nullptr;
   try {
-    batch = scheduler->build(plan);
+    built = &scheduler->build(plan);
+    const StepBatch& batch = *built;
     // Sampling on the device (no logits copied back) unless a request wants logprobs.
     device_tokens.clear();
     bool on_device = backend->samples_on_device();
@@ -339,7 +340,7 @@ void ServingEngine::Impl::run_plan(const StepPlan& plan) {
   scheduler->end_step();
   scheduler->commit(plan);
   ++metrics.steps;
-  process_outputs(plan, batch);
+  process_outputs(plan, *built);
 }
 
 void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch& batch) {

@@ -172,6 +172,10 @@ struct CudaBackend::Impl {
   std::unordered_set<uint64_t> graph_seen;  // keys run once eagerly (captured on the next use)
   CudaGraphCounters graph_counters;
   double last_prepare_seconds = 0;
+  // Host arrays of a step (run_step), kept so that their memory is reused.
+  std::vector<int32_t> h_page_ids, h_page_bits, h_page_tokens, h_w_page, h_w_bits, h_w_slot;
+  std::vector<kv::RequantOp> h_requants;
+  std::vector<kv::DemoteOp> h_demotes;
   // Fixed-layout inputs of graph steps (offsets in bytes; arrays sized by the capacities).
   struct GraphInputs {
     int32_t rows = 0, pages = 0, requants = 0, demotes = 0;  // capacities
@@ -206,10 +210,10 @@ struct CudaBackend::Impl {
     key |= size_code(a.merge_ctas) << 30;
     return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36;
   }
+  // Grows the fixed-layout graph inputs (dropping every graph) when a step has more pages or ops.
+  void reserve_graph_inputs(int32_t pages, int32_t requants, int32_t demotes);
   void upload_graph_inputs(const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
                            const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
-                           const std::vector<int32_t>& page_ids,
-                           const std::vector<int32_t>& page_tokens,
                            const std::vector<kv::RequantOp>& requants,
                            const std::vector<kv::DemoteOp>& demotes,
                            const std::vector<OpRun>& requant_runs,
@@ -425,16 +429,8 @@ void CudaBackend::Impl::load_dummy() {
   PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
 }
 
-void CudaBackend::Impl::upload_graph_inputs(
-    const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
-    const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
-    const std::vector<int32_t>& page_ids, const std::vector<int32_t>& page_tokens,
-    const std::vector<kv::RequantOp>& requants, const std::vector<kv::DemoteOp>& demotes,
-    const std::vector<OpRun>& requant_runs, const std::vector<std::vector<OpRun>>& demote_runs,
-    StepArgs* a) {
+void CudaBackend::Impl::reserve_graph_inputs(int32_t P, int32_t NR, int32_t ND) {
   const int64_t L = cfg.num_layers;
-  const auto P = static_cast<int32_t>(page_ids.size());
-  const auto NR = static_cast<int32_t>(requants.size()), ND = static_cast<int32_t>(demotes.size());
   // Grow the fixed layouts when this step does not fit (every graph bakes their pointers in).
   if (gin.bytes == 0 || P > gin.pages || NR > gin.requants || ND > gin.demotes) {
     drop_graphs("graph inputs grow");
@@ -466,6 +462,16 @@ void CudaBackend::Impl::upload_graph_inputs(
     graph_inputs.allocate(gin.bytes);
     graph_staging.reserve(gin.bytes);
   }
+}
+
+void CudaBackend::Impl::upload_graph_inputs(
+    const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
+    const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
+    const std::vector<kv::RequantOp>& requants, const std::vector<kv::DemoteOp>& demotes,
+    const std::vector<OpRun>& requant_runs, const std::vector<std::vector<OpRun>>& demote_runs,
+    StepArgs* a) {
+  const int64_t L = cfg.num_layers;
+  const size_t P = b.pages.size();
   kernels::DecodeCapacity need = kernels::decode_plan_sizes(decode_plan);
   if (graph_layout.total_bytes == 0 || !graph_layout.capacity.holds(need)) {
     drop_graphs("decode plan workspace grows");
@@ -514,8 +520,7 @@ void CudaBackend::Impl::upload_graph_inputs(
     }
   }
   put(gin.op_ranges, ranges.data(), ranges.size() * 4);
-  put(gin.page_ids, page_ids.data(), page_ids.size() * 4);
-  put(gin.page_tokens, page_tokens.data(), page_tokens.size() * 4);
+  // (page ids and token counts are already in the staging buffer: run_step wrote them there)
   put(gin.requant_ops, requants.data(), requants.size() * sizeof(kv::RequantOp));
   put(gin.demote_ops, demotes.data(), demotes.size() * sizeof(kv::DemoteOp));
   // Copies of the used parts only (the capacities can be far larger than a step).
@@ -525,8 +530,8 @@ void CudaBackend::Impl::upload_graph_inputs(
     PMKV_CUDA_CHECK(cudaMemcpyAsync(dv + off, st + off, bytes, cudaMemcpyHostToDevice, s()));
   };
   copy(0, gin.page_ids);  // the row arrays and op ranges
-  copy(gin.page_ids, page_ids.size() * 4);
-  copy(gin.page_tokens, page_tokens.size() * 4);
+  copy(gin.page_ids, P * 4);
+  copy(gin.page_tokens, P * 4);
   copy(gin.requant_ops, requants.size() * sizeof(kv::RequantOp));
   copy(gin.demote_ops, demotes.size() * sizeof(kv::DemoteOp));
 
@@ -892,16 +897,11 @@ void CudaBackend::run_step(const StepBatch& b) {
   // Long contexts at large batches have ~10^5-10^6 pages per step: the page arrays and the decode
   // plan (per layer) are built on several host threads then.
   const bool many_pages = P > 65536;
-  std::vector<int32_t> page_ids(P), page_bits(P), page_tokens(P);
-#pragma omp parallel for if (many_pages) num_threads(8)
-  for (size_t i = 0; i < P; ++i) {
-    page_ids[i] = b.pages[i].page;
-    page_bits[i] = b.pages[i].bits;
-    page_tokens[i] = b.pages[i].num_tokens;
-  }
   // KV ops of every layer: requants then each demotion wave, one contiguous run per (layer, list).
-  std::vector<kv::RequantOp> requants;
-  std::vector<kv::DemoteOp> demotes;
+  std::vector<kv::RequantOp>& requants = m.h_requants;
+  std::vector<kv::DemoteOp>& demotes = m.h_demotes;
+  requants.clear();
+  demotes.clear();
   std::vector<OpRun> requant_runs(L, {0, 0});
   std::vector<std::vector<OpRun>> demote_runs(L);
   size_t max_waves = 0;
@@ -931,8 +931,40 @@ void CudaBackend::run_step(const StepBatch& b) {
   m.reserve_rows(std::max<int64_t>(rows, 1));
   m.reserve_logits(std::max<int64_t>(logit_rows, 1));
 
+  // The page arrays. A graph step writes page ids and token counts straight into the pinned
+  // staging buffer of its fixed-layout inputs (they are most of a long-context step's bytes);
+  // an eager step into host vectors that are packed below.
+  auto& page_ids = m.h_page_ids;
+  auto& page_bits = m.h_page_bits;
+  auto& page_tokens = m.h_page_tokens;
+  page_bits.resize(P);
+  int32_t* ids_out = nullptr;
+  int32_t* tokens_out = nullptr;
+  if (graph) {
+    m.reserve_graph_inputs(static_cast<int32_t>(P), static_cast<int32_t>(requants.size()),
+                           static_cast<int32_t>(demotes.size()));
+    ids_out = reinterpret_cast<int32_t*>(m.graph_staging.as<std::byte>() + m.gin.page_ids);
+    tokens_out = reinterpret_cast<int32_t*>(m.graph_staging.as<std::byte>() + m.gin.page_tokens);
+  } else {
+    page_ids.resize(P);
+    page_tokens.resize(P);
+    ids_out = page_ids.data();
+    tokens_out = page_tokens.data();
+  }
+#pragma omp parallel for if (many_pages) num_threads(8)
+  for (size_t i = 0; i < P; ++i) {
+    ids_out[i] = b.pages[i].page;
+    page_bits[i] = b.pages[i].bits;
+    tokens_out[i] = b.pages[i].num_tokens;
+  }
+
   // Per layer and row: the 16-bit slot the row's K/V goes to.
-  std::vector<int32_t> w_page(L * rows, m.num_pages), w_bits(L * rows, 16), w_slot(L * rows, 0);
+  auto& w_page = m.h_w_page;
+  auto& w_bits = m.h_w_bits;
+  auto& w_slot = m.h_w_slot;
+  w_page.assign(L * rows, m.num_pages);
+  w_bits.assign(L * rows, 16);
+  w_slot.assign(L * rows, 0);
   if (N > 0) {
     for (int64_t l = 0; l < L; ++l) {
       for (int64_t s = 0; s < S; ++s) {
@@ -954,7 +986,7 @@ void CudaBackend::run_step(const StepBatch& b) {
     std::vector<kernels::DecodeLayerTable> tables(L);
     for (int64_t l = 0; l < L; ++l) {
       tables[l] = {static_cast<int32_t>(S), b.page_starts.data() + l * S, page_bits.data(),
-                   page_tokens.data()};
+                   tokens_out};
     }
     kernels::DecodePlanConfig pc;
     pc.num_kv_heads = static_cast<int32_t>(cfg_.num_kv_heads);
@@ -981,8 +1013,8 @@ void CudaBackend::run_step(const StepBatch& b) {
   a.max_rows = max_rows;
   a.total_cached = cached_starts[S];
   if (graph) {
-    m.upload_graph_inputs(b, rows, w_page, w_bits, w_slot, page_ids, page_tokens, requants, demotes,
-                          requant_runs, demote_runs, &a);
+    m.upload_graph_inputs(b, rows, w_page, w_bits, w_slot, requants, demotes, requant_runs,
+                          demote_runs, &a);
   } else {
     Packer& pk = m.packer;
     pk.clear();
