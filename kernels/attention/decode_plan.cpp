@@ -126,6 +126,50 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
 
 namespace {
 
+// The item size (KV bytes of one head) for one launch's runs. A launch of C CTAs on R resident
+// slots takes about ceil(C / R) waves, each as long as its largest item: cutting every run into
+// items just big enough for one wave (the obvious choice) gives, for example, 64 sequences x 8 KV
+// heads = 512 CTAs on 396 slots, 1.29 waves of work in the time of 2. So candidates that fill
+// m = 1..8 waves are scored by waves x largest item, and the fastest wins (fewer items on ties:
+// each item costs a partial state and a merge).
+int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
+                     int32_t kv_heads, int64_t resident, int64_t min_item) {
+  if (run_bytes.empty()) return min_item;
+  int64_t total = 0;
+  for (int64_t b : run_bytes)
+    total += b;
+  struct Cut {
+    int64_t chunk, time, ctas;
+  };
+  const auto evaluate = [&](int64_t chunk) {
+    chunk = std::max(chunk, min_item);
+    int64_t items = 0, largest = 0;
+    for (size_t i = 0; i < run_bytes.size(); ++i) {
+      const int64_t n = std::clamp<int64_t>((run_bytes[i] + chunk - 1) / chunk, 1, run_tiles[i]);
+      items += n;
+      largest = std::max(largest, (run_bytes[i] + n - 1) / n);
+    }
+    const int64_t ctas = items * kv_heads;
+    return Cut{chunk, (ctas + resident - 1) / resident * largest, ctas};
+  };
+  Cut best = evaluate((total * kv_heads + resident - 1) / resident);
+  const auto consider = [&](const Cut& c) {
+    if (c.time < best.time || (c.time == best.time && c.ctas < best.ctas)) best = c;
+  };
+  for (int64_t m = 1; m <= 8; ++m) {
+    const int64_t slots = m * resident;
+    const Cut c = evaluate((total * kv_heads + slots - 1) / slots);
+    consider(c);
+    // Per-run rounding overflowed the m waves: grow the items until it fits (two refinements).
+    Cut d = c;
+    for (int k = 0; k < 2 && d.ctas > slots; ++k) {
+      d = evaluate((d.chunk * d.ctas + slots - 1) / slots);
+      consider(d);
+    }
+  }
+  return best.chunk;
+}
+
 // One layer's plan with layer-relative offsets (item_begin, merge_begin, bits_begin at 0).
 struct LayerPart {
   std::vector<DecodeWorkItem> items;
@@ -138,19 +182,21 @@ struct LayerPart {
 void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPart& out) {
   std::vector<Run> runs;
   collect_runs(cfg, t, runs);
-  // Each bit-width is its own launch: one wave of CTAs of about equal KV bytes per launch, never
-  // smaller than min_item_bytes.
-  int64_t bits_bytes[4] = {};
+  // Each bit-width is its own launch; its runs are cut into items of about `chunk` KV bytes (never
+  // smaller than min_item_bytes), chunk chosen per launch by choose_chunk.
+  std::vector<int64_t> bytes_of[4];
+  std::vector<int32_t> tiles_of_bits[4];
   for (const Run& run : runs) {
-    bits_bytes[decode_bits_index(run.bits)] += int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
-                                               (kv::row_bytes(cfg.head_dim, run.bits) + 8);
+    const int b = decode_bits_index(run.bits);
+    bytes_of[b].push_back(int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
+                          (kv::row_bytes(cfg.head_dim, run.bits) + 8));
+    tiles_of_bits[b].push_back(run.num_tiles);
   }
   int64_t chunk_of[4];
   for (int b = 0; b < 4; ++b) {
     const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
-    const int64_t target_ctas = int64_t{cfg.num_sms} * per_sm;
-    chunk_of[b] = std::max<int64_t>(
-        cfg.min_item_bytes, (bits_bytes[b] * cfg.num_kv_heads + target_ctas - 1) / target_ctas);
+    chunk_of[b] = choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
+                               int64_t{cfg.num_sms} * per_sm, cfg.min_item_bytes);
   }
   std::vector<DecodeWorkItem>& items = out.items;
   DecodeLayerPlan& lp = out.lp;
