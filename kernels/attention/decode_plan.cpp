@@ -127,19 +127,25 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
 namespace {
 
 // The item size (KV bytes of one head) for one launch's runs. A launch of C CTAs on R resident
-// slots takes about ceil(C / R) waves, each as long as its largest item: cutting every run into
-// items just big enough for one wave (the obvious choice) gives, for example, 64 sequences x 8 KV
-// heads = 512 CTAs on 396 slots, 1.29 waves of work in the time of 2. So candidates that fill
-// m = 1..8 waves are scored by waves x largest item, and the fastest wins (fewer items on ties:
-// each item costs a partial state and a merge).
+// slots takes about ceil(C / R) waves, each as long as its largest item plus a fixed cost (the
+// query load, the pipeline filling, the epilogue: about `overhead` bytes' worth, measured as 8
+// tiles). Cutting every run into items just big enough for one wave (the obvious choice) gives,
+// for example, 64 sequences x 8 KV heads = 512 CTAs on 396 slots: 1.29 waves of work in the time
+// of 2 (16-bit pages at batch 64, 16K tokens: 83% of copy bandwidth, 91% cut in 4 full waves). So
+// candidates that fill m = 1..8 waves are scored by waves x (largest item + overhead), and the
+// fastest wins (fewer CTAs on ties: each item costs a partial state and a merge). More than one
+// wave only with items of >= min_multiwave bytes (128 tiles): a partial last wave costs less than
+// a full one (its CTAs share the SMs and the bandwidth with fewer others), so the model overrates
+// cutting short runs finer; measured on the H200, batch 64 x 1K tokens lost 20-60% that way.
 int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
-                     int32_t kv_heads, int64_t resident, int64_t min_item) {
+                     int32_t kv_heads, int64_t resident, int64_t min_item, int64_t overhead,
+                     int64_t min_multiwave) {
   if (run_bytes.empty()) return min_item;
   int64_t total = 0;
   for (int64_t b : run_bytes)
     total += b;
   struct Cut {
-    int64_t chunk, time, ctas;
+    int64_t chunk, time, ctas, largest;
   };
   const auto evaluate = [&](int64_t chunk) {
     chunk = std::max(chunk, min_item);
@@ -150,10 +156,11 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
       largest = std::max(largest, (run_bytes[i] + n - 1) / n);
     }
     const int64_t ctas = items * kv_heads;
-    return Cut{chunk, (ctas + resident - 1) / resident * largest, ctas};
+    return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead), ctas, largest};
   };
   Cut best = evaluate((total * kv_heads + resident - 1) / resident);
   const auto consider = [&](const Cut& c) {
+    if (c.ctas > resident && c.largest < min_multiwave) return;
     if (c.time < best.time || (c.time == best.time && c.ctas < best.ctas)) best = c;
   };
   for (int64_t m = 1; m <= 8; ++m) {
@@ -195,8 +202,11 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
   int64_t chunk_of[4];
   for (int b = 0; b < 4; ++b) {
     const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
-    chunk_of[b] = choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
-                               int64_t{cfg.num_sms} * per_sm, cfg.min_item_bytes);
+    const int64_t tile_bytes =
+        int64_t{kDecodeTileTokens} * 2 * (kv::row_bytes(cfg.head_dim, 16 >> b) + 8);
+    chunk_of[b] =
+        choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads, int64_t{cfg.num_sms} * per_sm,
+                     cfg.min_item_bytes, 8 * tile_bytes, 128 * tile_bytes);
   }
   std::vector<DecodeWorkItem>& items = out.items;
   DecodeLayerPlan& lp = out.lp;
