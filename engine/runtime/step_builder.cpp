@@ -1,5 +1,6 @@
 #include "engine/runtime/step_builder.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -75,20 +76,23 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
 void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
                          StepBatch& b) {
   const int32_t num_seqs = static_cast<int32_t>(chunks.size());
-  size_t total = 0;
-  for (int32_t l = 0; l < kv.num_layers(); ++l) {
-    for (int32_t s = 0; s < num_seqs; ++s)
-      total += kv.table(chunks[s].seq, l).size();
-  }
-  b.pages.clear();
-  b.pages.reserve(total);
-  b.page_starts.assign(1, 0);
+  const int32_t num_tables = kv.num_layers() * num_seqs;
+  // The tables' places first (lookups, prefix sums), then the copies: ~10^6 page references at
+  // long contexts and large batches, copied on several threads then (the lookups are const).
+  std::vector<std::span<const kv::PageRef>> tables(static_cast<size_t>(num_tables));
+  b.page_starts.resize(static_cast<size_t>(num_tables) + 1);
+  b.page_starts[0] = 0;
   for (int32_t l = 0; l < kv.num_layers(); ++l) {
     for (int32_t s = 0; s < num_seqs; ++s) {
-      const auto t = kv.table(chunks[s].seq, l);
-      b.pages.insert(b.pages.end(), t.begin(), t.end());
-      b.page_starts.push_back(static_cast<int32_t>(b.pages.size()));
+      const int32_t i = l * num_seqs + s;
+      tables[i] = kv.table(chunks[s].seq, l);
+      b.page_starts[i + 1] = b.page_starts[i] + static_cast<int32_t>(tables[i].size());
     }
+  }
+  b.pages.resize(static_cast<size_t>(b.page_starts[num_tables]));
+#pragma omp parallel for if (b.pages.size() > 65536) num_threads(8) schedule(static)
+  for (int32_t i = 0; i < num_tables; ++i) {
+    std::copy(tables[i].begin(), tables[i].end(), b.pages.begin() + b.page_starts[i]);
   }
 }
 
