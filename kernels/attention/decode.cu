@@ -7,6 +7,7 @@
 #include "kernels/attention/decode.h"
 #include "kernels/attention/decode_kernel.cuh"
 #include "kernels/attention/decode_launch.h"
+#include "kernels/pdl.cuh"
 
 namespace pmkv::kernels {
 
@@ -27,6 +28,7 @@ struct MergeParams {
 // CTAs over (merge entries, KV head), entries blockIdx.x, + gridDim.x, ... of the layer's list:
 // out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max).
 __global__ void __launch_bounds__(128) decode_merge_kernel(const MergeParams p) {
+  pdl_trigger();  // the o projection after it may start streaming its weights
   const int n = p.layer->num_merges;
   const DecodeMergeItem* merges = p.merges + p.layer->merge_begin;
   const int kvh = blockIdx.y, G = p.group, D = p.head_dim;

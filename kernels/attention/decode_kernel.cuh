@@ -18,6 +18,7 @@
 
 #include "kernels/attention/decode.h"
 #include "kernels/kv_page_layout.h"
+#include "kernels/pdl.cuh"
 
 namespace pmkv::kernels::decode_detail {
 
@@ -659,6 +660,7 @@ template <int kBits, int kD, typename TQ, int kCols>
 __global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
     decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
+  pdl_trigger();  // a following o projection may start streaming its weights
   constexpr int kB = kBits == 16 ? 0 : kBits == 8 ? 1 : kBits == 4 ? 2 : 3;  // decode_bits_index
   const int count = p.layer->bits_count[kB];
   const int32_t* ids = p.bit_items + p.layer->bits_begin[kB];

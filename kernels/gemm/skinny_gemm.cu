@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "kernels/gemm/skinny_gemm.h"
+#include "kernels/pdl.cuh"
 
 namespace pmkv::kernels {
 
@@ -34,7 +35,8 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kMinBlocksPerSm = 2;  // <= 128 registers per thread
+constexpr int kMinBlocksPerSm = 2;   // <= 128 registers per thread
+constexpr int kPrefetchBatches = 2;  // batches per warp fetched into L2 before pdl_wait()
 
 // Blocks of 32 k per batch: 16 loads of w in flight per thread for NT == 1, 8 (RT == 1) or 12
 // (RT == 2) for NT == 2, whose second fragment of a costs registers (the limit is 128).
@@ -128,6 +130,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const int r = min(8 * nt + g, m - 1);
     ap[nt] = reinterpret_cast<const uint4*>(a + int64_t{r} * k) + t;
   }
+
+  // Launched with PDL: the weights do not depend on the kernels before this one, so the first
+  // batches of this warp's rows are fetched into L2 while those kernels finish; `a` (their output)
+  // and `d` are touched only after pdl_wait().
+  pdl_trigger();
+  {
+    const int full = k >> 5, nb = full / U;
+    for (int b = kslice; b < nb && b < kslice + kPrefetchBatches * ks; b += ks) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(wp[rt][h] + b * U * 4 + 4 * u));
+    }
+  }
+  pdl_wait();
 
   float acc[RT][NT][4];
 #pragma unroll
@@ -282,10 +302,20 @@ Config choose(int64_t m, int64_t n, int64_t k, int32_t num_sms, int32_t warp_row
 template <int NT, int RT, class OutT>
 cudaError_t launch_typed(const SkinnyGemmParams& p, int ks_log2, int64_t ctas,
                          cudaStream_t stream) {
-  skinny_gemm_kernel<NT, RT, OutT><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(
-      p.a, p.w, static_cast<OutT*>(p.d), static_cast<int>(p.m), static_cast<int>(p.n),
-      static_cast<int>(p.k), ks_log2);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (p.pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<NT, RT, OutT>, p.a, p.w,
+                            static_cast<OutT*>(p.d), static_cast<int>(p.m), static_cast<int>(p.n),
+                            static_cast<int>(p.k), ks_log2);
 }
 
 template <int NT, int RT>

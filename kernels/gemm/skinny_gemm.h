@@ -37,6 +37,10 @@ struct SkinnyGemmParams {
   // of a CTA that split k for one warp tile (1, 2, 4 or 8; the CTA has 8 warps).
   int32_t warp_rows = 0;
   int32_t k_split = 0;
+  // Programmatic dependent launch: the kernel may start while the previous kernel in the stream
+  // runs and streams its first weights into L2 meanwhile (it waits for that kernel before reading
+  // `a`). Hopper and newer; ignored (plain stream order) elsewhere.
+  bool pdl = true;
 };
 
 // True when launch_skinny_gemm accepts these operands (shape and alignment; pointers non-null).

@@ -10,6 +10,7 @@
 
 #include "kernels/kv/kv_quantize.cuh"
 #include "kernels/model/layer_ops.h"
+#include "kernels/pdl.cuh"
 
 namespace pmkv::kernels {
 
@@ -139,6 +140,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <int V, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kNormWarpRows * 32 : kNormThreads)
     add_rmsnorm_kernel(const AddRmsNormParams p) {
+  pdl_trigger();  // the GEMM after it may start streaming its weights (kernels/pdl.cuh)
   int r, tid, nthreads;
   if constexpr (kWarpRow) {
     r = blockIdx.x * kNormWarpRows + (threadIdx.x >> 5);
@@ -307,6 +309,7 @@ __device__ __forceinline__ float silu_mul1(float g, float u) {
 template <bool kVec>
 __global__ void __launch_bounds__(kSiluThreads)
     silu_mul_kernel(const uint16_t* gate_up, const float* bias, int32_t n, uint16_t* out) {
+  pdl_trigger();  // the down projection after it may start streaming its weights
   const int64_t r = blockIdx.x;
   const uint16_t* gr = gate_up + r * 2 * n;
   uint16_t* o = out + r * n;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels/gemm/skinny_gemm.h"
+#include "kernels/model/fill.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace pmkv;
@@ -39,6 +40,9 @@ struct Case {
   int32_t warp_rows = 0;  // tuning overrides (0 = automatic)
   int32_t k_split = 0;
   int32_t num_sms = 0;
+  // On a stream of its own, right after another kernel: the programmatic dependent launch path
+  // (the legacy default stream launches without it).
+  bool pdl_stream = false;
 };
 
 std::string describe(const Case& c) {
@@ -87,7 +91,19 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   p.num_sms = c.num_sms;
   p.warp_rows = c.warp_rows;
   p.k_split = c.k_split;
-  CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+  if (c.pdl_stream) {
+    cudaStream_t s = nullptr;
+    CUDA_REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    DeviceBuffer<float> scratch(1 << 16);
+    CUDA_REQUIRE(kernels::launch_fill_f32(scratch.get(), 1 << 16, 1.0f, s));
+    const cudaError_t e = kernels::launch_skinny_gemm(p, s);
+    const cudaError_t sync = cudaStreamSynchronize(s);
+    cudaStreamDestroy(s);
+    CUDA_REQUIRE(e);
+    CUDA_REQUIRE(sync);
+  } else {
+    CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+  }
   std::vector<uint8_t> hd;
   CUDA_REQUIRE(d.download(hd));
 
@@ -170,6 +186,10 @@ TEST_CASE("skinny gemm: every warp tile and k split, with a machine size forcing
           run_case({m, 517, 2056, out, rows, split}, rng);
   // Automatic choices: a large machine (one wave at KS = 8), a tiny one (many waves, split by
   // batch count), and Llama-like shapes that pick 32-row tiles and mid splits.
+  for (const int64_t m : {1, 3, 16}) {
+    run_case({m, 6144, 4096, kernels::DType::kF32, 0, 0, 132, true}, rng);
+    run_case({m, 1000, 4104, kernels::DType::kBF16, 0, 0, 0, true}, rng);
+  }
   for (const int64_t m : {1, 16}) {
     run_case({m, 4096, 4096, kernels::DType::kF32, 0, 0, 132}, rng);
     run_case({m, 3000, 4096, kernels::DType::kBF16, 0, 0, 2}, rng);

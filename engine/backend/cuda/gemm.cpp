@@ -54,6 +54,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   num_sms_ = sms;
   skinny_warp_rows_ = env_int("PMKV_SKINNY_WARP_ROWS");
   skinny_k_split_ = env_int("PMKV_SKINNY_K_SPLIT");
+  // PMKV_PDL=0: skinny GEMMs wait for the previous kernel like any launch (A/B measurements).
+  const char* pdl = std::getenv("PMKV_PDL");
+  skinny_pdl_ = pdl == nullptr || std::strcmp(pdl, "0") != 0;
 }
 
 GemmRunner::~GemmRunner() {
@@ -112,6 +115,7 @@ void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t
     sp.num_sms = num_sms_;
     sp.warp_rows = skinny_warp_rows_;
     sp.k_split = skinny_k_split_;
+    sp.pdl = skinny_pdl_;
     PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
     return;
   }

@@ -44,6 +44,7 @@ class GemmRunner {
   bool skinny_enabled_ = true;
   int32_t num_sms_ = 0;
   int32_t skinny_warp_rows_ = 0, skinny_k_split_ = 0;
+  bool skinny_pdl_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
 
