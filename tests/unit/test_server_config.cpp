@@ -44,6 +44,7 @@ TEST_CASE("server config: the defaults of config/default.yaml", "[config]") {
   CHECK(c.scheduler.max_waiting == 4096);
   CHECK(c.scheduler.admission == SchedulerConfig::Admission::kGuaranteed);
   CHECK(c.engine.device == Device::kAuto);
+  CHECK(c.engine.cuda_graphs);
   CHECK_FALSE(c.model.dummy_weights);
   CHECK(c.kv_memory_bytes == 256ll << 20);
   CHECK(c.kv_cache.page_bytes == 0);
@@ -62,6 +63,8 @@ TEST_CASE("server config: the defaults of config/default.yaml", "[config]") {
   CHECK(o.scheduler.max_running == d.scheduler.max_running);
   CHECK(o.kv.sink_tokens == d.kv.sink_tokens);
   CHECK(o.kv.floor_bits == d.kv.floor_bits);
+  CHECK(o.cuda_graphs == d.cuda_graphs);
+  CHECK_FALSE(parse("", {"engine.cuda_graphs=false"}).engine_options().cuda_graphs);
 }
 
 TEST_CASE("server config: a file merges over the defaults, --set over the file", "[config]") {
@@ -101,6 +104,8 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("", {"scheduler.admission=sometimes"},
               "config error: scheduler.admission: expected one of guaranteed, overcommit");
   check_error("", {"engine.device=gpu"}, "config error: engine.device: expected one of");
+  check_error("", {"engine.cuda_graphs=sometimes"},
+              "config error: engine.cuda_graphs: expected true or false, got 'sometimes'");
   check_error("", {"model.load_format=gguf"}, "config error: model.load_format: expected one of");
   check_error("serve: {port: 1}", {}, "config error: serve: unknown section");
   check_error("server: {port: 70000}", {}, "config error: server.port: expected a port number");
