@@ -1,6 +1,7 @@
 // Host side of decode attention: cuts each layer's page tables into work items (plan_decode),
 // copies them to the device (upload_decode_plan) and hands out per-layer device views.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -35,31 +36,45 @@ struct Run {
   int32_t window_start;
 };
 
-void check(bool ok, const char* what) {  // const char*: no string built on the hot path
-  if (!ok) throw std::invalid_argument(std::string("plan_decode: ") + what);
+[[noreturn]] __attribute__((noinline)) void fail(const char* what) {
+  throw std::invalid_argument(std::string("plan_decode: ") + what);
 }
 
-// Appends the runs of one layer; returns the KV bytes of one KV head over all of them.
-int64_t collect_runs(const DecodePlanConfig& cfg, const DecodeLayerTable& t,
-                     std::vector<Run>& runs) {
+// Inlined, with the throw out of line: it runs per page.
+inline void check(bool ok, const char* what) {
+  if (!ok) [[unlikely]]
+    fail(what);
+}
+
+// Appends the runs of one layer. This and split_run are the plan's cost: a long-context batch
+// has ~10^6 pages per step, so the per-page work is a table lookup and a few compares (one pass
+// without a sliding window, two with one: the window's start needs the sequence's length).
+void collect_runs(const DecodePlanConfig& cfg, const DecodeLayerTable& t, std::vector<Run>& runs) {
   const kv::PageGeometry g{cfg.num_kv_heads, cfg.head_dim, cfg.tokens16};
-  int64_t bytes = 0;
+  int32_t capacity[17] = {};  // by bits; 0 for bit-widths that do not exist
+  for (int b = 2; b <= 16; b *= 2)
+    capacity[b] = kv::tokens_per_page(g, b);
+  const auto check_page = [&](int32_t bits, int32_t n) {
+    check(bits >= 0 && bits <= 16 && capacity[bits] > 0, "page bits not in {16, 8, 4, 2}");
+    check(n >= 0 && n <= capacity[bits], "page tokens above the page's capacity");
+  };
   for (int32_t s = 0; s < t.num_seqs; ++s) {
     const int32_t begin = t.page_starts[s], end = t.page_starts[s + 1];
     check(begin <= end, "page_starts not monotone");
-    int64_t total = 0;
-    for (int32_t i = begin; i < end; ++i) {
-      check(kv::is_valid_bits(t.page_bits[i]), "page bits not in {16, 8, 4, 2}");
-      check(t.page_tokens[i] >= 0 && t.page_tokens[i] <= kv::tokens_per_page(g, t.page_bits[i]),
-            "page tokens above the page's capacity");
-      total += t.page_tokens[i];
+    int64_t w0 = 0;
+    if (cfg.sliding_window > 0) {
+      int64_t total = 0;
+      for (int32_t i = begin; i < end; ++i) {
+        check_page(t.page_bits[i], t.page_tokens[i]);
+        total += t.page_tokens[i];
+      }
+      w0 = std::max<int64_t>(0, total - cfg.sliding_window);
     }
-    const int64_t w0 =
-        cfg.sliding_window > 0 ? std::max<int64_t>(0, total - cfg.sliding_window) : 0;
     int32_t pos = 0;
     Run* open = nullptr;
     for (int32_t i = begin; i < end; ++i) {
       const int32_t n = t.page_tokens[i], bits = t.page_bits[i];
+      if (cfg.sliding_window <= 0) check_page(bits, n);
       const int32_t page_pos = pos;
       pos += n;
       if (n == 0 || pos <= w0) continue;  // empty, or entirely before the window
@@ -71,10 +86,8 @@ int64_t collect_runs(const DecodePlanConfig& cfg, const DecodeLayerTable& t,
         open = &runs.back();
       }
       open->num_tiles += tiles;
-      bytes += int64_t{tiles} * kDecodeTileTokens * 2 * (kv::row_bytes(cfg.head_dim, bits) + 8);
     }
   }
-  return bytes;
 }
 
 // Moves (page, tile, page_pos) on by `n` tiles. With `more` (a tile follows in the run), it then
@@ -147,13 +160,19 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
   struct Cut {
     int64_t chunk, time, ctas, largest;
   };
+  // ceil(b / c) in double: exact for integers below 2^53 (a correctly rounded quotient of two
+  // exact integers is an integer only when the division is exact), and 64-bit integer divisions
+  // cost several times more; evaluate() runs ~24 times per launch over every run of a layer.
   const auto evaluate = [&](int64_t chunk) {
     chunk = std::max(chunk, min_item);
+    const double c = static_cast<double>(chunk);
     int64_t items = 0, largest = 0;
     for (size_t i = 0; i < run_bytes.size(); ++i) {
-      const int64_t n = std::clamp<int64_t>((run_bytes[i] + chunk - 1) / chunk, 1, run_tiles[i]);
+      const double b = static_cast<double>(run_bytes[i]);
+      const int64_t n =
+          std::clamp<int64_t>(static_cast<int64_t>(std::ceil(b / c)), 1, run_tiles[i]);
       items += n;
-      largest = std::max(largest, (run_bytes[i] + n - 1) / n);
+      largest = std::max(largest, static_cast<int64_t>(std::ceil(b / static_cast<double>(n))));
     }
     const int64_t ctas = items * kv_heads;
     return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead), ctas, largest};
