@@ -1,5 +1,6 @@
 pmkv_unit_test(pmkv_test_engine
   SOURCES test_kv_codec.cpp test_page_pool.cpp test_kv_cache_manager.cpp test_paged_attention.cpp test_kv_page_ops.cpp
+          test_step_builder.cpp
   LIBS pmkv_engine)
 pmkv_unit_test(pmkv_test_backend
   SOURCES test_backend_factory.cpp
