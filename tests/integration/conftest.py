@@ -71,8 +71,10 @@ def stories260k(tmp_path_factory):
     if TEST_MODEL:
         import shutil
         out = tmp_path_factory.mktemp("model") / pathlib.Path(TEST_MODEL).name
-        shutil.copytree(TEST_MODEL, out, ignore=shutil.ignore_patterns("*.safetensors")
-                        if "load_format=dummy" in " ".join(SERVE_EXTRA) else None)
+        shutil.copytree(TEST_MODEL, out, ignore=shutil.ignore_patterns("*.safetensors"))
+        if "load_format=dummy" not in " ".join(SERVE_EXTRA):  # the weights, linked, not copied
+            for w in pathlib.Path(TEST_MODEL).glob("*.safetensors"):
+                (out / w.name).symlink_to(w.resolve())
         return out
     src = SHARED_DIR / "models" / "stories260K"
     if not (src / "stories260K.bin").exists():
@@ -168,7 +170,7 @@ class Server:
 def model_with_template(base, out, template_file):
     """A copy of a model directory whose tokenizer_config.json has the given chat template."""
     import shutil
-    shutil.copytree(base, out)
+    shutil.copytree(base, out, symlinks=True)  # linked weights stay links
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     if template_file is None:
