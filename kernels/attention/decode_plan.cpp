@@ -123,11 +123,10 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
       it.warp_tile[w] = tile;
       it.warp_tiles[w] = c;
       if (c > 0) {
-        int32_t p = page, tl = tile, pp = page_pos;
-        walk(t, c - 1, true, p, tl, pp);  // the range's last tile
-        last_page = p;
+        walk(t, c - 1, true, page, tile, page_pos);  // to the range's last tile
+        last_page = page;
         left -= c;
-        walk(t, c, left > 0, page, tile, page_pos);
+        walk(t, 1, left > 0, page, tile, page_pos);  // past it: one walk over the pages, not two
       }
     }
     it.page_end = last_page + 1;
