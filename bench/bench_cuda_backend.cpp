@@ -215,18 +215,27 @@ nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
   {
     cuda::GemmRunner gemm(stream);
     for (const Shape& sh : shapes) {
-      cuda::DeviceMemory w(sh.n * sh.k * 2), a(m * sh.k * 2), d(m * sh.n * 4);
-      cudaMemsetAsync(w.as(), 0, w.bytes(), stream);
+      // Enough copies of the weight to cycle through 256 MB (> L2): a decode step never finds a
+      // weight in L2, and a 33 MB matrix read back to back would.
+      const int64_t bytes = sh.n * sh.k * 2;
+      const int64_t copies = std::max<int64_t>(1, ((int64_t{256} << 20) + bytes - 1) / bytes);
+      std::vector<cuda::DeviceMemory> ws;
+      for (int64_t i = 0; i < copies; ++i) {
+        ws.emplace_back(bytes);
+        cudaMemsetAsync(ws.back().as(), 0, bytes, stream);
+      }
+      cuda::DeviceMemory a(m * sh.k * 2), d(m * sh.n * 4);
+      const cuda::DeviceMemory& w = ws[0];
       cudaMemsetAsync(a.as(), 0, a.bytes(), stream);
       cudaEvent_t e0, e1;
       cudaEventCreate(&e0);
       cudaEventCreate(&e1);
       for (int i = 0; i < 3; ++i)
-        gemm.run(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
+        gemm.run(a.as(), ws[i % copies].as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
       const int reps = 50;
       cudaEventRecord(e0, stream);
       for (int i = 0; i < reps; ++i)
-        gemm.run(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
+        gemm.run(a.as(), ws[i % copies].as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
       cudaEventRecord(e1, stream);
       cudaEventSynchronize(e1);
       float ms = 0;
@@ -383,6 +392,7 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
 int main(int argc, char** argv) {
   std::string model_dir, out_path, scenarios = "batch1,prefill,throughput";
   std::string batches = "16,64,128", contexts = "4096,16384", bits_list = "16,4,2";
+  std::string gemm_rows = "1,16,64";
   bool dummy = false;
   int32_t decode_steps = 128, tp_steps = 32, prefill_len = 4096;
   for (int i = 1; i < argc; ++i) {
@@ -414,6 +424,8 @@ int main(int argc, char** argv) {
       tp_steps = std::stoi(next());
     else if (a == "--prefill-len")
       prefill_len = std::stoi(next());
+    else if (a == "--gemm-rows")
+      gemm_rows = next();
     else if (a == "--cuda-graphs")
       g_cuda_graphs = next() != "0";
     else {
@@ -421,7 +433,8 @@ int main(int argc, char** argv) {
                    "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
                    "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
                    "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
-                   "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] [--out FILE]\n");
+                   "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] "
+                   "[--gemm-rows 1,16,64] [--out FILE]\n");
       return 2;
     }
   }
@@ -466,7 +479,7 @@ int main(int argc, char** argv) {
     }
     if (has("gemm")) {
       nlohmann::json g;
-      for (int64_t m : {1, 16, 64})
+      for (int64_t m : parse_list(gemm_rows))
         g[std::to_string(m)] = bench_gemm(st.cfg, m, copy);
       out["gemm"] = g;
     }

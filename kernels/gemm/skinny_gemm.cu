@@ -24,9 +24,11 @@
 // with zeros for both operands.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/gemm/skinny_gemm.h"
+#include "kernels/gemm/skinny_gemm_bulk.cuh"
 #include "kernels/pdl.cuh"
 
 namespace pmkv::kernels {
@@ -324,7 +326,77 @@ cudaError_t launch_out(const SkinnyGemmParams& p, int ks_log2, int64_t ctas, cud
                               : launch_typed<NT, RT, __nv_bfloat16>(p, ks_log2, ctas, stream);
 }
 
+// ---- the bulk kernel
+
+// Unit width: the longest copies that leave the ring two stages or more.
+int bulk_unit_k(int64_t k) {
+  return k % 2048 == 0 ? 2048 : k % 1024 == 0 ? 1024 : 0;
+}
+
+int64_t bulk_tiles(int64_t n) {
+  return (n + 15) / 16;
+}
+
+template <int NT, int KU, class OutT, bool kGated>
+cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
+  using Ge = bulk_gemm::Geometry<1, KU>;
+  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated>;
+  // The attribute is per kernel and process; setting it is not a stream operation (capturable).
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ge::kSmemBytes);
+  if (attr_status != cudaSuccess) return attr_status;
+  const int64_t units = bulk_tiles(p.n) * (p.k / KU);
+  const int64_t ctas = std::min<int64_t>(units, p.num_sms > 0 ? p.num_sms : 132);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(bulk_gemm::kThreads);
+  cfg.dynamicSmemBytes = Ge::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (p.pdl && stream != nullptr) {
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  auto* counters = static_cast<int*>(p.workspace);
+  auto* partials =
+      reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + skinny_gemm_counter_bytes(p.n));
+  return cudaLaunchKernelEx(&cfg, kernel, p.a, p.w, static_cast<OutT*>(p.d), static_cast<int>(p.m),
+                            static_cast<int>(p.n), static_cast<int>(p.k), counters, partials,
+                            p.gate_bias);
+}
+
+template <int NT, int KU>
+cudaError_t launch_bulk_out(const SkinnyGemmParams& p, cudaStream_t stream) {
+  if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true>(p, stream);
+  return p.out == DType::kF32 ? launch_bulk_typed<NT, KU, float, false>(p, stream)
+                              : launch_bulk_typed<NT, KU, __nv_bfloat16, false>(p, stream);
+}
+
+cudaError_t launch_bulk(const SkinnyGemmParams& p, cudaStream_t stream) {
+  return bulk_unit_k(p.k) == 2048 ? launch_bulk_out<1, 2048>(p, stream)
+                                  : launch_bulk_out<1, 1024>(p, stream);
+}
+
 }  // namespace
+
+int64_t skinny_gemm_counter_bytes(int64_t max_n) {
+  return (bulk_tiles(max_n) * 4 + 255) / 256 * 256;
+}
+
+int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms) {
+  const int64_t sms = num_sms > 0 ? num_sms : 132;
+  return skinny_gemm_counter_bytes(max_n) +
+         sms * 2 * bulk_gemm::Geometry<1, 1024>::kPartialFloats * 4;
+}
+
+bool skinny_gemm_uses_bulk(const SkinnyGemmParams& p) {
+  return p.bulk && p.workspace != nullptr && p.m >= 1 && p.m <= kSkinnyGemmBulkMaxM &&
+         bulk_unit_k(p.k) != 0 && p.warp_rows == 0 && p.k_split == 0 &&
+         skinny_gemm_supported(p.a, p.w, p.d, p.out, p.m, p.n, p.k) &&
+         p.workspace_bytes >= skinny_gemm_workspace_bytes(p.n, p.num_sms);
+}
 
 cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
@@ -333,6 +405,11 @@ cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
   if (p.warp_rows != 0 && p.warp_rows != 16 && p.warp_rows != 32) return cudaErrorInvalidValue;
   if (p.k_split != 0 && log2_exact(p.k_split) < 0) return cudaErrorInvalidValue;
   if (p.num_sms < 0) return cudaErrorInvalidValue;
+  if (p.gated && (!skinny_gemm_uses_bulk(p) || p.out != DType::kBF16 || p.n % 16 != 0 ||
+                  (p.gate_bias != nullptr && reinterpret_cast<uintptr_t>(p.gate_bias) % 4 != 0))) {
+    return cudaErrorInvalidValue;
+  }
+  if (skinny_gemm_uses_bulk(p)) return launch_bulk(p, stream);
   const Config cfg = choose(p.m, p.n, p.k, p.num_sms, p.warp_rows, p.k_split);
   if (cfg.ctas <= 0 || cfg.ctas > INT32_MAX) return cudaErrorInvalidValue;
   if (cfg.nt == 1) {

@@ -80,6 +80,14 @@ inline float round_bf16(float f) {
   return from_bf16(to_bf16(f));
 }
 
+// Whether the current device is Hopper or newer (sm_90+ kernel paths).
+inline bool device_is_sm90() {
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         major >= 9;
+}
+
 // A fresh seed per run (PMKV_TEST_SEED fixes it); printed so a failure can be replayed.
 inline uint32_t test_seed(const char* what) {
   static const uint32_t base = [] {

@@ -23,6 +23,7 @@
 
 #include "kernels/gemm/skinny_gemm.h"
 #include "kernels/model/fill.h"
+#include "kernels/model/layer_ops.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace pmkv;
@@ -43,13 +44,15 @@ struct Case {
   // On a stream of its own, right after another kernel: the programmatic dependent launch path
   // (the legacy default stream launches without it).
   bool pdl_stream = false;
+  // The bulk kernel (sm_90+): a workspace is given and the case must take that path.
+  bool bulk = false;
 };
 
 std::string describe(const Case& c) {
   return "m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
          (c.out == kernels::DType::kF32 ? " f32" : " bf16") +
          " warp_rows=" + std::to_string(c.warp_rows) + " k_split=" + std::to_string(c.k_split) +
-         " num_sms=" + std::to_string(c.num_sms);
+         " num_sms=" + std::to_string(c.num_sms) + (c.bulk ? " bulk" : "");
 }
 
 std::vector<uint16_t> random_bf16(size_t count, std::mt19937& rng) {
@@ -79,6 +82,7 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   const size_t out_bytes = c.out == kernels::DType::kF32 ? 4 : 2;
   DeviceBuffer<uint8_t> d((mn + kGuard) * out_bytes);
   CUDA_REQUIRE(d.poison());
+  CUDA_REQUIRE(cudaDeviceSynchronize());
 
   kernels::SkinnyGemmParams p;
   p.a = a.get();
@@ -91,6 +95,22 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   p.num_sms = c.num_sms;
   p.warp_rows = c.warp_rows;
   p.k_split = c.k_split;
+  DeviceBuffer<uint8_t> ws;
+  const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(c.n);
+  if (c.bulk) {
+    ws.resize(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(c.n, c.num_sms)));
+    CUDA_REQUIRE(ws.poison());  // partials: garbage until written
+    CUDA_REQUIRE(cudaMemset(ws.get(), 0, static_cast<size_t>(counter_bytes)));
+    CUDA_REQUIRE(cudaDeviceSynchronize());  // before a launch on a non-blocking stream
+    p.bulk = true;
+    p.workspace = ws.get();
+    p.workspace_bytes = static_cast<int64_t>(ws.size());
+    REQUIRE(kernels::skinny_gemm_uses_bulk(p));
+    // One byte too few: the register kernel instead.
+    kernels::SkinnyGemmParams small = p;
+    --small.workspace_bytes;
+    REQUIRE_FALSE(kernels::skinny_gemm_uses_bulk(small));
+  }
   if (c.pdl_stream) {
     cudaStream_t s = nullptr;
     CUDA_REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -106,6 +126,12 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   }
   std::vector<uint8_t> hd;
   CUDA_REQUIRE(d.download(hd));
+  if (c.bulk) {  // every launch leaves the tile counters zero for the next one
+    std::vector<uint8_t> hw_bytes;
+    CUDA_REQUIRE(ws.download(hw_bytes));
+    REQUIRE(std::all_of(hw_bytes.begin(), hw_bytes.begin() + counter_bytes,
+                        [](uint8_t b) { return b == 0; }));
+  }
 
   size_t bad = 0, first = 0;
   double first_got = 0, first_ref = 0, first_tol = 0, worst = 0;
@@ -207,6 +233,190 @@ TEST_CASE("skinny gemm: the result is bit-identical run to run", "[skinny_gemm]"
     const std::vector<uint8_t> second = run_case(c, r2);
     REQUIRE(first == second);
   }
+}
+
+TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that split tiles",
+          "[skinny_gemm][bulk]") {
+  if (!gputest::device_is_sm90()) {
+    WARN("the bulk kernel needs sm_90: not run");
+    return;
+  }
+  std::mt19937 rng(gputest::test_seed("skinny_gemm bulk"));
+  // k: one 1024-unit, one 2048-unit, 3 x 1024, 7 x 2048 per tile; n: 1, partial tiles, many tiles;
+  // num_sms: one CTA per unit or so (132), a few CTAs whose ranges end inside tiles (5), a tile
+  // shared by 3 CTAs (40 over 19 tiles x 7 units).
+  for (const kernels::DType out : {kernels::DType::kF32, kernels::DType::kBF16})
+    for (const int64_t m : {1, 2, 5, 8})
+      for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 1024},
+                                 {37, 2048},
+                                 {300, 3072},
+                                 {300, 14336},
+                                 {1000, 4096}})
+        for (const int32_t sms : {132, 5, 40})
+          run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true}, rng);
+  // m > 8 takes the register kernel even with a workspace.
+  {
+    DeviceBuffer<uint16_t> a(9 * 1024), w(64 * 1024);
+    DeviceBuffer<float> d(9 * 64);
+    DeviceBuffer<uint8_t> ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(64, 132)));
+    kernels::SkinnyGemmParams p;
+    p.a = a.get();
+    p.w = w.get();
+    p.d = d.get();
+    p.m = 9;
+    p.n = 64;
+    p.k = 1024;
+    p.bulk = true;
+    p.workspace = ws.get();
+    p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+    CHECK_FALSE(kernels::skinny_gemm_uses_bulk(p));
+    p.m = 8;
+    CHECK(kernels::skinny_gemm_uses_bulk(p));
+  }
+  // Llama-3-8B's decode shapes at m = 1 after another kernel on a stream (PDL).
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {4096, 14336}})
+    run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true}, rng);
+}
+
+TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
+  if (!gputest::device_is_sm90()) {
+    WARN("the bulk kernel needs sm_90: not run");
+    return;
+  }
+  const uint32_t seed = gputest::test_seed("skinny_gemm bulk determinism");
+  for (const int32_t sms : {132, 40}) {
+    const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true};
+    std::mt19937 r1(seed), r2(seed);
+    const std::vector<uint8_t> first = run_case(c, r1);
+    const std::vector<uint8_t> second = run_case(c, r2);
+    REQUIRE(first == second);
+  }
+  // Many launches on the same inputs, at m = 8 (the consumers read a from L2 and fall behind the
+  // copies, so the ring runs full and every stage is refilled as soon as it is released) and with
+  // several tile segments per CTA: a missing proxy fence between the consumers' reads and the
+  // next copy into the stage showed up here as 5-100% of launches differing from the first.
+  std::mt19937 rng(seed);
+  for (const bool gated : {false, true}) {
+    const int64_t m = 8, n = 4096, k = 4096;
+    const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
+    const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
+    DeviceBuffer<uint16_t> a, w;
+    CUDA_REQUIRE(a.upload(ha));
+    CUDA_REQUIRE(w.upload(hw));
+    DeviceBuffer<uint8_t> d(static_cast<size_t>(m * n * 4));
+    DeviceBuffer<uint8_t> ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, 132)));
+    CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+    kernels::SkinnyGemmParams p;
+    p.a = a.get();
+    p.w = w.get();
+    p.d = d.get();
+    p.out = gated ? kernels::DType::kBF16 : kernels::DType::kF32;
+    p.gated = gated;
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.num_sms = 132;
+    p.bulk = true;
+    p.workspace = ws.get();
+    p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+    std::vector<uint8_t> first, cur;
+    int differing = 0;
+    for (int r = 0; r < 60; ++r) {
+      CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+      CUDA_REQUIRE(d.download(r == 0 ? first : cur));
+      if (r > 0 && cur != first) ++differing;
+    }
+    INFO("gated " << gated);
+    CHECK(differing == 0);
+  }
+}
+
+TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_silu_mul",
+          "[skinny_gemm][bulk]") {
+  if (!gputest::device_is_sm90()) {
+    WARN("the bulk kernel needs sm_90: not run");
+    return;
+  }
+  std::mt19937 rng(gputest::test_seed("skinny_gemm gated"));
+  for (const int64_t m : {1, 3, 8})
+    for (const auto& [n, k] : {std::pair<int64_t, int64_t>{16, 1024}, {4096, 4096}, {1040, 2048}})
+      for (const int32_t sms : {132, 5})
+        for (const bool with_bias : {false, true}) {
+          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias);
+          const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
+          const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
+          std::vector<float> hb(static_cast<size_t>(n));
+          std::normal_distribution<float> dist(0.0f, 2.0f);
+          for (float& b : hb)
+            b = dist(rng);
+          DeviceBuffer<uint16_t> a, w, gu(static_cast<size_t>(m * n));
+          DeviceBuffer<uint16_t> act(static_cast<size_t>(m * n / 2)),
+              ref(static_cast<size_t>(m * n / 2));
+          DeviceBuffer<float> bias;
+          CUDA_REQUIRE(a.upload(ha));
+          CUDA_REQUIRE(w.upload(hw));
+          CUDA_REQUIRE(bias.upload(hb));
+          CUDA_REQUIRE(act.poison());
+          DeviceBuffer<uint8_t> ws(
+              static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
+          CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+          kernels::SkinnyGemmParams p;
+          p.a = a.get();
+          p.w = w.get();
+          p.d = gu.get();
+          p.out = kernels::DType::kBF16;
+          p.m = m;
+          p.n = n;
+          p.k = k;
+          p.num_sms = sms;
+          p.bulk = true;
+          p.workspace = ws.get();
+          p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+          REQUIRE(kernels::skinny_gemm_uses_bulk(p));
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+          const float* bp = with_bias ? bias.get() : nullptr;
+          CUDA_REQUIRE_LAUNCH(kernels::launch_silu_mul(
+              gu.get(), bp, static_cast<int32_t>(m), static_cast<int32_t>(n / 2), ref.get(),
+              nullptr, kernels::GateUpLayout::kInterleaved8));
+          p.d = act.get();
+          p.gated = true;
+          p.gate_bias = bp;
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+          std::vector<uint16_t> got, want;
+          CUDA_REQUIRE(act.download(got));
+          CUDA_REQUIRE(ref.download(want));
+          size_t mismatches = 0;
+          std::string first;
+          if (got != want) {
+            std::vector<uint16_t> hgu;
+            CUDA_REQUIRE(gu.download(hgu));
+            for (size_t i = 0; i < got.size(); ++i) {
+              if (got[i] == want[i]) continue;
+              if (mismatches++ < 6) {
+                const size_t r = i / (n / 2), j = i % (n / 2);
+                const size_t gi = r * n + 16 * (j / 8) + j % 8;
+                first += " [row " + std::to_string(r) + " col " + std::to_string(j) + ": got " +
+                         std::to_string(got[i]) + " want " + std::to_string(want[i]) + " gate " +
+                         std::to_string(hgu[gi]) + " up " + std::to_string(hgu[gi + 8]) + "]";
+              }
+            }
+          }
+          INFO(mismatches << " mismatches:" << first);
+          REQUIRE(mismatches == 0);
+          // Not the bulk kernel, an fp32 output or a partial 16-row group: rejected.
+          kernels::SkinnyGemmParams q = p;
+          q.m = 9;
+          CHECK(kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue);
+          q = p;
+          q.out = kernels::DType::kF32;
+          CHECK(kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue);
+          q = p;
+          q.n = n - 8;
+          CHECK(kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue);
+          q = p;
+          q.bulk = false;
+          CHECK(kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue);
+        }
 }
 
 TEST_CASE("skinny gemm: unsupported parameters are rejected without a launch", "[skinny_gemm]") {

@@ -57,6 +57,17 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_PDL=0: skinny GEMMs wait for the previous kernel like any launch (A/B measurements).
   const char* pdl = std::getenv("PMKV_PDL");
   skinny_pdl_ = pdl == nullptr || std::strcmp(pdl, "0") != 0;
+  // The skinny GEMM's bulk kernel (sm_90+): its workspace covers outputs of up to kBulkMaxN
+  // columns (larger ones take the register kernel). PMKV_SKINNY_BULK=0 turns it off (A/B).
+  int major = 0;
+  PMKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const char* bulk = std::getenv("PMKV_SKINNY_BULK");
+  if (major >= 9 && (bulk == nullptr || std::strcmp(bulk, "0") != 0)) {
+    skinny_ws_.allocate(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(kBulkMaxN, sms)));
+    PMKV_CUDA_CHECK(cudaMemsetAsync(
+        skinny_ws_.as(), 0, static_cast<size_t>(kernels::skinny_gemm_counter_bytes(kBulkMaxN)),
+        stream_));
+  }
 }
 
 GemmRunner::~GemmRunner() {
@@ -100,23 +111,44 @@ GemmRunner::Plan& GemmRunner::plan(int64_t m, int64_t n, int64_t k, GemmOut out)
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
+kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w, void* d,
+                                                    GemmOut out, int64_t m, int64_t n,
+                                                    int64_t k) const {
+  kernels::SkinnyGemmParams sp;
+  sp.a = static_cast<const uint16_t*>(a);
+  sp.w = static_cast<const uint16_t*>(w);
+  sp.d = d;
+  sp.out = out == GemmOut::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16;
+  sp.m = m;
+  sp.n = n;
+  sp.k = k;
+  sp.num_sms = num_sms_;
+  sp.warp_rows = skinny_warp_rows_;
+  sp.k_split = skinny_k_split_;
+  sp.pdl = skinny_pdl_;
+  sp.bulk = skinny_ws_.bytes() > 0 && n <= kBulkMaxN;
+  sp.workspace = skinny_ws_.as();
+  sp.workspace_bytes = static_cast<int64_t>(skinny_ws_.bytes());
+  return sp;
+}
+
+bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m,
+                           int64_t n, int64_t k) {
+  if (m == 0) return true;
+  if (!skinny_enabled_ || n % 16 != 0) return false;
+  kernels::SkinnyGemmParams sp = skinny_params(a, w, act, GemmOut::kBF16, m, n, k);
+  if (!kernels::skinny_gemm_uses_bulk(sp)) return false;
+  sp.gated = true;
+  sp.gate_bias = bias;
+  PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+  return true;
+}
+
 void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
                      int64_t k) {
   if (m == 0) return;
   if (uses_skinny(a, w, d, out, m, n, k)) {
-    kernels::SkinnyGemmParams sp;
-    sp.a = static_cast<const uint16_t*>(a);
-    sp.w = static_cast<const uint16_t*>(w);
-    sp.d = d;
-    sp.out = out == GemmOut::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16;
-    sp.m = m;
-    sp.n = n;
-    sp.k = k;
-    sp.num_sms = num_sms_;
-    sp.warp_rows = skinny_warp_rows_;
-    sp.k_split = skinny_k_split_;
-    sp.pdl = skinny_pdl_;
-    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(skinny_params(a, w, d, out, m, n, k), stream_));
     return;
   }
   Plan& p = plan(m, n, k, out);

@@ -4,8 +4,9 @@
 // output is fp32 or bf16. One algorithm per shape, chosen by cuBLASLt's heuristic on first use
 // and cached (a decode step asks for the same few shapes every time). Skinny products (m <= 16,
 // k % 8 == 0, a and w 16-byte aligned) run the bandwidth-bound kernel of
-// kernels/gemm/skinny_gemm.h instead; PMKV_GEMM=cublaslt (read once, in the constructor) keeps
-// every shape on cuBLASLt, for comparisons. PMKV_SKINNY_WARP_ROWS (16 | 32) and
+// kernels/gemm/skinny_gemm.h instead (its bulk kernel on sm_90+, with a workspace the runner owns;
+// PMKV_SKINNY_BULK=0 keeps the register kernel); PMKV_GEMM=cublaslt (read once, in the constructor)
+// keeps every shape on cuBLASLt, for comparisons. PMKV_SKINNY_WARP_ROWS (16 | 32) and
 // PMKV_SKINNY_K_SPLIT (1 | 2 | 4 | 8) override the skinny kernel's tiling, for tuning.
 #include <cuda_runtime.h>
 
@@ -15,6 +16,7 @@
 #include <tuple>
 
 #include "engine/backend/cuda/cuda_util.h"
+#include "kernels/gemm/skinny_gemm.h"
 
 namespace pmkv::cuda {
 
@@ -30,6 +32,15 @@ class GemmRunner {
   // d[m, n] = a[m, k] * w[n, k]^T on the runner's stream. m == 0 is a no-op.
   void run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n, int64_t k);
 
+  // The fused gate/up projection with its SwiGLU activation in one launch: act[m, n / 2] =
+  // bf16(silu(gate) * up) from w's rows in kernels::GateUpLayout::kInterleaved8 order; bias: fp32
+  // [n], the n / 2 gate biases then the up biases (not interleaved, as launch_silu_mul takes
+  // them), or null. Launches and returns true when the skinny GEMM's bulk kernel takes the shape (m
+  // <= 8, sm_90+), else does nothing and returns false (the caller runs the GEMM and
+  // launch_silu_mul). Bit-identical to run() + launch_silu_mul on the same shape.
+  bool run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m, int64_t n,
+                 int64_t k);
+
   // Whether run() with these operands takes the skinny kernel (rather than cuBLASLt).
   bool uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                    int64_t k) const;
@@ -37,10 +48,14 @@ class GemmRunner {
  private:
   struct Plan;
   Plan& plan(int64_t m, int64_t n, int64_t k, GemmOut out);
+  kernels::SkinnyGemmParams skinny_params(const void* a, const void* w, void* d, GemmOut out,
+                                          int64_t m, int64_t n, int64_t k) const;
 
   cudaStream_t stream_;
   void* handle_ = nullptr;  // cublasLtHandle_t (kept out of this header)
+  static constexpr int64_t kBulkMaxN = int64_t{1} << 22;
   DeviceMemory workspace_;
+  DeviceMemory skinny_ws_;  // the skinny GEMM's bulk kernel: counters (zeroed) and partials
   bool skinny_enabled_ = true;
   int32_t num_sms_ = 0;
   int32_t skinny_warp_rows_ = 0, skinny_k_split_ = 0;

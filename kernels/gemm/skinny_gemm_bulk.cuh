@@ -1,0 +1,371 @@
+#pragma once
+// Bulk-copy, stream-K variant of the skinny GEMM (kernels/gemm/skinny_gemm.h), for m <= 16 and
+// k % 1024 == 0 on Hopper (sm_90+). Included by skinny_gemm.cu only.
+//
+// Why. The register-load kernel keeps each thread's 16-byte loads in flight itself, 256-512 bytes
+// per row and visit; over a Llama-3-8B token's GEMMs at m = 1 it streamed 3,280 GB/s on an H200
+// whose copy bandwidth is 4,276 GB/s and whose plain read bandwidth is ~4,550 GB/s. Here one
+// producer warp per CTA streams the weights into a shared-memory ring with cp.async.bulk (the copy
+// engine counts the bytes on an mbarrier: no registers, no load instructions) and 8 consumer warps
+// run the tensor-core products from shared memory; the work is split evenly over one CTA per SM.
+// The copies must be long: 512-byte rows ran at 1,632 GB/s, 2-KB rows at 3,776 and 4-KB rows at
+// 3,817 GB/s over the same token (.gpubin probe, bench/RESULTS.md), so a unit is 16 rows x KU
+// columns with KU = 2048 (k % 2048 == 0) or 1024.
+//
+// Work decomposition (stream-K). A unit is one row tile (16 RT rows of w) x KU columns of k, one
+// ring stage. The units are ordered tile-major (a tile's units along k are consecutive) and CTA c
+// of G takes units [floor(c U / G), floor((c + 1) U / G)): every CTA streams the same number of
+// bytes to within one unit. A tile whose units all belong to one CTA is stored directly; a tile
+// split between CTAs gets one partial per contributing CTA in a workspace (slot 0: the CTA's first
+// tile, slot 1: its last), and the last contributor to arrive (an atomic counter per tile, reset
+// by that contributor) adds the partials in CTA order and stores the tile. The result is therefore
+// deterministic for a given G (bit-identical run to run), like the register kernel's.
+//
+// Consumer mapping. In a stage, warp w takes the 32-column blocks w, w + 8, ... of the unit, with
+// the register kernel's fragment layout (lane (g, t): rows g and g + 8, physical columns
+// 8t..8t+7 of the block, one 16-byte shared-memory read per row; see skinny_gemm.cu). Rows sit
+// 2 KU + 64 bytes apart in the stage, so that the 8 lanes of a 128-byte read phase hit distinct
+// banks. The 8 warps' partial sums of a tile are added in shared memory in warp order.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/pdl.cuh"
+
+namespace pmkv::kernels::bulk_gemm {
+
+inline constexpr int kConsumers = 8;  // consumer warps
+inline constexpr int kThreads = (kConsumers + 1) * 32;
+inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for the ring
+
+// RT: 16-row halves per tile (rows = 16 RT); KU: k columns per unit. A stage holds one unit: 16 RT
+// rows of 2 KU bytes, rows padded by 64 bytes (conflict-free fragment reads).
+template <int RT, int KU>
+struct Geometry {
+  static constexpr int kRows = 16 * RT;
+  static constexpr int kRowStride = 2 * KU + 64;
+  static constexpr int kStageBytes = kRows * kRowStride;
+  static constexpr int kStages = kRingBudget / kStageBytes < 16 ? kRingBudget / kStageBytes : 16;
+  static constexpr int kBlocks = KU / 32;    // 32-column blocks per unit, spread over the warps
+  static constexpr int kSlots = RT * 2 * 4;  // accumulators per lane at NT = 2
+  static constexpr int kPartialFloats = kRows * 16;  // a tile's partial sums, [16 cols][rows]
+  static constexpr int kRedBytes = kConsumers * kSlots * 32 * 4;
+  static constexpr int kFinBytes = kSlots * 32 * 4;  // a tile's final sums
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes + kRedBytes + kFinBytes + 2 * kStages * 8 + 16;
+  static_assert(kStages >= 2 && KU % 256 == 0, "two stages at least");
+  static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
+};
+
+// Workspace per launch: tile counters (zero before the first launch; every launch leaves them
+// zero) and two partial slots per CTA.
+template <int RT, int KU>
+inline int64_t workspace_bytes(int64_t max_tiles, int32_t max_ctas) {
+  return max_tiles * 4 + int64_t{max_ctas} * 2 * Geometry<RT, KU>::kPartialFloats * 4;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+      "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// 1-D bulk copy global -> shared, completion counted in bytes on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
+      "[%1], %2, [%3], %4;\n" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(0x12F0000000000000ull)  // evict_first
+      : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ uint4 ldg_a(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// silu(g) * u exactly as launch_silu_mul (kernels/model/layer_ops.cu) and cpu::silu_mul:
+// g / (1 + exp(-g)) * u, every step rounded separately.
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+template <class OutT>
+__device__ __forceinline__ OutT to_out(float v);
+template <>
+__device__ __forceinline__ float to_out<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// First unit of CTA c (of G) over U units, and the CTA owning unit u.
+__device__ __forceinline__ int64_t unit_begin(int64_t c, int64_t units, int64_t ctas) {
+  return c * units / ctas;
+}
+__device__ __forceinline__ int64_t unit_owner(int64_t u, int64_t units, int64_t ctas) {
+  return ((u + 1) * ctas - 1) / units;
+}
+
+// Grid: G CTAs (G <= units), kThreads threads, Geometry::kSmemBytes of dynamic shared memory.
+// kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2].
+template <int NT, int RT, int KU, class OutT, bool kGated>
+__global__ void __launch_bounds__(kThreads, 1)
+    bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
+                     OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
+                     float* __restrict__ partials, const float* __restrict__ gate_bias) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the launcher takes this path only on sm_90 and newer
+#else
+  using Ge = Geometry<RT, KU>;
+  constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
+  constexpr int kSlots = RT * NT * 4;
+  extern __shared__ __align__(128) uint8_t smem[];
+  float* red = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [warp][slot][lane]
+  float* fin = reinterpret_cast<float*>(smem + kStages * kStageBytes + Ge::kRedBytes);
+  uint64_t* full =
+      reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + Ge::kRedBytes + Ge::kFinBytes);
+  uint64_t* empty = full + kStages;
+  int* flag = reinterpret_cast<int*>(empty + kStages);
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t ku = k / KU;  // units per tile
+  const int64_t tiles = (n + kRows - 1) / kRows;
+  const int64_t units = tiles * ku;
+  const int64_t G = gridDim.x;
+  const int64_t u0 = unit_begin(blockIdx.x, units, G);
+  const int64_t u1 = unit_begin(int64_t{blockIdx.x} + 1, units, G);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumers * 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  pdl_trigger();
+
+  if (warp == kConsumers) {
+    // Producer: lane r copies row r of each unit's tile (rows past n repeat row n - 1: those
+    // outputs are never stored). Weights depend on no earlier kernel: start before pdl_wait().
+    int i = 0;
+    for (int64_t u = u0; u < u1; ++u, ++i) {
+      const int s = i % kStages;
+      if (i >= kStages) mbar_wait(&empty[s], ((i / kStages) - 1) & 1);
+      // The consumers read the stage through the generic proxy, the copy writes it through the
+      // async proxy: without this fence the copy could overwrite bytes not yet read. (Measured:
+      // without it, 14-299 of 299 repeated launches at m = 8 differed from the first; with it,
+      // none. The mbarrier's release/acquire orders only the generic proxy.)
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      if (lane == 0) mbar_arrive_expect_tx(&full[s], kRows * KU * 2);
+      __syncwarp();
+      const int64_t tile = u / ku, kk = u % ku;
+      for (int r = lane; r < kRows; r += 32) {
+        int64_t row = tile * kRows + r;
+        row = row < n ? row : n - 1;
+        bulk_copy(smem + s * kStageBytes + r * Ge::kRowStride, w + row * k + kk * KU, KU * 2,
+                  &full[s]);
+      }
+    }
+    return;
+  }
+
+  // Consumers.
+  pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
+  const int g = lane >> 2, t = lane & 3;
+  const uint4* ap[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = min(8 * nt + g, m - 1);
+    ap[nt] = reinterpret_cast<const uint4*>(a + int64_t{r} * k) + t + 4 * warp;
+  }
+  constexpr int kMine = (Ge::kBlocks + kConsumers - 1) / kConsumers;  // blocks per warp per unit
+  float acc[RT][NT][4];
+  auto zero_acc = [&] {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          acc[rt][nt][c] = 0.0f;
+  };
+  zero_acc();
+  const int ct = static_cast<int>(threadIdx.x);  // consumer thread 0..255
+  const int64_t first_tile = u0 / ku;
+  // The fragments of `a` for a unit are loaded one unit ahead (from L2 when a does not fit the L1
+  // that the ring leaves: m > 1), so their latency hides behind the previous unit's wait.
+  constexpr bool kAllBlocks = Ge::kBlocks % kConsumers == 0;
+  uint4 av[kMine][NT], an[kMine][NT];
+  auto load_a = [&](int64_t kk, uint4(&dst)[kMine][NT]) {
+#pragma unroll
+    for (int j = 0; j < kMine; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
+          dst[j][nt] = ldg_a(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
+  };
+  load_a(u0 % ku, an);
+  int i = 0;
+  for (int64_t u = u0; u < u1; ++u, ++i) {
+    const int s = i % kStages;
+    const int64_t tile = u / ku, kk = u % ku;
+#pragma unroll
+    for (int j = 0; j < kMine; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        av[j][nt] = an[j][nt];
+    if (u + 1 < u1) load_a((u + 1) % ku, an);
+    mbar_wait(&full[s], (i / kStages) & 1);
+    uint4 wv[kMine][RT][2];
+#pragma unroll
+    for (int j = 0; j < kMine; ++j) {
+      const uint8_t* st = smem + s * kStageBytes + (32 * (warp + kConsumers * j) + 8 * t) * 2;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
+            wv[j][rt][h] = lds128(st + (16 * rt + 8 * h + g) * Ge::kRowStride);
+    }
+    mbar_arrive(&empty[s]);  // every consumer thread: its reads of the stage are done
+#pragma unroll
+    for (int j = 0; j < kMine; ++j) {
+      if (!kAllBlocks && warp + kConsumers * j >= Ge::kBlocks) continue;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mma16816(acc[rt][nt], wv[j][rt][0].x, wv[j][rt][1].x, wv[j][rt][0].y, wv[j][rt][1].y,
+                   av[j][nt].x, av[j][nt].y);
+          mma16816(acc[rt][nt], wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w,
+                   av[j][nt].z, av[j][nt].w);
+        }
+    }
+
+    if (kk != ku - 1 && u != u1 - 1) continue;
+      // ---- end of this CTA's segment of `tile`: add the 8 warps' sums, store or publish.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          red[(warp * kSlots + (rt * NT + nt) * 4 + c) * 32 + lane] = acc[rt][nt][c];
+    zero_acc();
+    named_sync(1, kConsumers * 32);
+    const bool whole = kk == ku - 1 && u - kk >= u0;  // the segment is the whole tile
+    // Output o of the tile (slot o / 32, lane o % 32: the accumulator layout) goes to fin[o] once
+    // complete: here for a whole tile, after the fix-up for a split one.
+    for (int o = ct; o < kSlots * 32; o += kConsumers * 32) {
+      float v = 0.0f;
+#pragma unroll
+      for (int ww = 0; ww < kConsumers; ++ww)
+        v += red[ww * kSlots * 32 + o];
+      if (whole) {
+        fin[o] = v;
+      } else {
+        const int pslot = tile == first_tile ? 0 : 1;
+        partials[(int64_t{blockIdx.x} * 2 + pslot) * Ge::kPartialFloats + o] = v;
+      }
+    }
+    bool done = whole;
+    if (!whole) {
+      const int64_t c_first = unit_owner(tile * ku, units, G);
+      const int64_t c_last = unit_owner(tile * ku + ku - 1, units, G);
+      __threadfence();
+      named_sync(1, kConsumers * 32);
+      if (ct == 0) {
+        const int old = atomicAdd(&counters[tile], 1);
+        const int last = old == static_cast<int>(c_last - c_first);
+        if (last) counters[tile] = 0;  // every contributor has arrived: ready for the next launch
+        *flag = last;
+      }
+      named_sync(1, kConsumers * 32);
+      done = *flag != 0;
+      if (done) {
+        __threadfence();
+        for (int o = ct; o < kSlots * 32; o += kConsumers * 32) {
+          float sum = 0.0f;
+          for (int64_t cc = c_first; cc <= c_last; ++cc) {
+            const int ps = unit_begin(cc, units, G) / ku == tile ? 0 : 1;
+            sum += __ldcg(&partials[(cc * 2 + ps) * Ge::kPartialFloats + o]);
+          }
+          fin[o] = sum;
+        }
+      }
+    }
+    if (done) {
+      named_sync(1, kConsumers * 32);
+      for (int o = ct; o < kSlots * 32; o += kConsumers * 32) {
+        const int slot = o >> 5, l = o & 31;
+        const int c = slot & 3, nt = (slot >> 2) % NT, rt = (slot >> 2) / NT;
+        const int col = 8 * nt + 2 * (l & 3) + (c & 1);
+        if constexpr (kGated) {
+          // Rows r (gate) and r + 8 (up) of a 16-row group sit in slots c and c + 2.
+          if ((c & 2) != 0) continue;
+          const int64_t half = n / 2;
+          const int64_t j = 8 * (tile * RT + rt) + (l >> 2);  // output column
+          if (col < m && j < half) {
+            // No bias: no addition either (as launch_silu_mul; -0 + 0 would turn into +0).
+            float gv = __bfloat162float(__float2bfloat16_rn(fin[o]));
+            float uv = __bfloat162float(__float2bfloat16_rn(fin[o + 64]));
+            if (gate_bias != nullptr) {
+              gv = __fadd_rn(gv, gate_bias[j]);
+              uv = __fadd_rn(uv, gate_bias[half + j]);
+            }
+            d[int64_t{col} * half + j] = to_out<OutT>(silu_mul(gv, uv));
+          }
+        } else {
+          const int64_t row = tile * kRows + 16 * rt + (l >> 2) + 8 * (c >> 1);
+          if (col < m && row < n) d[int64_t{col} * n + row] = to_out<OutT>(fin[o]);
+        }
+      }
+    }
+    named_sync(1, kConsumers * 32);  // red and flag are reused by the next segment
+  }
+#endif
+}
+
+}  // namespace pmkv::kernels::bulk_gemm
