@@ -306,7 +306,8 @@ __device__ __forceinline__ float silu_mul1(float g, float u) {
 
 // grid (rows, column chunks). kVec: n % 8 == 0, gate_up and bias 16-byte aligned, out 16-byte
 // aligned; each thread does 8 columns (16-byte loads of gate and up, one 16-byte store).
-template <bool kVec>
+// kInterleaved: gate_up's columns come in groups of 16, 8 gate then the same 8 up (GateUpLayout).
+template <bool kVec, bool kInterleaved>
 __global__ void __launch_bounds__(kSiluThreads)
     silu_mul_kernel(const uint16_t* gate_up, const float* bias, int32_t n, uint16_t* out) {
   pdl_trigger();  // the down projection after it may start streaming its weights
@@ -317,8 +318,9 @@ __global__ void __launch_bounds__(kSiluThreads)
   if constexpr (kVec) {
     const int c = i * 8;
     if (c >= n) return;
-    const uint4 gw = *reinterpret_cast<const uint4*>(gr + c);
-    const uint4 uw = *reinterpret_cast<const uint4*>(gr + n + c);
+    const uint16_t* gp = kInterleaved ? gr + 2 * c : gr + c;  // c % 8 == 0: one whole group
+    const uint4 gw = *reinterpret_cast<const uint4*>(gp);
+    const uint4 uw = *reinterpret_cast<const uint4*>(kInterleaved ? gp + 8 : gr + n + c);
     float g[8] = {bf16_lo(gw.x), bf16_hi(gw.x), bf16_lo(gw.y), bf16_hi(gw.y),
                   bf16_lo(gw.z), bf16_hi(gw.z), bf16_lo(gw.w), bf16_hi(gw.w)};
     float u[8] = {bf16_lo(uw.x), bf16_hi(uw.x), bf16_lo(uw.y), bf16_hi(uw.y),
@@ -343,7 +345,9 @@ __global__ void __launch_bounds__(kSiluThreads)
                                                   pack_bf16x2(y[4], y[5]), pack_bf16x2(y[6], y[7]));
   } else {
     if (i >= n) return;
-    float g = bf16_bits_to_float(gr[i]), u = bf16_bits_to_float(gr[n + i]);
+    const int64_t gi = kInterleaved ? 16 * (i / 8) + i % 8 : i;
+    const int64_t ui = kInterleaved ? gi + 8 : n + i;
+    float g = bf16_bits_to_float(gr[gi]), u = bf16_bits_to_float(gr[ui]);
     if (bias != nullptr) {
       g = __fadd_rn(g, bias[i]);
       u = __fadd_rn(u, bias[n + i]);
@@ -419,20 +423,20 @@ cudaError_t launch_rope_kv_write(const RopeKvWriteParams& p, cudaStream_t stream
 }
 
 cudaError_t launch_silu_mul(const uint16_t* gate_up, const float* bias, int32_t rows, int32_t n,
-                            uint16_t* out, cudaStream_t stream) {
+                            uint16_t* out, cudaStream_t stream, GateUpLayout layout) {
   if (rows == 0) return cudaSuccess;
   if (rows < 0 || n <= 0 || gate_up == nullptr || out == nullptr) return cudaErrorInvalidValue;
+  const bool inter = layout == GateUpLayout::kInterleaved8;
+  if (inter && n % 8 != 0) return cudaErrorInvalidValue;
   const bool vec = n % 8 == 0 && aligned(gate_up, 16) && aligned(out, 16) &&
                    (bias == nullptr || aligned(bias, 16));
   const int64_t per_thread = vec ? 8 : 1;
   const int64_t chunks = (n / per_thread + kSiluThreads - 1) / kSiluThreads;
   if (chunks > kMaxGridY) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
-  if (vec) {
-    silu_mul_kernel<true><<<grid, kSiluThreads, 0, stream>>>(gate_up, bias, n, out);
-  } else {
-    silu_mul_kernel<false><<<grid, kSiluThreads, 0, stream>>>(gate_up, bias, n, out);
-  }
+  const auto kernel = vec ? (inter ? silu_mul_kernel<true, true> : silu_mul_kernel<true, false>)
+                          : (inter ? silu_mul_kernel<false, true> : silu_mul_kernel<false, false>);
+  kernel<<<grid, kSiluThreads, 0, stream>>>(gate_up, bias, n, out);
   return cudaGetLastError();
 }
 

@@ -77,12 +77,21 @@ struct RopeKvWriteParams {
 // Rows must use distinct (page, slot) pairs. One warp per (row, head of q | k | v).
 cudaError_t launch_rope_kv_write(const RopeKvWriteParams& params, cudaStream_t stream);
 
-// out[r, i] = bf16(silu(g) * u) for r < rows, i < n, where g = float(gate_up[r, i]) + bias[i] and
-// u = float(gate_up[r, n + i]) + bias[n + i] (bias terms 0 when bias is null) and
+// Column order of a fused gate/up projection's output (= row order of its weight).
+enum class GateUpLayout {
+  kStacked,       // [gate 0..n) | up 0..n)]
+  kInterleaved8,  // groups of 16: gate 8q..8q+7, then up 8q..8q+7 (n % 8 == 0); the skinny
+                  // GEMM's SwiGLU epilogue needs a gate row and its up row in one 16-row tile
+};
+
+// out[r, i] = bf16(silu(g) * u) for r < rows, i < n, where g = float(gate_up[r, gate col of i]) +
+// bias[i] and u = float(gate_up[r, up col of i]) + bias[n + i] (gate col i and up col n + i when
+// stacked; 16 (i / 8) + i % 8 and that + 8 when interleaved; bias terms 0 when bias is null) and
 // silu(g) = g / (1 + expf(-g)) (IEEE division, accurate expf), as cpu::silu_mul.
 // gate_up: bf16 [rows, 2n] (gate | up); bias: fp32 [2n] or null; out: bf16 [rows, n].
 // 16-byte loads when n % 8 == 0 and the pointers are 16-byte aligned.
 cudaError_t launch_silu_mul(const uint16_t* gate_up, const float* bias, int32_t rows, int32_t n,
-                            uint16_t* out, cudaStream_t stream);
+                            uint16_t* out, cudaStream_t stream,
+                            GateUpLayout layout = GateUpLayout::kStacked);
 
 }  // namespace pmkv::kernels

@@ -484,47 +484,58 @@ TEST_CASE("gpu silu_mul: bf16 output within 2^-8 relative of fp64", "[gpu][layer
   const Shape shapes[] = {{1, 8, 0},    {5, 1000, 0},  {64, 13, 0},
                           {3, 4100, 0}, {2, 14336, 0}, {7, 512, 1}};
   for (const Shape& s : shapes) {
-    for (const bool with_bias : {false, true}) {
-      const size_t total = static_cast<size_t>(s.rows) * 2 * s.n;
-      std::vector<uint16_t> gate_up(total);
-      std::normal_distribution<float> dist(0.0f, 3.0f);
-      for (size_t i = 0; i < total; ++i) {
-        float f = dist(rng);
-        if (rng() % 64 == 0) f *= 40.0f;  // far tails: expf(-g) over- and underflows
-        gate_up[i] = gputest::to_bf16(f);
-      }
-      const std::vector<float> bias = normal_vector(2 * static_cast<size_t>(s.n), 0.0f, 0.5f, rng);
-      DeviceBuffer<uint16_t> dgu, dout(static_cast<size_t>(s.rows) * s.n + s.out_offset);
-      DeviceBuffer<float> dbias;
-      CUDA_REQUIRE(dgu.upload(gate_up));
-      CUDA_REQUIRE(dbias.upload(bias));
-      CUDA_REQUIRE(dout.poison());
-      CUDA_REQUIRE_LAUNCH(kernels::launch_silu_mul(dgu.get(), with_bias ? dbias.get() : nullptr,
-                                                   s.rows, s.n, dout.get() + s.out_offset,
-                                                   nullptr));
-      std::vector<uint16_t> out;
-      CUDA_REQUIRE(dout.download(out));
-      std::vector<double> ref(static_cast<size_t>(s.rows) * s.n);
-      for (int32_t r = 0; r < s.rows; ++r) {
-        for (int32_t i = 0; i < s.n; ++i) {
-          const size_t o = static_cast<size_t>(r) * 2 * s.n;
-          float g = gputest::from_bf16(gate_up[o + i]),
-                u = gputest::from_bf16(gate_up[o + s.n + i]);
-          if (with_bias) {  // the same fp32 sums as the GPU's
-            g = g + bias[i];
-            u = u + bias[s.n + i];
-          }
-          ref[static_cast<size_t>(r) * s.n + i] = double{g} / (1.0 + std::exp(-double{g})) * u;
+    for (const bool with_bias : {false, true})
+      for (const kernels::GateUpLayout layout :
+           {kernels::GateUpLayout::kStacked, kernels::GateUpLayout::kInterleaved8}) {
+        const bool inter = layout == kernels::GateUpLayout::kInterleaved8;
+        if (inter && s.n % 8 != 0) {  // rejected without a launch
+          DeviceBuffer<uint16_t> some(16);
+          CHECK(kernels::launch_silu_mul(some.get(), nullptr, s.rows, s.n, some.get(), nullptr,
+                                         layout) == cudaErrorInvalidValue);
+          continue;
         }
+        const size_t total = static_cast<size_t>(s.rows) * 2 * s.n;
+        std::vector<uint16_t> gate_up(total);
+        std::normal_distribution<float> dist(0.0f, 3.0f);
+        for (size_t i = 0; i < total; ++i) {
+          float f = dist(rng);
+          if (rng() % 64 == 0) f *= 40.0f;  // far tails: expf(-g) over- and underflows
+          gate_up[i] = gputest::to_bf16(f);
+        }
+        const std::vector<float> bias =
+            normal_vector(2 * static_cast<size_t>(s.n), 0.0f, 0.5f, rng);
+        DeviceBuffer<uint16_t> dgu, dout(static_cast<size_t>(s.rows) * s.n + s.out_offset);
+        DeviceBuffer<float> dbias;
+        CUDA_REQUIRE(dgu.upload(gate_up));
+        CUDA_REQUIRE(dbias.upload(bias));
+        CUDA_REQUIRE(dout.poison());
+        CUDA_REQUIRE_LAUNCH(kernels::launch_silu_mul(dgu.get(), with_bias ? dbias.get() : nullptr,
+                                                     s.rows, s.n, dout.get() + s.out_offset,
+                                                     nullptr, layout));
+        std::vector<uint16_t> out;
+        CUDA_REQUIRE(dout.download(out));
+        std::vector<double> ref(static_cast<size_t>(s.rows) * s.n);
+        for (int32_t r = 0; r < s.rows; ++r) {
+          for (int32_t i = 0; i < s.n; ++i) {
+            const size_t o = static_cast<size_t>(r) * 2 * s.n;
+            const size_t gi = inter ? 16 * (i / 8) + i % 8 : i;
+            const size_t ui = inter ? gi + 8 : s.n + i;
+            float g = gputest::from_bf16(gate_up[o + gi]), u = gputest::from_bf16(gate_up[o + ui]);
+            if (with_bias) {  // the same fp32 sums as the GPU's
+              g = g + bias[i];
+              u = u + bias[s.n + i];
+            }
+            ref[static_cast<size_t>(r) * s.n + i] = double{g} / (1.0 + std::exp(-double{g})) * u;
+          }
+        }
+        INFO("rows " << s.rows << " n " << s.n << " out offset " << s.out_offset << " bias "
+                     << with_bias << " interleaved " << inter);
+        require_close(
+            "silu_mul out", ref.size(),
+            [&](size_t i) { return double{gputest::from_bf16(out[s.out_offset + i])}; },
+            [&](size_t i) { return ref[i]; },
+            [&](size_t i) { return (std::ldexp(1.0, -8) + 1e-6) * std::fabs(ref[i]) + 1e-30; });
+        if (s.out_offset > 0) REQUIRE(out[0] == 0xFFFF);  // the element before out: untouched
       }
-      INFO("rows " << s.rows << " n " << s.n << " out offset " << s.out_offset << " bias "
-                   << with_bias);
-      require_close(
-          "silu_mul out", ref.size(),
-          [&](size_t i) { return double{gputest::from_bf16(out[s.out_offset + i])}; },
-          [&](size_t i) { return ref[i]; },
-          [&](size_t i) { return (std::ldexp(1.0, -8) + 1e-6) * std::fabs(ref[i]) + 1e-30; });
-      if (s.out_offset > 0) REQUIRE(out[0] == 0xFFFF);  // the element before out: untouched
-    }
   }
 }

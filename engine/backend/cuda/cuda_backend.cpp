@@ -129,7 +129,7 @@ struct StepArgs {
 struct CudaBackend::Impl {
   struct Layer {
     DeviceMemory attn_norm, mlp_norm;          // f32 [hidden]
-    DeviceMemory wqkv, wo, w_gate_up, w_down;  // bf16, [out, in]
+    DeviceMemory wqkv, wo, w_gate_up, w_down;  // bf16, [out, in]; w_gate_up's rows: see below
     DeviceMemory bqkv, bo, b_gate_up, b_down;  // f32, empty when the model has none
   };
 
@@ -144,6 +144,9 @@ struct CudaBackend::Impl {
 
   DeviceMemory embed, lm_head, final_norm, inv_freq;
   std::vector<Layer> layers;
+  // Row order of every layer's w_gate_up: interleaved by 8 when the intermediate size allows
+  // (the SwiGLU can then run in the skinny GEMM's epilogue), stacked otherwise.
+  kernels::GateUpLayout gate_up_layout = kernels::GateUpLayout::kStacked;
   int64_t weight_bytes = 0;
   DeviceMemory pool;
 
@@ -348,6 +351,24 @@ struct CudaBackend::Impl {
     return m;
   }
 
+  // Reorders a stacked [gate (I rows); up (I rows)] bf16 matrix into groups of 8 gate rows and
+  // the same 8 up rows (kernels::GateUpLayout::kInterleaved8), on the device.
+  void interleave_gate_up(DeviceMemory& wgu) {
+    const int64_t H = cfg.hidden_size, I = cfg.intermediate_size;
+    DeviceMemory out(wgu.bytes());
+    const size_t group = static_cast<size_t>(8 * H) * sizeof(uint16_t);  // 8 rows
+    const auto* src = wgu.as<uint8_t>();
+    auto* dst = out.as<uint8_t>();
+    // Gate group q -> output group 2q, up group q -> 2q + 1.
+    PMKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, 2 * group, src, group, group, static_cast<size_t>(I / 8),
+                                      cudaMemcpyDeviceToDevice, s()));
+    PMKV_CUDA_CHECK(cudaMemcpy2DAsync(dst + group, 2 * group, src + static_cast<size_t>(I) * H * 2,
+                                      group, group, static_cast<size_t>(I / 8),
+                                      cudaMemcpyDeviceToDevice, s()));
+    PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
+    wgu = std::move(out);
+  }
+
   void load(const WeightStore& w);
   void load_dummy();
   void reserve_rows(int64_t rows);
@@ -399,6 +420,7 @@ void CudaBackend::Impl::load(const WeightStore& w) {
     }
     L.w_gate_up = upload_stacked(
         w, {layer_name(l, "mlp.gate_proj.weight"), layer_name(l, "mlp.up_proj.weight")}, {I, I}, H);
+    if (gate_up_layout == kernels::GateUpLayout::kInterleaved8) interleave_gate_up(L.w_gate_up);
     L.w_down = upload_stacked(w, {layer_name(l, "mlp.down_proj.weight")}, {H}, I);
     if (cfg.mlp_bias) {
       L.b_gate_up = upload_f32(load_cat(
@@ -711,10 +733,15 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
         kernels::launch_add_rmsnorm({xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
                                      static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
                                     s()));
-    gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H);
-    PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
-                                             static_cast<int32_t>(N), static_cast<int32_t>(I),
-                                             act.as<uint16_t>(), s()));
+    // Decode at m <= 8 on sm_90: the SwiGLU in the GEMM's epilogue (one launch, no gu round
+    // trip); otherwise the GEMM into gu, then the activation kernel.
+    if (gate_up_layout != kernels::GateUpLayout::kInterleaved8 ||
+        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H)) {
+      gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H);
+      PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
+                                               static_cast<int32_t>(N), static_cast<int32_t>(I),
+                                               act.as<uint16_t>(), s(), gate_up_layout));
+    }
     gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I);
     mark(4);
   }
@@ -787,6 +814,7 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   }
   if (!options.key_scales.empty()) validate_key_scales(cfg_, options.key_scales);
   m.cfg = cfg_;
+  if (cfg_.intermediate_size % 8 == 0) m.gate_up_layout = kernels::GateUpLayout::kInterleaved8;
   m.geometry = geometry;
   m.page_bytes = kv::page_bytes(geometry);
   m.num_pages = num_pages;
