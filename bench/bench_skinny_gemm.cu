@@ -1,0 +1,249 @@
+// The skinny GEMM (kernels/gemm/skinny_gemm.h) over one decode token's weight stream of a
+// Llama-shaped model: for each layer qkv, o, gate_up and down (distinct weights, so nothing is
+// read from L2 twice), then lm_head, captured in one CUDA graph and replayed. Compares the register
+// kernel with the bulk kernel (sm_90) at the m given, against the device-to-device copy bandwidth
+// and a plain read-only stream over the same bytes (the ceiling a weight-streaming kernel can
+// reach). Also each shape alone (32 launches of it in a graph).
+//
+// Usage: bench_skinny_gemm [--rows 1,2,4,8] [--layers 32] [--hidden 4096] [--intermediate 14336]
+//                          [--heads 32] [--kv-heads 8] [--head-dim 128] [--vocab 128256]
+// Output: a table on stderr, one JSON object on stdout (device, copy_gb_s, read_gb_s, points).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/gemm/skinny_gemm.h"
+
+using namespace pmkv;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+#define CK(x) check((x), #x)
+
+__global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu) |
+                                 ((h >> 16) & 0x8000u));  // |x| in [2^-7, 2^-6)
+  }
+}
+
+// Read-only stream: 8 independent 16-byte loads in flight per thread, grid-stride.
+__global__ void read_stream(const uint4* p, int64_t n16, uint32_t* sink) {
+  uint32_t x = 0;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  for (; i + 7 * stride < n16; i += 8 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
+                   : "l"(p + i + u * stride));
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = p[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9E3779B9u) *sink = x;  // never true in practice; keeps the loads
+}
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> out;
+  size_t at = 0;
+  while (at < s.size()) {
+    const size_t comma = s.find(',', at);
+    out.push_back(std::stoll(s.substr(at, comma - at)));
+    at = comma == std::string::npos ? s.size() : comma + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string rows = "1,2,4,8";
+  int64_t L = 32, H = 4096, I = 14336, NH = 32, NKV = 8, D = 128, V = 128256;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--rows")
+      rows = v;
+    else if (a == "--layers")
+      L = std::stoll(v);
+    else if (a == "--hidden")
+      H = std::stoll(v);
+    else if (a == "--intermediate")
+      I = std::stoll(v);
+    else if (a == "--heads")
+      NH = std::stoll(v);
+    else if (a == "--kv-heads")
+      NKV = std::stoll(v);
+    else if (a == "--head-dim")
+      D = std::stoll(v);
+    else if (a == "--vocab")
+      V = std::stoll(v);
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const int sms = prop.multiProcessorCount;
+  const bool hopper = prop.major >= 9;
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  const Shape shapes[4] = {
+      {"qkv", (NH + 2 * NKV) * D, H}, {"o", H, NH * D}, {"gate_up", 2 * I, H}, {"down", H, I}};
+  const Shape head{"lm_head", V, H};
+  int64_t total = head.n * head.k;
+  for (const Shape& s : shapes)
+    total += L * s.n * s.k;
+  uint16_t* wbase = nullptr;
+  CK(cudaMalloc(&wbase, static_cast<size_t>(total) * 2));
+  fill_bf16<<<4096, 256>>>(wbase, total, 0x9E3779B9u);
+  std::vector<const uint16_t*> W[4];
+  int64_t off = 0;
+  for (int64_t l = 0; l < L; ++l)
+    for (int j = 0; j < 4; ++j) {
+      W[j].push_back(wbase + off);
+      off += shapes[j].n * shapes[j].k;
+    }
+  const uint16_t* Wh = wbase + off;
+  const int64_t max_k = std::max(H, std::max(I, NH * D));
+  uint16_t* a = nullptr;
+  float* d = nullptr;
+  uint32_t* sink = nullptr;
+  CK(cudaMalloc(&a, 16 * max_k * 2));
+  CK(cudaMalloc(&d, static_cast<size_t>(16 * std::max(V, 2 * I)) * 4));
+  CK(cudaMalloc(&sink, 4));
+  fill_bf16<<<64, 256>>>(a, 16 * max_k, 7u);
+  const int64_t ws_bytes = kernels::skinny_gemm_workspace_bytes(std::max(V, 2 * I), sms);
+  void* ws = nullptr;
+  CK(cudaMalloc(&ws, static_cast<size_t>(ws_bytes)));
+  CK(cudaMemset(ws, 0, static_cast<size_t>(ws_bytes)));
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaDeviceSynchronize());
+
+  auto elapsed_ms = [&](auto&& enqueue, int reps) {
+    for (int r = 0; r < 2; ++r)
+      enqueue();
+    CK(cudaEventRecord(e0, s));
+    for (int r = 0; r < reps; ++r)
+      enqueue();
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    return double(ms) / reps;
+  };
+  // Copy and read ceilings.
+  const size_t cb = size_t{2} << 30;
+  void *x = nullptr, *y = nullptr;
+  CK(cudaMalloc(&x, cb));
+  CK(cudaMalloc(&y, cb));
+  const double copy_ms =
+      elapsed_ms([&] { CK(cudaMemcpyAsync(y, x, cb, cudaMemcpyDeviceToDevice, s)); }, 10);
+  CK(cudaFree(x));
+  CK(cudaFree(y));
+  const double copy_gbps = 2.0 * cb / (copy_ms * 1e-3) / 1e9;
+  const double read_ms = elapsed_ms(
+      [&] {
+        read_stream<<<sms * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(wbase), total / 8, sink);
+      },
+      3);
+  const double bytes = 2.0 * total;
+  const double read_gbps = bytes / (read_ms * 1e-3) / 1e9;
+  std::fprintf(stderr, "%s: copy %.0f GB/s, read stream %.0f GB/s over %.2f GB\n", prop.name,
+               copy_gbps, read_gbps, bytes / 1e9);
+
+  auto graph_ms = [&](auto&& body) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    body();
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    const double ms = elapsed_ms([&] { CK(cudaGraphLaunch(ge, s)); }, 10);
+    CK(cudaGraphExecDestroy(ge));
+    CK(cudaGraphDestroy(g));
+    return ms;
+  };
+  std::string json = "{\"device\": \"" + std::string(prop.name) +
+                     "\", \"copy_gb_s\": " + std::to_string(copy_gbps) +
+                     ", \"read_gb_s\": " + std::to_string(read_gbps) +
+                     ", \"token_weight_gb\": " + std::to_string(bytes / 1e9) + ", \"points\": [";
+  bool first = true;
+  for (const int64_t m : parse_list(rows)) {
+    for (const bool bulk : {false, true}) {
+      if (bulk && !hopper) continue;
+      auto gemm = [&](const uint16_t* w, const Shape& sh) {
+        kernels::SkinnyGemmParams p;
+        p.a = a;
+        p.w = w;
+        p.d = d;
+        p.m = m;
+        p.n = sh.n;
+        p.k = sh.k;
+        p.num_sms = sms;
+        p.bulk = bulk;
+        p.workspace = ws;
+        p.workspace_bytes = ws_bytes;
+        CK(kernels::launch_skinny_gemm(p, s));
+      };
+      const double ms = graph_ms([&] {
+        for (int64_t l = 0; l < L; ++l)
+          for (int j = 0; j < 4; ++j)
+            gemm(W[j][l], shapes[j]);
+        gemm(Wh, head);
+      });
+      std::fprintf(
+          stderr, "m=%lld %-8s token: %.3f ms, %.0f GB/s (%.1f%% of copy, %.1f%% of read) |",
+          static_cast<long long>(m), bulk ? "bulk" : "register", ms, bytes / (ms * 1e-3) / 1e9,
+          100 * bytes / (ms * 1e-3) / 1e9 / copy_gbps, 100 * bytes / (ms * 1e-3) / 1e9 / read_gbps);
+      json += std::string(first ? "" : ", ") + "{\"m\": " + std::to_string(m) + ", \"kernel\": \"" +
+              (bulk ? "bulk" : "register") + "\", \"token_ms\": " + std::to_string(ms) +
+              ", \"token_gb_s\": " + std::to_string(bytes / (ms * 1e-3) / 1e9);
+      first = false;
+      for (int j = 0; j < 4; ++j) {
+        const double ms1 = graph_ms([&] {
+          for (int64_t l = 0; l < L; ++l)
+            gemm(W[j][l], shapes[j]);
+        });
+        const double gbps = L * shapes[j].n * shapes[j].k * 2.0 / (ms1 * 1e-3) / 1e9;
+        std::fprintf(stderr, " %s %.1f us %.0f GB/s |", shapes[j].name, ms1 * 1e3 / L, gbps);
+        json += std::string(", \"") + shapes[j].name + "_us\": " + std::to_string(ms1 * 1e3 / L) +
+                ", \"" + shapes[j].name + "_gb_s\": " + std::to_string(gbps);
+      }
+      std::fprintf(stderr, "\n");
+      json += "}";
+    }
+  }
+  json += "]}";
+  std::printf("%s\n", json.c_str());
+  return 0;
+}
