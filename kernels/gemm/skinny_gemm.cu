@@ -29,6 +29,7 @@
 
 #include "kernels/gemm/skinny_gemm.h"
 #include "kernels/gemm/skinny_gemm_bulk.cuh"
+#include "kernels/gemm/skinny_gemm_common.cuh"
 #include "kernels/pdl.cuh"
 
 namespace pmkv::kernels {
@@ -55,47 +56,9 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-__device__ __forceinline__ uint4 load_cached(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// c += A * B for one m16n8k16 tile (bf16 inputs, fp32 accumulation).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// One 32-k block: w fragments wv[rt][0] (row g) and wv[rt][1] (row g + 8), a fragments av[nt].
-template <int NT, int RT>
-__device__ __forceinline__ void mma_block(float (&acc)[RT][NT][4], const uint4 (&wv)[RT][2],
-                                          const uint4 (&av)[NT]) {
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      mma_bf16(acc[rt][nt], wv[rt][0].x, wv[rt][1].x, wv[rt][0].y, wv[rt][1].y, av[nt].x, av[nt].y);
-      mma_bf16(acc[rt][nt], wv[rt][0].z, wv[rt][1].z, wv[rt][0].w, wv[rt][1].w, av[nt].z, av[nt].w);
-    }
-  }
-}
-
-template <class OutT>
-__device__ __forceinline__ OutT convert_out(float v);
-template <>
-__device__ __forceinline__ float convert_out<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 convert_out<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using skinny_detail::convert_out;
+using skinny_detail::load_cached;
+using skinny_detail::mma_block;
 
 // Grid: one CTA per 8 / 2^ks_log2 warp tiles. a, w: 16-byte aligned, k % 8 == 0.
 template <int NT, int RT, class OutT>

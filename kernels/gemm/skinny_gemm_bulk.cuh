@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "kernels/gemm/skinny_gemm_common.cuh"
 #include "kernels/pdl.cuh"
 
 namespace pmkv::kernels::bulk_gemm {
@@ -106,36 +107,14 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ uint4 lds128(const uint8_t* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
-__device__ __forceinline__ uint4 ldg_a(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+using skinny_detail::convert_out;
+using skinny_detail::load_cached;
+using skinny_detail::mma_block;
 
 // silu(g) * u exactly as launch_silu_mul (kernels/model/layer_ops.cu) and cpu::silu_mul:
 // g / (1 + exp(-g)) * u, every step rounded separately.
 __device__ __forceinline__ float silu_mul(float g, float u) {
   return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
-}
-
-template <class OutT>
-__device__ __forceinline__ OutT to_out(float v);
-template <>
-__device__ __forceinline__ float to_out<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // First unit of CTA c (of G) over U units, and the CTA owning unit u.
@@ -244,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
-          dst[j][nt] = ldg_a(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
+          dst[j][nt] = load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
   };
   load_a(u0 % ku, an);
   int i = 0;
@@ -273,15 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kMine; ++j) {
       if (!kAllBlocks && warp + kConsumers * j >= Ge::kBlocks) continue;
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          mma16816(acc[rt][nt], wv[j][rt][0].x, wv[j][rt][1].x, wv[j][rt][0].y, wv[j][rt][1].y,
-                   av[j][nt].x, av[j][nt].y);
-          mma16816(acc[rt][nt], wv[j][rt][0].z, wv[j][rt][1].z, wv[j][rt][0].w, wv[j][rt][1].w,
-                   av[j][nt].z, av[j][nt].w);
-        }
+      mma_block<NT, RT>(acc, wv[j], av[j]);
     }
 
     if (kk != ku - 1 && u != u1 - 1) continue;
@@ -355,11 +326,11 @@ __global__ void __launch_bounds__(kThreads, 1)
               gv = __fadd_rn(gv, gate_bias[j]);
               uv = __fadd_rn(uv, gate_bias[half + j]);
             }
-            d[int64_t{col} * half + j] = to_out<OutT>(silu_mul(gv, uv));
+            d[int64_t{col} * half + j] = convert_out<OutT>(silu_mul(gv, uv));
           }
         } else {
           const int64_t row = tile * kRows + 16 * rt + (l >> 2) + 8 * (c >> 1);
-          if (col < m && row < n) d[int64_t{col} * n + row] = to_out<OutT>(fin[o]);
+          if (col < m && row < n) d[int64_t{col} * n + row] = convert_out<OutT>(fin[o]);
         }
       }
     }
