@@ -354,6 +354,11 @@ int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms) {
          sms * 2 * bulk_gemm::Geometry<1, 1024>::kPartialFloats * 4;
 }
 
+int32_t skinny_gemm_bulk_smem_bytes() {
+  return std::max(bulk_gemm::Geometry<1, 1024>::kSmemBytes,
+                  bulk_gemm::Geometry<1, 2048>::kSmemBytes);
+}
+
 bool skinny_gemm_uses_bulk(const SkinnyGemmParams& p) {
   return p.bulk && p.workspace != nullptr && p.m >= 1 && p.m <= kSkinnyGemmBulkMaxM &&
          bulk_unit_k(p.k) != 0 && p.warp_rows == 0 && p.k_split == 0 &&

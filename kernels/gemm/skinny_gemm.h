@@ -71,6 +71,10 @@ struct SkinnyGemmParams {
 int64_t skinny_gemm_counter_bytes(int64_t max_n);
 int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms);
 
+// Dynamic shared memory the bulk kernel asks for (the largest of its configurations): a device
+// whose opt-in limit per block is smaller must not enable it.
+int32_t skinny_gemm_bulk_smem_bytes();
+
 // Whether launch_skinny_gemm takes the bulk kernel for these parameters (gated ones are rejected
 // when it does not).
 bool skinny_gemm_uses_bulk(const SkinnyGemmParams& params);

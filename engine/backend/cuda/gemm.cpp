@@ -57,12 +57,16 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_PDL=0: skinny GEMMs wait for the previous kernel like any launch (A/B measurements).
   const char* pdl = std::getenv("PMKV_PDL");
   skinny_pdl_ = pdl == nullptr || std::strcmp(pdl, "0") != 0;
-  // The skinny GEMM's bulk kernel (sm_90+): its workspace covers outputs of up to kBulkMaxN
-  // columns (larger ones take the register kernel). PMKV_SKINNY_BULK=0 turns it off (A/B).
-  int major = 0;
+  // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
+  // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
+  // PMKV_SKINNY_BULK=0 turns it off (A/B).
+  int major = 0, smem_optin = 0;
   PMKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  PMKV_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const char* bulk = std::getenv("PMKV_SKINNY_BULK");
-  if (major >= 9 && (bulk == nullptr || std::strcmp(bulk, "0") != 0)) {
+  if (major >= 9 && smem_optin >= kernels::skinny_gemm_bulk_smem_bytes() &&
+      (bulk == nullptr || std::strcmp(bulk, "0") != 0)) {
     skinny_ws_.allocate(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(kBulkMaxN, sms)));
     PMKV_CUDA_CHECK(cudaMemsetAsync(
         skinny_ws_.as(), 0, static_cast<size_t>(kernels::skinny_gemm_counter_bytes(kBulkMaxN)),
