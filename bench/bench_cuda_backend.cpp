@@ -243,8 +243,10 @@ nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
       const double us = ms * 1e3 / reps;
       const double gbps = double(sh.n * sh.k * 2) / (us * 1e-6) / 1e9;
       const char* path =
-          gemm.uses_skinny(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k) ? "skinny"
-                                                                                       : "cublaslt";
+          gemm.uses_bulk(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k) ? "skinny-bulk"
+          : gemm.uses_skinny(a.as(), w.as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k)
+              ? "skinny-register"
+              : "cublaslt";
       std::fprintf(stderr,
                    "gemm m=%lld %-8s n=%6lld k=%6lld: %8.1f us, %6.0f GB/s (%.0f%% of copy, %s)\n",
                    static_cast<long long>(m), sh.name, static_cast<long long>(sh.n),

@@ -162,6 +162,12 @@ void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t
                                stream_));
 }
 
+bool GemmRunner::uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m,
+                           int64_t n, int64_t k) const {
+  return uses_skinny(a, w, d, out, m, n, k) &&
+         kernels::skinny_gemm_uses_bulk(skinny_params(a, w, const_cast<void*>(d), out, m, n, k));
+}
+
 bool GemmRunner::uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m,
                              int64_t n, int64_t k) const {
   return skinny_enabled_ &&

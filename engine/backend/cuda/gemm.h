@@ -41,6 +41,10 @@ class GemmRunner {
   bool run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m, int64_t n,
                  int64_t k);
 
+  // Whether run() with these operands takes the skinny GEMM's bulk kernel.
+  bool uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
+                 int64_t k) const;
+
   // Whether run() with these operands takes the skinny kernel (rather than cuBLASLt).
   bool uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                    int64_t k) const;
