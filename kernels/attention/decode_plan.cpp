@@ -204,6 +204,40 @@ struct LayerPart {
   std::exception_ptr error;
 };
 
+// Whether layer t is layer p moved by a constant number of pages: as many sequences, every
+// sequence's pages `*delta` CSR positions after p's, with the same bit-widths and token counts.
+// plan_layer reads nothing else, so t's plan is then p's with every page index moved by *delta
+// (byte for byte what planning t gives; an invalid p is invalid t alike).
+bool same_shape(const DecodeLayerTable& p, const DecodeLayerTable& t, int32_t* delta) {
+  if (p.num_seqs != t.num_seqs) return false;
+  const int32_t S = p.num_seqs;
+  const int32_t d = S > 0 ? t.page_starts[0] - p.page_starts[0] : 0;
+  for (int32_t s = 0; s <= S; ++s) {
+    if (t.page_starts[s] - p.page_starts[s] != d) return false;
+  }
+  for (int32_t s = 0; s < S; ++s) {  // CSR ranges; compared per sequence (no layout assumed)
+    const int32_t b = p.page_starts[s], n = p.page_starts[s + 1] - b;
+    if (n < 0) return false;  // invalid: left to plan_layer's checks
+    const size_t bytes = static_cast<size_t>(n) * sizeof(int32_t);
+    if (std::memcmp(p.page_bits + b, t.page_bits + b + d, bytes) != 0 ||
+        std::memcmp(p.page_tokens + b, t.page_tokens + b + d, bytes) != 0) {
+      return false;
+    }
+  }
+  *delta = d;
+  return true;
+}
+
+// Moves every page index of a layer's plan by `d` (items only: merges and per-bits lists hold
+// layer-relative item indices).
+void move_pages(LayerPart& part, int32_t d) {
+  for (DecodeWorkItem& it : part.items) {
+    it.page_end += d;
+    for (int w = 0; w < kDecodeWarps; ++w)
+      it.warp_page[w] += d;
+  }
+}
+
 void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPart& out) {
   std::vector<Run> runs;
   collect_runs(cfg, t, runs);
@@ -266,25 +300,51 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
   check(cfg.head_dim == 64 || cfg.head_dim == 128, "head_dim must be 64 or 128");
   check(cfg.num_sms > 0 && cfg.ctas_per_sm >= 0, "num_sms must be positive");
   // Layers are planned independently (on the caller's threads when it gives parallel_for), then
-  // concatenated in layer order.
+  // concatenated in layer order. A layer shaped like the one before it takes that layer's plan
+  // with its page indices moved (see same_shape): checking costs a compare of the tables, planning
+  // a walk over them, and the layers of a uniformly configured cache are all alike.
   const int num_layers = static_cast<int>(layers.size());
+  const auto run = [&](int n, const std::function<void(int)>& body) {
+    if (parallel_for && n > 1) {
+      parallel_for(n, body);
+    } else {
+      for (int i = 0; i < n; ++i)
+        body(i);
+    }
+  };
+  std::vector<int32_t> shift(layers.size(), 0);  // layer l = layer l - 1 moved by shift[l] pages
+  std::vector<char> alike(layers.size(), 0);
+  run(num_layers - 1,
+      [&](int i) { alike[i + 1] = same_shape(layers[i], layers[i + 1], &shift[i + 1]) ? 1 : 0; });
+  std::vector<int> source(layers.size());  // the planned layer whose plan layer l reuses
+  std::vector<int> planned;
+  for (int l = 0; l < num_layers; ++l) {
+    if (l > 0 && alike[l]) {
+      source[l] = source[l - 1];
+      shift[l] += shift[l - 1];  // now relative to the source
+    } else {
+      source[l] = l;
+      shift[l] = 0;
+      planned.push_back(l);
+    }
+  }
   std::vector<LayerPart> parts(layers.size());
-  const auto body = [&](int l) {
+  run(static_cast<int>(planned.size()), [&](int i) {
+    const int l = planned[i];
     try {
       plan_layer(cfg, layers[l], parts[l]);
     } catch (...) {
       parts[l].error = std::current_exception();
     }
-  };
-  if (parallel_for && num_layers > 1) {
-    parallel_for(num_layers, body);
-  } else {
-    for (int l = 0; l < num_layers; ++l)
-      body(l);
+  });
+  for (const int l : planned) {
+    if (parts[l].error) std::rethrow_exception(parts[l].error);
   }
-  for (const LayerPart& part : parts) {
-    if (part.error) std::rethrow_exception(part.error);
-  }
+  run(num_layers, [&](int l) {
+    if (source[l] == l) return;
+    parts[l] = parts[source[l]];
+    move_pages(parts[l], shift[l]);
+  });
   plan->items.clear();
   plan->merges.clear();
   plan->layers.clear();

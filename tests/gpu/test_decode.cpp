@@ -348,9 +348,85 @@ TEST_CASE("decode plan: layers planned on several threads give the serial plan",
   // A bad table in one layer is reported from the calling thread.
   if (!bits[3].empty()) {
     bits[3][0] = 3;
-    REQUIRE_THROWS_AS(kernels::plan_decode(cfg, tables, &parallel, threads),
-                      std::invalid_argument);
+    REQUIRE_THROWS_AS(kernels::plan_decode(cfg, tables, &parallel, threads), std::invalid_argument);
   }
+}
+
+TEST_CASE("decode plan: a layer shaped like the one before takes its plan, byte for byte",
+          "[gpu][attention][host]") {
+  // The backend's layout: one CSR over [layer][sequence] in shared bits/tokens arrays. Layers are
+  // copies of the one before (moved by its page count: the reuse path) or differ in one page's
+  // tokens or bits, in its page count, or entirely; the multi-layer plan must equal the layers
+  // planned one at a time (no reuse possible then).
+  std::mt19937 rng(gputest::test_seed("plan_reuse"));
+  const kv::PageGeometry g{2, 64, 4};
+  int reused = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const int num_layers = 2 + static_cast<int>(rng() % 7), S = 1 + static_cast<int>(rng() % 5);
+    std::vector<int32_t> starts{0}, bits, tokens;
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> prev;  // per sequence: (bits, tokens)
+    for (int l = 0; l < num_layers; ++l) {
+      const int kind = l == 0 ? 4 : static_cast<int>(rng() % 5);  // 0, 1: copy
+      std::vector<std::vector<std::pair<int32_t, int32_t>>> cur = prev;
+      if (kind >= 4) {  // fresh random layer
+        cur.assign(S, {});
+        for (auto& seq : cur)
+          for (int p = static_cast<int>(rng() % 12); p > 0; --p) {
+            const int b = 16 >> (rng() % 4);
+            seq.push_back({b, static_cast<int32_t>(rng() % (kv::tokens_per_page(g, b) + 1))});
+          }
+      } else if (kind == 2) {  // one page's tokens or bits differ
+        auto& seq = cur[rng() % S];
+        if (!seq.empty()) {
+          auto& pg = seq[rng() % seq.size()];
+          if (rng() % 2) {
+            pg.second = pg.second > 0 ? pg.second - 1 : 1;
+          } else {
+            pg.first = pg.first == 16 ? 8 : 16;
+            pg.second = std::min(pg.second, kv::tokens_per_page(g, pg.first));
+          }
+        }
+      } else if (kind == 3) {  // one more page in one sequence
+        cur[rng() % S].push_back({16, 1});
+      }
+      reused += kind <= 1 ? 1 : 0;
+      for (const auto& seq : cur) {
+        for (const auto& [b, n] : seq) {
+          bits.push_back(b);
+          tokens.push_back(n);
+        }
+        starts.push_back(static_cast<int32_t>(bits.size()));
+      }
+      prev = cur;
+    }
+    std::vector<kernels::DecodeLayerTable> tables;
+    for (int l = 0; l < num_layers; ++l)
+      tables.push_back({S, starts.data() + l * S, bits.data(), tokens.data()});
+    kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+    cfg.sliding_window = trial % 3 == 0 ? 1 + static_cast<int>(rng() % 60) : 0;
+    cfg.num_sms = 1 + static_cast<int>(rng() % 40);
+    kernels::DecodePlan all;
+    kernels::plan_decode(cfg, tables, &all);
+    for (int l = 0; l < num_layers; ++l) {
+      INFO("trial " << trial << " layer " << l);
+      kernels::DecodePlan one;
+      kernels::plan_decode(cfg, {&tables[l], 1}, &one);
+      const kernels::DecodeLayerPlan& lp = all.layers[l];
+      REQUIRE(lp.num_items == one.layers[0].num_items);
+      REQUIRE(lp.num_merges == one.layers[0].num_merges);
+      REQUIRE(std::memcmp(all.items.data() + lp.item_begin, one.items.data(),
+                          one.items.size() * sizeof(kernels::DecodeWorkItem)) == 0);
+      REQUIRE(std::memcmp(all.merges.data() + lp.merge_begin, one.merges.data(),
+                          one.merges.size() * sizeof(kernels::DecodeMergeItem)) == 0);
+      for (int b = 0; b < 4; ++b) {
+        REQUIRE(lp.bits_count[b] == one.layers[0].bits_count[b]);
+        for (int32_t i = 0; i < lp.bits_count[b]; ++i)
+          REQUIRE(all.bit_items[lp.bits_begin[b] + i] ==
+                  one.bit_items[one.layers[0].bits_begin[b] + i]);
+      }
+    }
+  }
+  CHECK(reused > 20);  // the copies really were there
 }
 
 TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][host]") {
