@@ -115,13 +115,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   pdl_wait();
 
   float acc[RT][NT][4];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        acc[rt][nt][c] = 0.0f;
+  skinny_detail::zero(acc);
 
   // Full batches, round-robin over the KS warps of the tile. Block b starts at uint4 4b.
   const int full_blocks = k >> 5;

@@ -201,16 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   constexpr int kMine = (Ge::kBlocks + kConsumers - 1) / kConsumers;  // blocks per warp per unit
   float acc[RT][NT][4];
-  auto zero_acc = [&] {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          acc[rt][nt][c] = 0.0f;
-  };
-  zero_acc();
+  skinny_detail::zero(acc);
   const int ct = static_cast<int>(threadIdx.x);  // consumer thread 0..255
   const int64_t first_tile = u0 / ku;
   // The fragments of `a` for a unit are loaded one unit ahead (from L2 when a does not fit the L1
@@ -264,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c)
           red[(warp * kSlots + (rt * NT + nt) * 4 + c) * 32 + lane] = acc[rt][nt][c];
-    zero_acc();
+    skinny_detail::zero(acc);
     named_sync(1, kConsumers * 32);
     const bool whole = kk == ku - 1 && u - kk >= u0;  // the segment is the whole tile
     // Output o of the tile (slot o / 32, lane o % 32: the accumulator layout) goes to fin[o] once

@@ -26,6 +26,17 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+template <int RT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[RT][NT][4]) {
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        acc[rt][nt][c] = 0.0f;
+}
+
 // One 32-k block: w fragments wv[rt][0] (row g) and wv[rt][1] (row g + 8), a fragments av[nt].
 template <int NT, int RT>
 __device__ __forceinline__ void mma_block(float (&acc)[RT][NT][4], const uint4 (&wv)[RT][2],
