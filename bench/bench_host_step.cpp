@@ -4,7 +4,11 @@
 // are filled through the KV manager (bookkeeping only), as bench_cuda_backend does.
 //
 //   bench_host_step [--batches 16,64,128] [--contexts 4096,16384] [--bits 16,2] [--steps 20]
-//                   [--layers 32] [--out FILE]
+//                   [--layers 32] [--budget-spread F] [--out FILE]
+//
+// --budget-spread F (budgeted caches only): layer l gets (1 + F l / (layers - 1)) times the
+// uniform budget, as a calibrated budgets file would give, so the layers hold different bit
+// mixes and the plan cannot reuse one layer's items for the next (its worst case).
 //
 // Output: a table on stderr, one JSON object on stdout (or --out FILE).
 #include <omp.h>
@@ -48,7 +52,8 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-nlohmann::json run(int32_t layers, int64_t batch, int64_t context, int bits, int steps) {
+nlohmann::json run(int32_t layers, int64_t batch, int64_t context, int bits, int steps,
+                   double spread) {
   kv::KvCacheConfig kc;
   if (bits < 16) {
     kc.uniform_bits = bits;
@@ -58,8 +63,15 @@ nlohmann::json run(int32_t layers, int64_t batch, int64_t context, int bits, int
   const kv::PageGeometry g = kv::resolve_geometry(kc, 8, 128);
   const int64_t per_layer =
       kv::pages_for_uniform(kc, g, context + steps, bits) + 2 * kc.window_tokens / g.tokens16 + 4;
-  const auto pages = static_cast<int32_t>(batch * layers * per_layer);
-  kv::KvCacheManager kv(layers, g, pages, kc, kv::resolve_layer_budgets(kc, layers, g));
+  const auto pages =
+      static_cast<int32_t>(static_cast<double>(batch * layers * per_layer) * (1.0 + spread));
+  std::vector<int64_t> budgets = kv::resolve_layer_budgets(kc, layers, g);
+  if (bits < 16 && spread > 0 && layers > 1) {
+    for (int32_t l = 0; l < layers; ++l)
+      budgets[l] =
+          static_cast<int64_t>(static_cast<double>(budgets[l]) * (1.0 + spread * l / (layers - 1)));
+  }
+  kv::KvCacheManager kv(layers, g, pages, kc, budgets);
   for (int64_t s = 0; s < batch; ++s) {
     for (int64_t done = 0; done < context; done += kc.window_tokens) {
       kv::KvStepOps ops;
@@ -124,6 +136,7 @@ nlohmann::json run(int32_t layers, int64_t batch, int64_t context, int bits, int
                build, arrays, plan1, plan8);
   return {{"batch", batch},
           {"context", context},
+          {"budget_spread", bits < 16 ? spread : 0.0},
           {"kv_bits", bits},
           {"pages", b.pages.size()},
           {"build_step_ms", build},
@@ -138,6 +151,7 @@ int main(int argc, char** argv) {
   std::string batches = "16,64,128", contexts = "4096,16384", bits = "16,2", out_path;
   int steps = 20;
   int32_t layers = 32;
+  double spread = 0.0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) {
@@ -155,12 +169,14 @@ int main(int argc, char** argv) {
       steps = std::stoi(v);
     } else if (a == "--layers") {
       layers = std::stoi(v);
+    } else if (a == "--budget-spread") {
+      spread = std::stod(v);
     } else if (a == "--out") {
       out_path = v;
     } else {
       std::fprintf(stderr,
                    "usage: bench_host_step [--batches 16,64,128] [--contexts 4096,16384] "
-                   "[--bits 16,2] [--steps 20] [--layers 32] [--out FILE]\n");
+                   "[--bits 16,2] [--steps 20] [--layers 32] [--budget-spread F] [--out FILE]\n");
       return 2;
     }
   }
@@ -168,7 +184,7 @@ int main(int argc, char** argv) {
   for (int64_t b : parse_list(batches))
     for (int64_t c : parse_list(contexts))
       for (int64_t k : parse_list(bits))
-        pts.push_back(run(layers, b, c, static_cast<int>(k), steps));
+        pts.push_back(run(layers, b, c, static_cast<int>(k), steps, spread));
   const nlohmann::json out{{"host_threads", omp_get_max_threads()}, {"points", pts}};
   if (out_path.empty()) {
     std::puts(out.dump(2).c_str());
