@@ -1,5 +1,5 @@
 #pragma once
-// Bulk-copy, stream-K variant of the skinny GEMM (kernels/gemm/skinny_gemm.h), for m <= 16 and
+// Bulk-copy, stream-K variant of the skinny GEMM (kernels/gemm/skinny_gemm.h), for m <= 8 and
 // k % 1024 == 0 on Hopper (sm_90+). Included by skinny_gemm.cu only.
 //
 // Why. The register-load kernel keeps each thread's 16-byte loads in flight itself, 256-512 bytes
@@ -9,8 +9,8 @@
 // engine counts the bytes on an mbarrier: no registers, no load instructions) and 8 consumer warps
 // run the tensor-core products from shared memory; the work is split evenly over one CTA per SM.
 // The copies must be long: 512-byte rows ran at 1,632 GB/s, 2-KB rows at 3,776 and 4-KB rows at
-// 3,817 GB/s over the same token (.gpubin probe, bench/RESULTS.md), so a unit is 16 rows x KU
-// columns with KU = 2048 (k % 2048 == 0) or 1024.
+// 3,817 GB/s over the same token (a development probe, bench/RESULTS.md), so a unit is 16 rows x
+// KU columns with KU = 2048 (k % 2048 == 0) or 1024.
 //
 // Work decomposition (stream-K). A unit is one row tile (16 RT rows of w) x KU columns of k, one
 // ring stage. The units are ordered tile-major (a tile's units along k are consecutive) and CTA c
@@ -26,6 +26,10 @@
 // 8t..8t+7 of the block, one 16-byte shared-memory read per row; see skinny_gemm.cu). Rows sit
 // 2 KU + 64 bytes apart in the stage, so that the 8 lanes of a 128-byte read phase hit distinct
 // banks. The 8 warps' partial sums of a tile are added in shared memory in warp order.
+//
+// Epilogue. Plain: the tile's fp32 sums, stored as fp32 or bf16. Gated (SkinnyGemmParams::gated):
+// rows r and r + 8 of each 16-row group are a gate row and its up row (kernels::GateUpLayout), and
+// the stored value is the SwiGLU activation of the two bf16-rounded sums.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -57,13 +61,6 @@ struct Geometry {
   static_assert(kStages >= 2 && KU % 256 == 0, "two stages at least");
   static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
 };
-
-// Workspace per launch: tile counters (zero before the first launch; every launch leaves them
-// zero) and two partial slots per CTA.
-template <int RT, int KU>
-inline int64_t workspace_bytes(int64_t max_tiles, int32_t max_ctas) {
-  return max_tiles * 4 + int64_t{max_ctas} * 2 * Geometry<RT, KU>::kPartialFloats * 4;
-}
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
