@@ -31,9 +31,16 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
     ops.requant.clear();
     ops.demote_waves.clear();
   }
-  // writes_by_seq[s][l]: where sequence s writes its new tokens in layer l
-  std::vector<std::vector<std::vector<kv::KvWrite>>> writes_by_seq(
-      num_seqs, std::vector<std::vector<kv::KvWrite>>(num_layers));
+  // writes_by_seq[s][l]: where sequence s writes its new tokens in layer l. Kept across steps (per
+  // thread; the engine thread builds every step) with its capacity: a decode step at batch 128
+  // would otherwise allocate and free ~8,000 small vectors here.
+  thread_local std::vector<std::vector<std::vector<kv::KvWrite>>> writes_by_seq;
+  if (writes_by_seq.size() < static_cast<size_t>(num_seqs)) writes_by_seq.resize(num_seqs);
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    writes_by_seq[s].resize(num_layers);
+    for (std::vector<kv::KvWrite>& w : writes_by_seq[s])
+      w.clear();
+  }
   for (int32_t s = 0; s < num_seqs; ++s) {
     cached[s] = kv.num_tokens(chunks[s].seq);
     const kv::AppendStatus st = kv.append(
@@ -79,7 +86,11 @@ void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk>
   const int32_t num_tables = kv.num_layers() * num_seqs;
   // The tables' places first (lookups, prefix sums), then the copies: ~10^6 page references at
   // long contexts and large batches, copied on several threads then (the lookups are const).
-  std::vector<std::span<const kv::PageRef>> tables(static_cast<size_t>(num_tables));
+  // Kept across steps. The parallel copy below must see this thread's vector: bind a reference
+  // (a thread_local named inside the OpenMP region would be each worker's own, empty one).
+  thread_local std::vector<std::span<const kv::PageRef>> tables_storage;
+  std::vector<std::span<const kv::PageRef>>& tables = tables_storage;
+  tables.resize(static_cast<size_t>(num_tables));
   b.page_starts.resize(static_cast<size_t>(num_tables) + 1);
   b.page_starts[0] = 0;
   for (int32_t l = 0; l < kv.num_layers(); ++l) {
