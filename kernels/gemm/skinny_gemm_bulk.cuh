@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       mma_block<NT, RT>(acc, wv[j], av[j]);
     }
 
+    // ---- at the end of this CTA's segment of `tile`: add the 8 warps' sums, store or publish.
     if (kk != ku - 1 && u != u1 - 1) continue;
-      // ---- end of this CTA's segment of `tile`: add the 8 warps' sums, store or publish.
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
