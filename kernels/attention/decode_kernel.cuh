@@ -75,7 +75,7 @@ struct Tile {
   static constexpr int kVOff = kTile * kRow;       // [16][kRow] V codes
   static constexpr int kKPOff = 2 * kTile * kRow;  // [16] {scale, zero} of K
   static constexpr int kVPOff = kKPOff + kTile * 8;
-  static constexpr float kMid = kBits == 16 ? 32896.0f : float(1 << (kBits - 1));  // see kParts
+  static constexpr float kMid = kBits == 16 ? 32896.0f : 128.0f;  // 8 and 16 bits, see kParts
   static_assert(kRow % 16 == 0, "code rows must be whole 16-byte chunks");
   static_assert(kStages >= 2 && kStages <= kMaxStages, "2 to 16 stages");
 };
@@ -170,33 +170,42 @@ __device__ __forceinline__ float byte_centered_x256(uint32_t w, int k) {
   return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7404u | (k << 4))) - 8421376.0f;
 }
 
-// Code j (bits j*b .. j*b + b - 1) of both 16-bit halves of x, b = 2 or 4, minus mid, as bf16x2.
-// 0x4300 | (c << pos) is the bf16 128 + c * 2^pos for pos + b <= 7; one exact fma scales it by
-// 2^-pos and subtracts 128 * 2^-pos + mid. The few shifts (6, 8, 14 for 2 bits; 1, 8, 9 for 4)
-// are shared by the codes of a word once the loops are unrolled.
+// 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both 16-bit halves
+// of x, b = 2 or 4, becomes the bf16x2 (128 + c * 2^pos) with one LOP3: 0x4300 | (c << pos) after
+// a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The factor 2^pos and the
+// offset 128 are taken out outside the hot loop: the K phase multiplies q by 2^-pos (exact) and
+// subtracts 128 * sum(q 2^-pos) from each score, the V phase subtracts 128 * sum(P') (an extra mma
+// against ones) and scales by 2^-pos in the epilogue. The offset costs precision in proportion to
+// 128 / 2^pos (fp32 sums of the large offset cancel later), so codes sit high: pos 3 or 5 (2 bits)
+// and 3 (4 bits), at most 16x, with four shifts a word (left 3, right 1, 5, 9; bits a shift moves
+// across the halves are masked off). pos 0 (three shifts a word, 128x) failed the fp32 bound on
+// long runs of tokens (2.3e-4 relative L2 where 1e-4 is allowed).
 template <int kBits>
-__device__ __forceinline__ uint32_t small_pair(uint32_t x, int j) {
-  constexpr int kMid = 1 << (kBits - 1);
-  const int bit = j * kBits;
-  const int shift = kBits == 2 ? (bit < 6    ? 0
-                                  : bit == 6 ? 6
-                                  : bit < 14 ? 8
-                                             : 14)
-                               : (bit == 0   ? 0
-                                  : bit == 4 ? 1
-                                  : bit == 8 ? 8
-                                             : 9);
-  const int pos = bit - shift;
-  const uint32_t mask = (((1u << kBits) - 1u) << pos) * 0x00010001u;
-  const uint32_t scale = ((127u - pos) << 7) * 0x00010001u;  // 2^-pos
-  const uint32_t add = bf16_of_int(-((128 >> pos) + kMid)) * 0x00010001u;
-  return fma_bf16x2(and_or(x >> shift, mask, 0x43004300u), scale, add);
+__device__ __forceinline__ constexpr int small_shift(int j) {  // < 0: left
+  return kBits == 2 ? 2 * (j & ~1) - 3 : 4 * j - 3;
 }
+template <int kBits>
+__device__ __forceinline__ constexpr int small_pos(int j) {
+  return j * kBits - small_shift<kBits>(j);
+}
+template <int kBits>
+__device__ __forceinline__ uint32_t small_raw(uint32_t x, int j) {
+  const int pos = small_pos<kBits>(j), sh = small_shift<kBits>(j);
+  const uint32_t mask = (((1u << kBits) - 1u) << pos) * 0x00010001u;
+  return and_or(sh >= 0 ? x >> sh : x << -sh, mask, 0x43004300u);
+}
+// 2^-pos as a float (pos <= 6).
+__device__ __forceinline__ constexpr float pow2_neg(int pos) {
+  return 1.0f / static_cast<float>(1 << pos);
+}
+// Raw codes (2 and 4 bits): see small_raw.
+template <int kBits>
+inline constexpr bool kRaw = kBits <= 4;
 
-// ---- Code parts. A b-bit code minus mid is the sum of kParts(b) bf16-exact parts:
-//   2, 4, 8 bits: c - mid (mid 2, 8, 128; 2/4 bits through small_pair, 8 bits through the fp32
-//                 2^23 + c and a packing convert);
-//   16 bits:      256 * (high byte - 128) and low byte - 128 (mid 32896), one mma each.
+// ---- Code parts. A b-bit code is the sum of kParts(b) bf16-exact parts:
+//   2, 4 bits:  128 + c * 2^pos (raw, see small_raw);
+//   8 bits:     c - 128, through the fp32 2^23 + c and a packing convert;
+//   16 bits:    256 * (high byte - 128) and low byte - 128 (mid 32896), one mma each.
 template <int kBits>
 inline constexpr int kParts = kBits == 16 ? 2 : 1;
 
@@ -217,9 +226,9 @@ __device__ __forceinline__ constexpr int pair_dim_hi(int p) {
 template <int kBits, int kPart>
 __device__ __forceinline__ uint32_t k_part(const uint32_t* w, int p) {
   if constexpr (kBits == 2) {
-    return small_pair<2>(w[p / 8], p % 8);
+    return small_raw<2>(w[p / 8], p % 8);
   } else if constexpr (kBits == 4) {
-    return small_pair<4>(w[p / 4], p % 4);
+    return small_raw<4>(w[p / 4], p % 4);
   } else if constexpr (kBits == 8) {  // bytes (0, 1) or (2, 3) of word p / 2
     const int k = 2 * (p % 2);
     return pack_bf16(byte_centered(w[p / 2], k), byte_centered(w[p / 2], k + 1));
@@ -234,11 +243,11 @@ template <int kBits, int kPart>
 __device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b, int j) {
   if constexpr (kBits == 2) {
     const uint32_t x = (j < 8) ? __byte_perm(a[0], b[0], 0x5410) : __byte_perm(a[0], b[0], 0x7632);
-    return small_pair<2>(x, j % 8);
+    return small_raw<2>(x, j % 8);
   } else if constexpr (kBits == 4) {
     const int w = j / 8, k = j % 8;
     const uint32_t x = (k < 4) ? __byte_perm(a[w], b[w], 0x5410) : __byte_perm(a[w], b[w], 0x7632);
-    return small_pair<4>(x, k % 4);
+    return small_raw<4>(x, k % 4);
   } else if constexpr (kBits == 8) {
     return pack_bf16(byte_centered(a[j / 4], j % 4), byte_centered(b[j / 4], j % 4));
   } else {
@@ -249,64 +258,132 @@ __device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b,
   }
 }
 
-// Loads kBytes at byte x of token row t of a (swizzled) code tile into 32-bit words (kBytes == 2:
-// the low half of w[0]).
-template <class Tr, int kBytes>
-__device__ __forceinline__ void lds_row(const uint8_t* tile, int t, int x, uint32_t* w) {
-  const uint8_t* row = tile + t * Tr::kRow;
-  if constexpr (kBytes >= 16) {
-#pragma unroll
-    for (int i = 0; i < kBytes / 16; ++i) {
-      const int c = (x >> 4) + i;
-      const uint4 v = *reinterpret_cast<const uint4*>(row + ((c ^ swz<Tr>(t)) << 4));
-      w[4 * i] = v.x;
-      w[4 * i + 1] = v.y;
-      w[4 * i + 2] = v.z;
-      w[4 * i + 3] = v.w;
-    }
+// 2^pos of raw K pair p (both halves) and of raw V code j of the lane's chunk.
+template <int kBits>
+__device__ __forceinline__ constexpr int k_pos(int p) {
+  return kBits == 2 ? small_pos<2>(p % 8) : small_pos<4>(p % 4);
+}
+template <int kBits>
+__device__ __forceinline__ constexpr int v_pos(int j) {
+  return kBits == 2 ? small_pos<2>(j % 8) : small_pos<4>(j % 4);
+}
+
+// Loads kBytes (2, 4, 8 or 16) at p into 32-bit words (kBytes == 2: the low half of w[0]).
+template <int kBytes>
+__device__ __forceinline__ void lds_at(const uint8_t* p, uint32_t* w) {
+  if constexpr (kBytes == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else if constexpr (kBytes == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
   } else {
-    const uint8_t* ptr = row + (((x >> 4) ^ swz<Tr>(t)) << 4) + (x & 15);
-    if constexpr (kBytes == 8) {
-      const uint2 v = *reinterpret_cast<const uint2*>(ptr);
-      w[0] = v.x;
-      w[1] = v.y;
-    } else if constexpr (kBytes == 4) {
-      w[0] = *reinterpret_cast<const uint32_t*>(ptr);
-    } else {
-      static_assert(kBytes == 2, "unsupported read width");
-      w[0] = *reinterpret_cast<const uint16_t*>(ptr);
-    }
+    static_assert(kBytes == 2, "unsupported read width");
+    w[0] = *reinterpret_cast<const uint16_t*>(p);
   }
 }
+
+// Byte offset inside a stage's (swizzled) code tile of byte x of token row t.
+template <class Tr>
+__device__ __forceinline__ int code_offset(int t, int x) {
+  return t * Tr::kRow + (((x >> 4) ^ swz<Tr>(t)) << 4) + (x & 15);
+}
+
+// Hides x's origin from the compiler: without it, ptxas re-derives every per-lane offset below
+// from the thread index in every tile (about 60 instructions a tile at 2 bits) instead of keeping
+// them in registers it has to spare.
+template <bool kHide = true>
+__device__ __forceinline__ int opaque(int x) {
+  if constexpr (kHide) asm volatile("" : "+r"(x));
+  return x;
+}
+
+// Everything a lane reads from or copies into a stage, as byte offsets from the stage, computed
+// once per CTA. K phase: n-tile j, 16-byte piece i of the lane's kKBytes of row sigma(8j + gid);
+// V phase: group g of the lane's kVBytes of rows sigma(2 tig), sigma(2 tig + 1), sigma(2 tig +
+// 8), sigma(2 tig + 9); params: the float4 of positions 8j + 2 tig, + 1 (K; V at + kTile * 8);
+// valid-mask bits of the lane's 4 scores. Copies: chunk op i of the tile's rows (source offset from
+// the tile's first row, destination, row), and the lane's {scale, zero} (K for lanes 0-15, V for
+// 16-31; destination position sigma(t)).
+template <class Tr>
+struct LaneOffsets {
+  static constexpr int kKRead = Tr::kKBytes < 16 ? Tr::kKBytes : 16;
+  static constexpr int kKReads = Tr::kKBytes / kKRead;
+  static constexpr int kVRead = Tr::kVBytes < 16 ? Tr::kVBytes : 16;
+  static constexpr int kVReads = Tr::kVBytes / kVRead;
+  static constexpr int kOps = kTile * Tr::kChunks;
+  static constexpr int kCopies = (kOps + 31) / 32;
+  int k[2][kKReads];
+  int v[kVReads][4];
+  int params;
+  uint32_t vbit[4];
+  int cp_src[kCopies], cp_dst[kCopies], cp_row[kCopies];
+  int par_dst, par_src, par_row;
+
+  __device__ __forceinline__ LaneOffsets(const kv::PageLayout& L, int lane) {
+    const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < kKReads; ++i)
+        k[j][i] = opaque(Tr::kKOff +
+                         code_offset<Tr>(sigma(8 * j + gid), tig * Tr::kKBytes + i * kKRead));
+    }
+    const int rows[4] = {sigma(2 * tig), sigma(2 * tig + 1), sigma(2 * tig + 8),
+                         sigma(2 * tig + 9)};
+#pragma unroll
+    for (int g = 0; g < kVReads; ++g) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        v[g][r] = opaque(Tr::kVOff + code_offset<Tr>(rows[r], gid * Tr::kVBytes + g * kVRead));
+    }
+    params = opaque(Tr::kKPOff + 16 * tig);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      vbit[i] = static_cast<uint32_t>(opaque(1 << sigma(8 * (i / 2) + 2 * tig + i % 2)));
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int o = lane + 32 * i;
+      const int t = o / Tr::kChunks, c = o % Tr::kChunks;
+      // Head-major page: a tile's rows are contiguous. Kept in registers only where they are few
+      // (8 and 16 bits have 4 and 8 copies a lane and the registers to spare for neither).
+      cp_src[i] = opaque<kCopies <= 2>(t * Tr::kRow + c * 16);
+      cp_dst[i] = opaque<kCopies <= 2>(t * Tr::kRow + ((c ^ swz<Tr>(t)) << 4));
+      cp_row[i] = opaque<kCopies <= 2>(kOps % 32 == 0 || o < kOps ? t : kTile);  // kTile: none
+    }
+    const int kind = lane >> 4, t = lane & 15;
+    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8);
+    par_src = opaque(static_cast<int>(kind ? L.v_params : L.k_params) + t * 8);
+    par_row = opaque(t);
+  }
+};
 
 // Issues the cp.async copies of one tile (valid rows only) into a stage. The {scale, zero} of
 // token t go to position sigma(t) (the order the lanes read them in); rows past nvalid get zero
 // params, so masked tokens contribute exactly 0 to the V phase. Offsets inside a page fit 32 bits.
+// tok0: the tile's first row of the page's head-major rows (head * tokens + tile * 16).
 template <class Tr>
 __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
-                                           const kv::PageLayout& L, int tile, int nvalid, int kvh,
-                                           int lane) {
-  constexpr int kOps = kTile * Tr::kChunks;
-  const int row0 = (kvh * L.tokens + tile * kTile) * Tr::kRow;  // head kvh, token tile*16
-  const uint8_t* kc = page + static_cast<int>(L.k_codes) + row0;
-  const uint8_t* vc = page + static_cast<int>(L.v_codes) + row0;
+                                           const kv::PageLayout& L, const LaneOffsets<Tr>& lo,
+                                           int tok0, int nvalid) {
+  const uint8_t* kc = page + static_cast<int>(L.k_codes) + tok0 * Tr::kRow;
+  const uint8_t* vc = page + static_cast<int>(L.v_codes) + tok0 * Tr::kRow;
 #pragma unroll
-  for (int i = 0; i < (kOps + 31) / 32; ++i) {
-    const int o = lane + 32 * i;
-    const int t = o / Tr::kChunks, c = o % Tr::kChunks;
-    if ((kOps % 32 == 0 || o < kOps) && t < nvalid) {
-      const int g = t * Tr::kRow + c * 16;  // head-major page: a tile's rows are contiguous
-      const int s = t * Tr::kRow + ((c ^ swz<Tr>(t)) << 4);
-      cp_async16(st + Tr::kKOff + s, kc + g);
-      cp_async16(st + Tr::kVOff + s, vc + g);
+  for (int i = 0; i < LaneOffsets<Tr>::kCopies; ++i) {
+    if (lo.cp_row[i] < nvalid) {
+      cp_async16(st + Tr::kKOff + lo.cp_dst[i], kc + lo.cp_src[i]);
+      cp_async16(st + Tr::kVOff + lo.cp_dst[i], vc + lo.cp_src[i]);
     }
   }
-  const int kind = lane >> 4, t = lane & 15;
-  uint8_t* dst = st + Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8;
-  if (t < nvalid) {
-    const int off =
-        static_cast<int>(kind ? L.v_params : L.k_params) + (kvh * L.tokens + tile * kTile + t) * 8;
-    cp_async8(dst, page + off);
+  uint8_t* dst = st + lo.par_dst;
+  if (lo.par_row < nvalid) {
+    cp_async8(dst, page + lo.par_src + tok0 * 8);
   } else {
     *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
   }
@@ -317,58 +394,75 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
 template <int kD, int kCols>
 struct Acc {
   float o[kD / 16][kCols][4];  // O^T accumulators: [m-tile of 16 dims][column tile][c0..c3]
-  float m, l,
-      z;  // of the lane's K-phase row (head gid): max (log2 domain), sum p, sum p (vs mid - vz)
+  float w[kCols][4];  // raw codes: sum P' per column (every row the same), see small_raw
+  // Of the lane's K-phase row (head gid): max (log2 domain), sum p, and the zero term: sum p (vs *
+  // mid - vz) for 8 and 16 bits, -sum p vz for raw codes.
+  float m, l, z;
 };
 
 // One tile: K phase, online softmax, V phase.
 template <int kBits, int kD, bool kQLo, int kCols>
 __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (&aq)[kD / 16][4],
-                                             float qsum, float scale_log2, uint32_t valid_mask,
+                                             float qsum, float kcorr, float scale_log2,
+                                             uint32_t valid_mask, const LaneOffsets<Tile<kBits, kD>>& lo,
                                              int gid, int tig, Acc<kD, kCols>& acc) {
   using Tr = Tile<kBits, kD>;
+  using LO = LaneOffsets<Tr>;
   constexpr int kKWords = Tr::kKBytes / 4;
   // ---- K phase: column n of n-tile j is token sigma(8j + n).
-  float s_acc[2][4];
+  float s_acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  uint32_t w[2][kKWords];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    uint32_t w[kKWords];
-    lds_row<Tr, Tr::kKBytes>(st + Tr::kKOff, sigma(8 * j + gid), tig * Tr::kKBytes, w);
-    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int kt = 0; kt < kD / 16; ++kt) {  // two accumulation chains
-      if constexpr (kParts<kBits> == 1) {
-        mma_bf16(kt % 2 ? c1 : c0, aq[kt], k_part<kBits, 0>(w, 2 * kt),
-                 k_part<kBits, 0>(w, 2 * kt + 1));
-      } else {
-        mma_bf16(c0, aq[kt], k_part<kBits, 0>(w, 2 * kt), k_part<kBits, 0>(w, 2 * kt + 1));
-        mma_bf16(c1, aq[kt], k_part<kBits, 1>(w, 2 * kt), k_part<kBits, 1>(w, 2 * kt + 1));
-        if constexpr (kParts<kBits> == 3) {
-          mma_bf16(kt % 2 ? c1 : c0, aq[kt], k_part<kBits, 2>(w, 2 * kt),
-                   k_part<kBits, 2>(w, 2 * kt + 1));
-        }
-      }
+    for (int i = 0; i < LO::kKReads; ++i)
+      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
+  }
+  if constexpr (kParts<kBits> == 1) {  // one accumulation chain per n-tile, interleaved
+#pragma unroll
+    for (int kt = 0; kt < kD / 16; ++kt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        mma_bf16(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt),
+                 k_part<kBits, 0>(w[j], 2 * kt + 1));
     }
+  } else {  // 16 bits: the two parts in two chains per n-tile
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      s_acc[j][i] = c0[i] + c1[i];
+    for (int j = 0; j < 2; ++j) {
+      float c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kt = 0; kt < kD / 16; ++kt) {
+        mma_bf16(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt),
+                 k_part<kBits, 0>(w[j], 2 * kt + 1));
+        mma_bf16(c1, aq[kt], k_part<kBits, 1>(w[j], 2 * kt), k_part<kBits, 1>(w[j], 2 * kt + 1));
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        s_acc[j][i] += c1[i];
+    }
   }
   // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
   // params sit at position 8j + 2 tig + e.
-  const float4 kp[2] = {*reinterpret_cast<const float4*>(st + Tr::kKPOff + 16 * tig),
-                        *reinterpret_cast<const float4*>(st + Tr::kKPOff + 64 + 16 * tig)};
-  const float4 vp[2] = {*reinterpret_cast<const float4*>(st + Tr::kVPOff + 16 * tig),
-                        *reinterpret_cast<const float4*>(st + Tr::kVPOff + 64 + 16 * tig)};
+  const uint8_t* par = st + lo.params;  // K params; V params kTile * 8 bytes after
+  const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
+                        *reinterpret_cast<const float4*>(par + 64)};
+  const float4 vp[2] = {*reinterpret_cast<const float4*>(par + kTile * 8),
+                        *reinterpret_cast<const float4*>(par + kTile * 8 + 64)};
   float s[4];
   float tmax = -INFINITY;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int j = i / 2, e = i % 2;
-    const bool valid = (valid_mask >> sigma(8 * j + 2 * tig + e)) & 1u;
+    const bool valid = (valid_mask & lo.vbit[i]) != 0u;
     const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
-    const float dot = s_acc[j][e] + (kQLo ? s_acc[j][2 + e] : 0.0f);
-    const float kc = fmaf(ksc, Tr::kMid, -kz);
-    s[i] = valid ? fmaf(ksc, dot, kc * qsum) * scale_log2 : -INFINITY;
+    const float dot = kQLo ? s_acc[j][e] + s_acc[j][2 + e] : s_acc[j][e];
+    float raw;
+    if constexpr (kRaw<kBits>) {  // dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos 128
+      raw = fmaf(ksc, dot - kcorr, -kz * qsum);
+    } else {  // dot = sum q (c - mid)
+      raw = fmaf(ksc, dot, fmaf(ksc, Tr::kMid, -kz) * qsum);
+    }
+    s[i] = valid ? raw * scale_log2 : -INFINITY;
     tmax = fmaxf(tmax, s[i]);
   }
   tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
@@ -390,6 +484,15 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
         acc.o[mt][c][3] *= a1;
       }
     }
+    if constexpr (kRaw<kBits>) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        acc.w[c][0] *= a0;
+        acc.w[c][1] *= a1;
+        acc.w[c][2] *= a0;
+        acc.w[c][3] *= a1;
+      }
+    }
     acc.l *= alpha;
     acc.z *= alpha;
     acc.m = m_new;
@@ -403,7 +506,7 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
     const float vsc = e ? vp[j].z : vp[j].x, vz = e ? vp[j].w : vp[j].y;
     const float p = ex2(s[i] - acc.m);
     acc.l += p;
-    acc.z = fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
+    acc.z = kRaw<kBits> ? fmaf(p, -vz, acc.z) : fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
     pp[i] = p * vsc;
   }
   // ---- V phase, transposed: O^T[dim][col] += sum_k V[token sigma(k)][dim] P'^T[k][col].
@@ -426,20 +529,24 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
     bp[1][0] = lo0;
     bp[1][1] = lo1;
   }
-  const int ta = sigma(2 * tig), tb = sigma(2 * tig + 1);
-  const int tc = sigma(2 * tig + 8), td = sigma(2 * tig + 9);
-  constexpr int kGroupBytes = Tr::kVBytes < 16 ? Tr::kVBytes : 16;
-  constexpr int kGroups = Tr::kVBytes / kGroupBytes;
+  if constexpr (kRaw<kBits>) {  // sum P' per column: A = ones
+    const uint32_t ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+      mma_bf16(acc.w[c], ones, bp[c][0], bp[c][1]);
+  }
+  // Tokens a, b, c, d: sigma(2 tig), sigma(2 tig + 1), sigma(2 tig + 8), sigma(2 tig + 9).
+  constexpr int kGroupBytes = LO::kVRead;
+  constexpr int kGroups = LO::kVReads;
   constexpr int kGroupCodes = kGroupBytes * 8 / kBits;
   constexpr int kGroupWords = kGroupBytes < 4 ? 1 : kGroupBytes / 4;
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
     uint32_t wa[kGroupWords], wb[kGroupWords], wc[kGroupWords], wd[kGroupWords];
-    const int x = gid * Tr::kVBytes + g * 16;
-    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, ta, x, wa);
-    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, tb, x, wb);
-    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, tc, x, wc);
-    lds_row<Tr, kGroupBytes>(st + Tr::kVOff, td, x, wd);
+    lds_at<kGroupBytes>(st + lo.v[g][0], wa);
+    lds_at<kGroupBytes>(st + lo.v[g][1], wb);
+    lds_at<kGroupBytes>(st + lo.v[g][2], wc);
+    lds_at<kGroupBytes>(st + lo.v[g][3], wd);
 #pragma unroll
     for (int i = 0; i < kGroupCodes / 2; ++i) {
       const int mt = g * (kGroupCodes / 2) + i;
@@ -466,11 +573,14 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
 }
 
 // The q rows of a KV head's query heads as K-phase A fragments (row gid = query head gid of the
-// group; fp32 q: rows gid + 8 hold the bf16 residual), and sum(q) of the lane's head.
+// group; fp32 q: rows gid + 8 hold the bf16 residual), sum(q) of the lane's head and, for raw
+// codes, kcorr = sum(q' 128) where q' = q 2^-pos is what the fragments hold (hi + lo: the
+// correction must match the mma's operand, not q, or 128 x the split error would remain).
 template <int kBits, int kD, typename TQ>
 __device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, int gid, int tig,
-                                       uint32_t (&aq)[kD / 16][4], float& qsum) {
+                                       uint32_t (&aq)[kD / 16][4], float& qsum, float& kcorr) {
   qsum = 0.0f;
+  kcorr = 0.0f;
 #pragma unroll
   for (int kt = 0; kt < kD / 16; ++kt)
     aq[kt][0] = aq[kt][1] = aq[kt][2] = aq[kt][3] = 0u;
@@ -489,14 +599,30 @@ __device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, 
         b = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
       }
       qsum += a + b;
+      if constexpr (kRaw<kBits>) {  // exact: a power of two
+        a *= pow2_neg(k_pos<kBits>(pi));
+        b *= pow2_neg(k_pos<kBits>(pi));
+      }
       uint32_t hi, lo;
       split_bf16(a, b, hi, lo);
+      if constexpr (kRaw<kBits>) {
+        const float2 h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
+        const float2 l = sizeof(TQ) == 4
+                             ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo))
+                             : make_float2(0.0f, 0.0f);
+        kcorr += 128.0f * ((h.x + l.x) + (h.y + l.y));
+      }
       aq[pi / 2][2 * (pi % 2)] = hi;
-      if constexpr (sizeof(TQ) == 4) aq[pi / 2][2 * (pi % 2) + 1] = lo;
+      // bf16 q: rows gid + 8 (whose scores are not read) hold an opaque copy of the hi part;
+      // zeros there are constants that ptxas re-creates with MOVs before every mma.
+      aq[pi / 2][2 * (pi % 2) + 1] =
+          sizeof(TQ) == 4 ? lo : static_cast<uint32_t>(opaque(static_cast<int>(hi)));
     }
   }
   qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
   qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+  kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 1);
+  kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 2);
 }
 
 template <int kBits, int kD, typename TQ, int kCols>
@@ -509,11 +635,11 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
   const kv::PageLayout L = kv::page_layout({p.num_kv_heads, kD, p.tokens16}, kBits);
-  uint8_t* ring = smem + warp * Tr::kRingBytes;
+  uint8_t* ring = smem + opaque(warp * Tr::kRingBytes);
 
   uint32_t aq[kD / 16][4];
-  float qsum;
-  load_q<kBits, kD, TQ>(p, it.seq, kvh, gid, tig, aq, qsum);
+  float qsum, kcorr;
+  load_q<kBits, kD, TQ>(p, it.seq, kvh, gid, tig, aq, qsum, kcorr);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -522,6 +648,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       acc.o[mt][c][0] = acc.o[mt][c][1] = acc.o[mt][c][2] = acc.o[mt][c][3] = 0.0f;
     }
   }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c)
+    acc.w[c][0] = acc.w[c][1] = acc.w[c][2] = acc.w[c][3] = 0.0f;
   acc.m = -INFINITY;
   acc.l = 0.0f;
   acc.z = 0.0f;
@@ -529,7 +658,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // This warp's contiguous tile range, located by the plan. Page info of the next page is loaded
   // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
   // (valid tokens, first visible token) from shared memory, written when the tile was issued.
-  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + warp * kMaxStages;
+  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
+  const bool lane0 = opaque(lane) == 0;
   const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
   const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
   int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
@@ -544,11 +674,13 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
     lo = warp == 0 ? it.lo_first : 0;
   }
+  const LaneOffsets<Tr> offs(L, lane);
+  const int head_tok0 = kvh * L.tokens;  // head kvh's first row in a page
   // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
   auto issue_next = [&](int slot) {
     const int nvalid = min(kTile, ntok - tile * kTile);
-    issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, tile, nvalid, kvh, lane);
-    if (lane == 0) meta[slot] = nvalid | (lo << 8);
+    issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile, nvalid);
+    if (lane0) meta[slot] = nvalid | (lo << 8);
     lo = 0;
     if (++tile * kTile >= ntok) {
       tile = 0;
@@ -580,8 +712,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     // Tokens [first, nvalid) of the tile are visible (first > 0 only before the sliding window).
     const int m = meta[slot_c];
     const uint32_t valid_mask = ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u);
-    compute_tile<kBits, kD, kQLo, kCols>(ring + slot_c * Tr::kStage, aq, qsum, p.scale_log2,
-                                         valid_mask, gid, tig, acc);
+    compute_tile<kBits, kD, kQLo, kCols>(ring + slot_c * Tr::kStage, aq, qsum, kcorr, p.scale_log2,
+                                         valid_mask, offs, gid, tig, acc);
     __syncwarp();
     slot_c = slot_c + 1 == Tr::kStages ? 0 : slot_c + 1;
     slot_p = slot_p + 1 == Tr::kStages ? 0 : slot_p + 1;
@@ -611,15 +743,24 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   for (int mt = 0; mt < kD / 16; ++mt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float v = acc.o[mt][0][i];
+      // Row gid of m-tile mt is code 2 mt of the lane's chunk, row gid + 8 code 2 mt + 1.
+      float v[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        v[c] = acc.o[mt][c][i];
+        if constexpr (kRaw<kBits>) {  // (sum P' (128 + c 2^pos) - 128 sum P') 2^-pos
+          v[c] = (v[c] - 128.0f * acc.w[c][i]) * pow2_neg(v_pos<kBits>(2 * mt + (i >> 1)));
+        }
+      }
+      float v0 = v[0];
       if constexpr (kCols == 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
       } else {
-        v += acc.o[mt][1][i];
+        v0 += v[1];
       }
       const int h = h0 + (i & 1);
       const int d = gid * (kD / 8) + 2 * mt + (i >> 1);
-      if ((kCols == 2 || tig < 2) && h < G) sm_o[(warp * G + h) * kD + d] = v;
+      if ((kCols == 2 || tig < 2) && h < G) sm_o[(warp * G + h) * kD + d] = v0;
     }
   }
   __syncthreads();
