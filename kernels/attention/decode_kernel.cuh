@@ -58,7 +58,7 @@ inline constexpr int kMaxStages = 16;
 template <int kBits>
 struct BitsConfig {
   static constexpr int kCtasPerSm = kBits <= 4 ? PMKV_DECODE_LOWBIT_CTAS_PER_SM : 3;
-  static constexpr int kStages = kBits == 16 ? 2 : kBits == 8 ? 3 : kBits == 4 ? 5 : 8;
+  static constexpr int kStages = kBits == 16 ? 2 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
 };
 
 template <int kBits, int kD>
@@ -400,17 +400,23 @@ struct Acc {
   float m, l, z;
 };
 
-// One tile: K phase, online softmax, V phase.
-template <int kBits, int kD, bool kQLo, int kCols>
-__device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (&aq)[kD / 16][4],
-                                             float qsum, float kcorr, float scale_log2,
-                                             uint32_t valid_mask, const LaneOffsets<Tile<kBits, kD>>& lo,
-                                             int gid, int tig, Acc<kD, kCols>& acc) {
-  using Tr = Tile<kBits, kD>;
-  using LO = LaneOffsets<Tr>;
-  constexpr int kKWords = Tr::kKBytes / 4;
-  // ---- K phase: column n of n-tile j is token sigma(8j + n).
-  float s_acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+// Online softmax: how far (log2 units) a score may pass the running max before it moves.
+inline constexpr float kMaxSlack = 8.0f;
+
+// K phase of one 16-token tile: s_acc[j] = the C fragment of n-tile j (column n is token
+// sigma(8j + n)).
+template <int kBits, int kD>
+__device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[kD / 16][4],
+                                        const LaneOffsets<Tile<kBits, kD>>& lo,
+                                        float (&s_acc)[2][4]) {
+  using LO = LaneOffsets<Tile<kBits, kD>>;
+  constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      s_acc[j][i] = 0.0f;
+  }
   uint32_t w[2][kKWords];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -441,94 +447,17 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
         s_acc[j][i] += c1[i];
     }
   }
-  // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
-  // params sit at position 8j + 2 tig + e.
-  const uint8_t* par = st + lo.params;  // K params; V params kTile * 8 bytes after
-  const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
-                        *reinterpret_cast<const float4*>(par + 64)};
-  const float4 vp[2] = {*reinterpret_cast<const float4*>(par + kTile * 8),
-                        *reinterpret_cast<const float4*>(par + kTile * 8 + 64)};
-  float s[4];
-  float tmax = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int j = i / 2, e = i % 2;
-    const bool valid = (valid_mask & lo.vbit[i]) != 0u;
-    const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
-    const float dot = kQLo ? s_acc[j][e] + s_acc[j][2 + e] : s_acc[j][e];
-    float raw;
-    if constexpr (kRaw<kBits>) {  // dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos 128
-      raw = fmaf(ksc, dot - kcorr, -kz * qsum);
-    } else {  // dot = sum q (c - mid)
-      raw = fmaf(ksc, dot, fmaf(ksc, Tr::kMid, -kz) * qsum);
-    }
-    s[i] = valid ? raw * scale_log2 : -INFINITY;
-    tmax = fmaxf(tmax, s[i]);
-  }
-  tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-  tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-  const float m_new = fmaxf(acc.m, tmax);
-  if (__any_sync(0xffffffffu, m_new > acc.m)) {
-    const float alpha = ex2(acc.m - m_new);
-    // The lane's O^T columns 2 tig, 2 tig + 1 belong to heads h0, h0 + 1 (see Acc).
-    const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
-    const float a0 = __shfl_sync(0xffffffffu, alpha, 4 * h0);
-    const float a1 = __shfl_sync(0xffffffffu, alpha, 4 * h0 + 4);
-#pragma unroll
-    for (int mt = 0; mt < kD / 16; ++mt) {
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        acc.o[mt][c][0] *= a0;
-        acc.o[mt][c][1] *= a1;
-        acc.o[mt][c][2] *= a0;
-        acc.o[mt][c][3] *= a1;
-      }
-    }
-    if constexpr (kRaw<kBits>) {
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        acc.w[c][0] *= a0;
-        acc.w[c][1] *= a1;
-        acc.w[c][2] *= a0;
-        acc.w[c][3] *= a1;
-      }
-    }
-    acc.l *= alpha;
-    acc.z *= alpha;
-    acc.m = m_new;
-  }
-  // Masked tokens: p = 0; tokens past nvalid also have zero V params (see issue_tile), tokens
-  // before the window have real ones: P' and the zero term are 0 either way.
-  float pp[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int j = i / 2, e = i % 2;
-    const float vsc = e ? vp[j].z : vp[j].x, vz = e ? vp[j].w : vp[j].y;
-    const float p = ex2(s[i] - acc.m);
-    acc.l += p;
-    acc.z = kRaw<kBits> ? fmaf(p, -vz, acc.z) : fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
-    pp[i] = p * vsc;
-  }
-  // ---- V phase, transposed: O^T[dim][col] += sum_k V[token sigma(k)][dim] P'^T[k][col].
-  // A = V codes (m: 16 dims, k: tokens), B = P' (k: tokens, n: 8 columns). Row gid of m-tile mt
-  // is code 2 mt of the lane's chunk of kD/8 dims, row gid + 8 code 2 mt + 1; B column gid is the
-  // lane's own K-phase row (hi part) or, for kCols = 1 and gid >= 4, the lo part of head gid - 4,
-  // taken from lane ^ 16.
-  uint32_t hi0, lo0, hi1, lo1;
-  split_bf16(pp[0], pp[1], hi0, lo0);
-  split_bf16(pp[2], pp[3], hi1, lo1);
-  uint32_t bp[kCols][2];
-  if constexpr (kCols == 1) {
-    const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);
-    const uint32_t plo1 = __shfl_xor_sync(0xffffffffu, lo1, 16);
-    bp[0][0] = gid < 4 ? hi0 : plo0;
-    bp[0][1] = gid < 4 ? hi1 : plo1;
-  } else {
-    bp[0][0] = hi0;
-    bp[0][1] = hi1;
-    bp[1][0] = lo0;
-    bp[1][1] = lo1;
-  }
+}
+
+// V phase of one 16-token tile, transposed: O^T[dim][col] += sum_k V[token sigma(k)][dim]
+// P'^T[k][col]. A = V codes (m: 16 dims, k: tokens), B = bp (P', k: tokens, n: 8 columns, see
+// Acc). Row gid of m-tile mt is code 2 mt of the lane's chunk of kD/8 dims, row gid + 8 code
+// 2 mt + 1.
+template <int kBits, int kD, int kCols>
+__device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[kCols][2],
+                                        const LaneOffsets<Tile<kBits, kD>>& lo,
+                                        Acc<kD, kCols>& acc) {
+  using LO = LaneOffsets<Tile<kBits, kD>>;
   if constexpr (kRaw<kBits>) {  // sum P' per column: A = ones
     const uint32_t ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
 #pragma unroll
@@ -572,21 +501,147 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint32_t (
   }
 }
 
+// One step: K phase, online softmax, V phase, over one tile (st) or, kPair, two (st and st2).
+// Pairs (groups of at most 4 query heads): the K-phase rows 4-7, idle with one tile, hold the
+// group's q again; the mma over tile st keeps rows 0-3 and the one over st2 rows 4-7, so lane
+// (gid, tig) scores head gid % 4 on tile gid / 4 and every lane's softmax work is useful (half
+// the instructions a token). A head's two rows share the running max; their sums are added at
+// the end. valid_mask: the lane's tile's visible tokens.
+template <int kBits, int kD, bool kQLo, int kCols, bool kPair>
+__device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* st2,
+                                             const uint32_t (&aq)[kD / 16][4], float qsum,
+                                             float kcorr, float scale_log2, uint32_t valid_mask,
+                                             const LaneOffsets<Tile<kBits, kD>>& lo, int gid,
+                                             int tig, Acc<kD, kCols>& acc) {
+  using Tr = Tile<kBits, kD>;
+  static_assert(!kPair || kCols == 1, "pairs need the idle rows of a group of at most 4");
+  float s_acc[2][4];
+  k_phase<kBits, kD>(st, aq, lo, s_acc);
+  if constexpr (kPair) {
+    float s2[2][4];
+    k_phase<kBits, kD>(st2, aq, lo, s2);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        s_acc[j][i] = gid >= 4 ? s2[j][i] : s_acc[j][i];
+    }
+  }
+  // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
+  // params sit at position 8j + 2 tig + e.
+  // K params; V params kTile * 8 bytes after.
+  const uint8_t* par = (kPair && gid >= 4 ? st2 : st) + lo.params;
+  const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
+                        *reinterpret_cast<const float4*>(par + 64)};
+  const float4 vp[2] = {*reinterpret_cast<const float4*>(par + kTile * 8),
+                        *reinterpret_cast<const float4*>(par + kTile * 8 + 64)};
+  float s[4];
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = i / 2, e = i % 2;
+    const bool valid = (valid_mask & lo.vbit[i]) != 0u;
+    const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
+    const float dot = kQLo ? s_acc[j][e] + s_acc[j][2 + e] : s_acc[j][e];
+    float raw;
+    if constexpr (kRaw<kBits>) {  // dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos 128
+      raw = fmaf(ksc, dot - kcorr, -kz * qsum);
+    } else {  // dot = sum q (c - mid)
+      raw = fmaf(ksc, dot, fmaf(ksc, Tr::kMid, -kz) * qsum);
+    }
+    s[i] = valid ? raw * scale_log2 : -INFINITY;
+    tmax = fmaxf(tmax, s[i]);
+  }
+  // The running max moves only when a score passes it by more than kMaxSlack (log2 units): p stays
+  // below 2^kMaxSlack, and most tiles skip the lanes' max reduction and the rescale. acc.m is the
+  // same on the 4 lanes of a head (tig; 8 with pairs), and they move it together.
+  if (__any_sync(0xffffffffu, tmax > acc.m + kMaxSlack)) {
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+    if constexpr (kPair) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
+    const float m_new = fmaxf(acc.m, tmax);
+    const float alpha = ex2(acc.m - m_new);
+    // The lane's O^T columns 2 tig, 2 tig + 1 belong to heads h0, h0 + 1 (see Acc).
+    const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
+    const float a0 = __shfl_sync(0xffffffffu, alpha, 4 * h0);
+    const float a1 = __shfl_sync(0xffffffffu, alpha, 4 * h0 + 4);
+#pragma unroll
+    for (int mt = 0; mt < kD / 16; ++mt) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        acc.o[mt][c][0] *= a0;
+        acc.o[mt][c][1] *= a1;
+        acc.o[mt][c][2] *= a0;
+        acc.o[mt][c][3] *= a1;
+      }
+    }
+    if constexpr (kRaw<kBits>) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        acc.w[c][0] *= a0;
+        acc.w[c][1] *= a1;
+        acc.w[c][2] *= a0;
+        acc.w[c][3] *= a1;
+      }
+    }
+    acc.l *= alpha;
+    acc.z *= alpha;
+    acc.m = m_new;
+  }
+  // Masked tokens: p = 0; tokens past nvalid also have zero V params (see issue_tile), tokens
+  // before the window have real ones: P' and the zero term are 0 either way.
+  float pp[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = i / 2, e = i % 2;
+    const float vsc = e ? vp[j].z : vp[j].x, vz = e ? vp[j].w : vp[j].y;
+    const float p = ex2(s[i] - acc.m);
+    acc.l += p;
+    acc.z = kRaw<kBits> ? fmaf(p, -vz, acc.z) : fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
+    pp[i] = p * vsc;
+  }
+  // ---- V phase. B column gid is the lane's own K-phase row (hi part) or, for kCols = 1 and gid >=
+  // 4, the lo part of head gid - 4, taken from lane ^ 16. Pairs: tile st takes rows 0-3 as
+  // before; tile st2's hi parts are rows 4-7 (lane ^ 16), its lo parts the lanes' own.
+  uint32_t hi0, lo0, hi1, lo1;
+  split_bf16(pp[0], pp[1], hi0, lo0);
+  split_bf16(pp[2], pp[3], hi1, lo1);
+  uint32_t bp[kCols][2];
+  if constexpr (kCols == 1) {
+    const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);
+    const uint32_t plo1 = __shfl_xor_sync(0xffffffffu, lo1, 16);
+    bp[0][0] = gid < 4 ? hi0 : plo0;
+    bp[0][1] = gid < 4 ? hi1 : plo1;
+    if constexpr (kPair) {
+      const uint32_t phi0 = __shfl_xor_sync(0xffffffffu, hi0, 16);
+      const uint32_t phi1 = __shfl_xor_sync(0xffffffffu, hi1, 16);
+      const uint32_t bp2[1][2] = {{gid < 4 ? phi0 : lo0, gid < 4 ? phi1 : lo1}};
+      v_phase<kBits, kD, kCols>(st2, bp2, lo, acc);
+    }
+  } else {
+    bp[0][0] = hi0;
+    bp[0][1] = hi1;
+    bp[1][0] = lo0;
+    bp[1][1] = lo1;
+  }
+  v_phase<kBits, kD, kCols>(st, bp, lo, acc);
+}
+
 // The q rows of a KV head's query heads as K-phase A fragments (row gid = query head gid of the
 // group; fp32 q: rows gid + 8 hold the bf16 residual), sum(q) of the lane's head and, for raw
 // codes, kcorr = sum(q' 128) where q' = q 2^-pos is what the fragments hold (hi + lo: the
 // correction must match the mma's operand, not q, or 128 x the split error would remain).
 template <int kBits, int kD, typename TQ>
-__device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, int gid, int tig,
+__device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, int head, int tig,
                                        uint32_t (&aq)[kD / 16][4], float& qsum, float& kcorr) {
   qsum = 0.0f;
   kcorr = 0.0f;
 #pragma unroll
   for (int kt = 0; kt < kD / 16; ++kt)
     aq[kt][0] = aq[kt][1] = aq[kt][2] = aq[kt][3] = 0u;
-  if (gid < p.group) {
+  if (head < p.group) {
     const int64_t row =
-        ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + gid) * kD + tig * (kD / 4);
+        ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * (kD / 4);
     const TQ* q = static_cast<const TQ*>(p.q) + row;
 #pragma unroll
     for (int pi = 0; pi < kD / 8; ++pi) {
@@ -632,6 +687,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4,
                 "the epilogue reuses the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
+  constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
+  constexpr int kStep = kPair ? 2 : 1;               // tiles (ring stages) a step
+  constexpr int kSlots = Tr::kStages / kStep;        // steps the ring holds
+  static_assert(Tr::kStages % kStep == 0, "pairs need an even ring");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
   const kv::PageLayout L = kv::page_layout({p.num_kv_heads, kD, p.tokens16}, kBits);
@@ -639,7 +698,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 
   uint32_t aq[kD / 16][4];
   float qsum, kcorr;
-  load_q<kBits, kD, TQ>(p, it.seq, kvh, gid, tig, aq, qsum, kcorr);
+  // Pairs: rows 4-7 repeat the group's q (see compute_tile).
+  load_q<kBits, kD, TQ>(p, it.seq, kvh, kPair ? gid % 4 : gid, tig, aq, qsum, kcorr);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -698,25 +758,46 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       }
     }
   };
+  // Issues the tiles of ring slot `slot` (kStep stages); past the range's end, pairs get empty
+  // stages (no copies, zero params, 0 valid tokens) so the step's second tile is all masked.
+  int issued = 0;
+  auto issue_slot = [&](int slot) {
 #pragma unroll
-  for (int s = 0; s < Tr::kStages - 1; ++s) {
-    if (s < n_my) issue_next(s);
+    for (int i = 0; i < kStep; ++i) {
+      const int stage = slot * kStep + i;
+      if (issued < n_my) {
+        issue_next(stage);
+        ++issued;
+      } else if (kPair) {
+        issue_tile<Tr>(ring + stage * Tr::kStage, pptr, L, offs, 0, 0);
+        if (lane0) meta[stage] = 0;
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kSlots - 1; ++s) {
+    if (s * kStep < n_my) issue_slot(s);
     cp_async_commit();
   }
-  int slot_c = 0, slot_p = Tr::kStages - 1;
-  for (int k = 0; k < n_my; ++k) {
-    if (k + Tr::kStages - 1 < n_my) issue_next(slot_p);
+  // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
+  auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
+  int slot_c = 0, slot_p = kSlots - 1;
+  for (int k = 0; k < n_my; k += kStep) {
+    if (issued < n_my) issue_slot(slot_p);
     cp_async_commit();
-    cp_async_wait<Tr::kStages - 1>();
+    cp_async_wait<kSlots - 1>();
     __syncwarp();
-    // Tokens [first, nvalid) of the tile are visible (first > 0 only before the sliding window).
-    const int m = meta[slot_c];
-    const uint32_t valid_mask = ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u);
-    compute_tile<kBits, kD, kQLo, kCols>(ring + slot_c * Tr::kStage, aq, qsum, kcorr, p.scale_log2,
-                                         valid_mask, offs, gid, tig, acc);
+    const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
+    uint32_t valid_mask = visible(meta[slot_c * kStep]);
+    if constexpr (kPair) {
+      const uint32_t second = visible(meta[slot_c * kStep + 1]);
+      valid_mask = gid >= 4 ? second : valid_mask;
+    }
+    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr,
+                                                p.scale_log2, valid_mask, offs, gid, tig, acc);
     __syncwarp();
-    slot_c = slot_c + 1 == Tr::kStages ? 0 : slot_c + 1;
-    slot_p = slot_p + 1 == Tr::kStages ? 0 : slot_p + 1;
+    slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
+    slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
   }
   cp_async_wait<0>();
 
@@ -725,6 +806,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 2);
   acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
   acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 2);
+  if constexpr (kPair) {  // a head's two rows (gid, gid + 4)
+    acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 16);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16);
+  }
   __syncthreads();  // every warp is done with its ring
   const int G = p.group;
   float* sm_o = reinterpret_cast<float*>(smem);  // [kWarps][G][kD]
