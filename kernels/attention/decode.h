@@ -10,10 +10,12 @@
 //  2. upload_decode_plan() / pack_decode_plan() put the layer table, items, merge entries and
 //     per-bits item lists of all layers into a device workspace.
 //  3. Per layer, launch_decode() runs the split kernel once per bit-width present (CTAs over
-//     (items of that bit-width, KV head), the kernel templated on the bits) and then, if any
-//     sequence has several items, the merge kernel (log-sum-exp combine of the partial states of
-//     a (sequence, KV head)'s items). The kernels read the layer's counts from the device, so a
-//     launch of fixed size can be captured in a CUDA graph and replayed for the next step's plan.
+//     (items of that bit-width, KV head), the kernel templated on the bits). A sequence cut into
+//     several items is merged (log-sum-exp combine of the partial states of a (sequence, KV
+//     head)'s items) by the CTA that finishes its last item, found with a counter per merge entry
+//     and KV head that the merging CTA resets (no merge kernel, no launch between layers' work).
+//     The kernels read the layer's counts from the device, so a launch of fixed size can be
+//     captured in a CUDA graph and replayed for the next step's plan.
 //
 // Semantics (engine/backend/cpu/paged_attention.cpp, causal_attention with n = 1): the query of
 // sequence s attends to every token of its page table (its own new token included), or only the
@@ -45,19 +47,21 @@ struct DecodeWorkItem {
   int32_t page_end;   // CSR index past the item's last page (bounds the page-info prefetch)
   int32_t lo_first;   // sliding window: tokens of warp 0's first tile before the window start
   int32_t direct;     // 1: the only item of its sequence: writes the output, no merge
-  int32_t num_tiles;  // sum of warp_tiles (>= 1)
-  int32_t pad[2];
+  int32_t num_tiles;  // sum of warp_tiles; 0 only for a sequence with no visible token (zeros)
+  int32_t merge;      // not direct: the sequence's merge entry (layer-relative)
+  int32_t pad;
   int32_t warp_page[kDecodeWarps];   // first page (index into the layer's CSR arrays)
   int32_t warp_tile[kDecodeWarps];   // first tile inside that page
   int32_t warp_tiles[kDecodeWarps];  // tiles of the warp's range (0: idle warp)
 };
 
 // Combines the partial states of items [item_begin, item_begin + num_items) (layer-relative
-// indices) into the output rows of sequence `seq`.
+// indices, num_items >= 2) into the output rows of sequence `seq`: the split kernel's CTA that
+// finishes the last of them (a counter per entry and KV head) does it.
 struct DecodeMergeItem {
   int32_t seq;
   int32_t item_begin;
-  int32_t num_items;  // 0: the sequence has no visible token; its output is zeros
+  int32_t num_items;
   int32_t pad;
 };
 
@@ -137,8 +141,9 @@ struct DecodeCapacity {
 DecodeCapacity decode_plan_sizes(const DecodePlan& plan);
 
 // Byte offsets in the workspace (each 256-byte aligned): the tables (layer table, items, merge
-// entries, per-bits item lists: `tables_bytes`, what one upload copies), then the partial states
-// (scratch of the kernels).
+// entries, per-bits item lists, merge counters: `tables_bytes`, what one upload copies; the
+// counters are packed as zeros and the kernels leave them zero), then the partial states (scratch
+// of the kernels).
 struct DecodeWorkspaceLayout {
   DecodeCapacity capacity;
   int32_t num_kv_heads = 0;
@@ -148,6 +153,8 @@ struct DecodeWorkspaceLayout {
   int64_t items_offset = 0;
   int64_t merges_offset = 0;
   int64_t bit_items_offset = 0;
+  int64_t counters_offset = 0;  // int32 [capacity.layer_items * num_kv_heads]
+  int64_t counters_bytes = 0;
   int64_t partial_lse_offset = 0;
   int64_t partial_o_offset = 0;
   int64_t tables_bytes = 0;
@@ -181,17 +188,17 @@ struct DecodeLayerView {
   const DecodeWorkItem* items = nullptr;    // every layer's items (layer->item_begin: this one's)
   const DecodeMergeItem* merges = nullptr;  // every layer's merge entries
   const int32_t* bit_items = nullptr;       // every layer's per-bits item lists
+  int32_t* merge_counters = nullptr;        // [merge entries * num_kv_heads], zero between launches
   int32_t split_ctas[4] = {};               // per decode_bits_index
-  int32_t merge_ctas = 0;
   float* partial_lse = nullptr;  // [layer items * num_kv_heads, group] log2-sum-exp of a partial
   float* partial_o = nullptr;    // [layer items * num_kv_heads, group, head_dim] normalized output
 };
-// Exact launch sizes (one CTA per item and per merge entry) for a plan uploaded by
-// upload_decode_plan or packed with its exact layout.
+// Exact launch sizes (one CTA per item) for a plan uploaded by upload_decode_plan or packed with
+// its exact layout.
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer);
 // Fixed launch sizes for a workspace laid out by `layout` (what a captured graph bakes in).
 DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
-                                  const int32_t (&split_ctas)[4], int32_t merge_ctas);
+                                  const int32_t (&split_ctas)[4]);
 
 struct DecodeParams {
   const void* pool = nullptr;  // page p starts at pool + p * page_bytes (256-byte aligned)
@@ -213,7 +220,7 @@ struct DecodeParams {
 // Resident split-kernel CTAs per SM the kernel for `bits` was built for (its register budget).
 int decode_ctas_per_sm(int bits);
 
-// Runs the split kernel and, when needed, the merge kernel on `stream`. Returns the first CUDA
+// Runs the split kernel (one launch per bit-width present) on `stream`. Returns the first CUDA
 // error (launch configuration errors included); cudaErrorInvalidValue on unsupported shapes.
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 

@@ -32,15 +32,17 @@ struct KernelParams {
   int32_t num_kv_heads;
   int32_t group;
   int32_t tokens16;
-  const int32_t* page_ids;       // [num_pages]
-  const int32_t* page_tokens;    // [num_pages]
-  const DecodeLayerPlan* layer;  // device: the layer's offsets and counts
-  const DecodeWorkItem* items;   // every layer's items (layer->item_begin: this layer's first)
-  const int32_t* bit_items;      // every layer's per-bits item lists
-  float* partial_lse;            // [layer items * num_kv_heads, group]
-  float* partial_o;              // [layer items * num_kv_heads, group, head_dim]
-  const void* q;                 // [num_seqs, num_heads, head_dim]
-  void* out;                     // [num_seqs, num_heads, head_dim]
+  const int32_t* page_ids;        // [num_pages]
+  const int32_t* page_tokens;     // [num_pages]
+  const DecodeLayerPlan* layer;   // device: the layer's offsets and counts
+  const DecodeWorkItem* items;    // every layer's items (layer->item_begin: this layer's first)
+  const int32_t* bit_items;       // every layer's per-bits item lists
+  const DecodeMergeItem* merges;  // every layer's merge entries (layer->merge_begin: this layer's)
+  int32_t* merge_counters;  // [layer merges * num_kv_heads]: items done; zero between launches
+  float* partial_lse;       // [layer items * num_kv_heads, group]
+  float* partial_o;         // [layer items * num_kv_heads, group, head_dim]
+  const void* q;            // [num_seqs, num_heads, head_dim]
+  void* out;                // [num_seqs, num_heads, head_dim]
   DType out_dtype;
   float scale_log2;  // softmax scale * log2(e)
 };
@@ -172,8 +174,8 @@ __device__ __forceinline__ float byte_centered_x256(uint32_t w, int k) {
 
 // 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both 16-bit halves
 // of x, b = 2 or 4, becomes the bf16x2 (128 + c * 2^pos) with one LOP3: 0x4300 | (c << pos) after
-// a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The factor 2^pos and the
-// offset 128 are taken out outside the hot loop: the K phase multiplies q by 2^-pos (exact) and
+// a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The factor 2^pos and
+// the offset 128 are taken out outside the hot loop: the K phase multiplies q by 2^-pos (exact) and
 // subtracts 128 * sum(q 2^-pos) from each score, the V phase subtracts 128 * sum(P') (an extra mma
 // against ones) and scales by 2^-pos in the epilogue. The offset costs precision in proportion to
 // 128 / 2^pos (fp32 sums of the large offset cancel later), so codes sit high: pos 3 or 5 (2 bits)
@@ -332,8 +334,8 @@ struct LaneOffsets {
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int i = 0; i < kKReads; ++i)
-        k[j][i] = opaque(Tr::kKOff +
-                         code_offset<Tr>(sigma(8 * j + gid), tig * Tr::kKBytes + i * kKRead));
+        k[j][i] =
+            opaque(Tr::kKOff + code_offset<Tr>(sigma(8 * j + gid), tig * Tr::kKBytes + i * kKRead));
     }
     const int rows[4] = {sigma(2 * tig), sigma(2 * tig + 1), sigma(2 * tig + 8),
                          sigma(2 * tig + 9)};
@@ -394,7 +396,7 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
 template <int kD, int kCols>
 struct Acc {
   float o[kD / 16][kCols][4];  // O^T accumulators: [m-tile of 16 dims][column tile][c0..c3]
-  float w[kCols][4];  // raw codes: sum P' per column (every row the same), see small_raw
+  float w[kCols][4];           // raw codes: sum P' per column (every row the same), see small_raw
   // Of the lane's K-phase row (head gid): max (log2 domain), sum p, and the zero term: sum p (vs *
   // mid - vz) for 8 and 16 bits, -sum p vz for raw codes.
   float m, l, z;
@@ -680,16 +682,110 @@ __device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, 
   kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 2);
 }
 
+__device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, float val) {
+  if (p.out_dtype == DType::kF32) {
+    static_cast<float*>(p.out)[o] = val;
+  } else {
+    static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(val);
+  }
+}
+
+// After a CTA has written its partial state of a (sequence, KV head) cut into several items: the
+// CTA that finishes the last of them (over all bit-width launches of the layer) combines them,
+// out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max) (the same bytes whichever CTA it is),
+// and resets the counter for the next launch. The fences order the partial stores before the
+// count (writers) and the count before the loads (the merger); the loads go to L2. It runs at the
+// tail of a CTA, so it is built for latency: the items' log-sum-exps go through shared memory
+// (kMergeChunk items at a time, online max across chunks) and each thread keeps its outputs in
+// registers, so all its loads of one item are in flight together (one L2 round trip an item).
+inline constexpr int kMergeChunk = 128;
+
+template <int kD>
+__device__ __forceinline__ void merge_if_last(const KernelParams& p, const DecodeWorkItem& it,
+                                              int kvh, uint8_t* smem) {
+  constexpr int kPer = kDecodeMaxGroup * kD / kThreads;  // outputs a thread holds at most
+  const DecodeMergeItem mi = p.merges[p.layer->merge_begin + it.merge];
+  int* counter = p.merge_counters + int64_t{it.merge} * p.num_kv_heads + kvh;
+  int* flag = reinterpret_cast<int*>(smem);
+  float* sw = reinterpret_cast<float*>(smem) + 4;  // [kMergeChunk][G] weights of a chunk
+  float* sm = sw + kMergeChunk * kDecodeMaxGroup;  // [G] running max
+  float* sd = sm + kDecodeMaxGroup;                // [G] running sum of weights
+  float* sa = sd + kDecodeMaxGroup;                // [G] rescale of the previous chunks
+  __threadfence();
+  __syncthreads();  // also: every thread is done with the epilogue's shared memory
+  if (threadIdx.x == 0) *flag = atomicAdd(counter, 1) == mi.num_items - 1;
+  __syncthreads();
+  if (*flag == 0) return;
+  __threadfence();
+  const int G = p.group, H = p.num_kv_heads;
+  if (static_cast<int>(threadIdx.x) < G) {
+    sm[threadIdx.x] = -INFINITY;
+    sd[threadIdx.x] = 0.0f;
+  }
+  float acc[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k)
+    acc[k] = 0.0f;
+  for (int c0 = 0; c0 < mi.num_items; c0 += kMergeChunk) {
+    const int n = min(kMergeChunk, mi.num_items - c0);
+    for (int e = threadIdx.x; e < n * G; e += kThreads) {
+      const int64_t slot = int64_t{mi.item_begin + c0 + e / G} * H + kvh;
+      sw[e] = __ldcg(p.partial_lse + slot * G + e % G);
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < G) {  // one thread a head: weights relative to the max
+      const int h = threadIdx.x;
+      float mx = sm[h];
+      for (int i = 0; i < n; ++i)
+        mx = fmaxf(mx, sw[i * G + h]);
+      const float alpha = exp2f(sm[h] - mx);  // 0 on the first chunk
+      float den = sd[h] * alpha;
+      for (int i = 0; i < n; ++i) {
+        const float f = exp2f(sw[i * G + h] - mx);
+        sw[i * G + h] = f;
+        den += f;
+      }
+      sm[h] = mx;
+      sd[h] = den;
+      sa[h] = alpha;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int idx = threadIdx.x + k * kThreads;
+      if (idx < G * kD) acc[k] *= sa[idx / kD];
+    }
+#pragma unroll 4
+    for (int i = 0; i < n; ++i) {  // unrolled: the loads of 4 items in flight together
+      const float* o = p.partial_o + (int64_t{mi.item_begin + c0 + i} * H + kvh) * G * kD;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int idx = threadIdx.x + k * kThreads;
+        if (idx < G * kD) acc[k] = fmaf(sw[i * G + idx / kD], __ldcg(o + idx), acc[k]);
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites sw
+  }
+  const int64_t out_row = (int64_t{mi.seq} * H + kvh) * G;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int idx = threadIdx.x + k * kThreads;
+    if (idx < G * kD) store_out(p, out_row * kD + idx, acc[k] / sd[idx / kD]);
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
 template <int kBits, int kD, typename TQ, int kCols>
 __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem* items,
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
-  static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4,
-                "the epilogue reuses the rings");
+  static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4 &&
+                    Tr::kSmemBytes >= (4 + (kMergeChunk + 3) * kDecodeMaxGroup) * 4,
+                "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
   constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
-  constexpr int kStep = kPair ? 2 : 1;               // tiles (ring stages) a step
-  constexpr int kSlots = Tr::kStages / kStep;        // steps the ring holds
+  constexpr int kStep = kPair ? 2 : 1;              // tiles (ring stages) a step
+  constexpr int kSlots = Tr::kStages / kStep;       // steps the ring holds
   static_assert(Tr::kStages % kStep == 0, "pairs need an even ring");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
@@ -793,8 +889,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       const uint32_t second = visible(meta[slot_c * kStep + 1]);
       valid_mask = gid >= 4 ? second : valid_mask;
     }
-    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr,
-                                                p.scale_log2, valid_mask, offs, gid, tig, acc);
+    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, p.scale_log2,
+                                                valid_mask, offs, gid, tig, acc);
     __syncwarp();
     slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
     slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
@@ -864,19 +960,15 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       den += sm_l[w * G + h] * f;
       num += (sm_o[(w * G + h) * kD + d] + sm_z[w * G + h]) * f;
     }
-    const float val = num / den;
+    const float val = mx == -INFINITY ? 0.0f : num / den;  // -inf: an empty item (no token)
     if (it.direct) {
-      const int64_t o = (out_row + h) * kD + d;
-      if (p.out_dtype == DType::kF32) {
-        static_cast<float*>(p.out)[o] = val;
-      } else {
-        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(val);
-      }
+      store_out(p, (out_row + h) * kD + d, val);
     } else {
       p.partial_o[(slot * G + h) * kD + d] = val;
       if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
     }
   }
+  if (!it.direct) merge_if_last<kD>(p, it, kvh, smem);
 }
 
 // One launch per bit-width present. The layer's list of items of this bit-width is read from the

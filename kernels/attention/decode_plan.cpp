@@ -274,9 +274,21 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
       split_run(run, static_cast<int32_t>(n), t, items);
     }
     const int32_t count = static_cast<int32_t>(items.size()) - first;
-    if (count == 1) {
+    if (count == 0) {  // no visible token: an empty item whose CTAs write zeros
+      DecodeWorkItem it{};
+      it.seq = s;
+      it.bits = 16;
+      it.direct = 1;
+      it.page_end = t.page_starts[s];
+      for (int w = 0; w < kDecodeWarps; ++w)
+        it.warp_page[w] = t.page_starts[s];
+      items.push_back(it);
+    } else if (count == 1) {
       items.back().direct = 1;
     } else {
+      const int32_t m = static_cast<int32_t>(out.merges.size());
+      for (int32_t i = first; i < first + count; ++i)
+        items[i].merge = m;
       out.merges.push_back({s, first, count, 0});
     }
   }
@@ -388,7 +400,9 @@ DecodeWorkspaceLayout decode_workspace_layout(const DecodeCapacity& c, int32_t n
   w.merges_offset = w.items_offset + align_up(int64_t{c.items} * int64_t(sizeof(DecodeWorkItem)));
   w.bit_items_offset =
       w.merges_offset + align_up(int64_t{c.merges} * int64_t(sizeof(DecodeMergeItem)));
-  w.partial_lse_offset = w.bit_items_offset + align_up(int64_t{c.bit_items} * 4);
+  w.counters_offset = w.bit_items_offset + align_up(int64_t{c.bit_items} * 4);
+  w.counters_bytes = int64_t{c.layer_items} * num_kv_heads * 4;  // a layer's merges <= its items
+  w.partial_lse_offset = w.counters_offset + align_up(w.counters_bytes);
   const int64_t slots = int64_t{c.layer_items} * num_kv_heads * group;
   w.partial_o_offset = w.partial_lse_offset + align_up(slots * 4);
   w.tables_bytes = w.partial_lse_offset;
@@ -414,6 +428,7 @@ void pack_decode_plan(const DecodePlan& plan, const DecodeWorkspaceLayout& layou
   put(layout.items_offset, plan.items);
   put(layout.merges_offset, plan.merges);
   put(layout.bit_items_offset, plan.bit_items);
+  std::memset(base + layout.counters_offset, 0, static_cast<size_t>(layout.counters_bytes));
 }
 
 void pack_decode_plan(const DecodePlan& plan, void* dst) {
@@ -431,7 +446,7 @@ cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t 
 }
 
 DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
-                                  const int32_t (&split_ctas)[4], int32_t merge_ctas) {
+                                  const int32_t (&split_ctas)[4]) {
   check(layer >= 0 && layer < layout.capacity.layers, "layer out of range");
   auto* base = static_cast<char*>(workspace);
   DecodeLayerView v;
@@ -439,9 +454,9 @@ DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* wor
   v.items = reinterpret_cast<const DecodeWorkItem*>(base + layout.items_offset);
   v.merges = reinterpret_cast<const DecodeMergeItem*>(base + layout.merges_offset);
   v.bit_items = reinterpret_cast<const int32_t*>(base + layout.bit_items_offset);
+  v.merge_counters = reinterpret_cast<int32_t*>(base + layout.counters_offset);
   for (int b = 0; b < 4; ++b)
     v.split_ctas[b] = split_ctas[b];
-  v.merge_ctas = merge_ctas;
   v.partial_lse = reinterpret_cast<float*>(base + layout.partial_lse_offset);
   v.partial_o = reinterpret_cast<float*>(base + layout.partial_o_offset);
   return v;
@@ -449,8 +464,7 @@ DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* wor
 
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer) {
   const DecodeLayerPlan& lp = plan.layers.at(static_cast<size_t>(layer));
-  return decode_layer_view(decode_workspace_layout(plan), workspace, layer, lp.bits_count,
-                           lp.num_merges);
+  return decode_layer_view(decode_workspace_layout(plan), workspace, layer, lp.bits_count);
 }
 
 }  // namespace pmkv::kernels

@@ -237,7 +237,7 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
           const int32_t fixed[4] = {1 + static_cast<int32_t>(rng() % 3), 2, 3, 64};
           kernels::DecodeParams pf = p;
           pf.plan = kernels::decode_layer_view(kernels::decode_workspace_layout(plan), ws.get(), l,
-                                               fixed, 1 + static_cast<int32_t>(rng() % 2));
+                                               fixed);
           CUDA_REQUIRE(dout.poison());
           CUDA_REQUIRE_LAUNCH(kernels::launch_decode(pf, nullptr));
           std::vector<std::byte> raw_fixed;
@@ -461,7 +461,6 @@ TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][
                           sizeof(kernels::DecodeWorkItem)) == 0);
     }
     REQUIRE(lp.num_merges == static_cast<int32_t>(plan.merges.size()));
-    REQUIRE(view.merge_ctas == lp.num_merges);
     for (int32_t i = 0; i < lp.num_merges; ++i) {
       const kernels::DecodeMergeItem& m = view.merges[lp.merge_begin + i];
       REQUIRE(m.seq == plan.merges[i].seq);
@@ -487,11 +486,15 @@ TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][
     cap.layers += 2;
     const auto big =
         kernels::decode_workspace_layout(cap, plan.num_kv_heads, plan.group, plan.head_dim);
-    std::vector<std::byte> roomy(static_cast<size_t>(big.total_bytes));
+    std::vector<std::byte> roomy(static_cast<size_t>(big.total_bytes), std::byte{0xAB});
     kernels::pack_decode_plan(plan, big, roomy.data());
     const int32_t fixed[4] = {5, 5, 5, 5};
-    const auto fv = kernels::decode_layer_view(big, roomy.data(), 0, fixed, 5);
+    const auto fv = kernels::decode_layer_view(big, roomy.data(), 0, fixed);
     REQUIRE(std::memcmp(fv.layer, &plan.layers[0], sizeof(kernels::DecodeLayerPlan)) == 0);
+    // The merge counters are packed as zeros (the kernels rely on it), one per item and KV head.
+    REQUIRE(big.counters_bytes == int64_t{cap.layer_items} * plan.num_kv_heads * 4);
+    for (int64_t i = 0; i < big.counters_bytes / 4; ++i)
+      REQUIRE(fv.merge_counters[i] == 0);
     for (int32_t i = 0; i < lp.num_items; ++i) {
       REQUIRE(std::memcmp(&fv.items[i], &plan.items[i], sizeof(kernels::DecodeWorkItem)) == 0);
     }
@@ -541,6 +544,32 @@ TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][
     }
     for (int s = 0; s < num_seqs; ++s)
       REQUIRE(next[s] == total[s]);
+    // Every sequence is covered by one direct item (an empty one, num_tiles 0, when no token is
+    // visible) or by one merge entry of >= 2 items that point back to it.
+    std::vector<int> covered(num_seqs, 0);
+    for (size_t i = 0; i < plan.items.size(); ++i) {
+      const auto& it = plan.items[i];
+      if (it.direct) {
+        ++covered[it.seq];
+        const int first_visible =
+            cfg.sliding_window > 0 ? std::max(0, total[it.seq] - cfg.sliding_window) : 0;
+        REQUIRE((it.num_tiles == 0) == (total[it.seq] == first_visible));
+      } else {
+        REQUIRE(it.num_tiles > 0);
+        REQUIRE(it.merge >= 0);
+        REQUIRE(it.merge < lp.num_merges);
+        const auto& m = plan.merges[static_cast<size_t>(it.merge)];
+        REQUIRE(m.seq == it.seq);
+        REQUIRE(static_cast<int>(i) >= m.item_begin);
+        REQUIRE(static_cast<int>(i) < m.item_begin + m.num_items);
+      }
+    }
+    for (const auto& m : plan.merges) {
+      REQUIRE(m.num_items >= 2);
+      ++covered[m.seq];
+    }
+    for (int s = 0; s < num_seqs; ++s)
+      REQUIRE(covered[s] == 1);
     // The per-bits launch lists partition the items.
     std::vector<int> seen(plan.items.size(), 0);
     for (int b = 0; b < 4; ++b) {

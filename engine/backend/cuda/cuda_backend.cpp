@@ -121,7 +121,6 @@ struct StepArgs {
   bool fixed_layout = false;
   kernels::DecodeWorkspaceLayout layout;
   int32_t split_ctas[4] = {};
-  int32_t merge_ctas = 0;
 };
 
 }  // namespace
@@ -210,7 +209,6 @@ struct CudaBackend::Impl {
     uint64_t key = static_cast<uint64_t>(a.rows);
     for (int b = 0; b < 4; ++b)
       key |= size_code(a.split_ctas[b]) << (10 + 5 * b);
-    key |= size_code(a.merge_ctas) << 30;
     return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36;
   }
   // Grows the fixed-layout graph inputs (dropping every graph) when a step has more pages or ops.
@@ -570,6 +568,9 @@ void CudaBackend::Impl::upload_graph_inputs(
   copy_plan(graph_layout.merges_offset,
             decode_plan.merges.size() * sizeof(kernels::DecodeMergeItem));
   copy_plan(graph_layout.bit_items_offset, decode_plan.bit_items.size() * 4);
+  // The merge counters: zero as packed; the kernels leave them zero, this keeps a step from
+  // inheriting a count an aborted one left behind.
+  copy_plan(graph_layout.counters_offset, static_cast<size_t>(graph_layout.counters_bytes));
 
   auto dev = [&](size_t off) { return reinterpret_cast<const int32_t*>(dv + off); };
   a->tok = dev(gin.tok);
@@ -597,15 +598,13 @@ void CudaBackend::Impl::upload_graph_inputs(
       p *= 2;
     return p;
   };
-  int32_t most[4] = {}, most_merges = 0;
+  int32_t most[4] = {};
   for (const kernels::DecodeLayerPlan& lp : decode_plan.layers) {
-    most_merges = std::max(most_merges, lp.num_merges);
     for (int bi = 0; bi < 4; ++bi)
       most[bi] = std::max(most[bi], lp.bits_count[bi]);
   }
   for (int bi = 0; bi < 4; ++bi)
     a->split_ctas[bi] = most[bi] > 0 ? pow2_at_least(most[bi]) : 0;
-  a->merge_ctas = most_merges > 0 ? pow2_at_least(most_merges) : 0;
 }
 
 void CudaBackend::Impl::kv_ops(const StepArgs& a, int64_t l) {
@@ -686,10 +685,10 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       dp.tokens16 = geometry.tokens16;
       dp.page_ids = a.page_ids;
       dp.page_tokens = a.page_tokens;
-      dp.plan = a.fixed_layout
-                    ? kernels::decode_layer_view(a.layout, a.decode_ws, static_cast<int>(l),
-                                                 a.split_ctas, a.merge_ctas)
-                    : kernels::decode_layer_view(decode_plan, a.decode_ws, static_cast<int>(l));
+      dp.plan =
+          a.fixed_layout
+              ? kernels::decode_layer_view(a.layout, a.decode_ws, static_cast<int>(l), a.split_ctas)
+              : kernels::decode_layer_view(decode_plan, a.decode_ws, static_cast<int>(l));
       dp.q = q.as();
       dp.q_dtype = kernels::DType::kF32;
       dp.out = attn.as();

@@ -31,7 +31,7 @@ struct CudaBackendOptions {
   uint64_t dummy_seed = 0;
   std::vector<std::vector<float>> key_scales;  // [layers][kv_width]; empty: none
   // Decode steps of up to graph_max_batch sequences run as CUDA graphs, one per batch-size
-  // bucket (1, 2, 4, 8, then multiples of 8) and set of launches (bit-widths present, merges,
+  // bucket (1, 2, 4, 8, then multiples of 8) and set of launches (bit-widths present,
   // flushes, demotion waves). Off: every step is launched kernel by kernel.
   bool cuda_graphs = true;
   int32_t graph_max_batch = 256;
