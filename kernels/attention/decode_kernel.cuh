@@ -13,6 +13,7 @@
 // scales and zeros enter in fp32: score = k_scale * S + (k_scale * mid - k_zero) * sum(q),
 // out = (sum P' (code - mid) + sum p (v_scale * mid - v_zero)) / sum p.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -59,8 +60,12 @@ inline constexpr int kMaxStages = 16;
 #endif
 template <int kBits>
 struct BitsConfig {
-  static constexpr int kCtasPerSm = kBits <= 4 ? PMKV_DECODE_LOWBIT_CTAS_PER_SM : 3;
-  static constexpr int kStages = kBits == 16 ? 2 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
+  // 16 bits: 2 CTAs of 3 stages (more bytes in flight per warp) beat 3 CTAs of 2 by 2-13%
+  // (bench/RESULTS.md, fourth session).
+  static constexpr int kCtasPerSm = kBits <= 4    ? PMKV_DECODE_LOWBIT_CTAS_PER_SM
+                                    : kBits == 16 ? 2
+                                                  : 3;
+  static constexpr int kStages = kBits == 16 ? 3 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
 };
 
 template <int kBits, int kD>
@@ -114,6 +119,14 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -211,17 +224,30 @@ inline constexpr bool kRaw = kBits <= 4;
 template <int kBits>
 inline constexpr int kParts = kBits == 16 ? 2 : 1;
 
+// The K phase of 8- and 16-bit pages runs in fp16: a byte b becomes the fp16 1024 + b with one
+// LOP3 ((x & 0x00FF00FF) | 0x64006400, two bytes at a time), against about five instructions a
+// pair through the fp32 2^23 trick and a packing convert. q goes to fp16 (scaled by a power of two
+// when its largest element passes 2^14, see load_q) and the offset leaves through kcorr:
+// dot = sum q code + kK sum q, kK = 1024 (8 bits) or 256 * 1024 + 1024 (16 bits: hi and lo bytes
+// in two chains, dot = 256 hi + lo). The V phase stays in bf16 (P' needs bf16's range).
+template <int kBits>
+inline constexpr bool kKHalf = kBits >= 8;
+template <int kBits>
+inline constexpr float kKOffset = kBits == 16  ? 263168.0f
+                                  : kBits == 8 ? 1024.0f
+                                               : 128.0f;
+
 // Dims (relative to the lane's chunk of kD/4 codes) of K pair p; the q fragments use the same map.
 template <int kBits>
 __device__ __forceinline__ constexpr int pair_dim_lo(int p) {
   return kBits == 2   ? 16 * (p / 8) + p % 8
          : kBits == 4 ? 8 * (p / 4) + p % 4
-         : kBits == 8 ? 4 * (p / 2) + 2 * (p % 2)
+         : kBits == 8 ? 4 * (p / 2) + p % 2
                       : 2 * p;
 }
 template <int kBits>
 __device__ __forceinline__ constexpr int pair_dim_hi(int p) {
-  return pair_dim_lo<kBits>(p) + (kBits == 2 ? 8 : kBits == 4 ? 4 : 1);
+  return pair_dim_lo<kBits>(p) + (kBits == 2 ? 8 : kBits == 4 ? 4 : kBits == 8 ? 2 : 1);
 }
 
 // K phase: part r of pair p of the lane's words of one token row.
@@ -231,12 +257,10 @@ __device__ __forceinline__ uint32_t k_part(const uint32_t* w, int p) {
     return small_raw<2>(w[p / 8], p % 8);
   } else if constexpr (kBits == 4) {
     return small_raw<4>(w[p / 4], p % 4);
-  } else if constexpr (kBits == 8) {  // bytes (0, 1) or (2, 3) of word p / 2
-    const int k = 2 * (p % 2);
-    return pack_bf16(byte_centered(w[p / 2], k), byte_centered(w[p / 2], k + 1));
-  } else {  // codes 2p, 2p + 1 are the halves of word p
-    return kPart == 0 ? pack_bf16(byte_centered_x256(w[p], 1), byte_centered_x256(w[p], 3))
-                      : pack_bf16(byte_centered(w[p], 0), byte_centered(w[p], 2));
+  } else if constexpr (kBits == 8) {  // bytes (0, 2) or (1, 3) of word p / 2, fp16 1024 + b
+    return and_or(w[p / 2] >> (8 * (p % 2)), 0x00FF00FFu, 0x64006400u);
+  } else {  // codes 2p, 2p + 1 are the halves of word p: part 0 their high bytes, part 1 low
+    return and_or(kPart == 0 ? w[p] >> 8 : w[p], 0x00FF00FFu, 0x64006400u);
   }
 }
 
@@ -426,27 +450,32 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
     for (int i = 0; i < LO::kKReads; ++i)
       lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
   }
+  auto mma = [](float(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kKHalf<kBits>) {
+      mma_f16(d, a, b0, b1);
+    } else {
+      mma_bf16(d, a, b0, b1);
+    }
+  };
   if constexpr (kParts<kBits> == 1) {  // one accumulation chain per n-tile, interleaved
 #pragma unroll
     for (int kt = 0; kt < kD / 16; ++kt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        mma_bf16(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt),
-                 k_part<kBits, 0>(w[j], 2 * kt + 1));
+        mma(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt), k_part<kBits, 0>(w[j], 2 * kt + 1));
     }
-  } else {  // 16 bits: the two parts in two chains per n-tile
+  } else {  // 16 bits: high and low bytes in two chains per n-tile, dot = 256 hi + lo
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       float c1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int kt = 0; kt < kD / 16; ++kt) {
-        mma_bf16(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt),
-                 k_part<kBits, 0>(w[j], 2 * kt + 1));
-        mma_bf16(c1, aq[kt], k_part<kBits, 1>(w[j], 2 * kt), k_part<kBits, 1>(w[j], 2 * kt + 1));
+        mma(s_acc[j], aq[kt], k_part<kBits, 0>(w[j], 2 * kt), k_part<kBits, 0>(w[j], 2 * kt + 1));
+        mma(c1, aq[kt], k_part<kBits, 1>(w[j], 2 * kt), k_part<kBits, 1>(w[j], 2 * kt + 1));
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        s_acc[j][i] += c1[i];
+        s_acc[j][i] = fmaf(256.0f, s_acc[j][i], c1[i]);
     }
   }
 }
@@ -545,12 +574,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     const bool valid = (valid_mask & lo.vbit[i]) != 0u;
     const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
     const float dot = kQLo ? s_acc[j][e] + s_acc[j][2 + e] : s_acc[j][e];
-    float raw;
-    if constexpr (kRaw<kBits>) {  // dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos 128
-      raw = fmaf(ksc, dot - kcorr, -kz * qsum);
-    } else {  // dot = sum q (c - mid)
-      raw = fmaf(ksc, dot, fmaf(ksc, Tr::kMid, -kz) * qsum);
-    }
+    // dot - kcorr = sum q code (2/4 bits: dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos
+    // 128; 8/16 bits: see kKHalf).
+    const float raw = fmaf(ksc, dot - kcorr, -kz * qsum);
     s[i] = valid ? raw * scale_log2 : -INFINITY;
     tmax = fmaxf(tmax, s[i]);
   }
@@ -630,56 +656,90 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
 }
 
 // The q rows of a KV head's query heads as K-phase A fragments (row gid = query head gid of the
-// group; fp32 q: rows gid + 8 hold the bf16 residual), sum(q) of the lane's head and, for raw
-// codes, kcorr = sum(q' 128) where q' = q 2^-pos is what the fragments hold (hi + lo: the
-// correction must match the mma's operand, not q, or 128 x the split error would remain).
+// group; fp32 q: rows gid + 8 hold the residual q - hi(q), bf16 q: an opaque copy of hi(q), whose
+// scores are not read: zeros there are constants that ptxas re-creates with MOVs before every
+// mma), sum(q) of the lane's head and kcorr = kKOffset * sum(q~), q~ what the fragments hold (hi +
+// lo: the correction must match the mma's operand, not q, or the offset times the split error
+// would remain). 2/4 bits: bf16, q~ = q 2^-pos. 8/16 bits: fp16, and q is first scaled by 2^-s so
+// that the head's largest |q| is at most 2^14 (exact; fp16 ends at 65504): qscale = 2^s goes into
+// the score scale. Returns qscale.
 template <int kBits, int kD, typename TQ>
-__device__ __forceinline__ void load_q(const KernelParams& p, int seq, int kvh, int head, int tig,
-                                       uint32_t (&aq)[kD / 16][4], float& qsum, float& kcorr) {
+__device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh, int head, int tig,
+                                        uint32_t (&aq)[kD / 16][4], float& qsum, float& kcorr) {
   qsum = 0.0f;
   kcorr = 0.0f;
 #pragma unroll
   for (int kt = 0; kt < kD / 16; ++kt)
     aq[kt][0] = aq[kt][1] = aq[kt][2] = aq[kt][3] = 0u;
-  if (head < p.group) {
+  float qa[kD / 8], qb[kD / 8];
+#pragma unroll
+  for (int pi = 0; pi < kD / 8; ++pi)
+    qa[pi] = qb[pi] = 0.0f;
+  const bool has_head = head < p.group;
+  if (has_head) {
     const int64_t row =
         ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * (kD / 4);
     const TQ* q = static_cast<const TQ*>(p.q) + row;
 #pragma unroll
     for (int pi = 0; pi < kD / 8; ++pi) {
-      float a, b;
       if constexpr (sizeof(TQ) == 4) {
-        a = q[pair_dim_lo<kBits>(pi)];
-        b = q[pair_dim_hi<kBits>(pi)];
+        qa[pi] = q[pair_dim_lo<kBits>(pi)];
+        qb[pi] = q[pair_dim_hi<kBits>(pi)];
       } else {
-        a = __bfloat162float(q[pair_dim_lo<kBits>(pi)]);
-        b = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
+        qa[pi] = __bfloat162float(q[pair_dim_lo<kBits>(pi)]);
+        qb[pi] = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
       }
-      qsum += a + b;
-      if constexpr (kRaw<kBits>) {  // exact: a power of two
-        a *= pow2_neg(k_pos<kBits>(pi));
-        b *= pow2_neg(k_pos<kBits>(pi));
-      }
-      uint32_t hi, lo;
-      split_bf16(a, b, hi, lo);
-      if constexpr (kRaw<kBits>) {
-        const float2 h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
-        const float2 l = sizeof(TQ) == 4
-                             ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo))
-                             : make_float2(0.0f, 0.0f);
-        kcorr += 128.0f * ((h.x + l.x) + (h.y + l.y));
-      }
-      aq[pi / 2][2 * (pi % 2)] = hi;
-      // bf16 q: rows gid + 8 (whose scores are not read) hold an opaque copy of the hi part;
-      // zeros there are constants that ptxas re-creates with MOVs before every mma.
-      aq[pi / 2][2 * (pi % 2) + 1] =
-          sizeof(TQ) == 4 ? lo : static_cast<uint32_t>(opaque(static_cast<int>(hi)));
     }
+  }
+  float qscale = 1.0f, down = 1.0f;
+  if constexpr (kKHalf<kBits>) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int pi = 0; pi < kD / 8; ++pi)
+      amax = fmaxf(amax, fmaxf(fabsf(qa[pi]), fabsf(qb[pi])));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    int e = 0;
+    frexpf(amax, &e);  // amax < 2^e
+    const int sh = e > 14 ? e - 14 : 0;
+    qscale = ldexpf(1.0f, sh);
+    down = ldexpf(1.0f, -sh);
+  }
+  // Lanes without a head keep zero fragments (constants; a branch, not selects: the register
+  // allocation of the whole kernel depends on it).
+#pragma unroll
+  for (int pi = 0; pi < kD / 8 && has_head; ++pi) {
+    float a = qa[pi] * down, b = qb[pi] * down;
+    qsum += a + b;
+    if constexpr (kRaw<kBits>) {  // exact: a power of two
+      a *= pow2_neg(k_pos<kBits>(pi));
+      b *= pow2_neg(k_pos<kBits>(pi));
+    }
+    uint32_t hi, lo;
+    float2 h, l;
+    if constexpr (kKHalf<kBits>) {
+      const __half2 hh = __floats2half2_rn(a, b);
+      h = __half22float2(hh);
+      const __half2 ll = __floats2half2_rn(a - h.x, b - h.y);
+      l = __half22float2(ll);
+      hi = *reinterpret_cast<const uint32_t*>(&hh);
+      lo = *reinterpret_cast<const uint32_t*>(&ll);
+    } else {
+      split_bf16(a, b, hi, lo);
+      h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
+      l = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo));
+    }
+    if constexpr (sizeof(TQ) != 4) l = make_float2(0.0f, 0.0f);  // bf16 q: no lo rows
+    kcorr += kKOffset<kBits> * ((h.x + l.x) + (h.y + l.y));
+    aq[pi / 2][2 * (pi % 2)] = hi;
+    aq[pi / 2][2 * (pi % 2) + 1] =
+        sizeof(TQ) == 4 ? lo : static_cast<uint32_t>(opaque(static_cast<int>(hi)));
   }
   qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
   qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
   kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 1);
   kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 2);
+  return qscale;
 }
 
 __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, float val) {
@@ -795,7 +855,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   uint32_t aq[kD / 16][4];
   float qsum, kcorr;
   // Pairs: rows 4-7 repeat the group's q (see compute_tile).
-  load_q<kBits, kD, TQ>(p, it.seq, kvh, kPair ? gid % 4 : gid, tig, aq, qsum, kcorr);
+  const float score_scale =
+      p.scale_log2 *
+      load_q<kBits, kD, TQ>(p, it.seq, kvh, kPair ? gid % 4 : gid, tig, aq, qsum, kcorr);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -889,7 +951,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       const uint32_t second = visible(meta[slot_c * kStep + 1]);
       valid_mask = gid >= 4 ? second : valid_mask;
     }
-    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, p.scale_log2,
+    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
                                                 valid_mask, offs, gid, tig, acc);
     __syncwarp();
     slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
