@@ -756,14 +756,20 @@ __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, floa
 // and resets the counter for the next launch. The fences order the partial stores before the
 // count (writers) and the count before the loads (the merger); the loads go to L2. It runs at the
 // tail of a CTA, so it is built for latency: the items' log-sum-exps go through shared memory
-// (kMergeChunk items at a time, online max across chunks) and each thread keeps its outputs in
-// registers, so all its loads of one item are in flight together (one L2 round trip an item).
+// (kMergeChunk items at a time, online max across chunks), the warps take every kWarps-th item
+// and read all of its G * kD outputs with 16-byte loads (a quarter of the serial L2 round trips of
+// one item per step for the whole CTA), and add their sums through shared memory at the end.
 inline constexpr int kMergeChunk = 128;
+// Shared memory of the merge: flag, weights, running max / sum / rescale, then the warps' sums.
+inline constexpr int kMergeSumsOffset = (4 + (kMergeChunk + 3) * kDecodeMaxGroup) * 4;
+template <int kD>
+inline constexpr int kMergeSmemBytes = kMergeSumsOffset + kWarps* kDecodeMaxGroup* kD * 4;
 
 template <int kD>
 __device__ __forceinline__ void merge_if_last(const KernelParams& p, const DecodeWorkItem& it,
                                               int kvh, uint8_t* smem) {
-  constexpr int kPer = kDecodeMaxGroup * kD / kThreads;  // outputs a thread holds at most
+  constexpr int kVec = kDecodeMaxGroup * kD / 128;  // float4 a lane holds (a warp: G * kD)
+  static_assert(kMergeSumsOffset % 16 == 0, "16-byte aligned sums");
   const DecodeMergeItem mi = p.merges[p.layer->merge_begin + it.merge];
   int* counter = p.merge_counters + int64_t{it.merge} * p.num_kv_heads + kvh;
   int* flag = reinterpret_cast<int*>(smem);
@@ -782,10 +788,11 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
     sm[threadIdx.x] = -INFINITY;
     sd[threadIdx.x] = 0.0f;
   }
-  float acc[kPer];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float4 acc[kVec];
 #pragma unroll
-  for (int k = 0; k < kPer; ++k)
-    acc[k] = 0.0f;
+  for (int k = 0; k < kVec; ++k)
+    acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int c0 = 0; c0 < mi.num_items; c0 += kMergeChunk) {
     const int n = min(kMergeChunk, mi.num_items - c0);
     for (int e = threadIdx.x; e < n * G; e += kThreads) {
@@ -810,27 +817,45 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
       sa[h] = alpha;
     }
     __syncthreads();
+    // A lane's outputs: e = 128 k + 4 lane .. + 3, one head each (kD is a multiple of 4).
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int idx = threadIdx.x + k * kThreads;
-      if (idx < G * kD) acc[k] *= sa[idx / kD];
+    for (int k = 0; k < kVec; ++k) {
+      const int e = 128 * k + 4 * lane;
+      if (e < G * kD) {
+        const float a = sa[e / kD];
+        acc[k] = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
+      }
     }
-#pragma unroll 4
-    for (int i = 0; i < n; ++i) {  // unrolled: the loads of 4 items in flight together
+#pragma unroll 2
+    for (int i = warp; i < n; i += kWarps) {
       const float* o = p.partial_o + (int64_t{mi.item_begin + c0 + i} * H + kvh) * G * kD;
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int idx = threadIdx.x + k * kThreads;
-        if (idx < G * kD) acc[k] = fmaf(sw[i * G + idx / kD], __ldcg(o + idx), acc[k]);
+      for (int k = 0; k < kVec; ++k) {
+        const int e = 128 * k + 4 * lane;
+        if (e < G * kD) {
+          const float f = sw[i * G + e / kD];
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(o + e));
+          acc[k] = make_float4(fmaf(f, v.x, acc[k].x), fmaf(f, v.y, acc[k].y),
+                               fmaf(f, v.z, acc[k].z), fmaf(f, v.w, acc[k].w));
+        }
       }
     }
     __syncthreads();  // before the next chunk overwrites sw
   }
-  const int64_t out_row = (int64_t{mi.seq} * H + kvh) * G;
+  float* sums = reinterpret_cast<float*>(smem + kMergeSumsOffset);  // [kWarps][G * kD]
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int idx = threadIdx.x + k * kThreads;
-    if (idx < G * kD) store_out(p, out_row * kD + idx, acc[k] / sd[idx / kD]);
+  for (int k = 0; k < kVec; ++k) {
+    const int e = 128 * k + 4 * lane;
+    if (e < G * kD) *reinterpret_cast<float4*>(sums + warp * G * kD + e) = acc[k];
+  }
+  __syncthreads();
+  const int64_t out_row = (int64_t{mi.seq} * H + kvh) * G;
+  for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      v += sums[w * G * kD + idx];
+    store_out(p, out_row * kD + idx, v / sd[idx / kD]);
   }
   if (threadIdx.x == 0) *counter = 0;
 }
@@ -840,7 +865,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
   static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4 &&
-                    Tr::kSmemBytes >= (4 + (kMergeChunk + 3) * kDecodeMaxGroup) * 4,
+                    Tr::kSmemBytes >= kMergeSmemBytes<kD>,
                 "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
   constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
