@@ -4,14 +4,15 @@
 // range of the item's tiles with their own cp.async ring in shared memory and their own
 // online-softmax state; the CTA combines the 4 states at the end.
 //
-// Per 16-token tile a warp runs two bf16 mma.sync (m16n8k16, fp32 accumulate) phases:
-//   K phase: S[head][token] = q . (code - mid)   A = q (rows: heads, hi parts; rows + 8: lo parts
-//            of an fp32 q), B = K codes (k: dims, n: tokens)
-//   V phase: O^T[dim][col] += (code - mid)[dim][token] P'[token][col]   A = V codes (m: dims,
-//            k: tokens), B = P' = p * v_scale split into bf16 hi and lo columns (see Acc)
-// Codes minus mid are small integers, exact in bf16 (16-bit codes: two bytes, two mma); the
-// scales and zeros enter in fp32: score = k_scale * S + (k_scale * mid - k_zero) * sum(q),
-// out = (sum P' (code - mid) + sum p (v_scale * mid - v_zero)) / sum p.
+// Per 16-token tile a warp runs two mma.sync (m16n8k16, fp32 accumulate) phases:
+//   K phase: S[head][token] = q~ . x   A = q~ (rows: heads, hi parts; rows + 8: lo parts of an
+//            fp32 q), B = K codes as exact small numbers x (k: dims, n: tokens): bf16 128 + c 2^pos
+//            (2/4 bits, q~ = q 2^-pos) or fp16 1024 + byte (8/16 bits), so S - kcorr = q . code
+//   V phase: O^T[dim][col] += x[dim][token] P'[token][col]   A = V codes (m: dims, k: tokens; 2/4
+//            bits raw as above, 8/16 bits code - mid), B = P' = p * v_scale split into bf16 hi and
+//            lo columns (see Acc)
+// The scales and zeros enter in fp32: score = k_scale * (S - kcorr) - k_zero * sum(q),
+// out = (sum P' code - sum p v_zero) / sum p (the offsets of raw codes and mid subtracted).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -217,7 +218,8 @@ __device__ __forceinline__ constexpr float pow2_neg(int pos) {
 template <int kBits>
 inline constexpr bool kRaw = kBits <= 4;
 
-// ---- Code parts. A b-bit code is the sum of kParts(b) bf16-exact parts:
+// ---- Code parts of the V phase (k_part below: the K phase). A b-bit code is the sum of
+// kParts(b) bf16-exact parts:
 //   2, 4 bits:  128 + c * 2^pos (raw, see small_raw);
 //   8 bits:     c - 128, through the fp32 2^23 + c and a packing convert;
 //   16 bits:    256 * (high byte - 128) and low byte - 128 (mid 32896), one mma each.
