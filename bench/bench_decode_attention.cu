@@ -1,6 +1,6 @@
-// Decode attention benchmark: times launch_decode (split + merge kernels; the plan is built and
-// uploaded once, outside the timing) over uniform-bit page tables with shuffled page ids, with
-// CUDA events around every launch (median of many), rotating over enough copies of the inputs
+// Decode attention benchmark: times launch_decode (the split kernel, which merges too; the plan is
+// built and uploaded once, outside the timing) over uniform-bit page tables with shuffled page ids,
+// with CUDA events around every launch (median of many), rotating over enough copies of the inputs
 // that the L2 cache cannot hold them. Prints one JSON object per point (JSON lines).
 //
 //   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
