@@ -152,23 +152,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t mask, uint32_t m
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "r"(mask), "r"(magic));
   return d;
 }
-// a * b + c on bf16x2 (exact here: the results are integers of at most 8 significant bits).
-__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-// bf16 bits of the integer n (at most 8 significant bits).
-__host__ __device__ constexpr uint32_t bf16_of_int(int64_t n) {
-  const uint32_t sign = n < 0 ? 0x8000u : 0u;
-  const uint64_t a = n < 0 ? static_cast<uint64_t>(-n) : static_cast<uint64_t>(n);
-  if (a == 0) return sign;
-  int e = 0;
-  while ((a >> (e + 1)) != 0)
-    ++e;
-  const uint32_t mant = static_cast<uint32_t>(e >= 7 ? (a >> (e - 7)) : (a << (7 - e))) & 0x7Fu;
-  return sign | ((127u + e) << 7) | mant;
-}
 // x ~= hi + lo with hi, lo bf16 (relative error 2^-17).
 __device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint32_t& lo) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
