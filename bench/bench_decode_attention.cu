@@ -5,7 +5,9 @@
 //
 //   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
 //                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 16]
-//                          [--out FILE.jsonl] [--min-time-ms 300]
+//                          [--out FILE.jsonl] [--min-time-ms 300] [--min-item-kb 16,64]
+// (--min-item-kb: DecodePlanConfig::min_item_bytes in KiB, one point per value, for tuning the
+// plan; default the engine's.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -114,6 +116,8 @@ int main(int argc, char** argv) {
                    contexts = {1024, 4096, 16384, 65536};
   int kv_heads = 8, group = 4, head_dim = 128, tokens16 = 16;
   double min_time_ms = 300;
+  std::vector<int> min_item_kbs = {
+      static_cast<int>(kernels::DecodePlanConfig{}.min_item_bytes >> 10)};
   std::string out_path;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -133,6 +137,8 @@ int main(int argc, char** argv) {
       tokens16 = std::atoi(argv[i + 1]);
     else if (a == "--out")
       out_path = argv[i + 1];
+    else if (a == "--min-item-kb")
+      min_item_kbs = parse_list(argv[i + 1]);
     else if (a == "--min-time-ms")
       min_time_ms = std::atof(argv[i + 1]);
     else {
@@ -209,96 +215,102 @@ int main(int argc, char** argv) {
         CHECK(cudaMemcpy(ids, perm.data(), pool_pages * 4, cudaMemcpyHostToDevice));
         CHECK(cudaMemcpy(tok, page_tokens.data(), pages * 4, cudaMemcpyHostToDevice));
 
-        kernels::DecodePlanConfig cfg;
-        cfg.num_kv_heads = kv_heads;
-        cfg.group = group;
-        cfg.head_dim = head_dim;
-        cfg.tokens16 = tokens16;
-        cfg.num_sms = prop.multiProcessorCount;
-        const kernels::DecodeLayerTable table{batch, starts.data(), page_bits.data(),
-                                              page_tokens.data()};
-        kernels::DecodePlan plan;
-        kernels::plan_decode(cfg, {&table, 1}, &plan);
-        void* ws = nullptr;
-        CHECK(cudaMalloc(&ws, plan.workspace_bytes));
-        CHECK(kernels::upload_decode_plan(plan, ws, plan.workspace_bytes, nullptr));
+        for (const int min_item_kb : min_item_kbs) {
+          kernels::DecodePlanConfig cfg;
+          cfg.num_kv_heads = kv_heads;
+          cfg.group = group;
+          cfg.head_dim = head_dim;
+          cfg.tokens16 = tokens16;
+          cfg.num_sms = prop.multiProcessorCount;
+          cfg.min_item_bytes = int64_t{min_item_kb} << 10;
+          const kernels::DecodeLayerTable table{batch, starts.data(), page_bits.data(),
+                                                page_tokens.data()};
+          kernels::DecodePlan plan;
+          kernels::plan_decode(cfg, {&table, 1}, &plan);
+          void* ws = nullptr;
+          CHECK(cudaMalloc(&ws, plan.workspace_bytes));
+          CHECK(kernels::upload_decode_plan(plan, ws, plan.workspace_bytes, nullptr));
 
-        std::vector<__nv_bfloat16> hq(size_t(batch) * heads * head_dim * rot);
-        std::normal_distribution<float> dist(0.0f, 1.0f);
-        for (auto& x : hq)
-          x = __float2bfloat16(dist(rng));
-        __nv_bfloat16 *q = nullptr, *o = nullptr;
-        CHECK(cudaMalloc(&q, hq.size() * 2));
-        CHECK(cudaMalloc(&o, hq.size() * 2));
-        CHECK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+          std::vector<__nv_bfloat16> hq(size_t(batch) * heads * head_dim * rot);
+          std::normal_distribution<float> dist(0.0f, 1.0f);
+          for (auto& x : hq)
+            x = __float2bfloat16(dist(rng));
+          __nv_bfloat16 *q = nullptr, *o = nullptr;
+          CHECK(cudaMalloc(&q, hq.size() * 2));
+          CHECK(cudaMalloc(&o, hq.size() * 2));
+          CHECK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
 
-        kernels::DecodeParams p;
-        p.pool = pool;
-        p.page_bytes = page_bytes;
-        p.num_kv_heads = kv_heads;
-        p.group = group;
-        p.head_dim = head_dim;
-        p.tokens16 = tokens16;
-        p.page_tokens = tok;
-        p.plan = kernels::decode_layer_view(plan, ws, 0);
-        p.q_dtype = kernels::DType::kBF16;
-        p.out_dtype = kernels::DType::kBF16;
-        p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-        auto launch = [&](int r) {
-          p.page_ids = ids + int64_t{r} * pages;
-          p.q = q + int64_t{r} * batch * heads * head_dim;
-          p.out = o + int64_t{r} * batch * heads * head_dim;
-          CHECK(kernels::launch_decode(p, nullptr));
-        };
-        for (int r = 0; r < std::max(3, rot); ++r)
-          launch(r % rot);  // warm-up
-        CHECK(cudaDeviceSynchronize());
-        CHECK(cudaEventRecord(e0));
-        launch(0);
-        CHECK(cudaEventRecord(e1));
-        CHECK(cudaEventSynchronize(e1));
-        float once = 0;
-        CHECK(cudaEventElapsedTime(&once, e0, e1));
-        const int reps =
-            static_cast<int>(std::clamp(min_time_ms / std::max(once, 1e-3f), 30.0, 500.0));
-        std::vector<cudaEvent_t> ev(2 * reps);
-        for (auto& e : ev)
-          CHECK(cudaEventCreate(&e));
-        for (int i = 0; i < reps; ++i) {
-          CHECK(cudaEventRecord(ev[2 * i]));
-          launch(i % rot);
-          CHECK(cudaEventRecord(ev[2 * i + 1]));
+          kernels::DecodeParams p;
+          p.pool = pool;
+          p.page_bytes = page_bytes;
+          p.num_kv_heads = kv_heads;
+          p.group = group;
+          p.head_dim = head_dim;
+          p.tokens16 = tokens16;
+          p.page_tokens = tok;
+          p.plan = kernels::decode_layer_view(plan, ws, 0);
+          p.q_dtype = kernels::DType::kBF16;
+          p.out_dtype = kernels::DType::kBF16;
+          p.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+          auto launch = [&](int r) {
+            p.page_ids = ids + int64_t{r} * pages;
+            p.q = q + int64_t{r} * batch * heads * head_dim;
+            p.out = o + int64_t{r} * batch * heads * head_dim;
+            CHECK(kernels::launch_decode(p, nullptr));
+          };
+          for (int r = 0; r < std::max(3, rot); ++r)
+            launch(r % rot);  // warm-up
+          CHECK(cudaDeviceSynchronize());
+          CHECK(cudaEventRecord(e0));
+          launch(0);
+          CHECK(cudaEventRecord(e1));
+          CHECK(cudaEventSynchronize(e1));
+          float once = 0;
+          CHECK(cudaEventElapsedTime(&once, e0, e1));
+          const int reps =
+              static_cast<int>(std::clamp(min_time_ms / std::max(once, 1e-3f), 30.0, 500.0));
+          std::vector<cudaEvent_t> ev(2 * reps);
+          for (auto& e : ev)
+            CHECK(cudaEventCreate(&e));
+          for (int i = 0; i < reps; ++i) {
+            CHECK(cudaEventRecord(ev[2 * i]));
+            launch(i % rot);
+            CHECK(cudaEventRecord(ev[2 * i + 1]));
+          }
+          CHECK(cudaDeviceSynchronize());
+          std::vector<float> ms(reps);
+          for (int i = 0; i < reps; ++i)
+            CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+          for (auto& e : ev)
+            CHECK(cudaEventDestroy(e));
+          std::sort(ms.begin(), ms.end());
+          const double t_us = ms[reps / 2] * 1e3;
+          const double gbps = bytes / (t_us * 1e-6) / 1e9;
+          std::fprintf(
+              stderr, "min item %d KiB: %.1f us, %.0f GB/s (%.0f%% of copy), %d items, %d merges\n",
+              min_item_kb, t_us, gbps, 100 * gbps / copy_gbps, plan.layers[0].num_items,
+              plan.layers[0].num_merges);
+          std::fprintf(
+              out,
+              "{\"bits\": %d, \"batch\": %d, \"context\": %d, \"kv_heads\": %d, "
+              "\"q_heads\": %d, \"head_dim\": %d, \"tokens16\": %d, \"time_us\": %.3f, "
+              "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
+              "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
+              "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
+              "\"min_item_kib\": %d, "
+              "\"device\": \"%s\"}\n",
+              bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
+              ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
+              gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, min_item_kb,
+              prop.name);
+          std::fflush(out);
+          CHECK(cudaFree(ws));
+          CHECK(cudaFree(q));
+          CHECK(cudaFree(o));
         }
-        CHECK(cudaDeviceSynchronize());
-        std::vector<float> ms(reps);
-        for (int i = 0; i < reps; ++i)
-          CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
-        for (auto& e : ev)
-          CHECK(cudaEventDestroy(e));
-        std::sort(ms.begin(), ms.end());
-        const double t_us = ms[reps / 2] * 1e3;
-        const double gbps = bytes / (t_us * 1e-6) / 1e9;
-        std::fprintf(stderr, "%.1f us, %.0f GB/s (%.0f%% of copy), %d items, %d merges\n", t_us,
-                     gbps, 100 * gbps / copy_gbps, plan.layers[0].num_items,
-                     plan.layers[0].num_merges);
-        std::fprintf(
-            out,
-            "{\"bits\": %d, \"batch\": %d, \"context\": %d, \"kv_heads\": %d, "
-            "\"q_heads\": %d, \"head_dim\": %d, \"tokens16\": %d, \"time_us\": %.3f, "
-            "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
-            "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
-            "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
-            "\"device\": \"%s\"}\n",
-            bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
-            ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
-            gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, prop.name);
-        std::fflush(out);
         CHECK(cudaFree(pool));
         CHECK(cudaFree(ids));
         CHECK(cudaFree(tok));
-        CHECK(cudaFree(ws));
-        CHECK(cudaFree(q));
-        CHECK(cudaFree(o));
       }
     }
   }
