@@ -294,10 +294,10 @@ int64_t bulk_tiles(int64_t n) {
   return (n + 15) / 16;
 }
 
-template <int NT, int KU, class OutT, bool kGated>
+template <int NT, int KU, class OutT, bool kGated, int kNormV>
 cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   using Ge = bulk_gemm::Geometry<1, KU>;
-  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated>;
+  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated, kNormV>;
   // The attribute is per kernel and process; setting it is not a stream operation (capturable).
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ge::kSmemBytes);
@@ -321,14 +321,19 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
       reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + skinny_gemm_counter_bytes(p.n));
   return cudaLaunchKernelEx(&cfg, kernel, p.a, p.w, static_cast<OutT*>(p.d), static_cast<int>(p.m),
                             static_cast<int>(p.n), static_cast<int>(p.k), counters, partials,
-                            p.gate_bias);
+                            p.gate_bias, p.add_norm);
 }
 
 template <int NT, int KU>
 cudaError_t launch_bulk_out(const SkinnyGemmParams& p, cudaStream_t stream) {
-  if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true>(p, stream);
-  return p.out == DType::kF32 ? launch_bulk_typed<NT, KU, float, false>(p, stream)
-                              : launch_bulk_typed<NT, KU, __nv_bfloat16, false>(p, stream);
+  if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true, 0>(p, stream);
+  if (p.fuse_add_norm) {
+    return rmsnorm_detail::add_rmsnorm_vec4(p.add_norm)
+               ? launch_bulk_typed<NT, KU, float, false, 4>(p, stream)
+               : launch_bulk_typed<NT, KU, float, false, 1>(p, stream);
+  }
+  return p.out == DType::kF32 ? launch_bulk_typed<NT, KU, float, false, 0>(p, stream)
+                              : launch_bulk_typed<NT, KU, __nv_bfloat16, false, 0>(p, stream);
 }
 
 cudaError_t launch_bulk(const SkinnyGemmParams& p, cudaStream_t stream) {
@@ -339,7 +344,7 @@ cudaError_t launch_bulk(const SkinnyGemmParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t skinny_gemm_counter_bytes(int64_t max_n) {
-  return (bulk_tiles(max_n) * 4 + 255) / 256 * 256;
+  return ((bulk_tiles(max_n) + 1) * 4 + 255) / 256 * 256;  // + the fused norm's counter
 }
 
 int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms) {
@@ -370,6 +375,14 @@ cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
   if (p.gated && (!skinny_gemm_uses_bulk(p) || p.out != DType::kBF16 || p.n % 16 != 0 ||
                   (p.gate_bias != nullptr && reinterpret_cast<uintptr_t>(p.gate_bias) % 4 != 0))) {
     return cudaErrorInvalidValue;
+  }
+  if (p.fuse_add_norm) {
+    const AddRmsNormParams& q = p.add_norm;
+    if (!skinny_gemm_uses_bulk(p) || p.gated || p.out != DType::kF32 || q.delta != p.d ||
+        q.rows != p.m || q.dim != p.n || q.row_index != nullptr || q.x == nullptr ||
+        q.weight == nullptr || q.out == nullptr) {
+      return cudaErrorInvalidValue;
+    }
   }
   if (skinny_gemm_uses_bulk(p)) return launch_bulk(p, stream);
   const Config cfg = choose(p.m, p.n, p.k, p.num_sms, p.warp_rows, p.k_split);

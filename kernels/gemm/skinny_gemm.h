@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "kernels/kernels_common.h"
+#include "kernels/model/layer_ops.h"
 
 namespace pmkv::kernels {
 
@@ -64,10 +65,17 @@ struct SkinnyGemmParams {
   // (bias fp32 [n], or null). Bit-identical to the GEMM followed by launch_silu_mul.
   bool gated = false;
   const float* gate_bias = nullptr;
+  // Residual add + RMSNorm after the product (bulk kernel only; fp32 output, not gated): once
+  // every tile of d is stored, launch_add_rmsnorm(add_norm) is applied to it inside this launch,
+  // bit-identical to that launch after the GEMM. add_norm must have delta == d, rows == m, dim ==
+  // n and row_index == null (the residual add of a decoder's o and down projections, with the
+  // next norm). Uses one more counter of the workspace (skinny_gemm_counter_bytes counts it).
+  bool fuse_add_norm = false;
+  AddRmsNormParams add_norm;
 };
 
-// Workspace of the bulk kernel for outputs of up to max_n columns: tile counters, then two
-// partial tiles per CTA.
+// Workspace of the bulk kernel for outputs of up to max_n columns: tile counters and the fused
+// norm's counter, then two partial tiles per CTA.
 int64_t skinny_gemm_counter_bytes(int64_t max_n);
 int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms);
 

@@ -30,11 +30,21 @@
 // Epilogue. Plain: the tile's fp32 sums, stored as fp32 or bf16. Gated (SkinnyGemmParams::gated):
 // rows r and r + 8 of each 16-row group are a gate row and its up row (kernels::GateUpLayout), and
 // the stored value is the SwiGLU activation of the two bf16-rounded sums.
+//
+// Tail (SkinnyGemmParams::fuse_add_norm). The residual add + RMSNorm that follows the o and down
+// projections in a decoder needs all of a row of d, which no CTA has: every CTA fences its
+// stores and counts itself in (a counter after the tile counters, reset by the last), and the
+// last one runs launch_add_rmsnorm's row code (kernels/model/add_rmsnorm_row.cuh) on its 256
+// consumer threads, row after row: the same thread per column and the same reduction order as
+// that kernel, so the result is bit-identical. The rows run one after another on one SM, so the
+// tail pays at m = 1 only (GemmRunner::run_add_norm fuses only there; bench/RESULTS.md).
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "kernels/gemm/skinny_gemm.h"
 #include "kernels/gemm/skinny_gemm_common.cuh"
+#include "kernels/model/add_rmsnorm_row.cuh"
 #include "kernels/pdl.cuh"
 
 namespace pmkv::kernels::bulk_gemm {
@@ -42,6 +52,8 @@ namespace pmkv::kernels::bulk_gemm {
 inline constexpr int kConsumers = 8;  // consumer warps
 inline constexpr int kThreads = (kConsumers + 1) * 32;
 inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for the ring
+static_assert(kConsumers * 32 == rmsnorm_detail::kNormThreads,
+              "the fused norm tail runs the norm's CTA-per-row variant on the consumer threads");
 
 // RT: 16-row halves per tile (rows = 16 RT); KU: k columns per unit. A stage holds one unit: 16 RT
 // rows of 2 KU bytes, rows padded by 64 bytes (conflict-free fragment reads).
@@ -123,12 +135,14 @@ __device__ __forceinline__ int64_t unit_owner(int64_t u, int64_t units, int64_t 
 }
 
 // Grid: G CTAs (G <= units), kThreads threads, Geometry::kSmemBytes of dynamic shared memory.
-// kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2].
-template <int NT, int RT, int KU, class OutT, bool kGated>
+// kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
+// the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
+template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV>
 __global__ void __launch_bounds__(kThreads, 1)
     bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
                      OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
-                     float* __restrict__ partials, const float* __restrict__ gate_bias) {
+                     float* __restrict__ partials, const float* __restrict__ gate_bias,
+                     const AddRmsNormParams norm) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the launcher takes this path only on sm_90 and newer
 #else
@@ -323,6 +337,31 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     named_sync(1, kConsumers * 32);  // red and flag are reused by the next segment
+  }
+
+  if constexpr (kNormV != 0) {
+    // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
+    __threadfence();
+    named_sync(1, kConsumers * 32);
+    if (ct == 0) {
+      const int old = atomicAdd(&counters[tiles], 1);
+      const int last = old == static_cast<int>(G - 1);
+      if (last) counters[tiles] = 0;  // ready for the next launch
+      *flag = last;
+    }
+    named_sync(1, kConsumers * 32);
+    if (*flag != 0) {
+      __threadfence();
+      if (norm.dim <= rmsnorm_detail::kWarpRowMaxDim) {  // the norm's warp-per-row variant
+        for (int r = warp; r < m; r += kConsumers)
+          rmsnorm_detail::add_rmsnorm_row<kNormV, true, true>(norm, r, lane, nullptr, [] {});
+      } else {  // its CTA-per-row variant on the 256 consumer threads, a partial buffer a row
+        static_assert(kSkinnyGemmBulkMaxM * kConsumers * 4 <= Ge::kRedBytes);
+        for (int r = 0; r < m; ++r)
+          rmsnorm_detail::add_rmsnorm_row<kNormV, false, true>(
+              norm, r, ct, red + r * kConsumers, [] { named_sync(1, kConsumers * 32); });
+      }
+    }
   }
 #endif
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/kv/kv_quantize.cuh"
+#include "kernels/model/add_rmsnorm_row.cuh"
 #include "kernels/model/layer_ops.h"
 #include "kernels/pdl.cuh"
 
@@ -30,13 +31,8 @@ __device__ __forceinline__ float bf16_hi(uint32_t w) {
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t b) {
   return __uint_as_float(uint32_t{b} << 16);
 }
-// fp32 to bf16 bits, round to nearest even (NaN stays NaN).
-__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  return uint32_t{float_to_bf16_bits(lo)} | (uint32_t{float_to_bf16_bits(hi)} << 16);
-}
+using rmsnorm_detail::float_to_bf16_bits;
+using rmsnorm_detail::pack_bf16x2;
 
 // ---- embedding ------------------------------------------------------------------------------
 
@@ -68,130 +64,24 @@ __global__ void __launch_bounds__(kEmbThreads)
 
 // ---- residual add + RMSNorm -----------------------------------------------------------------
 
-constexpr int kNormThreads = 256;     // CTA-per-row variant
-constexpr int kNormWarpRows = 4;      // warp-per-row variant: rows (warps) per CTA
-constexpr int kWarpRowMaxDim = 1024;  // up to this dim a warp per row (<= 8 float4 per lane)
+constexpr int kNormWarpRows = 4;  // warp-per-row variant: rows (warps) per CTA
+using rmsnorm_detail::kNormThreads;
+using rmsnorm_detail::kWarpRowMaxDim;
 
-template <int V>
-__device__ __forceinline__ void load_v(const float* p, float (&v)[V]) {
-  if constexpr (V == 4) {
-    const float4 t = *reinterpret_cast<const float4*>(p);
-    v[0] = t.x;
-    v[1] = t.y;
-    v[2] = t.z;
-    v[3] = t.w;
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      v[j] = p[j];
-  }
-}
-template <int V>
-__device__ __forceinline__ void store_v(float* p, const float (&v)[V]) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      p[j] = v[j];
-  }
-}
-template <int V>
-__device__ __forceinline__ void store_bf16_v(uint16_t* p, const float (&v)[V]) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]));
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      p[j] = float_to_bf16_bits(v[j]);
-  }
-}
-
-// y = x + (delta + bias) for the V columns at c, in the CPU's order: matmul_wt adds the bias to
-// the sublayer output, then the forward adds that to x.
-template <int V>
-__device__ __forceinline__ void add_delta(const AddRmsNormParams& p, const float* ds, int c,
-                                          float (&y)[V]) {
-  float d[V];
-  load_v<V>(ds + c, d);
-  if (p.bias != nullptr) {
-    float b[V];
-    load_v<V>(p.bias + c, b);
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      d[j] = __fadd_rn(d[j], b[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < V; ++j)
-    y[j] = __fadd_rn(y[j], d[j]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// V = 4: dim % 4 == 0, x, delta, bias, weight 16-byte aligned and out 8-byte aligned (so each
-// row start is too); V = 1 otherwise. kWarpRow: a warp per row (kNormWarpRows per CTA), else a
-// CTA of kNormThreads per row. Each thread visits the same columns in both passes, so with the
-// residual write-back it rereads its own stores of y (program order: no barrier needed).
+// kWarpRow: a warp per row (kNormWarpRows per CTA), else a CTA of kNormThreads per row; V = 4
+// when rmsnorm_detail::add_rmsnorm_vec4 allows it, else 1. The row itself: add_rmsnorm_row.
 template <int V, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kNormWarpRows * 32 : kNormThreads)
     add_rmsnorm_kernel(const AddRmsNormParams p) {
   pdl_trigger();  // the GEMM after it may start streaming its weights (kernels/pdl.cuh)
-  int r, tid, nthreads;
   if constexpr (kWarpRow) {
-    r = blockIdx.x * kNormWarpRows + (threadIdx.x >> 5);
-    tid = threadIdx.x & 31;
-    nthreads = 32;
+    const int r = blockIdx.x * kNormWarpRows + (threadIdx.x >> 5);
     if (r >= p.rows) return;  // warp-uniform, and this variant has no CTA barrier
+    rmsnorm_detail::add_rmsnorm_row<V, true, false>(p, r, threadIdx.x & 31, nullptr, [] {});
   } else {
-    r = blockIdx.x;
-    tid = threadIdx.x;
-    nthreads = kNormThreads;
-  }
-  const int64_t s = p.row_index != nullptr ? p.row_index[r] : r;
-  const int dim = p.dim;
-  float* xs = p.x + s * dim;
-  const float* ds = p.delta != nullptr ? p.delta + s * dim : nullptr;
-  const bool write_back = p.row_index == nullptr && p.delta != nullptr;
-
-  float ss = 0.0f;
-  for (int c = tid * V; c < dim; c += nthreads * V) {
-    float y[V];
-    load_v<V>(xs + c, y);
-    if (ds != nullptr) add_delta<V>(p, ds, c, y);
-    if (write_back) store_v<V>(xs + c, y);
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      ss = __fmaf_rn(y[j], y[j], ss);
-  }
-  ss = warp_sum(ss);
-  if constexpr (!kWarpRow) {
     __shared__ float partial[kNormThreads / 32];
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    ss = 0.0f;  // every thread sums the partials in the same order: one inv for the row
-#pragma unroll
-    for (int w = 0; w < kNormThreads / 32; ++w)
-      ss += partial[w];
-  }
-  // cpu::rms_norm: inv = 1 / sqrt(ss / dim + eps) (IEEE division and square root).
-  const float inv =
-      __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, static_cast<float>(dim)), p.eps)));
-
-  uint16_t* o = p.out + int64_t{r} * dim;
-  for (int c = tid * V; c < dim; c += nthreads * V) {
-    float y[V], w[V];
-    load_v<V>(xs + c, y);  // y itself when written back
-    if (ds != nullptr && !write_back) add_delta<V>(p, ds, c, y);
-    load_v<V>(p.weight + c, w);
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      y[j] = __fmul_rn(w[j], __fmul_rn(y[j], inv));  // weight * (x * inv), as the CPU
-    store_bf16_v<V>(o + c, y);
+    rmsnorm_detail::add_rmsnorm_row<V, false, false>(p, blockIdx.x, threadIdx.x, partial,
+                                                     [] { __syncthreads(); });
   }
 }
 
@@ -386,9 +276,7 @@ cudaError_t launch_add_rmsnorm(const AddRmsNormParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.dim <= 0 || p.x == nullptr || p.weight == nullptr || p.out == nullptr) {
     return cudaErrorInvalidValue;
   }
-  const bool vec = p.dim % 4 == 0 && aligned(p.x, 16) && aligned(p.weight, 16) &&
-                   (p.delta == nullptr || aligned(p.delta, 16)) &&
-                   (p.bias == nullptr || aligned(p.bias, 16)) && aligned(p.out, 8);
+  const bool vec = rmsnorm_detail::add_rmsnorm_vec4(p);
   if (p.dim <= kWarpRowMaxDim) {
     const unsigned blocks = static_cast<unsigned>((p.rows + kNormWarpRows - 1) / kNormWarpRows);
     if (vec) {

@@ -428,6 +428,141 @@ TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_s
         }
 }
 
+TEST_CASE("skinny gemm: the fused add + RMSNorm tail equals the GEMM then launch_add_rmsnorm",
+          "[skinny_gemm][bulk]") {
+  if (!bulk_capable()) {
+    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
+    return;
+  }
+  std::mt19937 rng(gputest::test_seed("skinny_gemm fused norm"));
+  cudaStream_t stream = nullptr;
+  CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DeviceBuffer<float> scratch(1 << 16);
+  // n (= the norm's dim): 4096 and 2000 take the norm's CTA-per-row variant with float4 loads,
+  // 1030 with scalar loads (n % 4 != 0), 1024 a warp per row; 2000 and 1030 end in a partial
+  // 16-row tile. Machine sizes 132 and 5 split tiles between CTAs differently.
+  for (const int64_t m : {1, 3, 8})
+    for (const auto& [n, k] :
+         {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 2048}, {2000, 1024}, {1030, 3072}})
+      for (const int32_t sms : {132, 5})
+        for (const bool with_bias : {false, true}) {
+          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias);
+          const size_t mn = static_cast<size_t>(m * n);
+          const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
+          const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
+          std::normal_distribution<float> dist(0.0f, 3.0f);
+          std::vector<float> hx(mn), hb(static_cast<size_t>(n)), hg(static_cast<size_t>(n));
+          for (float& v : hx)
+            v = dist(rng);
+          for (float& v : hb)
+            v = dist(rng);
+          for (float& v : hg)
+            v = 1.0f + 0.1f * dist(rng);
+          DeviceBuffer<uint16_t> a, w, h(mn), h_ref(mn);
+          DeviceBuffer<float> x(mn), x_ref, bias, gamma, d(mn), d_ref(mn);
+          CUDA_REQUIRE(a.upload(ha));
+          CUDA_REQUIRE(w.upload(hw));
+          CUDA_REQUIRE(bias.upload(hb));
+          CUDA_REQUIRE(gamma.upload(hg));
+          CUDA_REQUIRE(x_ref.upload(hx));
+          CUDA_REQUIRE(h_ref.poison());
+          DeviceBuffer<uint8_t> ws(
+              static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
+          CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+          kernels::SkinnyGemmParams p;
+          p.a = a.get();
+          p.w = w.get();
+          p.d = d_ref.get();
+          p.out = kernels::DType::kF32;
+          p.m = m;
+          p.n = n;
+          p.k = k;
+          p.num_sms = sms;
+          p.bulk = true;
+          p.workspace = ws.get();
+          p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+          REQUIRE(kernels::skinny_gemm_uses_bulk(p));
+          const float* bp = with_bias ? bias.get() : nullptr;
+          // Reference: the plain bulk GEMM, then the norm kernel.
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+          const kernels::AddRmsNormParams ref_norm{x_ref.get(),
+                                                   d_ref.get(),
+                                                   bp,
+                                                   gamma.get(),
+                                                   1e-5f,
+                                                   static_cast<int32_t>(m),
+                                                   static_cast<int32_t>(n),
+                                                   nullptr,
+                                                   h_ref.get()};
+          CUDA_REQUIRE_LAUNCH(kernels::launch_add_rmsnorm(ref_norm, nullptr));
+          std::vector<float> want_d, want_x;
+          std::vector<uint16_t> want_h;
+          CUDA_REQUIRE(d_ref.download(want_d));
+          CUDA_REQUIRE(x_ref.download(want_x));
+          CUDA_REQUIRE(h_ref.download(want_h));
+          // Fused, three times from the same x: on a stream, after another kernel (programmatic
+          // dependent launch), so the tail's counter must be back at zero after each launch.
+          p.d = d.get();
+          p.fuse_add_norm = true;
+          p.add_norm = ref_norm;
+          p.add_norm.x = x.get();
+          p.add_norm.delta = d.get();
+          p.add_norm.out = h.get();
+          for (int rep = 0; rep < 3; ++rep) {
+            INFO("launch " << rep);
+            CUDA_REQUIRE(x.upload(hx));
+            CUDA_REQUIRE(d.poison());
+            CUDA_REQUIRE(h.poison());
+            CUDA_REQUIRE(cudaDeviceSynchronize());
+            CUDA_REQUIRE(kernels::launch_fill_f32(scratch.get(), 1 << 16, 1.0f, stream));
+            CUDA_REQUIRE(kernels::launch_skinny_gemm(p, stream));
+            CUDA_REQUIRE(cudaStreamSynchronize(stream));
+            CUDA_REQUIRE(cudaGetLastError());
+            std::vector<float> got_d, got_x;
+            std::vector<uint16_t> got_h;
+            CUDA_REQUIRE(d.download(got_d));
+            CUDA_REQUIRE(x.download(got_x));
+            CUDA_REQUIRE(h.download(got_h));
+            REQUIRE(std::memcmp(got_d.data(), want_d.data(), mn * 4) == 0);
+            REQUIRE(std::memcmp(got_x.data(), want_x.data(), mn * 4) == 0);
+            REQUIRE(got_h == want_h);
+            std::vector<uint8_t> hws;
+            CUDA_REQUIRE(ws.download(hws));
+            const auto counters = static_cast<size_t>(kernels::skinny_gemm_counter_bytes(n));
+            REQUIRE(
+                std::all_of(hws.begin(), hws.begin() + counters, [](uint8_t b) { return b == 0; }));
+          }
+          // Rejected without a launch: delta is not d, rows or dim do not match the product, a
+          // row index, a gated or bf16 product, m past the bulk kernel.
+          const auto rejected = [&](const kernels::SkinnyGemmParams& q) {
+            return kernels::launch_skinny_gemm(q, stream) == cudaErrorInvalidValue;
+          };
+          kernels::SkinnyGemmParams q = p;
+          q.add_norm.delta = d_ref.get();
+          CHECK(rejected(q));
+          q = p;
+          q.add_norm.rows = static_cast<int32_t>(m) + 1;
+          CHECK(rejected(q));
+          q = p;
+          q.add_norm.dim = static_cast<int32_t>(n) - 4;
+          CHECK(rejected(q));
+          q = p;
+          q.add_norm.row_index = reinterpret_cast<const int32_t*>(scratch.get());
+          CHECK(rejected(q));
+          q = p;
+          q.out = kernels::DType::kBF16;
+          CHECK(rejected(q));
+          q = p;
+          q.gated = true;
+          CHECK(rejected(q));
+          q = p;
+          q.m = 9;
+          q.add_norm.rows = 9;
+          CHECK(rejected(q));
+        }
+  CUDA_REQUIRE(cudaStreamDestroy(stream));
+}
+
 TEST_CASE("skinny gemm: unsupported parameters are rejected without a launch", "[skinny_gemm]") {
   DeviceBuffer<uint16_t> a(16 * 64 + 8), w(64 * 64 + 8);
   DeviceBuffer<float> d(16 * 64);

@@ -648,13 +648,14 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
   mark(0);
   for (int64_t l = 0; l < L; ++l) {
     Layer& Ly = layers[l];
-    // Residual add of the previous layer's MLP (none before layer 0), then the attention norm.
-    const Layer* prev = l > 0 ? &layers[l - 1] : nullptr;
-    PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
-        {xp, prev ? deltap : nullptr, prev ? prev->b_down.as<float>() : nullptr,
-         Ly.attn_norm.as<float>(), eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr,
-         hp},
-        s()));
+    // The attention norm; from layer 1 on, the previous layer's down projection did it together
+    // with its residual add (run_add_norm below).
+    if (l == 0) {
+      PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(
+          {xp, nullptr, nullptr, Ly.attn_norm.as<float>(), eps, static_cast<int32_t>(N),
+           static_cast<int32_t>(H), nullptr, hp},
+          s()));
+    }
     gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H);
     kernels::RopeKvWriteParams rp{};
     rp.qkv = qkvp;
@@ -727,11 +728,10 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       PMKV_CUDA_CHECK(kernels::launch_prefill(pp, s()));
     }
     mark(3);
-    gemm->run(attn.as(), Ly.wo.as(), deltap, GemmOut::kF32, N, H, qw);
-    PMKV_CUDA_CHECK(
-        kernels::launch_add_rmsnorm({xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
-                                     static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
-                                    s()));
+    // o projection, its residual add and the MLP norm.
+    gemm->run_add_norm(attn.as(), Ly.wo.as(), deltap, N, H, qw,
+                       {xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
+                        static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp});
     // Decode at m <= 8 on sm_90: the SwiGLU in the GEMM's epilogue (one launch, no gu round
     // trip); otherwise the GEMM into gu, then the activation kernel.
     if (gate_up_layout != kernels::GateUpLayout::kInterleaved8 ||
@@ -741,7 +741,13 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
                                                static_cast<int32_t>(N), static_cast<int32_t>(I),
                                                act.as<uint16_t>(), s(), gate_up_layout));
     }
-    gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I);
+    if (l + 1 < L) {  // down projection, its residual add and the next layer's attention norm
+      gemm->run_add_norm(act.as(), Ly.w_down.as(), deltap, N, H, I,
+                         {xp, deltap, Ly.b_down.as<float>(), layers[l + 1].attn_norm.as<float>(),
+                          eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp});
+    } else {  // the last residual add comes with the final norm below
+      gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I);
+    }
     mark(4);
   }
   const int64_t R = a.logit_rows;

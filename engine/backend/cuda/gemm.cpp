@@ -57,6 +57,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_PDL=0: skinny GEMMs wait for the previous kernel like any launch (A/B measurements).
   const char* pdl = std::getenv("PMKV_PDL");
   skinny_pdl_ = pdl == nullptr || std::strcmp(pdl, "0") != 0;
+  // PMKV_FUSED_NORM=0: run_add_norm launches the GEMM and the norm separately (A/B measurements).
+  const char* fused = std::getenv("PMKV_FUSED_NORM");
+  fuse_norm_ = fused == nullptr || std::strcmp(fused, "0") != 0;
   // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
   // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
   // PMKV_SKINNY_BULK=0 turns it off (A/B).
@@ -146,6 +149,29 @@ bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float*
   sp.gate_bias = bias;
   PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
   return true;
+}
+
+void GemmRunner::run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n,
+                              int64_t k, const kernels::AddRmsNormParams& norm) {
+  if (m == 0) return;
+  // m == 1 only: the tail runs the rows one after another on one SM; at m = 4 and 8 that was
+  // slower than the norm kernel's CTA a row (bench/RESULTS.md).
+  if (fuse_norm_ && m == 1 && uses_bulk(a, w, d, GemmOut::kF32, m, n, k)) {
+    kernels::SkinnyGemmParams sp = skinny_params(a, w, d, GemmOut::kF32, m, n, k);
+    sp.fuse_add_norm = true;
+    sp.add_norm = norm;
+    sp.add_norm.delta = d;
+    sp.add_norm.rows = static_cast<int32_t>(m);
+    sp.add_norm.dim = static_cast<int32_t>(n);
+    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+    return;
+  }
+  run(a, w, d, GemmOut::kF32, m, n, k);
+  kernels::AddRmsNormParams q = norm;
+  q.delta = d;
+  q.rows = static_cast<int32_t>(m);
+  q.dim = static_cast<int32_t>(n);
+  PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(q, stream_));
 }
 
 void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,

@@ -41,6 +41,14 @@ class GemmRunner {
   bool run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m, int64_t n,
                  int64_t k);
 
+  // d[m, n] = a * w^T (fp32), then launch_add_rmsnorm(norm) with norm.delta = d, rows = m, dim =
+  // n (the residual add of a decoder's o or down projection and the norm after it; norm.row_index
+  // must be null). At m == 1, when the bulk kernel takes the shape, one launch: its fused tail
+  // (SkinnyGemmParams::fuse_add_norm), bit-identical to the two. PMKV_FUSED_NORM=0 (read once, in
+  // the constructor) keeps the two launches, for comparisons.
+  void run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k,
+                    const kernels::AddRmsNormParams& norm);
+
   // Whether run() with these operands takes the skinny GEMM's bulk kernel.
   bool uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                  int64_t k) const;
@@ -64,6 +72,7 @@ class GemmRunner {
   int32_t num_sms_ = 0;
   int32_t skinny_warp_rows_ = 0, skinny_k_split_ = 0;
   bool skinny_pdl_ = true;
+  bool fuse_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
 
