@@ -50,7 +50,7 @@ struct ServingEngine::Impl {
   Impl(const std::filesystem::path& dir, EngineOptions o);
 
   // Any thread ------------------------------------------------------------------------------
-  std::shared_ptr<RequestStream> submit(EngineRequest r);
+  std::vector<std::shared_ptr<RequestStream>> submit_all(std::vector<EngineRequest> requests);
   void validate(const EngineRequest& r) const;
   void log_plan(int64_t full_length_pages) const;
   void shutdown(std::chrono::milliseconds grace);
@@ -200,34 +200,45 @@ void ServingEngine::Impl::validate(const EngineRequest& r) const {
   }
 }
 
-std::shared_ptr<RequestStream> ServingEngine::Impl::submit(EngineRequest r) {
-  validate(r);
-  auto stream = std::make_shared<RequestStream>();
-  const kv::SeqId id = next_id.fetch_add(1);
-  if (r.request_id.empty()) r.request_id = "req-" + std::to_string(id);
-  const int64_t len = static_cast<int64_t>(r.prompt_ids.size()) + r.params.max_tokens;
+std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
+    std::vector<EngineRequest> requests) {
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  std::vector<int64_t> lengths;
   const Tokenizer* tok = model.tokenizer ? &*model.tokenizer : nullptr;
-  auto seq = std::make_unique<Sequence>(id, std::move(r), stream, tok, model.eos_ids, Clock::now());
+  for (EngineRequest& r : requests) {
+    validate(r);
+    auto stream = std::make_shared<RequestStream>();
+    const kv::SeqId id = next_id.fetch_add(1);
+    if (r.request_id.empty()) r.request_id = "req-" + std::to_string(id);
+    lengths.push_back(static_cast<int64_t>(r.prompt_ids.size()) + r.params.max_tokens);
+    seqs.push_back(
+        std::make_unique<Sequence>(id, std::move(r), stream, tok, model.eos_ids, Clock::now()));
+    streams.push_back(std::move(stream));
+  }
   {
     std::lock_guard lock(mu);
     if (stopping) throw Unavailable("server is shutting down");
-    const int64_t worst =
-        worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len);
-    if (worst > num_pages) {
-      throw InvalidArgument("the request needs " + std::to_string(worst) +
-                            " KV pages at its full length of " + std::to_string(len) +
-                            " tokens (prompt + max_tokens); the pool has " +
-                            std::to_string(num_pages));
+    for (const int64_t len : lengths) {
+      const int64_t worst =
+          worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len);
+      if (worst > num_pages) {
+        throw InvalidArgument("the request needs " + std::to_string(worst) +
+                              " KV pages at its full length of " + std::to_string(len) +
+                              " tokens (prompt + max_tokens); the pool has " +
+                              std::to_string(num_pages));
+      }
     }
     const int64_t queued = static_cast<int64_t>(inbox.size()) + num_waiting.load();
-    if (queued >= options.scheduler.max_waiting) {
+    if (queued + static_cast<int64_t>(seqs.size()) > options.scheduler.max_waiting) {
       throw Unavailable("the server is busy: " + std::to_string(queued) +
                         " requests are waiting (scheduler.max_waiting)");
     }
-    inbox.push_back(std::move(seq));
+    for (auto& seq : seqs)
+      inbox.push_back(std::move(seq));
   }
   cv.notify_all();
-  return stream;
+  return streams;
 }
 
 void ServingEngine::Impl::run() {
@@ -450,7 +461,14 @@ void ServingEngine::start() {
 }
 
 std::shared_ptr<RequestStream> ServingEngine::submit(EngineRequest request) {
-  return impl_->submit(std::move(request));
+  std::vector<EngineRequest> one;
+  one.push_back(std::move(request));
+  return impl_->submit_all(std::move(one)).front();
+}
+
+std::vector<std::shared_ptr<RequestStream>> ServingEngine::submit_all(
+    std::vector<EngineRequest> requests) {
+  return impl_->submit_all(std::move(requests));
 }
 
 EngineStats ServingEngine::stats() const {

@@ -95,6 +95,11 @@ class ServingEngine {
   // queue full) and queues it. The stream's first update may come at any time after. Throws
   // Unavailable (an InvalidArgument) when the queue is full or the server is shutting down.
   std::shared_ptr<RequestStream> submit(EngineRequest request);
+  // submit() for several requests at once, all or none: every one is validated first and they
+  // enter the queue together, so an idle engine admits them in one step (the n choices of an API
+  // request: on the CUDA backend a sequence's numerics depend on the batch it decodes in, so the
+  // same n-choice request twice is reproducible only if its choices always start together).
+  std::vector<std::shared_ptr<RequestStream>> submit_all(std::vector<EngineRequest> requests);
   // Thread-safe snapshot.
   EngineStats stats() const;
   // Thread-safe: new per-layer KV budgets (bytes per sequence and layer; empty = none), applied by

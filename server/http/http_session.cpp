@@ -215,24 +215,22 @@ void Session::submit_all(std::vector<EngineRequest> requests) {
   if (ctx_.options.request_timeout.count() > 0) {
     deadline = std::chrono::steady_clock::now() + ctx_.options.request_timeout;
   }
-  for (EngineRequest& r : requests) {
+  for (EngineRequest& r : requests)
     r.deadline = deadline;
-    try {
-      streams_.push_back(ctx_.engine.submit(std::move(r)));
-    } catch (const std::exception& e) {
-      cancel_streams();
-      streams_.clear();
-      job_.reset();
-      if (dynamic_cast<const Unavailable*>(&e) != nullptr) {
-        return send_error(
-            {.status = 503, .message = e.what(), .type = "server_error", .code = "unavailable"});
-      }
-      if (shutting_down()) return send_unavailable();
-      const bool invalid = dynamic_cast<const InvalidArgument*>(&e) != nullptr;
-      return send_error({.status = invalid ? 400 : 500,
-                         .message = e.what(),
-                         .type = invalid ? "invalid_request_error" : "server_error"});
+  try {
+    streams_ = ctx_.engine.submit_all(std::move(requests));  // all choices in one step
+  } catch (const std::exception& e) {
+    streams_.clear();
+    job_.reset();
+    if (dynamic_cast<const Unavailable*>(&e) != nullptr) {
+      return send_error(
+          {.status = 503, .message = e.what(), .type = "server_error", .code = "unavailable"});
     }
+    if (shutting_down()) return send_unavailable();
+    const bool invalid = dynamic_cast<const InvalidArgument*>(&e) != nullptr;
+    return send_error({.status = invalid ? 400 : 500,
+                       .message = e.what(),
+                       .type = invalid ? "invalid_request_error" : "server_error"});
   }
   for (const auto& s : streams_)
     s->set_notifier([w = waker_] { w->wake(); });
