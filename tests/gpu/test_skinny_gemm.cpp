@@ -194,6 +194,25 @@ bool bulk_capable() {
          optin >= kernels::skinny_gemm_bulk_smem_bytes();
 }
 
+// Parameters of a bulk-kernel product d = a w^T over the zeroed workspace ws.
+kernels::SkinnyGemmParams bulk_params(const uint16_t* a, const uint16_t* w, void* d,
+                                      kernels::DType out, int64_t m, int64_t n, int64_t k,
+                                      int32_t sms, DeviceBuffer<uint8_t>& ws) {
+  kernels::SkinnyGemmParams p;
+  p.a = a;
+  p.w = w;
+  p.d = d;
+  p.out = out;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.num_sms = sms;
+  p.bulk = true;
+  p.workspace = ws.get();
+  p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+  return p;
+}
+
 }  // namespace
 
 TEST_CASE("skinny gemm: fp32 and bf16 outputs match an fp64 reference over m, n, k",
@@ -315,19 +334,10 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
     DeviceBuffer<uint8_t> d(static_cast<size_t>(m * n * 4));
     DeviceBuffer<uint8_t> ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, 132)));
     CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
-    kernels::SkinnyGemmParams p;
-    p.a = a.get();
-    p.w = w.get();
-    p.d = d.get();
-    p.out = gated ? kernels::DType::kBF16 : kernels::DType::kF32;
+    kernels::SkinnyGemmParams p =
+        bulk_params(a.get(), w.get(), d.get(), gated ? kernels::DType::kBF16 : kernels::DType::kF32,
+                    m, n, k, 132, ws);
     p.gated = gated;
-    p.m = m;
-    p.n = n;
-    p.k = k;
-    p.num_sms = 132;
-    p.bulk = true;
-    p.workspace = ws.get();
-    p.workspace_bytes = static_cast<int64_t>(ws.bytes());
     std::vector<uint8_t> first, cur;
     int differing = 0;
     for (int r = 0; r < 60; ++r) {
@@ -369,18 +379,8 @@ TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_s
           DeviceBuffer<uint8_t> ws(
               static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
           CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
-          kernels::SkinnyGemmParams p;
-          p.a = a.get();
-          p.w = w.get();
-          p.d = gu.get();
-          p.out = kernels::DType::kBF16;
-          p.m = m;
-          p.n = n;
-          p.k = k;
-          p.num_sms = sms;
-          p.bulk = true;
-          p.workspace = ws.get();
-          p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+          kernels::SkinnyGemmParams p =
+              bulk_params(a.get(), w.get(), gu.get(), kernels::DType::kBF16, m, n, k, sms, ws);
           REQUIRE(kernels::skinny_gemm_uses_bulk(p));
           CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
           const float* bp = with_bias ? bias.get() : nullptr;
@@ -469,18 +469,8 @@ TEST_CASE("skinny gemm: the fused add + RMSNorm tail equals the GEMM then launch
           DeviceBuffer<uint8_t> ws(
               static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
           CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
-          kernels::SkinnyGemmParams p;
-          p.a = a.get();
-          p.w = w.get();
-          p.d = d_ref.get();
-          p.out = kernels::DType::kF32;
-          p.m = m;
-          p.n = n;
-          p.k = k;
-          p.num_sms = sms;
-          p.bulk = true;
-          p.workspace = ws.get();
-          p.workspace_bytes = static_cast<int64_t>(ws.bytes());
+          kernels::SkinnyGemmParams p =
+              bulk_params(a.get(), w.get(), d_ref.get(), kernels::DType::kF32, m, n, k, sms, ws);
           REQUIRE(kernels::skinny_gemm_uses_bulk(p));
           const float* bp = with_bias ? bias.get() : nullptr;
           // Reference: the plain bulk GEMM, then the norm kernel.
