@@ -154,23 +154,20 @@ bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float*
 void GemmRunner::run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n,
                               int64_t k, const kernels::AddRmsNormParams& norm) {
   if (m == 0) return;
+  kernels::AddRmsNormParams q = norm;
+  q.delta = d;
+  q.rows = static_cast<int32_t>(m);
+  q.dim = static_cast<int32_t>(n);
   // m == 1 only: the tail runs the rows one after another on one SM; at m = 4 and 8 that was
   // slower than the norm kernel's CTA a row (bench/RESULTS.md).
   if (fuse_norm_ && m == 1 && uses_bulk(a, w, d, GemmOut::kF32, m, n, k)) {
     kernels::SkinnyGemmParams sp = skinny_params(a, w, d, GemmOut::kF32, m, n, k);
     sp.fuse_add_norm = true;
-    sp.add_norm = norm;
-    sp.add_norm.delta = d;
-    sp.add_norm.rows = static_cast<int32_t>(m);
-    sp.add_norm.dim = static_cast<int32_t>(n);
+    sp.add_norm = q;
     PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
     return;
   }
   run(a, w, d, GemmOut::kF32, m, n, k);
-  kernels::AddRmsNormParams q = norm;
-  q.delta = d;
-  q.rows = static_cast<int32_t>(m);
-  q.dim = static_cast<int32_t>(n);
   PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(q, stream_));
 }
 
