@@ -283,6 +283,47 @@ int main(int argc, char** argv) {
             CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
           for (auto& e : ev)
             CHECK(cudaEventDestroy(e));
+#ifdef PMKV_DECODE_TRACE
+          // The CTA-timeline probe: the last of a dozen back-to-back launches, one line per CTA
+          // (row, SM, then slots 1-9 in ns after the earliest entry, -1 when unset, item, tiles).
+          {
+            constexpr size_t kRows = 65536;
+            uint64_t* tr = nullptr;
+            CHECK(cudaMalloc(&tr, kRows * 16 * 8));
+            CHECK(cudaMemset(tr, 0, kRows * 16 * 8));
+            kernels::set_decode_trace(tr);
+            for (int i = 0; i < 12; ++i)
+              launch(i % rot);
+            CHECK(cudaDeviceSynchronize());
+            kernels::set_decode_trace(nullptr);
+            std::vector<uint64_t> h(kRows * 16);
+            CHECK(cudaMemcpy(h.data(), tr, h.size() * 8, cudaMemcpyDeviceToHost));
+            CHECK(cudaFree(tr));
+            const char* dir = std::getenv("PMKV_TRACE_DIR");
+            char name[512];
+            std::snprintf(name, sizeof name, "%s/trace_b%d_B%d_T%d_m%d.txt", dir ? dir : ".", bits,
+                          batch, ctx, min_item_kb);
+            FILE* f = std::fopen(name, "w");
+            if (f == nullptr) {
+              std::fprintf(stderr, "cannot write %s\n", name);
+              return 1;
+            }
+            uint64_t t0 = ~uint64_t{0};
+            for (size_t r = 0; r < kRows; ++r)
+              if (h[r * 16 + 1] != 0) t0 = std::min(t0, h[r * 16 + 1]);
+            for (size_t r = 0; r < kRows; ++r) {
+              if (h[r * 16 + 1] == 0) continue;
+              std::fprintf(f, "%zu %llu", r, static_cast<unsigned long long>(h[r * 16]));
+              for (int k = 1; k < 10; ++k)
+                std::fprintf(f, " %lld",
+                             h[r * 16 + k] ? static_cast<long long>(h[r * 16 + k] - t0) : -1ll);
+              std::fprintf(f, " %llu %llu\n",
+                           static_cast<unsigned long long>(h[r * 16 + 10] & 0xffffffffu),
+                           static_cast<unsigned long long>(h[r * 16 + 10] >> 32));
+            }
+            std::fclose(f);
+          }
+#endif
           std::sort(ms.begin(), ms.end());
           const double t_us = ms[reps / 2] * 1e3;
           const double gbps = bytes / (t_us * 1e-6) / 1e9;

@@ -6,6 +6,15 @@
 
 namespace pmkv::kernels {
 
+#ifdef PMKV_DECODE_TRACE
+namespace {
+uint64_t* g_decode_trace = nullptr;  // the probe's buffer (decode_kernel.cuh), host-set
+}  // namespace
+void set_decode_trace(uint64_t* buffer) {
+  g_decode_trace = buffer;
+}
+#endif
+
 int decode_ctas_per_sm(int bits) {
   using namespace decode_detail;
   return bits == 16  ? BitsConfig<16>::kCtasPerSm
@@ -65,6 +74,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     kp.out = p.out;
     kp.out_dtype = p.out_dtype;
     kp.scale_log2 = p.scale * 1.4426950408889634f;
+#ifdef PMKV_DECODE_TRACE
+    kp.trace = g_decode_trace;
+#endif
     const bool q_f32 = p.q_dtype == DType::kF32;
     const cudaError_t e = p.head_dim == 64 ? launch_all_bits<64>(kp, q_f32, p.plan, stream)
                                            : launch_all_bits<128>(kp, q_f32, p.plan, stream);

@@ -224,4 +224,10 @@ int decode_ctas_per_sm(int bits);
 // error (launch configuration errors included); cudaErrorInvalidValue on unsupported shapes.
 cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 
+#ifdef PMKV_DECODE_TRACE
+// The CTA-timeline probe (decode_kernel.cuh, builds with PMKV_DECODE_TRACE only): launches after
+// this call write their CTAs' time stamps into `buffer` (device, 16 uint64 a CTA); null stops.
+void set_decode_trace(uint64_t* buffer);
+#endif
+
 }  // namespace pmkv::kernels

@@ -47,7 +47,31 @@ struct KernelParams {
   void* out;                // [num_seqs, num_heads, head_dim]
   DType out_dtype;
   float scale_log2;  // softmax scale * log2(e)
+#ifdef PMKV_DECODE_TRACE
+  uint64_t* trace;  // set_decode_trace(): [CTAs of the launch][kTraceSlots], or null
+#endif
 };
+
+// PMKV_DECODE_TRACE (a build-time probe, off in every normal build; bench/README.md): thread 0 of
+// each CTA (lane 0 of each warp for the loop ends) writes %globaltimer (ns) at fixed points of its
+// last item into row blockIdx.x + gridDim.x * blockIdx.y of the trace buffer: 0 the SM id, 1
+// entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end, 8 epilogue done, 9
+// merge done (or skipped), 10 item | tiles << 32. bench_decode_attention built with it writes the
+// rows of a launch; bench/decode_trace_report.py summarizes them.
+inline constexpr int kTraceSlots = 16;
+#ifdef PMKV_DECODE_TRACE
+__device__ __forceinline__ void trace_put(const KernelParams& p, int slot, uint64_t v) {
+  if (p.trace != nullptr) p.trace[(blockIdx.x + gridDim.x * blockIdx.y) * kTraceSlots + slot] = v;
+}
+__device__ __forceinline__ void trace_time(const KernelParams& p, int slot, bool cond) {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  if (cond) trace_put(p, slot, t);
+}
+#else
+__device__ __forceinline__ void trace_put(const KernelParams&, int, uint64_t) {}
+__device__ __forceinline__ void trace_time(const KernelParams&, int, bool) {}
+#endif
 
 inline constexpr int kMaxStages = 16;
 
@@ -868,6 +892,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const float score_scale =
       p.scale_log2 *
       load_q<kBits, kD, TQ>(p, it.seq, kvh, kPair ? gid % 4 : gid, tig, aq, qsum, kcorr);
+  trace_time(p, 2, threadIdx.x == 0);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -955,6 +980,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     cp_async_commit();
     cp_async_wait<kSlots - 1>();
     __syncwarp();
+    trace_time(p, 3, threadIdx.x == 0 && k == 0);
     const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
     uint32_t valid_mask = visible(meta[slot_c * kStep]);
     if constexpr (kPair) {
@@ -968,6 +994,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
   }
   cp_async_wait<0>();
+  trace_time(p, 4 + warp, lane == 0);
 
   // ---- combine the warps' states, write the output (direct) or the partial state.
   acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 1);
@@ -1040,7 +1067,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
     }
   }
+  trace_time(p, 8, threadIdx.x == 0);
   if (!it.direct) merge_if_last<kD>(p, it, kvh, smem);
+  trace_time(p, 9, threadIdx.x == 0);
+  if (threadIdx.x == 0) trace_put(p, 10, uint64_t(item) | uint64_t(it.num_tiles) << 32);
 }
 
 // One launch per bit-width present. The layer's list of items of this bit-width is read from the
@@ -1051,6 +1081,14 @@ __global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCta
     decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   pdl_trigger();  // a following o projection may start streaming its weights
+  trace_time(p, 1, threadIdx.x == 0);
+#ifdef PMKV_DECODE_TRACE
+  if (threadIdx.x == 0) {
+    uint32_t smid;
+    asm("mov.u32 %0, %%smid;" : "=r"(smid));
+    trace_put(p, 0, smid);
+  }
+#endif
   constexpr int kB = kBits == 16 ? 0 : kBits == 8 ? 1 : kBits == 4 ? 2 : 3;  // decode_bits_index
   const int count = p.layer->bits_count[kB];
   const int32_t* ids = p.bit_items + p.layer->bits_begin[kB];
