@@ -263,16 +263,15 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     };
     chunk_of[b] = chunk_for(per_sm);
     // Short items: plan for one CTA an SM fewer than the kernel keeps resident (16 bits: 1 of 2;
-    // 2 and 4 bits: 2 of 3). The wave model counts every resident CTA as a full-speed slot, but
-    // co-resident CTAs share the SM's issue slots (2/4 bits are SM-bound) or its bandwidth share,
-    // while each item pays a fixed cost (query, first tiles, epilogue, merge: ~5-9 us on an H200,
-    // bench/RESULTS.md): for items of fewer than kShortItemTiles tiles, fewer, longer items won
+    // 8, 4 and 2 bits: 2 of 3). The wave model counts every resident CTA as a full-speed slot,
+    // but co-resident CTAs share the SM's issue slots (2/4 bits are SM-bound) or its bandwidth
+    // share, while each item pays a fixed cost (query, first tiles, epilogue, merge: ~5-9 us on an
+    // H200, bench/RESULTS.md): for items of fewer than short_tiles tiles, fewer, longer items won
     // (batch 16 x 1K-4K and 64 x 4K: 2-14% faster); for longer ones the extra CTA's latency
-    // hiding wins (16 x 16K-64K: 3-7% slower without it). 8 bits, near the bandwidth bound, lost
-    // at 64 x 4K (+6%) and keeps the model as it is.
-    constexpr int64_t kShortItemTiles = 256;
-    if (cfg.ctas_per_sm == 0 && (16 >> b) != 8 && per_sm > 1 &&
-        chunk_of[b] < kShortItemTiles * tile_bytes) {
+    // hiding wins (16 x 16K-64K: 3-7% slower without it). 8 bits, nearer the bandwidth bound,
+    // lost at 64 x 4K (128-tile items, +6%) and won at 16 x 1K-4K (21-85 tiles): half the bound.
+    const int64_t short_tiles = (16 >> b) == 8 ? 128 : 256;
+    if (cfg.ctas_per_sm == 0 && per_sm > 1 && chunk_of[b] < short_tiles * tile_bytes) {
       chunk_of[b] = chunk_for(per_sm - 1);
     }
   }
