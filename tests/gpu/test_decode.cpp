@@ -438,6 +438,53 @@ TEST_CASE("decode plan: a layer shaped like the one before takes its plan, byte 
   CHECK(reused > 20);  // the copies really were there
 }
 
+TEST_CASE("decode plan: short items are planned for one resident CTA an SM fewer",
+          "[gpu][attention][host]") {
+  // Llama-3-8B's KV shape on a 132-SM machine, every page full and of one bit-width.
+  const kv::PageGeometry g{8, 128, 16};
+  const auto plan_of = [&](int bits, int batch, int ctx, int ctas_per_sm) {
+    const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
+    std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
+        page_tokens(size_t(batch) * pps, T);
+    for (int s = 0; s <= batch; ++s)
+      starts[s] = s * pps;
+    for (int s = 0; s < batch; ++s)
+      page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
+    kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+    cfg.num_sms = 132;
+    cfg.ctas_per_sm = ctas_per_sm;  // 0: the kernels' own residency, with the short-item rule
+    const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
+    kernels::DecodePlan plan;
+    kernels::plan_decode(cfg, {&t, 1}, &plan);
+    return plan.layers[0].num_items;
+  };
+  const auto resident = [](int bits) { return kernels::decode_ctas_per_sm(bits); };
+  // Short items (the wave model's cut is under 256 tiles; 8 bits: 128): one CTA an SM fewer.
+  // The cases bench/RESULTS.md measured faster that way (batch 16 x 4K: 16-bit 1 item a
+  // sequence instead of 2, 2/4-bit 2 instead of 3; 64 x 4K at 4 bits 1 instead of 2).
+  for (const int bits : {16, 8, 4, 2}) {
+    INFO("bits " << bits);
+    const int fewer = resident(bits) - 1;
+    CHECK(plan_of(bits, 16, 4096, 0) == plan_of(bits, 16, 4096, fewer));
+    CHECK(plan_of(bits, 16, 4096, 0) < plan_of(bits, 16, 4096, resident(bits)));
+    CHECK(plan_of(bits, 16, 1024, 0) == plan_of(bits, 16, 1024, fewer));
+  }
+  CHECK(plan_of(16, 16, 4096, 0) == 16);
+  CHECK(plan_of(4, 16, 4096, 0) == 32);
+  CHECK(plan_of(4, 64, 4096, 0) == 64);
+  CHECK(plan_of(2, 64, 4096, 0) == 64);
+  // Long items keep every resident CTA: 16 x 16K and 16 x 64K (16 bits: 512+ tiles an item).
+  for (const int bits : {16, 8, 4, 2}) {
+    INFO("bits " << bits);
+    CHECK(plan_of(bits, 16, 65536, 0) == plan_of(bits, 16, 65536, resident(bits)));
+    CHECK(plan_of(bits, 16, 16384, 0) == plan_of(bits, 16, 16384, resident(bits)));
+  }
+  // 8 bits at 64 x 4K: 128-tile items, not short for 8 bits (6% slower with fewer CTAs).
+  CHECK(plan_of(8, 64, 4096, 0) == plan_of(8, 64, 4096, resident(8)));
+  // An explicit ctas_per_sm is taken as given.
+  CHECK(plan_of(4, 16, 4096, 3) == 48);
+}
+
 TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][host]") {
   std::mt19937 rng(gputest::test_seed("plan"));
   const kv::PageGeometry g{2, 64, 4};
