@@ -6,8 +6,10 @@
 //   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
 //                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 16]
 //                          [--out FILE.jsonl] [--min-time-ms 300] [--min-item-kb 16,64]
+//                          [--ctas-per-sm N]
 // (--min-item-kb: DecodePlanConfig::min_item_bytes in KiB, one point per value, for tuning the
-// plan; default the engine's.)
+// plan; default the engine's. --ctas-per-sm: DecodePlanConfig::ctas_per_sm, the resident CTAs an
+// SM the plan counts for every bit-width; default 0, the kernels' own with the short-item rule.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -116,6 +118,7 @@ int main(int argc, char** argv) {
                    contexts = {1024, 4096, 16384, 65536};
   int kv_heads = 8, group = 4, head_dim = 128, tokens16 = 16;
   double min_time_ms = 300;
+  int ctas_per_sm = 0;
   std::vector<int> min_item_kbs = {
       static_cast<int>(kernels::DecodePlanConfig{}.min_item_bytes >> 10)};
   std::string out_path;
@@ -139,6 +142,8 @@ int main(int argc, char** argv) {
       out_path = argv[i + 1];
     else if (a == "--min-item-kb")
       min_item_kbs = parse_list(argv[i + 1]);
+    else if (a == "--ctas-per-sm")
+      ctas_per_sm = std::atoi(argv[i + 1]);
     else if (a == "--min-time-ms")
       min_time_ms = std::atof(argv[i + 1]);
     else {
@@ -223,6 +228,7 @@ int main(int argc, char** argv) {
           cfg.tokens16 = tokens16;
           cfg.num_sms = prop.multiProcessorCount;
           cfg.min_item_bytes = int64_t{min_item_kb} << 10;
+          cfg.ctas_per_sm = ctas_per_sm;
           const kernels::DecodeLayerTable table{batch, starts.data(), page_bits.data(),
                                                 page_tokens.data()};
           kernels::DecodePlan plan;
@@ -338,12 +344,12 @@ int main(int argc, char** argv) {
               "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
               "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
               "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
-              "\"min_item_kib\": %d, "
+              "\"min_item_kib\": %d, \"ctas_per_sm\": %d, "
               "\"device\": \"%s\"}\n",
               bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
               ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
               gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, min_item_kb,
-              prop.name);
+              ctas_per_sm, prop.name);
           std::fflush(out);
           CHECK(cudaFree(ws));
           CHECK(cudaFree(q));
