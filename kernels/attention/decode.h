@@ -72,7 +72,9 @@ struct DecodePlanConfig {
   int32_t tokens16 = 0;        // tokens in a 16-bit page (kv::PageGeometry::tokens16)
   int32_t sliding_window = 0;  // 0: none; else only the last `sliding_window` tokens are visible
   int32_t num_sms = 132;       // cudaDeviceProp::multiProcessorCount
-  int32_t ctas_per_sm = 0;     // resident CTAs per SM; 0: decode_ctas_per_sm(bits) per bit-width
+  // Resident CTAs an SM the plan counts on; 0: decode_ctas_per_sm(bits) per bit-width, one fewer
+  // when the items come out short (decode_plan.cpp).
+  int32_t ctas_per_sm = 0;
   int64_t min_item_bytes = 16 << 10;  // smallest item worth a CTA (KV bytes of one head)
 };
 
