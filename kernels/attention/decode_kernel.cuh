@@ -183,14 +183,26 @@ __device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint3
   hi = bf16x2_bits(h);
   lo = pack_bf16(a - hf.x, b - hf.y);
 }
-
-// Byte k of w minus 128, exactly, via the float 2^23 + byte.
-__device__ __forceinline__ float byte_centered(uint32_t w, int k) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | k)) - 8388736.0f;
+// x ~= hi + lo with hi, lo fp16: relative error 2^-23 for |x| >= 2^-2 (lo still normal), an
+// absolute 2^-25 below.
+__device__ __forceinline__ void split_f16(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 hf = __half22float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  const __half2 l = __floats2half2_rn(a - hf.x, b - hf.y);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
 }
-// 256 * (byte k of w - 128), exactly.
-__device__ __forceinline__ float byte_centered_x256(uint32_t w, int k) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7404u | (k << 4))) - 8421376.0f;
+// Both fp16 halves of x times 256 (exact below 256: no overflow, no rounding).
+__device__ __forceinline__ uint32_t f16x2_times256(uint32_t x) {
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&x), __float2half2_rn(256.0f));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+// Bytes ka of a and kb of b as the fp16x2 (byte - 128), exactly: one PRMT brings them to bytes 0
+// and 2, one LOP3 makes the fp16 1024 + byte, one HADD2 takes 1152 off.
+__device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, int ka, int kb) {
+  const uint32_t x = and_or(__byte_perm(a, b, ka | ((4 + kb) << 8)), 0x00FF00FFu, 0x64006400u);
+  const __half2 r = __hadd2(*reinterpret_cast<const __half2*>(&x), __float2half2_rn(-1152.0f));
+  return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 // 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both 16-bit halves
@@ -226,10 +238,14 @@ template <int kBits>
 inline constexpr bool kRaw = kBits <= 4;
 
 // ---- Code parts of the V phase (k_part below: the K phase). A b-bit code is the sum of
-// kParts(b) bf16-exact parts:
-//   2, 4 bits:  128 + c * 2^pos (raw, see small_raw);
-//   8 bits:     c - 128, through the fp32 2^23 + c and a packing convert;
-//   16 bits:    256 * (high byte - 128) and low byte - 128 (mid 32896), one mma each.
+// kParts(b) exact parts:
+//   2, 4 bits:  bf16 128 + c * 2^pos (raw, see small_raw);
+//   8 bits:     fp16 c - 128 (bytes_centered_f16: three instructions a register);
+//   16 bits:    fp16 high byte - 128 (its mma's P' columns carry the factor 256) and low byte -
+//               128 (mid 32896), one mma each.
+// 8 and 16 bits run their V phase in fp16 (P' in fp16 hi and lo parts): about five instructions
+// a register less than the bf16 route (the fp32 2^23 + byte, an FADD and a packing convert each
+// pair), the bulk of those kernels' loops. fp16 P' needs a bounded range: see kVHalf.
 template <int kBits>
 inline constexpr int kParts = kBits == 16 ? 2 : 1;
 
@@ -284,12 +300,10 @@ __device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b,
     const uint32_t x = (k < 4) ? __byte_perm(a[w], b[w], 0x5410) : __byte_perm(a[w], b[w], 0x7632);
     return small_raw<4>(x, k % 4);
   } else if constexpr (kBits == 8) {
-    return pack_bf16(byte_centered(a[j / 4], j % 4), byte_centered(b[j / 4], j % 4));
+    return bytes_centered_f16(a[j / 4], b[j / 4], j % 4, j % 4);
   } else {
-    const int w = j / 2, h = j % 2;
-    return kPart == 0
-               ? pack_bf16(byte_centered_x256(a[w], 2 * h + 1), byte_centered_x256(b[w], 2 * h + 1))
-               : pack_bf16(byte_centered(a[w], 2 * h), byte_centered(b[w], 2 * h));
+    const int w = j / 2, k = 2 * (j % 2) + (kPart == 0 ? 1 : 0);
+    return bytes_centered_f16(a[w], b[w], k, k);
   }
 }
 
@@ -437,6 +451,16 @@ struct Acc {
 
 // Online softmax: how far (log2 units) a score may pass the running max before it moves.
 inline constexpr float kMaxSlack = 8.0f;
+// The V phase of 8- and 16-bit pages takes P' = p * v_scale in fp16 (hi and lo parts), whose range
+// ends at 65504 (and 256 P' must fit, see v_phase) and whose lo parts stay exact above 2^-2. So
+// there the softmax reference m is a running max of s + log2(v_scale) rather than of s: P' =
+// 2^(s - m) v_scale is about 1 for the token that set m and moves m again when it passes
+// kPHalfMax. P' is then proportional to a token's weight in the output, and an fp16 part's
+// absolute error (2^-25 where lo is subnormal) is relative to the largest weight. p = 2^(s - m)
+// itself stays in fp32 (at most kPHalfMax / 1e-5, the smallest v_scale the codec writes).
+template <int kBits>
+inline constexpr bool kVHalf = kBits >= 8;
+inline constexpr float kPHalfMax = 128.0f;
 
 // K phase of one 16-token tile: s_acc[j] = the C fragment of n-tile j (column n is token
 // sigma(8j + n)).
@@ -498,6 +522,15 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
                                         const LaneOffsets<Tile<kBits, kD>>& lo,
                                         Acc<kD, kCols>& acc) {
   using LO = LaneOffsets<Tile<kBits, kD>>;
+  // 16 bits: the high-byte part's columns are 256 P' (exact: P' <= 2^7, see kVHalf).
+  uint32_t bp256[kCols][2];
+  if constexpr (kBits == 16) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      bp256[c][0] = f16x2_times256(bp[c][0]);
+      bp256[c][1] = f16x2_times256(bp[c][1]);
+    }
+  }
   if constexpr (kRaw<kBits>) {  // sum P' per column: A = ones
     const uint32_t ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
 #pragma unroll
@@ -534,8 +567,19 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
           a[3] = v_part<kBits, 1>(wc, wd, 2 * i + 1);
         }
 #pragma unroll
-        for (int c = 0; c < kCols; ++c)
-          mma_bf16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
+        for (int c = 0; c < kCols; ++c) {
+          if constexpr (kBits == 16) {
+            if (part == 0) {
+              mma_f16(acc.o[mt][c], a, bp256[c][0], bp256[c][1]);
+            } else {
+              mma_f16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
+            }
+          } else if constexpr (kBits == 8) {
+            mma_f16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
+          } else {
+            mma_bf16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
+          }
+        }
       }
     }
   }
@@ -589,14 +633,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     s[i] = valid ? raw * scale_log2 : -INFINITY;
     tmax = fmaxf(tmax, s[i]);
   }
-  // The running max moves only when a score passes it by more than kMaxSlack (log2 units): p stays
-  // below 2^kMaxSlack, and most tiles skip the lanes' max reduction and the rescale. acc.m is the
-  // same on the 4 lanes of a head (tig; 8 with pairs), and they move it together.
-  if (__any_sync(0xffffffffu, tmax > acc.m + kMaxSlack)) {
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-    if constexpr (kPair) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
-    const float m_new = fmaxf(acc.m, tmax);
+  // Rescales the state to the running max m_new (>= acc.m) of the lane's head. acc.m is the same
+  // on the 4 lanes of a head (tig; 8 with pairs), and they move it together.
+  auto move_max = [&](float m_new) {
     const float alpha = ex2(acc.m - m_new);
     // The lane's O^T columns 2 tig, 2 tig + 1 belong to heads h0, h0 + 1 (see Acc).
     const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
@@ -624,25 +663,64 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     acc.l *= alpha;
     acc.z *= alpha;
     acc.m = m_new;
-  }
+  };
   // Masked tokens: p = 0; tokens past nvalid also have zero V params (see issue_tile), tokens
   // before the window have real ones: P' and the zero term are 0 either way.
-  float pp[4];
+  float pe[4], pp[4];
+  auto exps = [&] {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      pe[i] = ex2(s[i] - acc.m);
+      pp[i] = pe[i] * (i % 2 ? vp[i / 2].z : vp[i / 2].x);
+    }
+  };
+  if constexpr (!kVHalf<kBits>) {
+    // The running max moves only when a score passes it by more than kMaxSlack (log2 units): p
+    // stays below 2^kMaxSlack, and most tiles skip the lanes' max reduction and the rescale.
+    if (__any_sync(0xffffffffu, tmax > acc.m + kMaxSlack)) {
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      if constexpr (kPair) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
+      move_max(fmaxf(acc.m, tmax));
+    }
+    exps();
+  } else {
+    // fp16 P' (see kVHalf): the reference acc.m is a running max of s + log2(v_scale), moved
+    // when some P' = 2^(s - m) v_scale passes kPHalfMax, to where the largest P' is about 1.
+    exps();
+    float pmax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      pmax = fmaxf(pmax, pp[i]);
+    if (__any_sync(0xffffffffu, !(pmax <= kPHalfMax))) {  // also +inf: the first tile
+      float xmax = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        xmax = fmaxf(xmax, s[i] + __log2f(i % 2 ? vp[i / 2].z : vp[i / 2].x));
+      xmax = fmaxf(xmax, __shfl_xor_sync(0xffffffffu, xmax, 1));
+      xmax = fmaxf(xmax, __shfl_xor_sync(0xffffffffu, xmax, 2));
+      move_max(fmaxf(acc.m, xmax));
+      exps();
+    }
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int j = i / 2, e = i % 2;
     const float vsc = e ? vp[j].z : vp[j].x, vz = e ? vp[j].w : vp[j].y;
-    const float p = ex2(s[i] - acc.m);
-    acc.l += p;
-    acc.z = kRaw<kBits> ? fmaf(p, -vz, acc.z) : fmaf(p, fmaf(vsc, Tr::kMid, -vz), acc.z);
-    pp[i] = p * vsc;
+    acc.l += pe[i];
+    acc.z = kRaw<kBits> ? fmaf(pe[i], -vz, acc.z) : fmaf(pe[i], fmaf(vsc, Tr::kMid, -vz), acc.z);
   }
   // ---- V phase. B column gid is the lane's own K-phase row (hi part) or, for kCols = 1 and gid >=
   // 4, the lo part of head gid - 4, taken from lane ^ 16. Pairs: tile st takes rows 0-3 as
   // before; tile st2's hi parts are rows 4-7 (lane ^ 16), its lo parts the lanes' own.
   uint32_t hi0, lo0, hi1, lo1;
-  split_bf16(pp[0], pp[1], hi0, lo0);
-  split_bf16(pp[2], pp[3], hi1, lo1);
+  if constexpr (kVHalf<kBits>) {
+    split_f16(pp[0], pp[1], hi0, lo0);
+    split_f16(pp[2], pp[3], hi1, lo1);
+  } else {
+    split_bf16(pp[0], pp[1], hi0, lo0);
+    split_bf16(pp[2], pp[3], hi1, lo1);
+  }
   uint32_t bp[kCols][2];
   if constexpr (kCols == 1) {
     const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);

@@ -33,9 +33,12 @@ struct Layer {
 
 // Builds one layer's page tables (sink 16-bit page, runs of random bit-widths with mostly full
 // pages, 16-bit window pages, the odd empty page) from a shuffled free list, writes random K/V
-// through the CPU codec and reads back what the pages hold.
+// through the CPU codec and reads back what the pages hold. v_spread: each (token, KV head) row of
+// V is scaled by 2^u, u uniform in [-v_spread, v_spread] (per-token v_scales over a wide range:
+// the 8/16-bit kernels keep P' = p * v_scale in fp16 and track its range, see kVHalf).
 Layer build_layer(const std::vector<int>& lengths, const kv::PageGeometry& g,
-                  std::vector<int>& free_pages, std::vector<std::byte>& pool, std::mt19937& rng) {
+                  std::vector<int>& free_pages, std::vector<std::byte>& pool, std::mt19937& rng,
+                  float v_spread) {
   static constexpr int kBits[4] = {16, 8, 4, 2};
   const cpu::KvPoolView view{pool.data(), kv::page_bytes(g), g};
   const int width = g.num_kv_heads * g.head_dim;
@@ -61,9 +64,13 @@ Layer build_layer(const std::vector<int>& lengths, const kv::PageGeometry& g,
       }
     }
     std::vector<float> k(static_cast<size_t>(len) * width), v(k.size());
-    for (size_t i = 0; i < k.size(); ++i) {
-      k[i] = dist(rng) + 0.5f * std::sin(0.1f * static_cast<float>(i % 97));
-      v[i] = dist(rng) + 0.3f;
+    std::uniform_real_distribution<float> spread(-v_spread, v_spread);
+    for (size_t row = 0; row < k.size() / g.head_dim; ++row) {
+      const float v_mag = std::exp2(spread(rng));
+      for (size_t i = row * g.head_dim; i < (row + 1) * g.head_dim; ++i) {
+        k[i] = dist(rng) + 0.5f * std::sin(0.1f * static_cast<float>(i % 97));
+        v[i] = v_mag * (dist(rng) + 0.3f);
+      }
     }
     if (len > 0) cpu::write_kv(view, table, 0, len, k.data(), width, v.data(), width);
     std::vector<float> kd(k.size()), vd(v.size());
@@ -162,8 +169,8 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
     std::iota(free_pages.begin(), free_pages.end(), 0);
     std::shuffle(free_pages.begin(), free_pages.end(), rng);
     std::vector<Layer> layers;
-    layers.push_back(build_layer(lengths, g, free_pages, pool, rng));
-    layers.push_back(build_layer(lengths, g, free_pages, pool, rng));
+    layers.push_back(build_layer(lengths, g, free_pages, pool, rng, 0.0f));
+    layers.push_back(build_layer(lengths, g, free_pages, pool, rng, 10.0f));  // v_scale 2^+-10
 
     DeviceBuffer<std::byte> dpool;
     CUDA_REQUIRE(dpool.upload(pool));
@@ -301,7 +308,7 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
         INFO("variant " << var.name << ", layer " << l << ": max relative L2 error " << worst);
         if (var.out == DType::kF32) {
           worst_f32 = std::max(worst_f32, worst);
-          REQUIRE(worst < 1e-4);  // bf16 hi/lo splits of q and p * v_scale: ~2^-17 each
+          REQUIRE(worst < 1e-4);  // hi/lo splits of q and p * v_scale: ~2^-17 (bf16) each
         } else {
           worst_bf16 = std::max(worst_bf16, worst);
           REQUIRE(worst < 3e-3);  // bf16 output rounding alone is up to 2^-9 per element
