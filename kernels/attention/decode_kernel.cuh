@@ -711,8 +711,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     acc.z = kRaw<kBits> ? fmaf(pe[i], -vz, acc.z) : fmaf(pe[i], fmaf(vsc, Tr::kMid, -vz), acc.z);
   }
   // ---- V phase. B column gid is the lane's own K-phase row (hi part) or, for kCols = 1 and gid >=
-  // 4, the lo part of head gid - 4, taken from lane ^ 16. Pairs: tile st takes rows 0-3 as
-  // before; tile st2's hi parts are rows 4-7 (lane ^ 16), its lo parts the lanes' own.
+  // 4, the lo part of head gid - 4: the lane's own (its rows repeat the group's q). Pairs: tile
+  // st's lo parts come from lane ^ 16 (rows 0-3), tile st2's hi parts are rows 4-7 (lane ^ 16),
+  // its lo parts the lanes' own.
   uint32_t hi0, lo0, hi1, lo1;
   if constexpr (kVHalf<kBits>) {
     split_f16(pp[0], pp[1], hi0, lo0);
@@ -722,17 +723,18 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     split_bf16(pp[2], pp[3], hi1, lo1);
   }
   uint32_t bp[kCols][2];
-  if constexpr (kCols == 1) {
+  if constexpr (kCols == 1 && !kPair) {  // lanes gid >= 4 score head gid - 4 (see load_q's call)
+    bp[0][0] = gid < 4 ? hi0 : lo0;
+    bp[0][1] = gid < 4 ? hi1 : lo1;
+  } else if constexpr (kCols == 1) {
     const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);
     const uint32_t plo1 = __shfl_xor_sync(0xffffffffu, lo1, 16);
     bp[0][0] = gid < 4 ? hi0 : plo0;
     bp[0][1] = gid < 4 ? hi1 : plo1;
-    if constexpr (kPair) {
-      const uint32_t phi0 = __shfl_xor_sync(0xffffffffu, hi0, 16);
-      const uint32_t phi1 = __shfl_xor_sync(0xffffffffu, hi1, 16);
-      const uint32_t bp2[1][2] = {{gid < 4 ? phi0 : lo0, gid < 4 ? phi1 : lo1}};
-      v_phase<kBits, kD, kCols>(st2, bp2, lo, acc);
-    }
+    const uint32_t phi0 = __shfl_xor_sync(0xffffffffu, hi0, 16);
+    const uint32_t phi1 = __shfl_xor_sync(0xffffffffu, hi1, 16);
+    const uint32_t bp2[1][2] = {{gid < 4 ? phi0 : lo0, gid < 4 ? phi1 : lo1}};
+    v_phase<kBits, kD, kCols>(st2, bp2, lo, acc);
   } else {
     bp[0][0] = hi0;
     bp[0][1] = hi1;
@@ -966,10 +968,12 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 
   uint32_t aq[kD / 16][4];
   float qsum, kcorr;
-  // Pairs: rows 4-7 repeat the group's q (see compute_tile).
+  // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
+  // head gid - 4's scores too (pairs: of the second tile; else the same tile: their softmax state
+  // is a copy, unused after the loop, and they split their own P' lo parts, see compute_tile).
   const float score_scale =
       p.scale_log2 *
-      load_q<kBits, kD, TQ>(p, it.seq, kvh, kPair ? gid % 4 : gid, tig, aq, qsum, kcorr);
+      load_q<kBits, kD, TQ>(p, it.seq, kvh, kCols == 1 ? gid % 4 : gid, tig, aq, qsum, kcorr);
   trace_time(p, 2, threadIdx.x == 0);
   Acc<kD, kCols> acc;
 #pragma unroll
@@ -994,7 +998,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
   const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
   int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
-  int64_t next_id = 0;
+  // int32: an int64 here is sign-extended right at its load, which then waits out the load's
+  // whole latency once a page (13% of the 16-bit loop's stall samples, ncu); widened at use.
+  int32_t next_id = 0;
   const uint8_t* pptr = p.pool;
   if (n_my > 0) {
     ntok = p.page_tokens[page];
@@ -1017,7 +1023,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       tile = 0;
       ++page;
       ntok = next_tok;
-      pptr = p.pool + next_id * p.page_bytes;
+      pptr = p.pool + int64_t{next_id} * p.page_bytes;
       while (ntok == 0 && page + 1 < it.page_end) {  // empty pages (rare)
         ++page;
         ntok = p.page_tokens[page];
