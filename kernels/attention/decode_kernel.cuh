@@ -133,6 +133,11 @@ __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
 }
+// Asks L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16): one bulk request from one
+// thread, no completion to wait for.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n");
 }
@@ -1014,13 +1019,30 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const LaneOffsets<Tr> offs(L, lane);
   const int head_tok0 = kvh * L.tokens;  // head kvh's first row in a page
   // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
+  // 16 bits: params ({scale, zero}, 8 bytes a token) are a tile's smallest reads, 128 bytes each
+  // of K and V away from its 8 KB of codes (the kernel at batch 16 x 4K ran 11% faster with their
+  // copies dropped). Lanes 0 and 1 ask L2 for the next kPrefetchTiles tiles' params of the page in
+  // one bulk request each, so the tiles' copies hit L2: 2-3% at one CTA an SM (bench/RESULTS.md).
+  // The other bit-widths are instruction-bound and lost 1-7% to it. pf_end: the page's first
+  // token (of this head) not yet asked for.
+  constexpr int kPrefetchTiles = 16;
+  int pf_end = 0;
   auto issue_next = [&](int slot) {
+    if (kBits == 16 && tile * kTile >= pf_end) {
+      pf_end = min(tile * kTile + kPrefetchTiles * kTile, (ntok + kTile - 1) & ~(kTile - 1));
+      if (lane < 2) {
+        const int64_t first = static_cast<int64_t>(head_tok0 + tile * kTile) * kv::kParamBytes;
+        prefetch_l2_bulk(pptr + (lane == 0 ? L.k_params : L.v_params) + first,
+                         static_cast<uint32_t>(pf_end - tile * kTile) * kv::kParamBytes);
+      }
+    }
     const int nvalid = min(kTile, ntok - tile * kTile);
     issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile, nvalid);
     if (lane0) meta[slot] = nvalid | (lo << 8);
     lo = 0;
     if (++tile * kTile >= ntok) {
       tile = 0;
+      if constexpr (kBits == 16) pf_end = 0;
       ++page;
       ntok = next_tok;
       pptr = p.pool + int64_t{next_id} * p.page_bytes;
