@@ -162,6 +162,17 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// m16n8k16 in fp16 (kF16) or bf16, fp32 accumulation.
+template <bool kF16>
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                      uint32_t b1) {
+  if constexpr (kF16) {
+    mma_f16(d, a, b0, b1);
+  } else {
+    mma_bf16(d, a, b0, b1);
+  }
+}
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -488,13 +499,7 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
     for (int i = 0; i < LO::kKReads; ++i)
       lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
   }
-  auto mma = [](float(&d)[4], const uint32_t(&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (kKHalf<kBits>) {
-      mma_f16(d, a, b0, b1);
-    } else {
-      mma_bf16(d, a, b0, b1);
-    }
-  };
+  constexpr auto mma = mma16<kKHalf<kBits>>;
   if constexpr (kParts<kBits> == 1) {  // one accumulation chain per n-tile, interleaved
 #pragma unroll
     for (int kt = 0; kt < kD / 16; ++kt) {
@@ -571,20 +576,10 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
           a[2] = v_part<kBits, 1>(wc, wd, 2 * i);
           a[3] = v_part<kBits, 1>(wc, wd, 2 * i + 1);
         }
+        const uint32_t(*b)[2] = kBits == 16 && part == 0 ? bp256 : bp;
 #pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          if constexpr (kBits == 16) {
-            if (part == 0) {
-              mma_f16(acc.o[mt][c], a, bp256[c][0], bp256[c][1]);
-            } else {
-              mma_f16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
-            }
-          } else if constexpr (kBits == 8) {
-            mma_f16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
-          } else {
-            mma_bf16(acc.o[mt][c], a, bp[c][0], bp[c][1]);
-          }
-        }
+        for (int c = 0; c < kCols; ++c)
+          mma16<kVHalf<kBits>>(acc.o[mt][c], a, b[c][0], b[c][1]);
       }
     }
   }
@@ -1028,7 +1023,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   constexpr int kPrefetchTiles = 16;
   int pf_end = 0;
   auto issue_next = [&](int slot) {
-    if (kBits == 16 && tile * kTile >= pf_end) {
+    if (kBits == 16 && tile * kTile >= pf_end) {  // constant false for the other bit-widths
       pf_end = min(tile * kTile + kPrefetchTiles * kTile, (ntok + kTile - 1) & ~(kTile - 1));
       if (lane < 2) {
         const int64_t first = static_cast<int64_t>(head_tok0 + tile * kTile) * kv::kParamBytes;
