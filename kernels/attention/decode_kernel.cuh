@@ -182,6 +182,12 @@ __device__ __forceinline__ float ex2(float x) {
 __device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
+__device__ __forceinline__ uint32_t f16x2_bits(__half2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ __half2 as_f16x2(uint32_t x) {
+  return *reinterpret_cast<__half2*>(&x);
+}
 // (lo, hi) packed as bf16x2, round to nearest (exact for the small integers we pack).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return bf16x2_bits(__floats2bfloat162_rn(lo, hi));
@@ -204,21 +210,18 @@ __device__ __forceinline__ void split_bf16(float a, float b, uint32_t& hi, uint3
 __device__ __forceinline__ void split_f16(float a, float b, uint32_t& hi, uint32_t& lo) {
   const __half2 h = __floats2half2_rn(a, b);
   const float2 hf = __half22float2(h);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  const __half2 l = __floats2half2_rn(a - hf.x, b - hf.y);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
+  hi = f16x2_bits(h);
+  lo = f16x2_bits(__floats2half2_rn(a - hf.x, b - hf.y));
 }
 // Both fp16 halves of x times 256 (exact below 256: no overflow, no rounding).
 __device__ __forceinline__ uint32_t f16x2_times256(uint32_t x) {
-  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&x), __float2half2_rn(256.0f));
-  return *reinterpret_cast<const uint32_t*>(&r);
+  return f16x2_bits(__hmul2(as_f16x2(x), __float2half2_rn(256.0f)));
 }
 // Bytes ka of a and kb of b as the fp16x2 (byte - 128), exactly: one PRMT brings them to bytes 0
 // and 2, one LOP3 makes the fp16 1024 + byte, one HADD2 takes 1152 off.
 __device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, int ka, int kb) {
   const uint32_t x = and_or(__byte_perm(a, b, ka | ((4 + kb) << 8)), 0x00FF00FFu, 0x64006400u);
-  const __half2 r = __hadd2(*reinterpret_cast<const __half2*>(&x), __float2half2_rn(-1152.0f));
-  return *reinterpret_cast<const uint32_t*>(&r);
+  return f16x2_bits(__hadd2(as_f16x2(x), __float2half2_rn(-1152.0f)));
 }
 
 // 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both 16-bit halves
@@ -807,12 +810,9 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
     uint32_t hi, lo;
     float2 h, l;
     if constexpr (kKHalf<kBits>) {
-      const __half2 hh = __floats2half2_rn(a, b);
-      h = __half22float2(hh);
-      const __half2 ll = __floats2half2_rn(a - h.x, b - h.y);
-      l = __half22float2(ll);
-      hi = *reinterpret_cast<const uint32_t*>(&hh);
-      lo = *reinterpret_cast<const uint32_t*>(&ll);
+      split_f16(a, b, hi, lo);
+      h = __half22float2(as_f16x2(hi));
+      l = __half22float2(as_f16x2(lo));
     } else {
       split_bf16(a, b, hi, lo);
       h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
