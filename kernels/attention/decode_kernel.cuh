@@ -1252,12 +1252,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 // One launch per bit-width present. The layer's list of items of this bit-width is read from the
 // device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
 // which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
-// The parameters are __grid_constant__ (read in place, never copied): the kernel takes ~300
-// fewer instructions, and the 16-bit one at 16 x 4K ran 85.1 -> 77.6 us with it (same-call A/B on
-// an H200, its tile loop alike in both builds; bench/RESULTS.md).
 template <int kBits, int kD, typename TQ, int kCols>
-__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
-    decode_split_kernel(const __grid_constant__ KernelParams p) {
+__device__ __forceinline__ void split_kernel_body(const KernelParams& p) {
   extern __shared__ __align__(16) uint8_t smem[];
   pdl_trigger();  // a following o projection may start streaming its weights
   trace_time(p, 1, threadIdx.x == 0);
@@ -1278,6 +1274,24 @@ __global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCta
     const DecodeWorkItem it = items[item];
     run_item<kBits, kD, TQ, kCols>(p, items, it, item, smem);
   }
+}
+
+// The kernel proper, in two forms: parameters passed as usual, or __grid_constant__ (read in
+// place from the parameter space, never copied). Which is faster depends on the bit-width, not in
+// the tile loop (alike in both builds) but around it (same-call A/B on an H200, bench/RESULTS.md):
+// read in place, the 16-bit kernel ran 16 x 4K in 78.5 us instead of 85.0, the 2-bit one 64 x 4K
+// in 89.5 instead of 82.4 (8 and 4 bits within 3%). kParamsInPlace picks the form per bit-width.
+template <int kBits>
+inline constexpr bool kParamsInPlace = kBits == 16;
+template <int kBits, int kD, typename TQ, int kCols>
+__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
+    decode_split_kernel(const KernelParams p) {
+  split_kernel_body<kBits, kD, TQ, kCols>(p);
+}
+template <int kBits, int kD, typename TQ, int kCols>
+__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
+    decode_split_kernel_in_place(const __grid_constant__ KernelParams p) {
+  split_kernel_body<kBits, kD, TQ, kCols>(p);
 }
 
 }  // namespace pmkv::kernels::decode_detail
