@@ -2,11 +2,18 @@
 """Shared-memory bank conflicts of the decode kernel's tile reads (kernels/attention/decode_kernel.cuh).
 
 Replays, in Python, the byte offsets LaneOffsets gives each lane for its K-phase and V-phase reads
-of a stage (token order sigma, the lanes' chunks, the code layout: XOR swizzle, or for 16 bits the
-tensor copy's 128-byte swizzle) and counts the wavefronts each warp-wide read needs: 16-byte reads
-go out in phases of 8 lanes, 8-byte reads in phases of 16, narrower ones as one phase; a phase
-needs as many wavefronts as the most distinct 32-bit words any one bank holds. Conflict-free is
-one wavefront per phase. Exits non-zero if a layout marked conflict-free is not.
+of a stage (token order sigma, the lanes' chunks, the code layout) and counts the wavefronts each
+warp-wide read needs: 16-byte reads go out in phases of 8 lanes, 8-byte reads in phases of 16,
+narrower ones as one phase; a phase needs as many wavefronts as the most distinct 32-bit words any
+one bank holds. Conflict-free is one wavefront per phase.
+
+"xor" is the kernel's layout (XOR swizzle, sigma(k) = k ^ bit 2 of k): conflict-free except at
+16 bits and head_dim 128, where every read takes two wavefronts. "swizzle128" is the alternative
+tried for 16 bits in the eighth session (the 128-byte swizzle pattern, sigma16 = (k & 8) |
+{0, 6, 1, 7, 2, 4, 3, 5}[k & 7], K-phase chunks tig + 4i, V-phase chunks gid + 8g, or gid / 2 +
+4 (gid % 2) at head_dim 64): conflict-free, but not faster on the H200 (bench/RESULTS.md), so the
+kernel kept "xor". Exits non-zero if that alternative layout stops being conflict-free (a guard for
+whoever picks it up again).
 
     python3 bench/decode_smem_conflicts.py
 """

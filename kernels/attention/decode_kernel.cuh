@@ -93,19 +93,8 @@ struct BitsConfig {
   static constexpr int kStages = kBits == 16 ? 3 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
 };
 
-// Code tiles of 16-bit pages at head_dim 128 (256-byte rows, 16 chunks) left 2-way bank
-// conflicts on every K- and V-phase read with the XOR swizzle below; 16-bit tiles (both head
-// dims, one layout) use the 128-byte swizzle pattern (code_offset) with their own token order and
-// lane chunks instead: conflict-free (bench/decode_smem_conflicts.py), 16 x 4K 79.1 -> 75.8 us
-// on an H200 (bench/RESULTS.md).
-template <int kBits>
-inline constexpr bool kSwizzle128 = kBits == 16;
-
 template <int kBits, int kD>
 struct Tile {
-  static constexpr int kBitsOf = kBits;
-  static constexpr int kDim = kD;
-  static constexpr bool kSw128 = kSwizzle128<kBits>;
   static constexpr int kRow = kD * kBits / 8;  // bytes of a code row (a multiple of 16)
   static constexpr int kChunks = kRow / 16;    // 16-byte chunks per row
   static constexpr int kKBytes = kRow / 4;     // per lane and token in the K phase (kD/4 codes)
@@ -129,30 +118,10 @@ __device__ __forceinline__ int swz(int t) {
   return Tr::kChunks > 1 ? (t & (Tr::kChunks - 1)) : 0;
 }
 
-// Token order inside a tile: mma column / k index k holds token sigma(k), chosen with the lanes'
-// chunks (LaneOffsets) so that the 16-byte shared-memory reads are free of bank conflicts (each
-// 8-lane phase of a read touches 8 distinct 16-byte bank groups). 2/4/8 bits: k ^ bit 2 of k,
-// with their XOR swizzle (swz). 16 bits (kSw128), whose tiles sit as the 128-byte swizzle leaves
-// them (16-byte unit u of a 1024-byte block at u ^ (u >> 3)): the K phase's 8-lane phases read
-// tokens sigma(2q), sigma(2q + 1) (q = gid / 2), which must differ by 2 in their low two bits,
-// and the V phase's read tokens sigma(2 tig + e) (+ 8) over tig 0..3, whose low two bits must
-// all differ: sigma(k) = (k & 8) | {0, 6, 1, 7, 2, 4, 3, 5}[k & 7] (a check over every read is in
-// bench/decode_smem_conflicts.py). sigma_inv: its inverse (a param copy's position).
-template <class Tr>
+// Token order inside a tile: mma column / k index k holds token sigma(k) (bank-conflict free
+// reads of the 2- and 4-bit tiles).
 __device__ __forceinline__ int sigma(int k) {
-  if constexpr (Tr::kSw128) {
-    return (k & 8) | ((0x53427160u >> (4 * (k & 7))) & 7u);
-  } else {
-    return k ^ ((k >> 2) & 1);
-  }
-}
-template <class Tr>
-__device__ __forceinline__ int sigma_inv(int t) {
-  if constexpr (Tr::kSw128) {
-    return (t & 8) | ((0x31756420u >> (4 * (t & 7))) & 7u);
-  } else {
-    return t ^ ((t >> 2) & 1);
-  }
+  return k ^ ((k >> 2) & 1);
 }
 
 // ---- small PTX wrappers --------------------------------------------------------------------
@@ -388,51 +357,10 @@ __device__ __forceinline__ void lds_at(const uint8_t* p, uint32_t* w) {
   }
 }
 
-// Byte offset inside a stage's (swizzled) code tile of byte x of token row t. kSw128: the
-// 128-byte swizzle pattern (the one Hopper's tensor copies use): 16-byte unit u of each 1024
-// bytes at u ^ (u >> 3 & 7). It needs only 128-byte aligned stages for its bank mapping.
+// Byte offset inside a stage's (swizzled) code tile of byte x of token row t.
 template <class Tr>
 __device__ __forceinline__ int code_offset(int t, int x) {
-  if constexpr (Tr::kSw128) {
-    const int lin = t * Tr::kRow + x;
-    return lin ^ (((lin >> 7) & 7) << 4);
-  } else {
-    return t * Tr::kRow + (((x >> 4) ^ swz<Tr>(t)) << 4) + (x & 15);
-  }
-}
-
-// The lanes' chunks (with sigma: conflict-free reads). K phase: byte x of the kKBytes lane tig
-// reads of each token row; kSw128: 16-byte chunks tig, tig + 4, tig + 8, ... (so its K-phase word
-// p holds codes 8 (4 (p / 4) + tig) + 2 (p % 4) + {0, 1}), else one contiguous piece. V phase:
-// the chunk of group g of lane gid's kVBytes; kSw128: head_dim 128 chunks gid and gid + 8, 64
-// chunk gid / 2 + 4 (gid % 2), else contiguous.
-template <class Tr>
-__device__ __forceinline__ constexpr int k_byte(int tig, int x) {
-  return Tr::kSw128 ? 16 * (4 * (x / 16) + tig) + x % 16 : tig * Tr::kKBytes + x;
-}
-template <class Tr>
-__device__ __forceinline__ constexpr int v_chunk(int gid, int g) {  // kSw128
-  return Tr::kDim == 128 ? gid + 8 * g : gid / 2 + 4 * (gid % 2);
-}
-// Head dim of the low code of lane tig's K pair p (pair_dim_lo; 16 bits: pair p is word p of the
-// lane's K bytes, codes 2p and 2p + 1).
-template <class Tr>
-__device__ __forceinline__ constexpr int k_dim(int tig, int p) {
-  if constexpr (Tr::kSw128) {
-    return k_byte<Tr>(tig, 4 * p) / 2;
-  } else {
-    return tig * (Tr::kDim / 4) + pair_dim_lo<Tr::kBitsOf>(p);
-  }
-}
-// Head dim of code i (0 .. kD / 8 - 1) of lane gid's V-phase codes (kVRead bytes a group).
-template <class Tr>
-__device__ __forceinline__ constexpr int v_dim(int gid, int i) {
-  if constexpr (Tr::kSw128) {
-    constexpr int kPerChunk = 128 / Tr::kBitsOf;
-    return kPerChunk * v_chunk<Tr>(gid, i / kPerChunk) + i % kPerChunk;
-  } else {
-    return gid * (Tr::kDim / 8) + i;
-  }
+  return t * Tr::kRow + (((x >> 4) ^ swz<Tr>(t)) << 4) + (x & 15);
 }
 
 // Hides x's origin from the compiler: without it, ptxas re-derives every per-lane offset below
@@ -450,7 +378,7 @@ __device__ __forceinline__ int opaque(int x) {
 // 8), sigma(2 tig + 9); params: the float4 of positions 8j + 2 tig, + 1 (K; V at + kTile * 8);
 // valid-mask bits of the lane's 4 scores. Copies: chunk op i of the tile's rows (source offset from
 // the tile's first row, destination, row), and the lane's {scale, zero} (K for lanes 0-15, V for
-// 16-31; destination position sigma_inv(t)).
+// 16-31; destination position sigma(t)).
 template <class Tr>
 struct LaneOffsets {
   static constexpr int kKRead = Tr::kKBytes < 16 ? Tr::kKBytes : 16;
@@ -472,23 +400,21 @@ struct LaneOffsets {
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int i = 0; i < kKReads; ++i)
-        k[j][i] = opaque(Tr::kKOff +
-                         code_offset<Tr>(sigma<Tr>(8 * j + gid), k_byte<Tr>(tig, i * kKRead)));
+        k[j][i] =
+            opaque(Tr::kKOff + code_offset<Tr>(sigma(8 * j + gid), tig * Tr::kKBytes + i * kKRead));
     }
-    const int rows[4] = {sigma<Tr>(2 * tig), sigma<Tr>(2 * tig + 1), sigma<Tr>(2 * tig + 8),
-                         sigma<Tr>(2 * tig + 9)};
+    const int rows[4] = {sigma(2 * tig), sigma(2 * tig + 1), sigma(2 * tig + 8),
+                         sigma(2 * tig + 9)};
 #pragma unroll
     for (int g = 0; g < kVReads; ++g) {
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        v[g][r] = opaque(Tr::kVOff +
-                         code_offset<Tr>(rows[r], Tr::kSw128 ? 16 * v_chunk<Tr>(gid, g)
-                                                             : gid * Tr::kVBytes + g * kVRead));
+        v[g][r] = opaque(Tr::kVOff + code_offset<Tr>(rows[r], gid * Tr::kVBytes + g * kVRead));
     }
     params = opaque(Tr::kKPOff + 16 * tig);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      vbit[i] = static_cast<uint32_t>(opaque(1 << sigma<Tr>(8 * (i / 2) + 2 * tig + i % 2)));
+      vbit[i] = static_cast<uint32_t>(opaque(1 << sigma(8 * (i / 2) + 2 * tig + i % 2)));
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
       const int o = lane + 32 * i;
@@ -496,18 +422,18 @@ struct LaneOffsets {
       // Head-major page: a tile's rows are contiguous. Kept in registers only where they are few
       // (8 and 16 bits have 4 and 8 copies a lane and the registers to spare for neither).
       cp_src[i] = opaque<kCopies <= 2>(t * Tr::kRow + c * 16);
-      cp_dst[i] = opaque<kCopies <= 2>(code_offset<Tr>(t, 16 * c));
+      cp_dst[i] = opaque<kCopies <= 2>(t * Tr::kRow + ((c ^ swz<Tr>(t)) << 4));
       cp_row[i] = opaque<kCopies <= 2>(kOps % 32 == 0 || o < kOps ? t : kTile);  // kTile: none
     }
     const int kind = lane >> 4, t = lane & 15;
-    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + sigma_inv<Tr>(t) * 8);
+    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8);
     par_src = opaque(static_cast<int>(kind ? L.v_params : L.k_params) + t * 8);
     par_row = opaque(t);
   }
 };
 
 // Issues the cp.async copies of one tile (valid rows only) into a stage. The {scale, zero} of
-// token t go to position sigma_inv(t) (the order the lanes read them in); rows past nvalid get zero
+// token t go to position sigma(t) (the order the lanes read them in); rows past nvalid get zero
 // params, so masked tokens contribute exactly 0 to the V phase. Offsets inside a page fit 32 bits.
 // tok0: the tile's first row of the page's head-major rows (head * tokens + tile * 16).
 template <class Tr>
@@ -843,18 +769,17 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
     qa[pi] = qb[pi] = 0.0f;
   const bool has_head = head < p.group;
   if (has_head) {
-    const int64_t row = ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD;
+    const int64_t row =
+        ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * (kD / 4);
     const TQ* q = static_cast<const TQ*>(p.q) + row;
 #pragma unroll
     for (int pi = 0; pi < kD / 8; ++pi) {
-      const int lo = k_dim<Tile<kBits, kD>>(tig, pi);
-      const int hi = lo + (pair_dim_hi<kBits>(pi) - pair_dim_lo<kBits>(pi));
       if constexpr (sizeof(TQ) == 4) {
-        qa[pi] = q[lo];
-        qb[pi] = q[hi];
+        qa[pi] = q[pair_dim_lo<kBits>(pi)];
+        qb[pi] = q[pair_dim_hi<kBits>(pi)];
       } else {
-        qa[pi] = __bfloat162float(q[lo]);
-        qb[pi] = __bfloat162float(q[hi]);
+        qa[pi] = __bfloat162float(q[pair_dim_lo<kBits>(pi)]);
+        qb[pi] = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
       }
     }
   }
@@ -1215,7 +1140,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
         v0 += v[1];
       }
       const int h = h0 + (i & 1);
-      const int d = v_dim<Tr>(gid, 2 * mt + (i >> 1));
+      const int d = gid * (kD / 8) + 2 * mt + (i >> 1);
       if ((kCols == 2 || tig < 2) && h < G) sm_o[(warp * G + h) * kD + d] = v0;
     }
   }
@@ -1253,7 +1178,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 // device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
 // which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
 template <int kBits, int kD, typename TQ, int kCols>
-__device__ __forceinline__ void split_kernel_body(const KernelParams& p) {
+__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
+    decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   pdl_trigger();  // a following o projection may start streaming its weights
   trace_time(p, 1, threadIdx.x == 0);
@@ -1274,24 +1200,6 @@ __device__ __forceinline__ void split_kernel_body(const KernelParams& p) {
     const DecodeWorkItem it = items[item];
     run_item<kBits, kD, TQ, kCols>(p, items, it, item, smem);
   }
-}
-
-// The kernel proper, in two forms: parameters passed as usual, or __grid_constant__ (read in
-// place from the parameter space, never copied). Which is faster depends on the bit-width, not in
-// the tile loop (alike in both builds) but around it (same-call A/B on an H200, bench/RESULTS.md):
-// read in place, the 16-bit kernel ran 16 x 4K in 78.5 us instead of 85.0, the 2-bit one 64 x 4K
-// in 89.5 instead of 82.4 (8 and 4 bits within 3%). kParamsInPlace picks the form per bit-width.
-template <int kBits>
-inline constexpr bool kParamsInPlace = kBits == 16;
-template <int kBits, int kD, typename TQ, int kCols>
-__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
-    decode_split_kernel(const KernelParams p) {
-  split_kernel_body<kBits, kD, TQ, kCols>(p);
-}
-template <int kBits, int kD, typename TQ, int kCols>
-__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
-    decode_split_kernel_in_place(const __grid_constant__ KernelParams p) {
-  split_kernel_body<kBits, kD, TQ, kCols>(p);
 }
 
 }  // namespace pmkv::kernels::decode_detail

@@ -10,8 +10,7 @@ namespace pmkv::kernels::decode_detail {
 template <int kBits, int kD, typename TQ, int kCols>
 cudaError_t launch_split_as(const KernelParams& p, int ctas, cudaStream_t stream) {
   constexpr int kSmem = Tile<kBits, kD>::kSmemBytes;
-  auto* kernel = kParamsInPlace<kBits> ? decode_split_kernel_in_place<kBits, kD, TQ, kCols>
-                                       : decode_split_kernel<kBits, kD, TQ, kCols>;
+  auto* kernel = decode_split_kernel<kBits, kD, TQ, kCols>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return attr;
