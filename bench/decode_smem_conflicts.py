@@ -19,8 +19,6 @@ whoever picks it up again).
 """
 import sys
 
-TILE = 16
-
 
 def sigma_xor(k):
     return k ^ ((k >> 2) & 1)
@@ -58,10 +56,12 @@ def reads(bits, dim, sw128):
         for i in range(kbytes // kread):
             out.append(('K', kread, [code_offset(sig(8 * j + (l >> 2)), k_byte(l & 3, i * kread))
                                      for l in range(32)]))
+    def v_rows(tig):  # the V phase's tokens of lane tig: mma k 2 tig, 2 tig + 1, + 8, + 9
+        return [sig(2 * tig), sig(2 * tig + 1), sig(2 * tig + 8), sig(2 * tig + 9)]
+
     for g in range(vbytes // vread):
         for r in range(4):
-            rows = lambda tig: [sig(2 * tig), sig(2 * tig + 1), sig(2 * tig + 8), sig(2 * tig + 9)]
-            out.append(('V', vread, [code_offset(rows(l & 3)[r], v_byte(l >> 2, g))
+            out.append(('V', vread, [code_offset(v_rows(l & 3)[r], v_byte(l >> 2, g))
                                      for l in range(32)]))
     return out
 
