@@ -8,7 +8,8 @@ narrower ones as one phase; a phase needs as many wavefronts as the most distinc
 one bank holds. Conflict-free is one wavefront per phase.
 
 "xor" is the kernel's layout (XOR swizzle, sigma(k) = k ^ bit 2 of k): conflict-free except at
-16 bits and head_dim 128, where every read takes two wavefronts. "swizzle128" is the alternative
+16 bits and head_dim 128, where every read takes two wavefronts, and the 2-byte V-phase reads of
+2 bits at head_dim 64 (6 wavefronts where 4 would do). "swizzle128" is the alternative
 tried for 16 bits in the eighth session (the 128-byte swizzle pattern, sigma16 = (k & 8) |
 {0, 6, 1, 7, 2, 4, 3, 5}[k & 7], K-phase chunks tig + 4i, V-phase chunks gid + 8g, or gid / 2 +
 4 (gid % 2) at head_dim 64): conflict-free, but not faster on the H200 (bench/RESULTS.md), so the
