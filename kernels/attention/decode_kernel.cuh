@@ -217,10 +217,10 @@ __device__ __forceinline__ void split_f16(float a, float b, uint32_t& hi, uint32
 __device__ __forceinline__ uint32_t f16x2_times256(uint32_t x) {
   return f16x2_bits(__hmul2(as_f16x2(x), __float2half2_rn(256.0f)));
 }
-// Bytes ka of a and kb of b as the fp16x2 (byte - 128), exactly: one PRMT brings them to bytes 0
-// and 2, one LOP3 makes the fp16 1024 + byte, one HADD2 takes 1152 off.
-__device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, int ka, int kb) {
-  const uint32_t x = and_or(__byte_perm(a, b, ka | ((4 + kb) << 8)), 0x00FF00FFu, 0x64006400u);
+// Byte k of a and byte k of b as the fp16x2 (byte - 128), exactly: one PRMT brings them to bytes
+// 0 and 2, one LOP3 makes the fp16 1024 + byte, one HADD2 takes 1152 off.
+__device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, int k) {
+  const uint32_t x = and_or(__byte_perm(a, b, k | ((4 + k) << 8)), 0x00FF00FFu, 0x64006400u);
   return f16x2_bits(__hadd2(as_f16x2(x), __float2half2_rn(-1152.0f)));
 }
 
@@ -319,10 +319,10 @@ __device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b,
     const uint32_t x = (k < 4) ? __byte_perm(a[w], b[w], 0x5410) : __byte_perm(a[w], b[w], 0x7632);
     return small_raw<4>(x, k % 4);
   } else if constexpr (kBits == 8) {
-    return bytes_centered_f16(a[j / 4], b[j / 4], j % 4, j % 4);
+    return bytes_centered_f16(a[j / 4], b[j / 4], j % 4);
   } else {
     const int w = j / 2, k = 2 * (j % 2) + (kPart == 0 ? 1 : 0);
-    return bytes_centered_f16(a[w], b[w], k, k);
+    return bytes_centered_f16(a[w], b[w], k);
   }
 }
 
