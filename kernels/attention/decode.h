@@ -35,12 +35,32 @@ namespace pmkv::kernels {
 
 inline constexpr int kDecodeTileTokens = 16;  // tokens per tile (one mma K/N extent)
 inline constexpr int kDecodeMaxGroup = 8;     // query heads per KV head a CTA can hold
-inline constexpr int kDecodeWarps = 4;        // warps per CTA; each walks its own tile range
+inline constexpr int kDecodeMaxWarps = 8;     // warps a CTA can have; each walks its own tile range
+
+// Warps per CTA of a bit-width's kernel: 8 bits run one CTA of 8 warps an SM, the others CTAs of 4
+// (16 bits 2 an SM, 4 and 2 bits 3). Against 3 CTAs of 4 (same call, bench/RESULTS.md, ninth
+// session) one 8-warp CTA made 8 bits 7-20% faster at batch 1 and 5-14% at batch 16 (a short
+// item's fixed cost is paid once for twice the warps) and 7% slower at 64 x 1K (one CTA an SM no
+// longer overlaps one item's epilogue with the next one's start). At 16 bits it was mixed: 16 x
+// 16K-64K 2.5-4% faster, 16 x 4K 1.5% and 64 x 1K 17% slower, so 16 bits keep 4.
+// PMKV_DECODE_WARPS16 and PMKV_DECODE_WARPS8: build-time knobs for A/B runs (4 or 8).
+#ifndef PMKV_DECODE_WARPS16
+#define PMKV_DECODE_WARPS16 4
+#endif
+#ifndef PMKV_DECODE_WARPS8
+#define PMKV_DECODE_WARPS8 8
+#endif
+inline constexpr int decode_warps(int bits) {
+  return bits == 16 ? PMKV_DECODE_WARPS16 : bits == 8 ? PMKV_DECODE_WARPS8 : 4;
+}
+static_assert((PMKV_DECODE_WARPS16 == 4 || PMKV_DECODE_WARPS16 == 8) &&
+                  (PMKV_DECODE_WARPS8 == 4 || PMKV_DECODE_WARPS8 == 8),
+              "4 or 8 warps");
 
 // One CTA's work for one KV head (each bit-width's grid is [its items, num_kv_heads]): num_tiles
 // consecutive 16-token tiles of one sequence whose pages all have one bit-width, cut into
-// kDecodeWarps contiguous ranges (one per warp) that the plan has already located in the page
-// table.
+// decode_warps(bits) contiguous ranges (one per warp) that the plan has already located in the
+// page table; the entries past them are unused (zero tiles).
 struct DecodeWorkItem {
   int32_t seq;        // sequence index
   int32_t bits;       // bit-width of every page in the item
@@ -50,9 +70,9 @@ struct DecodeWorkItem {
   int32_t num_tiles;  // sum of warp_tiles; 0 only for a sequence with no visible token (zeros)
   int32_t merge;      // not direct: the sequence's merge entry (layer-relative)
   int32_t pad;
-  int32_t warp_page[kDecodeWarps];   // first page (index into the layer's CSR arrays)
-  int32_t warp_tile[kDecodeWarps];   // first tile inside that page
-  int32_t warp_tiles[kDecodeWarps];  // tiles of the warp's range (0: idle warp)
+  int32_t warp_page[kDecodeMaxWarps];   // first page (index into the layer's CSR arrays)
+  int32_t warp_tile[kDecodeMaxWarps];   // first tile inside that page
+  int32_t warp_tiles[kDecodeMaxWarps];  // tiles of the warp's range (0: idle warp)
 };
 
 // Combines the partial states of items [item_begin, item_begin + num_items) (layer-relative

@@ -24,8 +24,6 @@
 
 namespace pmkv::kernels::decode_detail {
 
-inline constexpr int kWarps = 4;
-inline constexpr int kThreads = kWarps * 32;
 inline constexpr int kTile = kDecodeTileTokens;
 
 struct KernelParams {
@@ -55,9 +53,10 @@ struct KernelParams {
 // PMKV_DECODE_TRACE (a build-time probe, off in every normal build; bench/README.md): thread 0 of
 // each CTA (lane 0 of each warp for the loop ends) writes %globaltimer (ns) at fixed points of its
 // last item into row blockIdx.x + gridDim.x * blockIdx.y of the trace buffer: 0 the SM id, 1
-// entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end, 8 epilogue done, 9
-// merge done (or skipped), 10 item | tiles << 32. bench_decode_attention built with it writes the
-// rows of a launch; bench/decode_trace_report.py summarizes them.
+// entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end (8-warp CTAs: warps
+// 4-7 at 11-14), 8 epilogue done, 9 merge done (or skipped), 10 item | tiles << 32.
+// bench_decode_attention built with it writes the rows of a launch; bench/decode_trace_report.py
+// summarizes them.
 inline constexpr int kTraceSlots = 16;
 #ifdef PMKV_DECODE_TRACE
 __device__ __forceinline__ void trace_put(const KernelParams& p, int slot, uint64_t v) {
@@ -85,11 +84,17 @@ inline constexpr int kMaxStages = 16;
 #endif
 template <int kBits>
 struct BitsConfig {
-  // 16 bits: 2 CTAs of 3 stages (more bytes in flight per warp) beat 3 CTAs of 2 by 2-13%
-  // (bench/RESULTS.md, fourth session).
+  static constexpr int kWarps = decode_warps(kBits);  // see decode.h
+  static constexpr int kThreads = kWarps * 32;
+  // 8-warp CTAs (decode.h): one an SM. 16 bits: 2 CTAs of 3 stages (more bytes in flight per
+  // warp) beat 3 CTAs of 2 by 2-13% (bench/RESULTS.md, fourth session).
   static constexpr int kCtasPerSm = kBits <= 4    ? PMKV_DECODE_LOWBIT_CTAS_PER_SM
+                                    : kWarps == 8 ? 1
                                     : kBits == 16 ? 2
                                                   : 3;
+  // Launch bounds for groups of 5-8 query heads (two column tiles): 3 CTAs of 4 warps (168
+  // registers), or one of 8.
+  static constexpr int kCtasPerSmWide = kWarps == 8 ? 1 : 3;
   static constexpr int kStages = kBits == 16 ? 3 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
 };
 
@@ -101,7 +106,8 @@ struct Tile {
   static constexpr int kVBytes = kRow / 8;     // per lane and token in the V phase (kD/8 codes)
   static constexpr int kStage = kTile * (2 * kRow + 16);
   static constexpr int kStages = BitsConfig<kBits>::kStages;
-  static constexpr int kRingBytes = kStages * kStage;                        // per warp
+  static constexpr int kRingBytes = kStages * kStage;  // per warp
+  static constexpr int kWarps = BitsConfig<kBits>::kWarps;
   static constexpr int kSmemBytes = kWarps * (kRingBytes + kMaxStages * 4);  // rings, then meta
   static constexpr int kKOff = 0;                  // [16][kRow] K codes (swizzled chunks)
   static constexpr int kVOff = kTile * kRow;       // [16][kRow] V codes
@@ -845,19 +851,21 @@ __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, floa
 // and resets the counter for the next launch. The fences order the partial stores before the
 // count (writers) and the count before the loads (the merger); the loads go to L2. It runs at the
 // tail of a CTA, so it is built for latency: the items' log-sum-exps go through shared memory
-// (kMergeChunk items at a time, online max across chunks), the warps take every kWarps-th item
-// and read all of its G * kD outputs with 16-byte loads (a quarter of the serial L2 round trips of
-// one item per step for the whole CTA), and add their sums through shared memory at the end.
+// (kMergeChunk items at a time, online max across chunks), the kWarps warps take every kWarps-th
+// item and read all of its G * kD outputs with 16-byte loads (a quarter of the serial L2 round
+// trips of one item per step for the whole CTA), and add their sums through shared memory at the
+// end.
 inline constexpr int kMergeChunk = 128;
 // Shared memory of the merge: flag, weights, running max / sum / rescale, then the warps' sums.
 inline constexpr int kMergeSumsOffset = (4 + (kMergeChunk + 3) * kDecodeMaxGroup) * 4;
-template <int kD>
+template <int kD, int kWarps>
 inline constexpr int kMergeSmemBytes = kMergeSumsOffset + kWarps* kDecodeMaxGroup* kD * 4;
 
-template <int kD>
+template <int kD, int kWarps>
 __device__ __forceinline__ void merge_if_last(const KernelParams& p, const DecodeWorkItem& it,
                                               int kvh, uint8_t* smem) {
   constexpr int kVec = kDecodeMaxGroup * kD / 128;  // float4 a lane holds (a warp: G * kD)
+  constexpr int kThreads = kWarps * 32;
   static_assert(kMergeSumsOffset % 16 == 0, "16-byte aligned sums");
   const DecodeMergeItem mi = p.merges[p.layer->merge_begin + it.merge];
   int* counter = p.merge_counters + int64_t{it.merge} * p.num_kv_heads + kvh;
@@ -953,8 +961,9 @@ template <int kBits, int kD, typename TQ, int kCols>
 __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem* items,
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
+  constexpr int kWarps = BitsConfig<kBits>::kWarps, kThreads = BitsConfig<kBits>::kThreads;
   static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4 &&
-                    Tr::kSmemBytes >= kMergeSmemBytes<kD>,
+                    Tr::kSmemBytes >= kMergeSmemBytes<kD, kWarps>,
                 "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
   constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
@@ -1095,7 +1104,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
   }
   cp_async_wait<0>();
-  trace_time(p, 4 + warp, lane == 0);
+  trace_time(p, warp < 4 ? 4 + warp : 7 + warp, lane == 0);
 
   // ---- combine the warps' states, write the output (direct) or the partial state.
   acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 1);
@@ -1169,7 +1178,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
   }
   trace_time(p, 8, threadIdx.x == 0);
-  if (!it.direct) merge_if_last<kD>(p, it, kvh, smem);
+  if (!it.direct) merge_if_last<kD, kWarps>(p, it, kvh, smem);
   trace_time(p, 9, threadIdx.x == 0);
   if (threadIdx.x == 0) trace_put(p, 10, uint64_t(item) | uint64_t(it.num_tiles) << 32);
 }
@@ -1178,7 +1187,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 // device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
 // which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
 template <int kBits, int kD, typename TQ, int kCols>
-__global__ void __launch_bounds__(kThreads, kCols == 1 ? BitsConfig<kBits>::kCtasPerSm : 3)
+__global__ void __launch_bounds__(BitsConfig<kBits>::kThreads,
+                                  kCols == 1 ? BitsConfig<kBits>::kCtasPerSm
+                                             : BitsConfig<kBits>::kCtasPerSmWide)
     decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   pdl_trigger();  // a following o projection may start streaming its weights

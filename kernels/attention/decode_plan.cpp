@@ -117,8 +117,9 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
     // Tokens of the item's first tile before the window start (only the sequence's first item).
     it.lo_first = std::max(0, run.window_start - (page_pos + tile * kDecodeTileTokens));
     int32_t last_page = page;
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const int32_t c = count / kDecodeWarps + (w < count % kDecodeWarps ? 1 : 0);
+    const int warps = decode_warps(run.bits);
+    for (int w = 0; w < warps; ++w) {
+      const int32_t c = count / warps + (w < count % warps ? 1 : 0);
       it.warp_page[w] = page;
       it.warp_tile[w] = tile;
       it.warp_tiles[w] = c;
@@ -233,7 +234,7 @@ bool same_shape(const DecodeLayerTable& p, const DecodeLayerTable& t, int32_t* d
 void move_pages(LayerPart& part, int32_t d) {
   for (DecodeWorkItem& it : part.items) {
     it.page_end += d;
-    for (int w = 0; w < kDecodeWarps; ++w)
+    for (int w = 0; w < decode_warps(it.bits); ++w)
       it.warp_page[w] += d;
   }
 }
@@ -263,13 +264,14 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     };
     chunk_of[b] = chunk_for(per_sm);
     // Short items: plan for one CTA an SM fewer than the kernel keeps resident (16 bits: 1 of 2;
-    // 8, 4 and 2 bits: 2 of 3). The wave model counts every resident CTA as a full-speed slot,
-    // but co-resident CTAs share the SM's issue slots (2/4 bits are SM-bound) or its bandwidth
-    // share, while each item pays a fixed cost (query, first tiles, epilogue, merge: ~5-9 us on an
-    // H200, bench/RESULTS.md): for items of fewer than short_tiles tiles, fewer, longer items won
-    // (batch 16 x 1K-4K and 64 x 4K: 2-14% faster); for longer ones the extra CTA's latency
-    // hiding wins (16 x 16K-64K: 3-7% slower without it). 8 bits, nearer the bandwidth bound,
-    // lost at 64 x 4K (128-tile items, +6%) and won at 16 x 1K-4K (21-85 tiles): half the bound.
+    // 4 and 2 bits: 2 of 3; 8 bits run one 8-warp CTA an SM, decode.h). The wave model counts every
+    // resident CTA as a full-speed slot, but co-resident CTAs share the SM's issue slots (2/4 bits
+    // are SM-bound) or its bandwidth share, while each item pays a fixed cost (query, first tiles,
+    // epilogue, merge: ~5-9 us on an H200, bench/RESULTS.md): for items of fewer than short_tiles
+    // tiles, fewer, longer items won (batch 16 x 1K-4K and 64 x 4K: 2-14% faster); for longer ones
+    // the extra CTA's latency hiding wins (16 x 16K-64K: 3-7% slower without it). 8 bits as 3 CTAs
+    // of 4 warps (the PMKV_DECODE_WARPS8=4 build), nearer the bandwidth bound, lost at 64 x 4K
+    // (128-tile items, +6%) and won at 16 x 1K-4K (21-85 tiles): half the bound.
     const int64_t short_tiles = (16 >> b) == 8 ? 128 : 256;
     if (cfg.ctas_per_sm == 0 && per_sm > 1 && chunk_of[b] < short_tiles * tile_bytes) {
       chunk_of[b] = chunk_for(per_sm - 1);
@@ -295,7 +297,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
       it.bits = 16;
       it.direct = 1;
       it.page_end = t.page_starts[s];
-      for (int w = 0; w < kDecodeWarps; ++w)
+      for (int w = 0; w < decode_warps(it.bits); ++w)
         it.warp_page[w] = t.page_starts[s];
       items.push_back(it);
     } else if (count == 1) {

@@ -14,7 +14,7 @@ cudaError_t launch_split_as(const KernelParams& p, int ctas, cudaStream_t stream
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return attr;
-  kernel<<<dim3(ctas, p.num_kv_heads), kThreads, kSmem, stream>>>(p);
+  kernel<<<dim3(ctas, p.num_kv_heads), BitsConfig<kBits>::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
