@@ -28,17 +28,17 @@ namespace {
 // One launch per bit-width with CTAs (16, 8, 4, 2 in turn).
 template <int kD>
 cudaError_t launch_all_bits(const decode_detail::KernelParams& kp, bool q_f32,
-                            const DecodeLayerView& v, cudaStream_t stream) {
+                            const DecodeLayerView& v, bool pdl, cudaStream_t stream) {
   using decode_detail::launch_split;
   cudaError_t e = cudaSuccess;
   if (e == cudaSuccess && v.split_ctas[0] > 0)
-    e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], stream);
+    e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], pdl, stream);
   if (e == cudaSuccess && v.split_ctas[1] > 0)
-    e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], stream);
+    e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], pdl, stream);
   if (e == cudaSuccess && v.split_ctas[2] > 0)
-    e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], stream);
+    e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], pdl, stream);
   if (e == cudaSuccess && v.split_ctas[3] > 0)
-    e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], stream);
+    e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], pdl, stream);
   return e;
 }
 
@@ -78,8 +78,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     kp.trace = g_decode_trace;
 #endif
     const bool q_f32 = p.q_dtype == DType::kF32;
-    const cudaError_t e = p.head_dim == 64 ? launch_all_bits<64>(kp, q_f32, p.plan, stream)
-                                           : launch_all_bits<128>(kp, q_f32, p.plan, stream);
+    const cudaError_t e = p.head_dim == 64 ? launch_all_bits<64>(kp, q_f32, p.plan, p.pdl, stream)
+                                           : launch_all_bits<128>(kp, q_f32, p.plan, p.pdl, stream);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

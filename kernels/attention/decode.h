@@ -237,6 +237,11 @@ struct DecodeParams {
   void* out = nullptr;  // [num_seqs, num_kv_heads * group, head_dim], out_dtype, contiguous
   DType out_dtype = DType::kBF16;
   float scale = 0.0f;  // softmax scale, usually 1/sqrt(head_dim)
+  // Programmatic dependent launch (kernels/pdl.cuh; not on the legacy default stream): the
+  // launches may start while the kernel before them runs; each CTA reads the plan and the page
+  // tables (host-uploaded before the step: never written by a kernel) and waits before it touches
+  // q, the pool, the partial states or the output. Off: a plain launch.
+  bool pdl = false;
 };
 
 // Resident split-kernel CTAs per SM the kernel for `bits` was built for (its register budget).

@@ -975,6 +975,32 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const kv::PageLayout L = kv::page_layout({p.num_kv_heads, kD, p.tokens16}, kBits);
   uint8_t* ring = smem + opaque(warp * Tr::kRingBytes);
 
+  // This warp's contiguous tile range, located by the plan. Page info of the next page is loaded
+  // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
+  // (valid tokens, first visible token) from shared memory, written when the tile was issued.
+  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
+  const bool lane0 = opaque(lane) == 0;
+  const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
+  const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
+  int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
+  // int32: an int64 here is sign-extended right at its load, which then waits out the load's
+  // whole latency once a page (13% of the 16-bit loop's stall samples, ncu); widened at use.
+  int32_t next_id = 0;
+  const uint8_t* pptr = p.pool;
+  if (n_my > 0) {
+    ntok = p.page_tokens[page];
+    pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
+    if (page + 1 < it.page_end) {
+      next_tok = p.page_tokens[page + 1];
+      next_id = p.page_ids[page + 1];
+    }
+    lo = warp == 0 ? it.lo_first : 0;
+  }
+  // Everything above reads the plan and the page tables, which the host uploaded before the step's
+  // kernels. q and the pages' contents (the new token's K and V) come from the kernels before
+  // this one: launched with programmatic dependent launch (DecodeParams::pdl), the CTA gets here
+  // while they may still run, and waits for them now.
+  pdl_wait();
   uint32_t aq[kD / 16][4];
   float qsum, kcorr;
   // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
@@ -999,27 +1025,6 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   acc.l = 0.0f;
   acc.z = 0.0f;
 
-  // This warp's contiguous tile range, located by the plan. Page info of the next page is loaded
-  // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
-  // (valid tokens, first visible token) from shared memory, written when the tile was issued.
-  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
-  const bool lane0 = opaque(lane) == 0;
-  const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
-  const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
-  int page = itg->warp_page[warp], tile = itg->warp_tile[warp], ntok = 0, next_tok = 0, lo = 0;
-  // int32: an int64 here is sign-extended right at its load, which then waits out the load's
-  // whole latency once a page (13% of the 16-bit loop's stall samples, ncu); widened at use.
-  int32_t next_id = 0;
-  const uint8_t* pptr = p.pool;
-  if (n_my > 0) {
-    ntok = p.page_tokens[page];
-    pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
-    if (page + 1 < it.page_end) {
-      next_tok = p.page_tokens[page + 1];
-      next_id = p.page_ids[page + 1];
-    }
-    lo = warp == 0 ? it.lo_first : 0;
-  }
   const LaneOffsets<Tr> offs(L, lane);
   const int head_tok0 = kvh * L.tokens;  // head kvh's first row in a page
   // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
@@ -1211,6 +1216,10 @@ __global__ void __launch_bounds__(BitsConfig<kBits>::kThreads,
     const DecodeWorkItem it = items[item];
     run_item<kBits, kD, TQ, kCols>(p, items, it, item, smem);
   }
+  // A CTA without an item waits too: a grid must not complete before the kernels it follows, or
+  // a dependent launch after it (the next bit-width's, the o projection) could pass its own wait
+  // while those still run. (A no-op after run_item's wait, and without PDL.)
+  pdl_wait();
 }
 
 }  // namespace pmkv::kernels::decode_detail

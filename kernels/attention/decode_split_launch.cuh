@@ -7,26 +7,39 @@
 
 namespace pmkv::kernels::decode_detail {
 
+// pdl: launched with programmatic dependent launch (DecodeParams::pdl).
 template <int kBits, int kD, typename TQ, int kCols>
-cudaError_t launch_split_as(const KernelParams& p, int ctas, cudaStream_t stream) {
+cudaError_t launch_split_as(const KernelParams& p, int ctas, bool pdl, cudaStream_t stream) {
   constexpr int kSmem = Tile<kBits, kD>::kSmemBytes;
   auto* kernel = decode_split_kernel<kBits, kD, TQ, kCols>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return attr;
-  kernel<<<dim3(ctas, p.num_kv_heads), BitsConfig<kBits>::kThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(p.num_kv_heads));
+  cfg.blockDim = dim3(BitsConfig<kBits>::kThreads);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute pdl_attr{};
+  pdl_attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl_attr.val.programmaticStreamSerializationAllowed = 1;
+  if (pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
+    cfg.attrs = &pdl_attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 // bf16 and fp32 q; groups of up to 4 query heads per KV head use one mma column block, 5 to 8 two.
 template <int kBits, int kD>
-cudaError_t launch_split(const KernelParams& p, bool q_f32, int ctas, cudaStream_t stream) {
+cudaError_t launch_split(const KernelParams& p, bool q_f32, int ctas, bool pdl,
+                         cudaStream_t stream) {
   if (p.group <= 4) {
-    return q_f32 ? launch_split_as<kBits, kD, float, 1>(p, ctas, stream)
-                 : launch_split_as<kBits, kD, __nv_bfloat16, 1>(p, ctas, stream);
+    return q_f32 ? launch_split_as<kBits, kD, float, 1>(p, ctas, pdl, stream)
+                 : launch_split_as<kBits, kD, __nv_bfloat16, 1>(p, ctas, pdl, stream);
   }
-  return q_f32 ? launch_split_as<kBits, kD, float, 2>(p, ctas, stream)
-               : launch_split_as<kBits, kD, __nv_bfloat16, 2>(p, ctas, stream);
+  return q_f32 ? launch_split_as<kBits, kD, float, 2>(p, ctas, pdl, stream)
+               : launch_split_as<kBits, kD, __nv_bfloat16, 2>(p, ctas, pdl, stream);
 }
 
 }  // namespace pmkv::kernels::decode_detail

@@ -95,6 +95,7 @@ constexpr int kHalfSlots = kvq::kRowSlots / 2;  // pairs (i, i + d/2) a lane hol
 // (j, j + d/2) for j = lane + 32 k < d/2: slot k is element j, slot k + 4 element j + d/2, so a
 // lane's element indices increase with the slot, as kvq::quantize_row requires.
 __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const RopeKvWriteParams p) {
+  pdl_trigger();  // decode attention after it may start reading its plan (DecodeParams::pdl)
   __shared__ float cos_t[kvq::kMaxHeadDim / 2];
   __shared__ float sin_t[kvq::kMaxHeadDim / 2];
   __shared__ uint32_t row_words[kRopeWarps][kvq::kRowWords];
@@ -108,6 +109,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const Ro
     sin_t[threadIdx.x] = sinf(angle);
   }
   __syncthreads();
+  pdl_wait();  // qkv comes from the GEMM before (RopeKvWriteParams::pdl); every thread waits
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int Hq = p.num_heads, Hk = p.num_kv_heads;
   const int task = blockIdx.y * kRopeWarps + warp;
@@ -305,9 +307,18 @@ cudaError_t launch_rope_kv_write(const RopeKvWriteParams& p, cudaStream_t stream
   const int64_t tasks = p.num_heads + 2 * int64_t{p.num_kv_heads};
   const int64_t chunks = (tasks + kRopeWarps - 1) / kRopeWarps;
   if (chunks > kMaxGridY) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(chunks));
-  rope_kv_write_kernel<<<grid, kRopeWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(chunks));
+  cfg.blockDim = dim3(kRopeWarps * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute pdl_attr{};
+  pdl_attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl_attr.val.programmaticStreamSerializationAllowed = 1;
+  if (p.pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
+    cfg.attrs = &pdl_attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, rope_kv_write_kernel, p);
 }
 
 cudaError_t launch_silu_mul(const uint16_t* gate_up, const float* bias, int32_t rows, int32_t n,

@@ -59,6 +59,10 @@ struct RopeKvWriteParams {
   const int32_t* page_ids = nullptr;  // [rows] page of each row's K/V
   const int32_t* bits = nullptr;      // [rows] its bit-width (16, 8, 4, 2)
   const int32_t* slots = nullptr;     // [rows] token slot inside the page
+  // Programmatic dependent launch (kernels/pdl.cuh; not on the legacy default stream): the
+  // kernel may start while the one before it runs; it reads positions and inv_freq (never written
+  // by a kernel) and waits before it reads qkv or writes anything. Off: a plain launch.
+  bool pdl = false;
 };
 
 // Per row r, with q_width = num_heads * head_dim and kv_width = num_kv_heads * head_dim:

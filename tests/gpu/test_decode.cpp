@@ -14,6 +14,7 @@
 #include "engine/backend/cpu/paged_attention.h"
 #include "kernels/attention/decode.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/late_writer.h"
 
 using namespace pmkv;
 using gputest::DeviceBuffer;
@@ -260,6 +261,35 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
           CUDA_REQUIRE(dout.download(raw_fixed));
           INFO("fixed-size launches differ from exact ones, layer " << l);
           REQUIRE(raw_fixed == raw);
+          // Programmatic dependent launch after a kernel that lets it start at once and writes
+          // q and the pool only 100 us later (poisoned until then): the same bytes come out, so
+          // no CTA touched them before its wait. Fixed sizes: CTAs without an item too.
+          DeviceBuffer<std::byte> q_src(p.q == dqf.get() ? dqf.bytes() : dqb.bytes());
+          DeviceBuffer<std::byte> pool_src(dpool.size());
+          CUDA_REQUIRE(cudaMemcpy(q_src.get(), p.q, q_src.bytes(), cudaMemcpyDeviceToDevice));
+          CUDA_REQUIRE(
+              cudaMemcpy(pool_src.get(), dpool.get(), dpool.bytes(), cudaMemcpyDeviceToDevice));
+          void* q_live = const_cast<void*>(p.q);
+          CUDA_REQUIRE(cudaMemset(q_live, 0xFF, q_src.bytes()));
+          CUDA_REQUIRE(dpool.poison());
+          CUDA_REQUIRE(dout.poison());
+          CUDA_REQUIRE(cudaDeviceSynchronize());  // a non-blocking stream does not wait for them
+          cudaStream_t st = nullptr;
+          CUDA_REQUIRE(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+          pf.pdl = true;
+          const cudaError_t writer = gputest::launch_late_copies(
+              {q_src.get(), q_live, static_cast<int64_t>(q_src.bytes())},
+              {pool_src.get(), dpool.get(), static_cast<int64_t>(dpool.bytes())}, 100, st);
+          const cudaError_t launch = kernels::launch_decode(pf, st);
+          const cudaError_t sync = cudaStreamSynchronize(st);
+          cudaStreamDestroy(st);
+          CUDA_REQUIRE(writer);
+          CUDA_REQUIRE(launch);
+          CUDA_REQUIRE(sync);
+          std::vector<std::byte> raw_pdl;
+          CUDA_REQUIRE(dout.download(raw_pdl));
+          INFO("a dependent launch differs from a plain one, layer " << l);
+          REQUIRE(raw_pdl == raw);
         }
         std::vector<float> out(qsize);
         for (int i = 0; i < qsize; ++i) {

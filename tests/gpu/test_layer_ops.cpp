@@ -32,6 +32,7 @@
 #include "engine/backend/cpu/paged_attention.h"
 #include "kernels/model/layer_ops.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/late_writer.h"
 
 using namespace pmkv;
 using gputest::DeviceBuffer;
@@ -366,6 +367,38 @@ void run_rope_case(const RopeShape& sh, int32_t want_rows, bool with_bias, int32
   CUDA_REQUIRE(dqkv.download(qkv_gpu));
   CUDA_REQUIRE(dq.download(q_gpu));
   CUDA_REQUIRE(dpool.download(pool_gpu));
+  {
+    // Programmatic dependent launch after a kernel that lets it start at once and writes qkv
+    // only 100 us later (poisoned until then): the same bytes come out, so no CTA read qkv or
+    // wrote anything before its wait.
+    DeviceBuffer<float> qkv_src;
+    CUDA_REQUIRE(qkv_src.upload(qkv));
+    CUDA_REQUIRE(dqkv.poison());
+    CUDA_REQUIRE(dq.poison());
+    CUDA_REQUIRE(dpool.upload(pool));
+    CUDA_REQUIRE(cudaDeviceSynchronize());  // a non-blocking stream does not wait for them
+    cudaStream_t st = nullptr;
+    CUDA_REQUIRE(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    kernels::RopeKvWriteParams pp = p;
+    pp.pdl = true;
+    const cudaError_t writer = gputest::launch_late_copies(
+        {qkv_src.get(), dqkv.get(), static_cast<int64_t>(dqkv.bytes())}, {}, 100, st);
+    const cudaError_t launch = kernels::launch_rope_kv_write(pp, st);
+    const cudaError_t sync = cudaStreamSynchronize(st);
+    cudaStreamDestroy(st);
+    CUDA_REQUIRE(writer);
+    CUDA_REQUIRE(launch);
+    CUDA_REQUIRE(sync);
+    std::vector<float> qkv_pdl, q_pdl;
+    std::vector<std::byte> pool_pdl;
+    CUDA_REQUIRE(dqkv.download(qkv_pdl));
+    CUDA_REQUIRE(dq.download(q_pdl));
+    CUDA_REQUIRE(dpool.download(pool_pdl));
+    INFO("a dependent launch differs from a plain one");
+    REQUIRE(std::memcmp(qkv_pdl.data(), qkv_gpu.data(), dqkv.bytes()) == 0);
+    REQUIRE(std::memcmp(q_pdl.data(), q_gpu.data(), dq.bytes()) == 0);
+    REQUIRE(pool_pdl == pool_gpu);
+  }
 
   // fp64 reference of the rotation: the biased inputs and the angle in fp32 as the CPU forms
   // them (bit-identical on the GPU), cos, sin and the rotation in fp64. For element k of a

@@ -138,6 +138,11 @@ struct CudaBackend::Impl {
   int32_t num_pages = 0;
   CudaBackendOptions options;
   int num_sms = 0;
+  // RoPE + KV write and decode attention launched with programmatic dependent launch
+  // (RopeKvWriteParams::pdl, DecodeParams::pdl): each starts while the kernel before it runs and
+  // waits only for its inputs (RoPE: its cos/sin table first; attention: its plan). PMKV_PDL=0 or
+  // PMKV_ATTN_PDL=0: plain launches (A/B).
+  bool attn_pdl = true;
   std::unique_ptr<cuda::Stream> stream;
   std::unique_ptr<cuda::GemmRunner> gemm;
 
@@ -672,6 +677,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     rp.page_ids = a.w_page + l * N;
     rp.bits = a.w_bits + l * N;
     rp.slots = a.w_slot + l * N;
+    rp.pdl = attn_pdl;
     PMKV_CUDA_CHECK(kernels::launch_rope_kv_write(rp, s()));
     mark(1);
     kv_ops(a, l);
@@ -695,6 +701,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       dp.out = attn.as();
       dp.out_dtype = kernels::DType::kBF16;
       dp.scale = scale;
+      dp.pdl = attn_pdl;
       PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
     } else {
       kernels::PrefillParams pp{};
@@ -837,6 +844,11 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
     m.timer.enabled = true;
   }
   m.gemm = std::make_unique<cuda::GemmRunner>(m.stream->get());
+  for (const char* name : {"PMKV_PDL", "PMKV_ATTN_PDL"}) {
+    if (const char* v = std::getenv(name); v != nullptr && std::string(v) == "0") {
+      m.attn_pdl = false;
+    }
+  }
 
   if (m.options.dummy_weights) {
     m.load_dummy();
