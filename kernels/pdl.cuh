@@ -22,4 +22,16 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Host side: when `on`, asks for programmatic dependent launch in `cfg` (its stream already set),
+// never on the legacy default stream, whose implicit synchronization it would bypass. `attr` holds
+// the attribute and must live until the launch.
+inline void request_pdl(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, bool on) {
+  if (!on || cfg.stream == nullptr) return;
+  attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+}
+
 }  // namespace pmkv::kernels

@@ -20,13 +20,8 @@ cudaError_t launch_split_as(const KernelParams& p, int ctas, bool pdl, cudaStrea
   cfg.blockDim = dim3(BitsConfig<kBits>::kThreads);
   cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
-  cudaLaunchAttribute pdl_attr{};
-  pdl_attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl_attr.val.programmaticStreamSerializationAllowed = 1;
-  if (pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
-    cfg.attrs = &pdl_attr;
-    cfg.numAttrs = 1;
-  }
+  cudaLaunchAttribute pdl_attr;
+  request_pdl(cfg, pdl_attr, pdl);
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 

@@ -265,13 +265,8 @@ cudaError_t launch_typed(const SkinnyGemmParams& p, int ks_log2, int64_t ctas,
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(kThreads);
   cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  if (p.pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-  }
+  cudaLaunchAttribute attr;
+  request_pdl(cfg, attr, p.pdl);
   return cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<NT, RT, OutT>, p.a, p.w,
                             static_cast<OutT*>(p.d), static_cast<int>(p.m), static_cast<int>(p.n),
                             static_cast<int>(p.k), ks_log2);
@@ -309,13 +304,8 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   cfg.blockDim = dim3(bulk_gemm::kThreads);
   cfg.dynamicSmemBytes = Ge::kSmemBytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  if (p.pdl && stream != nullptr) {
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-  }
+  cudaLaunchAttribute attr;
+  request_pdl(cfg, attr, p.pdl);
   auto* counters = static_cast<int*>(p.workspace);
   auto* partials =
       reinterpret_cast<float*>(static_cast<uint8_t*>(p.workspace) + skinny_gemm_counter_bytes(p.n));

@@ -311,13 +311,8 @@ cudaError_t launch_rope_kv_write(const RopeKvWriteParams& p, cudaStream_t stream
   cfg.gridDim = dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(chunks));
   cfg.blockDim = dim3(kRopeWarps * 32);
   cfg.stream = stream;
-  cudaLaunchAttribute pdl_attr{};
-  pdl_attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl_attr.val.programmaticStreamSerializationAllowed = 1;
-  if (p.pdl && stream != nullptr) {  // not on the legacy default stream (implicit syncs)
-    cfg.attrs = &pdl_attr;
-    cfg.numAttrs = 1;
-  }
+  cudaLaunchAttribute pdl_attr;
+  request_pdl(cfg, pdl_attr, p.pdl);
   return cudaLaunchKernelEx(&cfg, rope_kv_write_kernel, p);
 }
 
