@@ -48,4 +48,22 @@ cudaError_t launch_late_copies(const LateCopy& a, const LateCopy& b, uint32_t de
   return cudaGetLastError();
 }
 
+cudaError_t run_after_late_copies(const LateCopy& a, const LateCopy& b, uint32_t delay_us,
+                                  const std::function<cudaError_t(cudaStream_t)>& launch) {
+  if (const cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return e;
+  cudaStream_t st = nullptr;
+  if (const cudaError_t e = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+      e != cudaSuccess) {
+    return e;
+  }
+  const cudaError_t writer = launch_late_copies(a, b, delay_us, st);
+  const cudaError_t dependent = writer == cudaSuccess ? launch(st) : cudaSuccess;
+  const cudaError_t wait = cudaStreamSynchronize(st);
+  const cudaError_t destroy = cudaStreamDestroy(st);
+  for (const cudaError_t e : {writer, dependent, wait, destroy}) {
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace pmkv::gputest

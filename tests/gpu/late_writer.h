@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 
 namespace pmkv::gputest {
 
@@ -18,5 +19,12 @@ struct LateCopy {
 // copies. A plain launch on `stream`; cudaErrorInvalidValue for unaligned copies.
 cudaError_t launch_late_copies(const LateCopy& a, const LateCopy& b, uint32_t delay_us,
                                cudaStream_t stream);
+
+// The PDL check of a launch: synchronizes the device (a non-blocking stream does not wait for
+// the legacy stream's work), then on a fresh non-blocking stream runs launch_late_copies(a, b,
+// delay_us) and `launch` (which should request programmatic dependent launch) right after it,
+// and waits for both. Returns the first error of the writer, the launch and the wait.
+cudaError_t run_after_late_copies(const LateCopy& a, const LateCopy& b, uint32_t delay_us,
+                                  const std::function<cudaError_t(cudaStream_t)>& launch);
 
 }  // namespace pmkv::gputest

@@ -273,19 +273,11 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
           CUDA_REQUIRE(cudaMemset(q_live, 0xFF, q_src.bytes()));
           CUDA_REQUIRE(dpool.poison());
           CUDA_REQUIRE(dout.poison());
-          CUDA_REQUIRE(cudaDeviceSynchronize());  // a non-blocking stream does not wait for them
-          cudaStream_t st = nullptr;
-          CUDA_REQUIRE(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
           pf.pdl = true;
-          const cudaError_t writer = gputest::launch_late_copies(
+          CUDA_REQUIRE(gputest::run_after_late_copies(
               {q_src.get(), q_live, static_cast<int64_t>(q_src.bytes())},
-              {pool_src.get(), dpool.get(), static_cast<int64_t>(dpool.bytes())}, 100, st);
-          const cudaError_t launch = kernels::launch_decode(pf, st);
-          const cudaError_t sync = cudaStreamSynchronize(st);
-          cudaStreamDestroy(st);
-          CUDA_REQUIRE(writer);
-          CUDA_REQUIRE(launch);
-          CUDA_REQUIRE(sync);
+              {pool_src.get(), dpool.get(), static_cast<int64_t>(dpool.bytes())}, 100,
+              [&](cudaStream_t st) { return kernels::launch_decode(pf, st); }));
           std::vector<std::byte> raw_pdl;
           CUDA_REQUIRE(dout.download(raw_pdl));
           INFO("a dependent launch differs from a plain one, layer " << l);

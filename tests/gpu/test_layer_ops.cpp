@@ -376,19 +376,11 @@ void run_rope_case(const RopeShape& sh, int32_t want_rows, bool with_bias, int32
     CUDA_REQUIRE(dqkv.poison());
     CUDA_REQUIRE(dq.poison());
     CUDA_REQUIRE(dpool.upload(pool));
-    CUDA_REQUIRE(cudaDeviceSynchronize());  // a non-blocking stream does not wait for them
-    cudaStream_t st = nullptr;
-    CUDA_REQUIRE(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     kernels::RopeKvWriteParams pp = p;
     pp.pdl = true;
-    const cudaError_t writer = gputest::launch_late_copies(
-        {qkv_src.get(), dqkv.get(), static_cast<int64_t>(dqkv.bytes())}, {}, 100, st);
-    const cudaError_t launch = kernels::launch_rope_kv_write(pp, st);
-    const cudaError_t sync = cudaStreamSynchronize(st);
-    cudaStreamDestroy(st);
-    CUDA_REQUIRE(writer);
-    CUDA_REQUIRE(launch);
-    CUDA_REQUIRE(sync);
+    CUDA_REQUIRE(gputest::run_after_late_copies(
+        {qkv_src.get(), dqkv.get(), static_cast<int64_t>(dqkv.bytes())}, {}, 100,
+        [&](cudaStream_t st) { return kernels::launch_rope_kv_write(pp, st); }));
     std::vector<float> qkv_pdl, q_pdl;
     std::vector<std::byte> pool_pdl;
     CUDA_REQUIRE(dqkv.download(qkv_pdl));
