@@ -7,7 +7,7 @@
 set -euo pipefail
 : "${OUT:?set OUT to a directory}"
 mkdir -p "$OUT"
-ARGS="--kv-heads 8 --group 4 --head-dim 128 --tokens16 16 --batch ${BATCH:-1,16,64}"
+ARGS="--kv-heads 8 --group 4 --head-dim 128 --tokens16 ${TOKENS16:-32} --batch ${BATCH:-1,16,64}"
 ARGS="$ARGS --ctx ${CTX:-1024,4096,16384,65536} --bits ${BITS:-16,8,4,2} ${EXTRA:-}"
 for r in 1 2; do
   for b in "$@"; do

@@ -4,9 +4,9 @@
 // that the L2 cache cannot hold them. Prints one JSON object per point (JSON lines).
 //
 //   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
-//                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 16]
+//                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 32]
 //                          [--out FILE.jsonl] [--min-time-ms 300] [--min-item-kb 16,64]
-//                          [--ctas-per-sm N]
+//                          [--ctas-per-sm N] [--page-order shuffled|sequential]
 // (--min-item-kb: DecodePlanConfig::min_item_bytes in KiB, one point per value, for tuning the
 // plan; default the engine's. --ctas-per-sm: DecodePlanConfig::ctas_per_sm, the resident CTAs an
 // SM the plan counts for every bit-width; default 0, the kernels' own with the short-item rule.)
@@ -116,12 +116,13 @@ double copy_bandwidth_gbps() {
 int main(int argc, char** argv) {
   std::vector<int> bits_list = {16, 8, 4, 2}, batches = {1, 16, 64},
                    contexts = {1024, 4096, 16384, 65536};
-  int kv_heads = 8, group = 4, head_dim = 128, tokens16 = 16;
+  int kv_heads = 8, group = 4, head_dim = 128, tokens16 = 32;
   double min_time_ms = 300;
   int ctas_per_sm = 0;
   std::vector<int> min_item_kbs = {
       static_cast<int>(kernels::DecodePlanConfig{}.min_item_bytes >> 10)};
   std::string out_path;
+  bool shuffle_pages = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--bits")
@@ -146,6 +147,8 @@ int main(int argc, char** argv) {
       ctas_per_sm = std::atoi(argv[i + 1]);
     else if (a == "--min-time-ms")
       min_time_ms = std::atof(argv[i + 1]);
+    else if (a == "--page-order")
+      shuffle_pages = std::string(argv[i + 1]) != "sequential";
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -204,10 +207,11 @@ int main(int argc, char** argv) {
                                    int64_t{2} * L.tokens * L.heads, rng());
         CHECK(cudaGetLastError());
 
-        // Page tables: rot copies with disjoint, shuffled page ids; the same shape.
+        // Page tables: rot copies with disjoint, shuffled page ids (a pool after churn; or, with
+        // --page-order sequential, each sequence's pages in pool order); the same shape.
         std::vector<int32_t> perm(pool_pages);
         std::iota(perm.begin(), perm.end(), 0);
-        std::shuffle(perm.begin(), perm.end(), rng);
+        if (shuffle_pages) std::shuffle(perm.begin(), perm.end(), rng);
         std::vector<int32_t> starts(batch + 1), page_bits(pages, bits), page_tokens(pages, T);
         for (int s = 0; s <= batch; ++s)
           starts[s] = s * pps;
@@ -344,12 +348,12 @@ int main(int argc, char** argv) {
               "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
               "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
               "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
-              "\"min_item_kib\": %d, \"ctas_per_sm\": %d, "
+              "\"min_item_kib\": %d, \"ctas_per_sm\": %d, \"page_order\": \"%s\", "
               "\"device\": \"%s\"}\n",
               bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
               ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
               gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, min_item_kb,
-              ctas_per_sm, prop.name);
+              ctas_per_sm, shuffle_pages ? "shuffled" : "sequential", prop.name);
           std::fflush(out);
           CHECK(cudaFree(ws));
           CHECK(cudaFree(q));

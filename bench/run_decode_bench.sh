@@ -14,7 +14,7 @@ BITS=${BITS:-16,8,4,2}
 BATCH=${BATCH:-1,16,64}
 CTX=${CTX:-1024,4096,16384,65536}
 mkdir -p "$OUT_DIR"
-CMD="$BIN --bits $BITS --batch $BATCH --ctx $CTX --kv-heads 8 --group 4 --head-dim 128 --tokens16 16"
+CMD="$BIN --bits $BITS --batch $BATCH --ctx $CTX --kv-heads 8 --group 4 --head-dim 128 --tokens16 ${TOKENS16:-32}"
 echo "+ $CMD" >&2
 $CMD --out "$OUT_DIR/decode_attention_ours.jsonl" "$@"
 PEER="python3 bench/sdpa_peer.py --batch $BATCH --ctx $CTX --q-heads 32 --kv-heads 8 --head-dim 128"

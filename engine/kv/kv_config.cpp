@@ -192,7 +192,11 @@ KvCacheConfig load_kv_config(const std::filesystem::path& file) {
 }
 
 PageGeometry resolve_geometry(const KvCacheConfig& c, int32_t num_kv_heads, int32_t head_dim) {
-  PageGeometry g{num_kv_heads, head_dim, 16};
+  // auto: kDefaultTokens16, or 16 (the earlier default) where window_tokens is not a multiple of
+  // it: the window is flushed in whole 16-bit pages, and configurations written for 16-token pages
+  // keep working. A window that fits neither is an error naming the key (KvCacheManager).
+  PageGeometry g{num_kv_heads, head_dim,
+                 c.window_tokens % kDefaultTokens16 == 0 ? kDefaultTokens16 : 16};
   if (c.page_bytes == 0) return g;
   g.tokens16 = 0;
   for (int32_t t = 1;; ++t) {

@@ -136,8 +136,8 @@ struct Variant {
 
 TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][attention]") {
   std::mt19937 rng(gputest::test_seed("decode"));
-  const Shape shapes[] = {
-      {8, 4, 128, 16}, {2, 4, 64, 4}, {4, 8, 128, 8}, {2, 1, 64, 16}, {1, 7, 128, 4}};
+  const Shape shapes[] = {{8, 4, 128, 32}, {8, 4, 128, 16}, {2, 4, 64, 4},
+                          {4, 8, 128, 8},  {2, 1, 64, 16},  {1, 7, 128, 4}};
   const Variant variants[] = {
       {DType::kF32, DType::kF32, 0, 132, 2048, "q f32, out f32, many splits"},
       {DType::kBF16, DType::kF32, 0, 1, int64_t{1} << 40, "q bf16, out f32, one item per run"},
