@@ -147,9 +147,14 @@ int main(int argc, char** argv) {
       ctas_per_sm = std::atoi(argv[i + 1]);
     else if (a == "--min-time-ms")
       min_time_ms = std::atof(argv[i + 1]);
-    else if (a == "--page-order")
-      shuffle_pages = std::string(argv[i + 1]) != "sequential";
-    else {
+    else if (a == "--page-order") {
+      const std::string v = argv[i + 1];
+      if (v != "shuffled" && v != "sequential") {
+        std::fprintf(stderr, "--page-order: shuffled or sequential, not %s\n", v.c_str());
+        return 2;
+      }
+      shuffle_pages = v == "shuffled";
+    } else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
     }
