@@ -1,9 +1,9 @@
 // The skinny GEMM (kernels/gemm/skinny_gemm.h) over one decode token's weight stream of a
 // Llama-shaped model: for each layer qkv, o, gate_up and down (distinct weights, so nothing is
 // read from L2 twice), then lm_head, captured in one CUDA graph and replayed. Compares the register
-// kernel with the bulk kernel (sm_90) at the m given, against the device-to-device copy bandwidth
-// and a plain read-only stream over the same bytes (the ceiling a weight-streaming kernel can
-// reach). Also each shape alone (32 launches of it in a graph).
+// kernel with the bulk kernel (sm_90; its full and compact footprints) at the m given, against the
+// device-to-device copy bandwidth and a plain read-only stream over the same bytes (the ceiling a
+// weight-streaming kernel can reach). Also each shape alone (32 launches of it in a graph).
 //
 // Usage: bench_skinny_gemm [--rows 1,2,4,8] [--layers 32] [--hidden 4096] [--intermediate 14336]
 //                          [--heads 32] [--kv-heads 8] [--head-dim 128] [--vocab 128256]
@@ -199,7 +199,10 @@ int main(int argc, char** argv) {
                      ", \"token_weight_gb\": " + std::to_string(bytes / 1e9) + ", \"points\": [";
   bool first = true;
   for (const int64_t m : parse_list(rows)) {
-    for (const bool bulk : {false, true}) {
+    // register, bulk, and the bulk kernel's compact footprint (SkinnyGemmParams::compact).
+    for (const int variant : {0, 1, 2}) {
+      const bool bulk = variant >= 1;
+      const char* kname = variant == 0 ? "register" : variant == 1 ? "bulk" : "compact";
       if (bulk && !hopper) continue;
       auto gemm = [&](const uint16_t* w, const Shape& sh) {
         kernels::SkinnyGemmParams p;
@@ -213,6 +216,7 @@ int main(int argc, char** argv) {
         p.bulk = bulk;
         p.workspace = ws;
         p.workspace_bytes = ws_bytes;
+        p.compact = variant == 2;
         CK(kernels::launch_skinny_gemm(p, s));
       };
       const double ms = graph_ms([&] {
@@ -223,10 +227,10 @@ int main(int argc, char** argv) {
       });
       std::fprintf(
           stderr, "m=%lld %-8s token: %.3f ms, %.0f GB/s (%.1f%% of copy, %.1f%% of read) |",
-          static_cast<long long>(m), bulk ? "bulk" : "register", ms, bytes / (ms * 1e-3) / 1e9,
+          static_cast<long long>(m), kname, ms, bytes / (ms * 1e-3) / 1e9,
           100 * bytes / (ms * 1e-3) / 1e9 / copy_gbps, 100 * bytes / (ms * 1e-3) / 1e9 / read_gbps);
       json += std::string(first ? "" : ", ") + "{\"m\": " + std::to_string(m) + ", \"kernel\": \"" +
-              (bulk ? "bulk" : "register") + "\", \"token_ms\": " + std::to_string(ms) +
+              kname + "\", \"token_ms\": " + std::to_string(ms) +
               ", \"token_gb_s\": " + std::to_string(bytes / (ms * 1e-3) / 1e9);
       first = false;
       for (int j = 0; j < 4; ++j) {

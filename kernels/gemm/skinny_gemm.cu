@@ -289,20 +289,20 @@ int64_t bulk_tiles(int64_t n) {
   return (n + 15) / 16;
 }
 
-template <int NT, int KU, class OutT, bool kGated, int kNormV>
+template <int NT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
 cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
-  using Ge = bulk_gemm::Geometry<1, KU>;
-  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated, kNormV>;
+  using Ge = bulk_gemm::Geometry<1, KU, kCompact>;
+  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated, kNormV, kCompact>;
   // The attribute is per kernel and process; setting it is not a stream operation (capturable).
-  static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ge::kSmemBytes);
+  static const cudaError_t attr_status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ge::kLaunchSmemBytes);
   if (attr_status != cudaSuccess) return attr_status;
   const int64_t units = bulk_tiles(p.n) * (p.k / KU);
   const int64_t ctas = std::min<int64_t>(units, p.num_sms > 0 ? p.num_sms : 132);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(bulk_gemm::kThreads);
-  cfg.dynamicSmemBytes = Ge::kSmemBytes;
+  cfg.dynamicSmemBytes = Ge::kLaunchSmemBytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   request_pdl(cfg, attr, p.pdl);
@@ -314,21 +314,23 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
                             p.gate_bias, p.add_norm);
 }
 
-template <int NT, int KU>
+template <int NT, int KU, bool kCompact>
 cudaError_t launch_bulk_out(const SkinnyGemmParams& p, cudaStream_t stream) {
-  if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true, 0>(p, stream);
+  if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true, 0, kCompact>(p, stream);
   if (p.fuse_add_norm) {
     return rmsnorm_detail::add_rmsnorm_vec4(p.add_norm)
-               ? launch_bulk_typed<NT, KU, float, false, 4>(p, stream)
-               : launch_bulk_typed<NT, KU, float, false, 1>(p, stream);
+               ? launch_bulk_typed<NT, KU, float, false, 4, kCompact>(p, stream)
+               : launch_bulk_typed<NT, KU, float, false, 1, kCompact>(p, stream);
   }
-  return p.out == DType::kF32 ? launch_bulk_typed<NT, KU, float, false, 0>(p, stream)
-                              : launch_bulk_typed<NT, KU, __nv_bfloat16, false, 0>(p, stream);
+  return p.out == DType::kF32
+             ? launch_bulk_typed<NT, KU, float, false, 0, kCompact>(p, stream)
+             : launch_bulk_typed<NT, KU, __nv_bfloat16, false, 0, kCompact>(p, stream);
 }
 
 cudaError_t launch_bulk(const SkinnyGemmParams& p, cudaStream_t stream) {
-  return bulk_unit_k(p.k) == 2048 ? launch_bulk_out<1, 2048>(p, stream)
-                                  : launch_bulk_out<1, 1024>(p, stream);
+  if (p.compact) return launch_bulk_out<1, 1024, true>(p, stream);  // any k % 1024 == 0
+  return bulk_unit_k(p.k) == 2048 ? launch_bulk_out<1, 2048, false>(p, stream)
+                                  : launch_bulk_out<1, 1024, false>(p, stream);
 }
 
 }  // namespace

@@ -72,6 +72,14 @@ struct SkinnyGemmParams {
   // next norm). Uses one more counter of the workspace (skinny_gemm_counter_bytes counts it).
   bool fuse_add_norm = false;
   AddRmsNormParams add_norm;
+  // The bulk kernel's compact footprint (ignored by the register kernel): 1024-column units and a
+  // ~100 KB ring, ~108 KB of shared memory and ~100 registers a thread against ~208 KB and 168,
+  // so that its CTA fits on an SM beside one CTA of a small kernel before it (RoPE, a 16-bit
+  // decode-attention CTA) and, under PDL, becomes resident and starts streaming weights while
+  // that kernel runs. 1-2% slower alone; 1.2% faster a batch-1 token (bench/RESULTS.md, eleventh
+  // session). Results equal to rounding (another k split: not bit-identical to the full
+  // footprint; deterministic like it).
+  bool compact = false;
 };
 
 // Workspace of the bulk kernel for outputs of up to max_n columns: tile counters and the fused

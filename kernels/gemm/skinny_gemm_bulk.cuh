@@ -52,17 +52,26 @@ namespace pmkv::kernels::bulk_gemm {
 inline constexpr int kConsumers = 8;  // consumer warps
 inline constexpr int kThreads = (kConsumers + 1) * 32;
 inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for the ring
+// The compact footprint (SkinnyGemmParams::compact): 1024-column units, three stages, ~108 KB of
+// shared memory and ~100 registers a thread, so that one CTA of it fits on an SM beside one CTA of
+// the kernel before it (a 16-bit decode-attention CTA: ~102 KB, 220 registers x 128 threads).
+// The launch asks for kCompactSmemRequest, which two such CTAs together exceed (228 KB an SM on
+// sm_90, 1 KB of it reserved per CTA): one CTA of the grid per SM still, as stream-K assumes.
+inline constexpr int kCompactRingBudget = 100 * 1024;
+inline constexpr int kCompactSmemRequest = 116 * 1024;
 static_assert(kConsumers * 32 == rmsnorm_detail::kNormThreads,
               "the fused norm tail runs the norm's CTA-per-row variant on the consumer threads");
 
 // RT: 16-row halves per tile (rows = 16 RT); KU: k columns per unit. A stage holds one unit: 16 RT
-// rows of 2 KU bytes, rows padded by 64 bytes (conflict-free fragment reads).
-template <int RT, int KU>
+// rows of 2 KU bytes, rows padded by 64 bytes (conflict-free fragment reads). kCompact: the ring of
+// kCompactRingBudget bytes (see there).
+template <int RT, int KU, bool kCompact = false>
 struct Geometry {
   static constexpr int kRows = 16 * RT;
   static constexpr int kRowStride = 2 * KU + 64;
   static constexpr int kStageBytes = kRows * kRowStride;
-  static constexpr int kStages = kRingBudget / kStageBytes < 16 ? kRingBudget / kStageBytes : 16;
+  static constexpr int kRing = kCompact ? kCompactRingBudget : kRingBudget;
+  static constexpr int kStages = kRing / kStageBytes < 16 ? kRing / kStageBytes : 16;
   static constexpr int kBlocks = KU / 32;    // 32-column blocks per unit, spread over the warps
   static constexpr int kSlots = RT * 2 * 4;  // accumulators per lane at NT = 2
   static constexpr int kPartialFloats = kRows * 16;  // a tile's partial sums, [16 cols][rows]
@@ -72,6 +81,9 @@ struct Geometry {
       kStages * kStageBytes + kRedBytes + kFinBytes + 2 * kStages * 8 + 16;
   static_assert(kStages >= 2 && KU % 256 == 0, "two stages at least");
   static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
+  static_assert(!kCompact || kSmemBytes <= kCompactSmemRequest, "the compact request covers it");
+  // What the launch asks for (the compact footprint pads to its request, see there).
+  static constexpr int kLaunchSmemBytes = kCompact ? kCompactSmemRequest : kSmemBytes;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -134,10 +146,10 @@ __device__ __forceinline__ int64_t unit_owner(int64_t u, int64_t units, int64_t 
   return ((u + 1) * ctas - 1) / units;
 }
 
-// Grid: G CTAs (G <= units), kThreads threads, Geometry::kSmemBytes of dynamic shared memory.
+// Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
 // kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
 // the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
-template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV>
+template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
 __global__ void __launch_bounds__(kThreads, 1)
     bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
                      OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
@@ -146,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the launcher takes this path only on sm_90 and newer
 #else
-  using Ge = Geometry<RT, KU>;
+  using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
   constexpr int kSlots = RT * NT * 4;
   extern __shared__ __align__(128) uint8_t smem[];

@@ -46,13 +46,15 @@ struct Case {
   bool pdl_stream = false;
   // The bulk kernel (sm_90+): a workspace is given and the case must take that path.
   bool bulk = false;
+  bool compact = false;  // the bulk kernel's compact footprint (SkinnyGemmParams::compact)
 };
 
 std::string describe(const Case& c) {
   return "m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
          (c.out == kernels::DType::kF32 ? " f32" : " bf16") +
          " warp_rows=" + std::to_string(c.warp_rows) + " k_split=" + std::to_string(c.k_split) +
-         " num_sms=" + std::to_string(c.num_sms) + (c.bulk ? " bulk" : "");
+         " num_sms=" + std::to_string(c.num_sms) + (c.bulk ? " bulk" : "") +
+         (c.compact ? " compact" : "");
 }
 
 std::vector<uint16_t> random_bf16(size_t count, std::mt19937& rng) {
@@ -95,6 +97,7 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   p.num_sms = c.num_sms;
   p.warp_rows = c.warp_rows;
   p.k_split = c.k_split;
+  p.compact = c.compact;
   DeviceBuffer<uint8_t> ws;
   const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(c.n);
   if (c.bulk) {
@@ -281,7 +284,8 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
                                  {300, 14336},
                                  {1000, 4096}})
         for (const int32_t sms : {132, 5, 40})
-          run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true}, rng);
+          for (const bool compact : {false, true})
+            run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true, compact}, rng);
   // m > 8 takes the register kernel even with a workspace.
   {
     DeviceBuffer<uint16_t> a(9 * 1024), w(64 * 1024);
@@ -303,7 +307,8 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
   }
   // Llama-3-8B's decode shapes at m = 1 after another kernel on a stream (PDL).
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {4096, 14336}})
-    run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true}, rng);
+    for (const bool compact : {false, true})
+      run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true, compact}, rng);
 }
 
 TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
@@ -313,7 +318,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
   }
   const uint32_t seed = gputest::test_seed("skinny_gemm bulk determinism");
   for (const int32_t sms : {132, 40}) {
-    const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true};
+    const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true, sms == 40};
     std::mt19937 r1(seed), r2(seed);
     const std::vector<uint8_t> first = run_case(c, r1);
     const std::vector<uint8_t> second = run_case(c, r2);
@@ -324,7 +329,8 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
   // several tile segments per CTA: a missing proxy fence between the consumers' reads and the
   // next copy into the stage showed up here as 5-100% of launches differing from the first.
   std::mt19937 rng(seed);
-  for (const bool gated : {false, true}) {
+  for (const int variant : {0, 1, 2, 3}) {  // plain / gated x full / compact footprint
+    const bool gated = (variant & 1) != 0, compact = (variant & 2) != 0;
     const int64_t m = 8, n = 4096, k = 4096;
     const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
     const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
@@ -338,6 +344,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
         bulk_params(a.get(), w.get(), d.get(), gated ? kernels::DType::kBF16 : kernels::DType::kF32,
                     m, n, k, 132, ws);
     p.gated = gated;
+    p.compact = compact;
     std::vector<uint8_t> first, cur;
     int differing = 0;
     for (int r = 0; r < 60; ++r) {
@@ -345,7 +352,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
       CUDA_REQUIRE(d.download(r == 0 ? first : cur));
       if (r > 0 && cur != first) ++differing;
     }
-    INFO("gated " << gated);
+    INFO("gated " << gated << " compact " << compact);
     CHECK(differing == 0);
   }
 }
@@ -361,7 +368,9 @@ TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_s
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{16, 1024}, {4096, 4096}, {1040, 2048}})
       for (const int32_t sms : {132, 5})
         for (const bool with_bias : {false, true}) {
-          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias);
+          const bool compact = with_bias == (sms == 5);  // half the cases, both footprints each
+          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias
+                    << " compact=" << compact);
           const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
           const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
           std::vector<float> hb(static_cast<size_t>(n));
@@ -381,6 +390,7 @@ TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_s
           CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
           kernels::SkinnyGemmParams p =
               bulk_params(a.get(), w.get(), gu.get(), kernels::DType::kBF16, m, n, k, sms, ws);
+          p.compact = compact;
           REQUIRE(kernels::skinny_gemm_uses_bulk(p));
           CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
           const float* bp = with_bias ? bias.get() : nullptr;
@@ -446,7 +456,9 @@ TEST_CASE("skinny gemm: the fused add + RMSNorm tail equals the GEMM then launch
          {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 2048}, {2000, 1024}, {1030, 3072}})
       for (const int32_t sms : {132, 5})
         for (const bool with_bias : {false, true}) {
-          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias);
+          const bool compact = with_bias == (sms == 5);  // half the cases, both footprints each
+          INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " bias=" << with_bias
+                    << " compact=" << compact);
           const size_t mn = static_cast<size_t>(m * n);
           const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
           const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
@@ -471,9 +483,10 @@ TEST_CASE("skinny gemm: the fused add + RMSNorm tail equals the GEMM then launch
           CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
           kernels::SkinnyGemmParams p =
               bulk_params(a.get(), w.get(), d_ref.get(), kernels::DType::kF32, m, n, k, sms, ws);
+          p.compact = compact;
           REQUIRE(kernels::skinny_gemm_uses_bulk(p));
           const float* bp = with_bias ? bias.get() : nullptr;
-          // Reference: the plain bulk GEMM, then the norm kernel.
+          // Reference: the plain bulk GEMM (same footprint), then the norm kernel.
           CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
           const kernels::AddRmsNormParams ref_norm{x_ref.get(),
                                                    d_ref.get(),

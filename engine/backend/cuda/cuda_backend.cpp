@@ -661,7 +661,9 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
            static_cast<int32_t>(H), nullptr, hp},
           s()));
     }
-    gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H);
+    // The layer's GEMMs at one row take the compact footprint (GemmRunner::layer_footprint).
+    const cuda::GemmFootprint fp = gemm->layer_footprint(N);
+    gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H, fp);
     kernels::RopeKvWriteParams rp{};
     rp.qkv = qkvp;
     rp.qkv_stride = qkvw;
@@ -738,12 +740,14 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     // o projection, its residual add and the MLP norm.
     gemm->run_add_norm(attn.as(), Ly.wo.as(), deltap, N, H, qw,
                        {xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
-                        static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp});
+                        static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
+                       fp);
     // Decode at m <= 8 on sm_90: the SwiGLU in the GEMM's epilogue (one launch, no gu round
     // trip); otherwise the GEMM into gu, then the activation kernel.
     if (gate_up_layout != kernels::GateUpLayout::kInterleaved8 ||
-        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H)) {
-      gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H);
+        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H,
+                         fp)) {
+      gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H, fp);
       PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
                                                static_cast<int32_t>(N), static_cast<int32_t>(I),
                                                act.as<uint16_t>(), s(), gate_up_layout));
@@ -751,9 +755,10 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     if (l + 1 < L) {  // down projection, its residual add and the next layer's attention norm
       gemm->run_add_norm(act.as(), Ly.w_down.as(), deltap, N, H, I,
                          {xp, deltap, Ly.b_down.as<float>(), layers[l + 1].attn_norm.as<float>(),
-                          eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp});
+                          eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
+                         fp);
     } else {  // the last residual add comes with the final norm below
-      gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I);
+      gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I, fp);
     }
     mark(4);
   }

@@ -60,6 +60,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_FUSED_NORM=0: run_add_norm launches the GEMM and the norm separately (A/B measurements).
   const char* fused = std::getenv("PMKV_FUSED_NORM");
   fuse_norm_ = fused == nullptr || std::strcmp(fused, "0") != 0;
+  // PMKV_COMPACT_GEMM=0: the decoder layers' GEMMs keep the full footprint at m = 1 (A/B).
+  const char* compact = std::getenv("PMKV_COMPACT_GEMM");
+  compact_layers_ = compact == nullptr || std::strcmp(compact, "0") != 0;
   // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
   // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
   // PMKV_SKINNY_BULK=0 turns it off (A/B).
@@ -119,8 +122,8 @@ GemmRunner::Plan& GemmRunner::plan(int64_t m, int64_t n, int64_t k, GemmOut out)
 }
 
 kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w, void* d,
-                                                    GemmOut out, int64_t m, int64_t n,
-                                                    int64_t k) const {
+                                                    GemmOut out, int64_t m, int64_t n, int64_t k,
+                                                    GemmFootprint fp) const {
   kernels::SkinnyGemmParams sp;
   sp.a = static_cast<const uint16_t*>(a);
   sp.w = static_cast<const uint16_t*>(w);
@@ -136,14 +139,15 @@ kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w
   sp.bulk = skinny_ws_.bytes() > 0 && n <= kBulkMaxN;
   sp.workspace = skinny_ws_.as();
   sp.workspace_bytes = static_cast<int64_t>(skinny_ws_.bytes());
+  sp.compact = fp == GemmFootprint::kCompact;
   return sp;
 }
 
 bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m,
-                           int64_t n, int64_t k) {
+                           int64_t n, int64_t k, GemmFootprint fp) {
   if (m == 0) return true;
   if (!skinny_enabled_ || n % 16 != 0) return false;
-  kernels::SkinnyGemmParams sp = skinny_params(a, w, act, GemmOut::kBF16, m, n, k);
+  kernels::SkinnyGemmParams sp = skinny_params(a, w, act, GemmOut::kBF16, m, n, k, fp);
   if (!kernels::skinny_gemm_uses_bulk(sp)) return false;
   sp.gated = true;
   sp.gate_bias = bias;
@@ -152,7 +156,7 @@ bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float*
 }
 
 void GemmRunner::run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n,
-                              int64_t k, const kernels::AddRmsNormParams& norm) {
+                              int64_t k, const kernels::AddRmsNormParams& norm, GemmFootprint fp) {
   if (m == 0) return;
   kernels::AddRmsNormParams q = norm;
   q.delta = d;
@@ -161,21 +165,21 @@ void GemmRunner::run_add_norm(const void* a, const void* w, float* d, int64_t m,
   // m == 1 only: the tail runs the rows one after another on one SM; at m = 4 and 8 that was
   // slower than the norm kernel's CTA a row (bench/RESULTS.md).
   if (fuse_norm_ && m == 1 && uses_bulk(a, w, d, GemmOut::kF32, m, n, k)) {
-    kernels::SkinnyGemmParams sp = skinny_params(a, w, d, GemmOut::kF32, m, n, k);
+    kernels::SkinnyGemmParams sp = skinny_params(a, w, d, GemmOut::kF32, m, n, k, fp);
     sp.fuse_add_norm = true;
     sp.add_norm = q;
     PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
     return;
   }
-  run(a, w, d, GemmOut::kF32, m, n, k);
+  run(a, w, d, GemmOut::kF32, m, n, k, fp);
   PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(q, stream_));
 }
 
 void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
-                     int64_t k) {
+                     int64_t k, GemmFootprint fp) {
   if (m == 0) return;
   if (uses_skinny(a, w, d, out, m, n, k)) {
-    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(skinny_params(a, w, d, out, m, n, k), stream_));
+    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(skinny_params(a, w, d, out, m, n, k, fp), stream_));
     return;
   }
   Plan& p = plan(m, n, k, out);

@@ -22,6 +22,11 @@ namespace pmkv::cuda {
 
 enum class GemmOut { kF32, kBF16 };
 
+// The skinny GEMM bulk kernel's footprint (kernels::SkinnyGemmParams::compact): kCompact lets a
+// CTA share an SM with one CTA of the small kernel before it, so that it starts streaming weights
+// under PDL while that kernel runs.
+enum class GemmFootprint { kFull, kCompact };
+
 class GemmRunner {
  public:
   explicit GemmRunner(cudaStream_t stream, size_t workspace_bytes = size_t{32} << 20);
@@ -30,7 +35,8 @@ class GemmRunner {
   GemmRunner& operator=(const GemmRunner&) = delete;
 
   // d[m, n] = a[m, k] * w[n, k]^T on the runner's stream. m == 0 is a no-op.
-  void run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n, int64_t k);
+  void run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n, int64_t k,
+           GemmFootprint fp = GemmFootprint::kFull);
 
   // The fused gate/up projection with its SwiGLU activation in one launch: act[m, n / 2] =
   // bf16(silu(gate) * up) from w's rows in kernels::GateUpLayout::kInterleaved8 order; bias: fp32
@@ -39,7 +45,7 @@ class GemmRunner {
   // <= 8, sm_90+), else does nothing and returns false (the caller runs the GEMM and
   // launch_silu_mul). Bit-identical to run() + launch_silu_mul on the same shape.
   bool run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m, int64_t n,
-                 int64_t k);
+                 int64_t k, GemmFootprint fp = GemmFootprint::kFull);
 
   // d[m, n] = a * w^T (fp32), then launch_add_rmsnorm(norm) with norm.delta = d, rows = m, dim =
   // n (the residual add of a decoder's o or down projection and the norm after it; norm.row_index
@@ -47,7 +53,15 @@ class GemmRunner {
   // (SkinnyGemmParams::fuse_add_norm), bit-identical to the two. PMKV_FUSED_NORM=0 (read once, in
   // the constructor) keeps the two launches, for comparisons.
   void run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k,
-                    const kernels::AddRmsNormParams& norm);
+                    const kernels::AddRmsNormParams& norm, GemmFootprint fp = GemmFootprint::kFull);
+
+  // The footprint for a decoder layer's GEMMs (qkv, o, gate/up, down) at m rows: compact at m ==
+  // 1, where it made a batch-1 token 1.2% faster (bench/RESULTS.md, eleventh session; at m = 4 and
+  // 8 it was not measured better). PMKV_COMPACT_GEMM=0 (read once, in the constructor) keeps the
+  // full footprint, for comparisons.
+  GemmFootprint layer_footprint(int64_t m) const {
+    return compact_layers_ && m == 1 ? GemmFootprint::kCompact : GemmFootprint::kFull;
+  }
 
   // Whether run() with these operands takes the skinny GEMM's bulk kernel.
   bool uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
@@ -61,7 +75,8 @@ class GemmRunner {
   struct Plan;
   Plan& plan(int64_t m, int64_t n, int64_t k, GemmOut out);
   kernels::SkinnyGemmParams skinny_params(const void* a, const void* w, void* d, GemmOut out,
-                                          int64_t m, int64_t n, int64_t k) const;
+                                          int64_t m, int64_t n, int64_t k,
+                                          GemmFootprint fp = GemmFootprint::kFull) const;
 
   cudaStream_t stream_;
   void* handle_ = nullptr;  // cublasLtHandle_t (kept out of this header)
@@ -73,6 +88,7 @@ class GemmRunner {
   int32_t skinny_warp_rows_ = 0, skinny_k_split_ = 0;
   bool skinny_pdl_ = true;
   bool fuse_norm_ = true;
+  bool compact_layers_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
 
