@@ -106,10 +106,13 @@ def test_generate_bad_input_is_invalid_argument(stub, pb, served):
     assert generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))
 
 
-def test_cancelled_generate_frees_its_pages(stub, pb):
+def test_cancelled_generate_frees_its_pages(stub, pb, served):
     m = pb[0]
+    # Long (up to 2048 tokens): the generation must still run when GetKvStats is asked (450
+    # tokens of the small reference model could finish before that on a loaded 2-core machine).
     call = stub.Generate(m.GenerateRequest(
-        text="Once upon a time", sampling=m.SamplingParams(max_tokens=450, ignore_eos=True)))
+        text="Once upon a time",
+        sampling=m.SamplingParams(max_tokens=min(served["context"] - 32, 2048), ignore_eos=True)))
     first = next(call)
     assert first.tokens
     assert stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0
