@@ -76,8 +76,8 @@ struct SkinnyGemmParams {
   // ~100 KB ring, ~108 KB of shared memory and ~100 registers a thread against ~208 KB and 168,
   // so that its CTA fits on an SM beside one CTA of a small kernel before it (RoPE, a 16-bit
   // decode-attention CTA) and, under PDL, becomes resident and starts streaming weights while
-  // that kernel runs. 1-2% slower alone; 1.2% faster a batch-1 token (bench/RESULTS.md, eleventh
-  // session). Results equal to rounding (another k split: not bit-identical to the full
+  // that kernel runs. 0.8-1.7% slower alone; 1.3% faster a batch-1 token (bench/RESULTS.md,
+  // eleventh session). Results equal to rounding (another k split: not bit-identical to the full
   // footprint; deterministic like it).
   bool compact = false;
 };

@@ -56,7 +56,7 @@ class GemmRunner {
                     const kernels::AddRmsNormParams& norm, GemmFootprint fp = GemmFootprint::kFull);
 
   // The footprint for a decoder layer's GEMMs (qkv, o, gate/up, down) at m rows: compact at m ==
-  // 1, where it made a batch-1 token 1.2% faster (bench/RESULTS.md, eleventh session; at m = 4 and
+  // 1, where it made a batch-1 token 1.3% faster (bench/RESULTS.md, eleventh session; at m = 4 and
   // 8 it was not measured better). PMKV_COMPACT_GEMM=0 (read once, in the constructor) keeps the
   // full footprint, for comparisons.
   GemmFootprint layer_footprint(int64_t m) const {
