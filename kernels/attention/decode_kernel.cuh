@@ -4,10 +4,12 @@
 // range of the item's tiles with their own cp.async ring in shared memory and their own
 // online-softmax state; the CTA combines the 4 states at the end.
 //
-// Per 16-token tile a warp runs two mma.sync (m16n8k16, fp32 accumulate) phases:
-//   K phase: S[head][token] = q~ . x   A = q~ (rows: heads, hi parts; rows + 8: lo parts of an
-//            fp32 q), B = K codes as exact small numbers x (k: dims, n: tokens): bf16 128 + c 2^pos
-//            (2/4 bits, q~ = q 2^-pos) or fp16 1024 + byte (8/16 bits), so S - kcorr = q . code
+// Per 16-token tile a warp runs two mma.sync phases:
+//   K phase: S[head][token] = q~ . x   8/16 bits (m16n8k16, fp32 accumulate): A = q~ (rows: heads,
+//            hi parts; rows + 8: lo parts of an fp32 q), B = K codes as the exact fp16 1024 + byte
+//            (k: dims, n: tokens), so S - kcorr = q . code. 2/4 bits (m16n8k32, int8 in, int32
+//            accumulate): A = q in 16-bit fixed point as int8 limbs (rows: hi, rows + 8: lo), B =
+//            the raw codes as u8, so S = 256 hi + lo = Q . code exactly (see load_q_int)
 //   V phase: O^T[dim][col] += x[dim][token] P'[token][col]   A = V codes (m: dims, k: tokens; 2/4
 //            bits raw as above, 8/16 bits code - mid), B = P' = p * v_scale split into bf16 hi and
 //            lo columns (see Acc)
@@ -179,6 +181,15 @@ __device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uin
   }
 }
 
+// m16n8k32, A int8 (row), B uint8 (col), int32 accumulation: exact.
+__device__ __forceinline__ void mma_s8u8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -230,12 +241,12 @@ __device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, i
   return f16x2_bits(__hadd2(as_f16x2(x), __float2half2_rn(-1152.0f)));
 }
 
-// 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both 16-bit halves
-// of x, b = 2 or 4, becomes the bf16x2 (128 + c * 2^pos) with one LOP3: 0x4300 | (c << pos) after
-// a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The factor 2^pos and
-// the offset 128 are taken out outside the hot loop: the K phase multiplies q by 2^-pos (exact) and
-// subtracts 128 * sum(q 2^-pos) from each score, the V phase subtracts 128 * sum(P') (an extra mma
-// against ones) and scales by 2^-pos in the epilogue. The offset costs precision in proportion to
+// In the V phase, 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both
+// 16-bit halves of x, b = 2 or 4, becomes the bf16x2 (128 + c * 2^pos) with one LOP3: 0x4300 | (c
+// << pos) after a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The
+// factor 2^pos and the offset 128 are taken out outside the hot loop: the V phase subtracts 128 *
+// sum(P') (an extra mma against ones) and scales by 2^-pos in the epilogue. (Their K phase runs on
+// int8 tensor cores instead, see k_phase_int.) The offset costs precision in proportion to
 // 128 / 2^pos (fp32 sums of the large offset cancel later), so codes sit high: pos 3 or 5 (2 bits)
 // and 3 (4 bits), at most 16x, with four shifts a word (left 3, right 1, 5, 9; bits a shift moves
 // across the halves are masked off). pos 0 (three shifts a word, 128x) failed the fp32 bound on
@@ -262,8 +273,8 @@ __device__ __forceinline__ constexpr float pow2_neg(int pos) {
 template <int kBits>
 inline constexpr bool kRaw = kBits <= 4;
 
-// ---- Code parts of the V phase (k_part below: the K phase). A b-bit code is the sum of
-// kParts(b) exact parts:
+// ---- Code parts of the V phase (k_part below: the K phase of 8/16 bits). A b-bit code is the sum
+// of kParts(b) exact parts:
 //   2, 4 bits:  bf16 128 + c * 2^pos (raw, see small_raw);
 //   8 bits:     fp16 c - 128 (bytes_centered_f16: three instructions a register);
 //   16 bits:    fp16 high byte - 128 (its mma's P' columns carry the factor 256) and low byte -
@@ -283,31 +294,24 @@ inline constexpr int kParts = kBits == 16 ? 2 : 1;
 template <int kBits>
 inline constexpr bool kKHalf = kBits >= 8;
 template <int kBits>
-inline constexpr float kKOffset = kBits == 16  ? 263168.0f
-                                  : kBits == 8 ? 1024.0f
-                                               : 128.0f;
+inline constexpr float kKOffset = kBits == 16 ? 263168.0f : 1024.0f;
 
-// Dims (relative to the lane's chunk of kD/4 codes) of K pair p; the q fragments use the same map.
+// Dims (relative to the lane's chunk of kD/4 codes) of K pair p of 8/16 bits; the q fragments use
+// the same map.
 template <int kBits>
 __device__ __forceinline__ constexpr int pair_dim_lo(int p) {
-  return kBits == 2   ? 16 * (p / 8) + p % 8
-         : kBits == 4 ? 8 * (p / 4) + p % 4
-         : kBits == 8 ? 4 * (p / 2) + p % 2
-                      : 2 * p;
+  return kBits == 8 ? 4 * (p / 2) + p % 2 : 2 * p;
 }
 template <int kBits>
 __device__ __forceinline__ constexpr int pair_dim_hi(int p) {
-  return pair_dim_lo<kBits>(p) + (kBits == 2 ? 8 : kBits == 4 ? 4 : kBits == 8 ? 2 : 1);
+  return pair_dim_lo<kBits>(p) + (kBits == 8 ? 2 : 1);
 }
 
-// K phase: part r of pair p of the lane's words of one token row.
+// K phase of 8/16 bits: part r of pair p of the lane's words of one token row.
 template <int kBits, int kPart>
 __device__ __forceinline__ uint32_t k_part(const uint32_t* w, int p) {
-  if constexpr (kBits == 2) {
-    return small_raw<2>(w[p / 8], p % 8);
-  } else if constexpr (kBits == 4) {
-    return small_raw<4>(w[p / 4], p % 4);
-  } else if constexpr (kBits == 8) {  // bytes (0, 2) or (1, 3) of word p / 2, fp16 1024 + b
+  static_assert(kBits >= 8, "2/4 bits: k_codes_u8");
+  if constexpr (kBits == 8) {  // bytes (0, 2) or (1, 3) of word p / 2, fp16 1024 + b
     return and_or(w[p / 2] >> (8 * (p % 2)), 0x00FF00FFu, 0x64006400u);
   } else {  // codes 2p, 2p + 1 are the halves of word p: part 0 their high bytes, part 1 low
     return and_or(kPart == 0 ? w[p] >> 8 : w[p], 0x00FF00FFu, 0x64006400u);
@@ -332,11 +336,7 @@ __device__ __forceinline__ uint32_t v_part(const uint32_t* a, const uint32_t* b,
   }
 }
 
-// 2^pos of raw K pair p (both halves) and of raw V code j of the lane's chunk.
-template <int kBits>
-__device__ __forceinline__ constexpr int k_pos(int p) {
-  return kBits == 2 ? small_pos<2>(p % 8) : small_pos<4>(p % 4);
-}
+// 2^pos of raw V code j of the lane's chunk.
 template <int kBits>
 __device__ __forceinline__ constexpr int v_pos(int j) {
   return kBits == 2 ? small_pos<2>(j % 8) : small_pos<4>(j % 4);
@@ -487,12 +487,13 @@ template <int kBits>
 inline constexpr bool kVHalf = kBits >= 8;
 inline constexpr float kPHalfMax = 128.0f;
 
-// K phase of one 16-token tile: s_acc[j] = the C fragment of n-tile j (column n is token
-// sigma(8j + n)).
+// K phase of one 16-token tile of 8/16 bits (fp16): s_acc[j] = the C fragment of n-tile j
+// (column n is token sigma(8j + n)).
 template <int kBits, int kD>
 __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[kD / 16][4],
                                         const LaneOffsets<Tile<kBits, kD>>& lo,
                                         float (&s_acc)[2][4]) {
+  static_assert(kKHalf<kBits>, "2/4 bits: k_phase_int");
   using LO = LaneOffsets<Tile<kBits, kD>>;
   constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
 #pragma unroll
@@ -508,7 +509,7 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
     for (int i = 0; i < LO::kKReads; ++i)
       lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
   }
-  constexpr auto mma = mma16<kKHalf<kBits>>;
+  constexpr auto mma = mma_f16;
   if constexpr (kParts<kBits> == 1) {  // one accumulation chain per n-tile, interleaved
 #pragma unroll
     for (int kt = 0; kt < kD / 16; ++kt) {
@@ -529,6 +530,58 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
       for (int i = 0; i < 4; ++i)
         s_acc[j][i] = fmaf(256.0f, s_acc[j][i], c1[i]);
     }
+  }
+}
+
+// ---- K phase of 2- and 4-bit pages on int8 tensor cores. A lane's K codes of one token (the
+// kD/4 dims of its chunk, b bits each, packed LSB first) become kD/16 registers of four u8 codes:
+// register j is (word j / (8/b) >> b (j % (8/b))) & (2^b - 1) 0x01010101, one SHF and one LOP3
+// (no offset to take out later, no position factor: the codes are the integers themselves). k-step
+// s of m16n8k32 takes registers 2s (k 4 tig + e) and 2s + 1 (k 16 + 4 tig + e); load_q_int lays q
+// out in the same order. Against the bf16 route (one LOP3 per two codes, a shift per two or four,
+// twice the mma) the loop's ALU work for K drops by 40-60%.
+template <int kBits, int kD>
+inline constexpr int kQSteps = kRaw<kBits> ? kD / 32 : kD / 16;  // A fragments of q
+
+template <int kBits>
+__device__ __forceinline__ uint32_t k_codes_u8(const uint32_t* w, int j) {
+  constexpr int kPer = 8 / kBits;  // codes a byte holds
+  constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
+  return (w[j / kPer] >> (kBits * (j % kPer))) & kMask;
+}
+// The dim (inside the lane's chunk of kD/4) of byte e of register j of k_codes_u8.
+template <int kBits>
+__device__ __forceinline__ constexpr int k_u8_dim(int j, int e) {
+  constexpr int kPer = 8 / kBits;
+  return (j / kPer) * (32 / kBits) + e * kPer + j % kPer;
+}
+
+// s[j]: the int32 C fragment of n-tile j (column n is token sigma(8j + n)); rows gid: sum hi c,
+// rows gid + 8: sum lo c.
+template <int kBits, int kD>
+__device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&aq)[kD / 32][4],
+                                            const LaneOffsets<Tile<kBits, kD>>& lo,
+                                            int (&s)[2][4]) {
+  using LO = LaneOffsets<Tile<kBits, kD>>;
+  constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      s[j][i] = 0;
+  }
+  uint32_t w[2][kKWords];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int i = 0; i < LO::kKReads; ++i)
+      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
+  }
+#pragma unroll
+  for (int ks = 0; ks < kD / 32; ++ks) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      mma_s8u8(s[j], aq[ks], k_codes_u8<kBits>(w[j], 2 * ks), k_codes_u8<kBits>(w[j], 2 * ks + 1));
   }
 }
 
@@ -602,23 +655,48 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
 // the end. valid_mask: the lane's tile's visible tokens.
 template <int kBits, int kD, bool kQLo, int kCols, bool kPair>
 __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* st2,
-                                             const uint32_t (&aq)[kD / 16][4], float qsum,
-                                             float kcorr, float scale_log2, uint32_t valid_mask,
+                                             const uint32_t (&aq)[kQSteps<kBits, kD>][4],
+                                             float qsum, float kcorr, float scale_log2,
+                                             uint32_t valid_mask,
                                              const LaneOffsets<Tile<kBits, kD>>& lo, int gid,
                                              int tig, Acc<kD, kCols>& acc) {
   using Tr = Tile<kBits, kD>;
   static_assert(!kPair || kCols == 1, "pairs need the idle rows of a group of at most 4");
-  float s_acc[2][4];
-  k_phase<kBits, kD>(st, aq, lo, s_acc);
-  if constexpr (kPair) {
-    float s2[2][4];
-    k_phase<kBits, kD>(st2, aq, lo, s2);
+  // dots[i]: the lane's 4 raw dots, value i = 2j + e of n-tile j (see below).
+  float dots[4];
+  if constexpr (kRaw<kBits>) {
+    int si[2][4];
+    k_phase_int<kBits, kD>(st, aq, lo, si);
+    if constexpr (kPair) {
+      int s2[2][4];
+      k_phase_int<kBits, kD>(st2, aq, lo, s2);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < 2; ++j) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        s_acc[j][i] = gid >= 4 ? s2[j][i] : s_acc[j][i];
+        for (int i = 0; i < 4; ++i)
+          si[j][i] = gid >= 4 ? s2[j][i] : si[j][i];
+      }
     }
+    // Q . code = 256 hi + lo: |.| < 2^26, exact in int32, rounded once to fp32.
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      dots[i] = __int2float_rn(si[i / 2][i % 2] * 256 + si[i / 2][2 + i % 2]);
+  } else {
+    float s_acc[2][4];
+    k_phase<kBits, kD>(st, aq, lo, s_acc);
+    if constexpr (kPair) {
+      float s2[2][4];
+      k_phase<kBits, kD>(st2, aq, lo, s2);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          s_acc[j][i] = gid >= 4 ? s2[j][i] : s_acc[j][i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      dots[i] = kQLo ? s_acc[i / 2][i % 2] + s_acc[i / 2][2 + i % 2] : s_acc[i / 2][i % 2];
   }
   // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
   // params sit at position 8j + 2 tig + e.
@@ -635,10 +713,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     const int j = i / 2, e = i % 2;
     const bool valid = (valid_mask & lo.vbit[i]) != 0u;
     const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
-    const float dot = kQLo ? s_acc[j][e] + s_acc[j][2 + e] : s_acc[j][e];
-    // dot - kcorr = sum q code (2/4 bits: dot = sum q 2^-pos (128 + c 2^pos), kcorr = sum q 2^-pos
-    // 128; 8/16 bits: see kKHalf).
-    const float raw = fmaf(ksc, dot - kcorr, -kz * qsum);
+    // dot - kcorr = sum q code (2/4 bits: in units of 2^-E, kcorr = 0 and qsum = sum Q, see
+    // load_q_int; 8/16 bits: see kKHalf).
+    const float raw = fmaf(ksc, dots[i] - kcorr, -kz * qsum);
     s[i] = valid ? raw * scale_log2 : -INFINITY;
     tmax = fmaxf(tmax, s[i]);
   }
@@ -758,12 +835,13 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
 // scores are not read: zeros there are constants that ptxas re-creates with MOVs before every
 // mma), sum(q) of the lane's head and kcorr = kKOffset * sum(q~), q~ what the fragments hold (hi +
 // lo: the correction must match the mma's operand, not q, or the offset times the split error
-// would remain). 2/4 bits: bf16, q~ = q 2^-pos. 8/16 bits: fp16, and q is first scaled by 2^-s so
+// would remain). 8/16 bits only (2/4 bits: load_q_int): fp16, and q is first scaled by 2^-s so
 // that the head's largest |q| is at most 2^14 (exact; fp16 ends at 65504): qscale = 2^s goes into
 // the score scale. Returns qscale.
 template <int kBits, int kD, typename TQ>
 __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh, int head, int tig,
                                         uint32_t (&aq)[kD / 16][4], float& qsum, float& kcorr) {
+  static_assert(kKHalf<kBits>, "2/4 bits: load_q_int");
   qsum = 0.0f;
   kcorr = 0.0f;
 #pragma unroll
@@ -789,41 +867,26 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
       }
     }
   }
-  float qscale = 1.0f, down = 1.0f;
-  if constexpr (kKHalf<kBits>) {
-    float amax = 0.0f;
+  float amax = 0.0f;
 #pragma unroll
-    for (int pi = 0; pi < kD / 8; ++pi)
-      amax = fmaxf(amax, fmaxf(fabsf(qa[pi]), fabsf(qb[pi])));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    int e = 0;
-    frexpf(amax, &e);  // amax < 2^e
-    const int sh = e > 14 ? e - 14 : 0;
-    qscale = ldexpf(1.0f, sh);
-    down = ldexpf(1.0f, -sh);
-  }
+  for (int pi = 0; pi < kD / 8; ++pi)
+    amax = fmaxf(amax, fmaxf(fabsf(qa[pi]), fabsf(qb[pi])));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e
+  const int sh = e > 14 ? e - 14 : 0;
+  const float qscale = ldexpf(1.0f, sh), down = ldexpf(1.0f, -sh);
   // Lanes without a head keep zero fragments (constants; a branch, not selects: the register
   // allocation of the whole kernel depends on it).
 #pragma unroll
   for (int pi = 0; pi < kD / 8 && has_head; ++pi) {
     float a = qa[pi] * down, b = qb[pi] * down;
     qsum += a + b;
-    if constexpr (kRaw<kBits>) {  // exact: a power of two
-      a *= pow2_neg(k_pos<kBits>(pi));
-      b *= pow2_neg(k_pos<kBits>(pi));
-    }
     uint32_t hi, lo;
-    float2 h, l;
-    if constexpr (kKHalf<kBits>) {
-      split_f16(a, b, hi, lo);
-      h = __half22float2(as_f16x2(hi));
-      l = __half22float2(as_f16x2(lo));
-    } else {
-      split_bf16(a, b, hi, lo);
-      h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
-      l = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&lo));
-    }
+    split_f16(a, b, hi, lo);
+    const float2 h = __half22float2(as_f16x2(hi));
+    float2 l = __half22float2(as_f16x2(lo));
     if constexpr (sizeof(TQ) != 4) l = make_float2(0.0f, 0.0f);  // bf16 q: no lo rows
     kcorr += kKOffset<kBits> * ((h.x + l.x) + (h.y + l.y));
     aq[pi / 2][2 * (pi % 2)] = hi;
@@ -835,6 +898,69 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
   kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 1);
   kcorr += __shfl_xor_sync(0xffffffffu, kcorr, 2);
   return qscale;
+}
+
+// 2/4 bits (k_phase_int): the q row of the lane's head (row gid: hi limbs, row gid + 8: lo limbs)
+// in 16-bit fixed point, Q = rint(q u) with |Q| <= 32639 (= 127 * 256 + 127, what two int8 limbs
+// hold). bf16 q: u = 2^E, the largest power of two that fits, exact for elements down to 2^-7 of
+// the head's largest (8 significant bits). fp32 q: u = 32639 / max |q|, an absolute error of 2^-16
+// of the head's largest |q| (the GPU test measured up to ~5e-4 relative L2 in the output on its
+// data; bf16 output rounding alone is ~2e-3). Q = 256 hi + lo, lo in [-128, 127]. qsum = sum Q
+// (exact in fp32) and the return value 1 / u, the unit of the dots, for the score scale. kcorr: no
+// offset, 0.
+template <int kBits, int kD, typename TQ>
+__device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int kvh, int head,
+                                            int tig, uint32_t (&aq)[kD / 32][4], float& qsum,
+                                            float& kcorr) {
+  constexpr int kN = kD / 4;  // the lane's dims
+  float q[kN];
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+    q[i] = 0.0f;
+  if (head < p.group) {
+    const int64_t row = ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * kN;
+    const TQ* src = static_cast<const TQ*>(p.q) + row;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      if constexpr (sizeof(TQ) == 4) {
+        q[i] = src[i];
+      } else {
+        q[i] = __bfloat162float(src[i]);
+      }
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+    amax = fmaxf(amax, fabsf(q[i]));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  int e = 0;
+  frexpf(amax, &e);  // amax < 2^e, so amax 2^(15 - e) < 2^15
+  int E = 15 - e;
+  if (ldexpf(amax, E) > 32639.0f) --E;
+  // bf16 q: a power of two keeps it exact. fp32 q: the whole range (a third less rounding error).
+  const float up = sizeof(TQ) == 4 && amax > 0.0f ? 32639.0f / amax : ldexpf(1.0f, E);
+  int isum = 0;
+#pragma unroll
+  for (int j = 0; j < kD / 16; ++j) {
+    uint32_t hw = 0u, lw = 0u;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int Q = __float2int_rn(q[k_u8_dim<kBits>(j, b)] * up);
+      const int hi = (Q + 128) >> 8, lo = Q - hi * 256;
+      hw |= (static_cast<uint32_t>(hi) & 0xFFu) << (8 * b);
+      lw |= (static_cast<uint32_t>(lo) & 0xFFu) << (8 * b);
+      isum += Q;
+    }
+    aq[j / 2][2 * (j % 2)] = hw;      // a0 / a2: row gid, k 4 tig + b / 16 + 4 tig + b
+    aq[j / 2][2 * (j % 2) + 1] = lw;  // a1 / a3: row gid + 8
+  }
+  isum += __shfl_xor_sync(0xffffffffu, isum, 1);
+  isum += __shfl_xor_sync(0xffffffffu, isum, 2);
+  qsum = static_cast<float>(isum);
+  kcorr = 0.0f;
+  return 1.0f / up;
 }
 
 __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, float val) {
@@ -1001,14 +1127,19 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // this one: launched with programmatic dependent launch (DecodeParams::pdl), the CTA gets here
   // while they may still run, and waits for them now.
   pdl_wait();
-  uint32_t aq[kD / 16][4];
+  uint32_t aq[kQSteps<kBits, kD>][4];
   float qsum, kcorr;
   // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
   // head gid - 4's scores too (pairs: of the second tile; else the same tile: their softmax state
   // is a copy, unused after the loop, and they split their own P' lo parts, see compute_tile).
-  const float score_scale =
-      p.scale_log2 *
-      load_q<kBits, kD, TQ>(p, it.seq, kvh, kCols == 1 ? gid % 4 : gid, tig, aq, qsum, kcorr);
+  const int q_head = kCols == 1 ? gid % 4 : gid;
+  float q_unit;
+  if constexpr (kRaw<kBits>) {
+    q_unit = load_q_int<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
+  } else {
+    q_unit = load_q<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
+  }
+  const float score_scale = p.scale_log2 * q_unit;
   trace_time(p, 2, threadIdx.x == 0);
   Acc<kD, kCols> acc;
 #pragma unroll
