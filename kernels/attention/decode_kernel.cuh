@@ -190,6 +190,22 @@ __device__ __forceinline__ void mma_s8u8(int (&d)[4], const uint32_t (&a)[4], ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// m16n8k32, A uint8 (row), B int8 (col), int32 accumulation: exact.
+__device__ __forceinline__ void mma_u8s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 8x8 b16 matrix whose row gid, columns 2 tig and 2 tig + 1 this lane holds, transposed.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -400,7 +416,9 @@ struct LaneOffsets {
   int cp_src[kCopies], cp_dst[kCopies], cp_row[kCopies];
   int par_dst, par_src, par_row;
 
-  __device__ __forceinline__ LaneOffsets(const kv::PageLayout& L, int lane) {
+  // swap: the 2/4-bit layout of groups of at most 4 (k_phase_swap): a lane scores tokens rows gid
+  // and gid + 8 of both tiles of a step for head tig; their params sit side by side.
+  __device__ __forceinline__ LaneOffsets(const kv::PageLayout& L, int lane, bool swap) {
     const int gid = lane >> 2, tig = lane & 3;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -417,10 +435,11 @@ struct LaneOffsets {
       for (int r = 0; r < 4; ++r)
         v[g][r] = opaque(Tr::kVOff + code_offset<Tr>(rows[r], gid * Tr::kVBytes + g * kVRead));
     }
-    params = opaque(Tr::kKPOff + 16 * tig);
+    params = opaque(Tr::kKPOff + 16 * (swap ? gid : tig));
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      vbit[i] = static_cast<uint32_t>(opaque(1 << sigma(8 * (i / 2) + 2 * tig + i % 2)));
+      vbit[i] = static_cast<uint32_t>(
+          opaque(1 << (swap ? sigma(gid + 8 * (i % 2)) : sigma(8 * (i / 2) + 2 * tig + i % 2))));
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
       const int o = lane + 32 * i;
@@ -432,7 +451,10 @@ struct LaneOffsets {
       cp_row[i] = opaque<kCopies <= 2>(kOps % 32 == 0 || o < kOps ? t : kTile);  // kTile: none
     }
     const int kind = lane >> 4, t = lane & 15;
-    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + sigma(t) * 8);
+    // Position of token t's params: sigma(t) (its mma column), or with swap 2 (r % 8) + r / 8 for
+    // its A row r = sigma(t), so rows gid and gid + 8 are one 16-byte read.
+    const int pos = swap ? 2 * (sigma(t) % 8) + sigma(t) / 8 : sigma(t);
+    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + pos * 8);
     par_src = opaque(static_cast<int>(kind ? L.v_params : L.k_params) + t * 8);
     par_row = opaque(t);
   }
@@ -542,6 +564,9 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
 // twice the mma) the loop's ALU work for K drops by 40-60%.
 template <int kBits, int kD>
 inline constexpr int kQSteps = kRaw<kBits> ? kD / 32 : kD / 16;  // A fragments of q
+#ifndef PMKV_DECODE_SWAP
+#define PMKV_DECODE_SWAP 1
+#endif
 
 template <int kBits>
 __device__ __forceinline__ uint32_t k_codes_u8(const uint32_t* w, int j) {
@@ -582,6 +607,35 @@ __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&
 #pragma unroll
     for (int j = 0; j < 2; ++j)
       mma_s8u8(s[j], aq[ks], k_codes_u8<kBits>(w[j], 2 * ks), k_codes_u8<kBits>(w[j], 2 * ks + 1));
+  }
+}
+
+// The swapped K phase (2/4 bits, groups of at most 4): S^T[token][col] = codes . q. A = the codes
+// (m: token rows r = sigma(...) as k_phase_int loads them, rows gid and gid + 8; k: dims), B = q
+// (columns 2h and 2h + 1: head h's hi and lo limbs, see load_q_swap). c0 / c1: token row gid,
+// head tig's hi / lo sums; c2 / c3: row gid + 8. Every lane's result is a useful score, with half
+// the mma of k_phase_int over a pair of tiles and no selects.
+template <int kBits, int kD>
+__device__ __forceinline__ void k_phase_swap(const uint8_t* st, const uint32_t (&bq)[kD / 32][4],
+                                             const LaneOffsets<Tile<kBits, kD>>& lo, int (&c)[4]) {
+  using LO = LaneOffsets<Tile<kBits, kD>>;
+  constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    c[i] = 0;
+  uint32_t w[2][kKWords];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int i = 0; i < LO::kKReads; ++i)
+      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
+  }
+#pragma unroll
+  for (int ks = 0; ks < kD / 32; ++ks) {
+    const uint32_t a[4] = {k_codes_u8<kBits>(w[0], 2 * ks), k_codes_u8<kBits>(w[1], 2 * ks),
+                           k_codes_u8<kBits>(w[0], 2 * ks + 1),
+                           k_codes_u8<kBits>(w[1], 2 * ks + 1)};
+    mma_u8s8(c, a, bq[ks][0], bq[ks][1]);
   }
 }
 
@@ -653,18 +707,27 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
 // (gid, tig) scores head gid % 4 on tile gid / 4 and every lane's softmax work is useful (half
 // the instructions a token). A head's two rows share the running max; their sums are added at
 // the end. valid_mask: the lane's tile's visible tokens.
-template <int kBits, int kD, bool kQLo, int kCols, bool kPair>
+template <int kBits, int kD, bool kQLo, int kCols, bool kPair, bool kSwap>
 __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* st2,
                                              const uint32_t (&aq)[kQSteps<kBits, kD>][4],
                                              float qsum, float kcorr, float scale_log2,
-                                             uint32_t valid_mask,
+                                             uint32_t valid_mask, uint32_t valid_mask2,
                                              const LaneOffsets<Tile<kBits, kD>>& lo, int gid,
                                              int tig, Acc<kD, kCols>& acc) {
+  static_assert(!kSwap || (kPair && kRaw<kBits>), "swap: 2/4-bit pairs");
   using Tr = Tile<kBits, kD>;
   static_assert(!kPair || kCols == 1, "pairs need the idle rows of a group of at most 4");
   // dots[i]: the lane's 4 raw dots, value i = 2j + e of n-tile j (see below).
   float dots[4];
-  if constexpr (kRaw<kBits>) {
+  if constexpr (kSwap) {  // value i: tile i / 2, token row gid + 8 (i % 2), head tig
+    int c1[4], c2[4];
+    k_phase_swap<kBits, kD>(st, aq, lo, c1);
+    k_phase_swap<kBits, kD>(st2, aq, lo, c2);
+    dots[0] = __int2float_rn(c1[0] * 256 + c1[1]);
+    dots[1] = __int2float_rn(c1[2] * 256 + c1[3]);
+    dots[2] = __int2float_rn(c2[0] * 256 + c2[1]);
+    dots[3] = __int2float_rn(c2[2] * 256 + c2[3]);
+  } else if constexpr (kRaw<kBits>) {
     int si[2][4];
     k_phase_int<kBits, kD>(st, aq, lo, si);
     if constexpr (kPair) {
@@ -701,17 +764,19 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
   // params sit at position 8j + 2 tig + e.
   // K params; V params kTile * 8 bytes after.
-  const uint8_t* par = (kPair && gid >= 4 ? st2 : st) + lo.params;
+  // Swap: kp[j] / vp[j] hold tile j's rows gid (x, y) and gid + 8 (z, w), the same indexing.
+  const uint8_t* par = (kPair && !kSwap && gid >= 4 ? st2 : st) + lo.params;
+  const uint8_t* par1 = kSwap ? st2 + lo.params : par + 64;
   const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
-                        *reinterpret_cast<const float4*>(par + 64)};
+                        *reinterpret_cast<const float4*>(par1)};
   const float4 vp[2] = {*reinterpret_cast<const float4*>(par + kTile * 8),
-                        *reinterpret_cast<const float4*>(par + kTile * 8 + 64)};
+                        *reinterpret_cast<const float4*>(par1 + kTile * 8)};
   float s[4];
   float tmax = -INFINITY;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int j = i / 2, e = i % 2;
-    const bool valid = (valid_mask & lo.vbit[i]) != 0u;
+    const bool valid = ((kSwap && i >= 2 ? valid_mask2 : valid_mask) & lo.vbit[i]) != 0u;
     const float ksc = e ? kp[j].z : kp[j].x, kz = e ? kp[j].w : kp[j].y;
     // dot - kcorr = sum q code (2/4 bits: in units of 2^-E, kcorr = 0 and qsum = sum Q, see
     // load_q_int; 8/16 bits: see kKHalf).
@@ -724,9 +789,10 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   auto move_max = [&](float m_new) {
     const float alpha = ex2(acc.m - m_new);
     // The lane's O^T columns 2 tig, 2 tig + 1 belong to heads h0, h0 + 1 (see Acc).
+    // Swap: both columns are the lane's own head tig.
     const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
-    const float a0 = __shfl_sync(0xffffffffu, alpha, 4 * h0);
-    const float a1 = __shfl_sync(0xffffffffu, alpha, 4 * h0 + 4);
+    const float a0 = kSwap ? alpha : __shfl_sync(0xffffffffu, alpha, 4 * h0);
+    const float a1 = kSwap ? alpha : __shfl_sync(0xffffffffu, alpha, 4 * h0 + 4);
 #pragma unroll
     for (int mt = 0; mt < kD / 16; ++mt) {
 #pragma unroll
@@ -764,8 +830,13 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     // The running max moves only when a score passes it by more than kMaxSlack (log2 units): p
     // stays below 2^kMaxSlack, and most tiles skip the lanes' max reduction and the rescale.
     if (__any_sync(0xffffffffu, tmax > acc.m + kMaxSlack)) {
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      if constexpr (kSwap) {  // the 8 lanes of head tig
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 8));
+      } else {
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      }
       if constexpr (kPair) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
       move_max(fmaxf(acc.m, tmax));
     }
@@ -800,6 +871,22 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   // 4, the lo part of head gid - 4: the lane's own (its rows repeat the group's q). Pairs: tile
   // st's lo parts come from lane ^ 16 (rows 0-3), tile st2's hi parts are rows 4-7 (lane ^ 16),
   // its lo parts the lanes' own.
+  if constexpr (kSwap) {
+    // P' of (token row r, head tig) as the bf16x2 (hi, lo): row r, columns 2 tig and 2 tig + 1 of
+    // an 8x8 matrix per 8 rows; transposed, the lane holds P' of rows 2 tig, 2 tig + 1 in column
+    // gid: the V phase's B fragment (column 2h: head h's hi parts, 2h + 1: its lo parts).
+    uint32_t pk[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float h = __bfloat162float(__float2bfloat16_rn(pp[i]));
+      pk[i] = pack_bf16(h, pp[i] - h);
+    }
+    const uint32_t b1[1][2] = {{movmatrix_trans(pk[0]), movmatrix_trans(pk[1])}};
+    const uint32_t b2[1][2] = {{movmatrix_trans(pk[2]), movmatrix_trans(pk[3])}};
+    v_phase<kBits, kD, kCols>(st, b1, lo, acc);
+    v_phase<kBits, kD, kCols>(st2, b2, lo, acc);
+    return;
+  }
   uint32_t hi0, lo0, hi1, lo1;
   if constexpr (kVHalf<kBits>) {
     split_f16(pp[0], pp[1], hi0, lo0);
@@ -908,7 +995,10 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
 // data; bf16 output rounding alone is ~2e-3). Q = 256 hi + lo, lo in [-128, 127]. qsum = sum Q
 // (exact in fp32) and the return value 1 / u, the unit of the dots, for the score scale. kcorr: no
 // offset, 0.
-template <int kBits, int kD, typename TQ>
+// Swap (k_phase_swap): B fragments instead, aq[s][0] / aq[s][1] = b0 / b1 of k-step s for column
+// gid: head gid / 2 (pass it as head), its hi limbs for even gid, lo for odd; qsum and the return
+// value are those of head tig (the lane's scores).
+template <int kBits, int kD, typename TQ, bool kSwap = false>
 __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int kvh, int head,
                                             int tig, uint32_t (&aq)[kD / 32][4], float& qsum,
                                             float& kcorr) {
@@ -953,14 +1043,23 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
       lw |= (static_cast<uint32_t>(lo) & 0xFFu) << (8 * b);
       isum += Q;
     }
-    aq[j / 2][2 * (j % 2)] = hw;      // a0 / a2: row gid, k 4 tig + b / 16 + 4 tig + b
-    aq[j / 2][2 * (j % 2) + 1] = lw;  // a1 / a3: row gid + 8
+    if constexpr (kSwap) {
+      aq[j / 2][j % 2] = (threadIdx.x >> 2) & 1 ? lw : hw;
+    } else {
+      aq[j / 2][2 * (j % 2)] = hw;      // a0 / a2: row gid, k 4 tig + b / 16 + 4 tig + b
+      aq[j / 2][2 * (j % 2) + 1] = lw;  // a1 / a3: row gid + 8
+    }
   }
   isum += __shfl_xor_sync(0xffffffffu, isum, 1);
   isum += __shfl_xor_sync(0xffffffffu, isum, 2);
   qsum = static_cast<float>(isum);
   kcorr = 0.0f;
-  return 1.0f / up;
+  float unit = 1.0f / up;
+  if constexpr (kSwap) {  // head tig's: a lane with gid = 2 tig
+    qsum = __shfl_sync(0xffffffffu, qsum, 8 * tig);
+    unit = __shfl_sync(0xffffffffu, unit, 8 * tig);
+  }
+  return unit;
 }
 
 __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, float val) {
@@ -1092,9 +1191,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
                     Tr::kSmemBytes >= kMergeSmemBytes<kD, kWarps>,
                 "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
-  constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
-  constexpr int kStep = kPair ? 2 : 1;              // tiles (ring stages) a step
-  constexpr int kSlots = Tr::kStages / kStep;       // steps the ring holds
+  constexpr bool kPair = kCols == 1 && kBits <= 4;   // two tiles a step, see compute_tile
+  constexpr bool kSwap = kPair && PMKV_DECODE_SWAP;  // k_phase_swap
+  constexpr int kStep = kPair ? 2 : 1;               // tiles (ring stages) a step
+  constexpr int kSlots = Tr::kStages / kStep;        // steps the ring holds
   static_assert(Tr::kStages % kStep == 0, "pairs need an even ring");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
@@ -1132,10 +1232,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
   // head gid - 4's scores too (pairs: of the second tile; else the same tile: their softmax state
   // is a copy, unused after the loop, and they split their own P' lo parts, see compute_tile).
-  const int q_head = kCols == 1 ? gid % 4 : gid;
+  const int q_head = kSwap ? gid / 2 : kCols == 1 ? gid % 4 : gid;
   float q_unit;
   if constexpr (kRaw<kBits>) {
-    q_unit = load_q_int<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
+    q_unit = load_q_int<kBits, kD, TQ, kSwap>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
   } else {
     q_unit = load_q<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
   }
@@ -1156,7 +1256,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   acc.l = 0.0f;
   acc.z = 0.0f;
 
-  const LaneOffsets<Tr> offs(L, lane);
+  const LaneOffsets<Tr> offs(L, lane, kSwap);
   const int head_tok0 = kvh * L.tokens;  // head kvh's first row in a page
   // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
   // 16 bits: params ({scale, zero}, 8 bytes a token) are a tile's smallest reads, 128 bytes each
@@ -1228,13 +1328,18 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     __syncwarp();
     trace_time(p, 3, threadIdx.x == 0 && k == 0);
     const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-    uint32_t valid_mask = visible(meta[slot_c * kStep]);
+    uint32_t valid_mask = visible(meta[slot_c * kStep]), valid_mask2 = 0u;
     if constexpr (kPair) {
       const uint32_t second = visible(meta[slot_c * kStep + 1]);
-      valid_mask = gid >= 4 ? second : valid_mask;
+      if constexpr (kSwap) {
+        valid_mask2 = second;
+      } else {
+        valid_mask = gid >= 4 ? second : valid_mask;
+      }
     }
-    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
-                                                valid_mask, offs, gid, tig, acc);
+    compute_tile<kBits, kD, kQLo, kCols, kPair, kSwap>(st, st + Tr::kStage, aq, qsum, kcorr,
+                                                       score_scale, valid_mask, valid_mask2, offs,
+                                                       gid, tig, acc);
     __syncwarp();
     slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
     slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
@@ -1243,30 +1348,48 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   trace_time(p, warp < 4 ? 4 + warp : 7 + warp, lane == 0);
 
   // ---- combine the warps' states, write the output (direct) or the partial state.
-  acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 1);
-  acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 2);
-  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
-  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 2);
-  if constexpr (kPair) {  // a head's two rows (gid, gid + 4)
+  if constexpr (kSwap) {  // head tig: lanes tig + 4 gid
+    acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 4);
+    acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 8);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 4);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 8);
+  } else {
+    acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 1);
+    acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 2);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 2);
+  }
+  if constexpr (kPair) {  // a head's two rows (gid, gid + 4); swap: the other 4 lanes of tig
     acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 16);
     acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16);
   }
   __syncthreads();  // every warp is done with its ring
   const int G = p.group;
-  float* sm_o = reinterpret_cast<float*>(smem);  // [kWarps][G][kD]
-  float* sm_m = sm_o + kWarps * G * kD;          // [kWarps][G]
-  float* sm_l = sm_m + kWarps * G;               // [kWarps][G]
-  float* sm_z = sm_l + kWarps * G;               // [kWarps][G]
-  if (gid < G && tig == 0) {                     // K-phase row gid is head gid
-    sm_m[warp * G + gid] = acc.m;
-    sm_l[warp * G + gid] = acc.l;
-    sm_z[warp * G + gid] = acc.z;
+  float* sm_o = reinterpret_cast<float*>(smem);             // [kWarps][G][kD]
+  float* sm_m = sm_o + kWarps * G * kD;                     // [kWarps][G]
+  float* sm_l = sm_m + kWarps * G;                          // [kWarps][G]
+  float* sm_z = sm_l + kWarps * G;                          // [kWarps][G]
+  if (kSwap ? gid == 0 && tig < G : gid < G && tig == 0) {  // the lane's head: gid (swap: tig)
+    const int h = kSwap ? tig : gid;
+    sm_m[warp * G + h] = acc.m;
+    sm_l[warp * G + h] = acc.l;
+    sm_z[warp * G + h] = acc.z;
   }
   // O^T: columns 2 tig, 2 tig + 1 are heads h0, h0 + 1; add the lo columns to the hi ones (kCols 1:
   // they sit in lane ^ 2; kCols 2: in the second column tile).
   const int h0 = kCols == 1 ? 2 * (tig & 1) : 2 * tig;
 #pragma unroll
-  for (int mt = 0; mt < kD / 16; ++mt) {
+  for (int mt = 0; mt < kD / 16 && kSwap; ++mt) {  // columns 2 tig, 2 tig + 1: head tig hi, lo
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sc = pow2_neg(v_pos<kBits>(2 * mt + r));
+      const float v = (acc.o[mt][0][2 * r] - 128.0f * acc.w[0][2 * r]) * sc +
+                      (acc.o[mt][0][2 * r + 1] - 128.0f * acc.w[0][2 * r + 1]) * sc;
+      if (tig < G) sm_o[(warp * G + tig) * kD + gid * (kD / 8) + 2 * mt + r] = v;
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < kD / 16 && !kSwap; ++mt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       // Row gid of m-tile mt is code 2 mt of the lane's chunk, row gid + 8 code 2 mt + 1.
