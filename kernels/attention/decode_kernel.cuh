@@ -509,6 +509,19 @@ template <int kBits>
 inline constexpr bool kVHalf = kBits >= 8;
 inline constexpr float kPHalfMax = 128.0f;
 
+// The lane's K code words of one tile: w[0] token row sigma(gid), w[1] row sigma(8 + gid).
+template <class Tr>
+__device__ __forceinline__ void load_k_words(const uint8_t* st, const LaneOffsets<Tr>& lo,
+                                             uint32_t (&w)[2][Tr::kKBytes / 4]) {
+  using LO = LaneOffsets<Tr>;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int i = 0; i < LO::kKReads; ++i)
+      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
+  }
+}
+
 // K phase of one 16-token tile of 8/16 bits (fp16): s_acc[j] = the C fragment of n-tile j
 // (column n is token sigma(8j + n)).
 template <int kBits, int kD>
@@ -516,7 +529,6 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
                                         const LaneOffsets<Tile<kBits, kD>>& lo,
                                         float (&s_acc)[2][4]) {
   static_assert(kKHalf<kBits>, "2/4 bits: k_phase_int");
-  using LO = LaneOffsets<Tile<kBits, kD>>;
   constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -525,12 +537,7 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
       s_acc[j][i] = 0.0f;
   }
   uint32_t w[2][kKWords];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-#pragma unroll
-    for (int i = 0; i < LO::kKReads; ++i)
-      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
-  }
+  load_k_words(st, lo, w);
   constexpr auto mma = mma_f16;
   if constexpr (kParts<kBits> == 1) {  // one accumulation chain per n-tile, interleaved
 #pragma unroll
@@ -587,7 +594,6 @@ template <int kBits, int kD>
 __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&aq)[kD / 32][4],
                                             const LaneOffsets<Tile<kBits, kD>>& lo,
                                             int (&s)[2][4]) {
-  using LO = LaneOffsets<Tile<kBits, kD>>;
   constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -596,12 +602,7 @@ __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&
       s[j][i] = 0;
   }
   uint32_t w[2][kKWords];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-#pragma unroll
-    for (int i = 0; i < LO::kKReads; ++i)
-      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
-  }
+  load_k_words(st, lo, w);
 #pragma unroll
   for (int ks = 0; ks < kD / 32; ++ks) {
 #pragma unroll
@@ -618,18 +619,12 @@ __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&
 template <int kBits, int kD>
 __device__ __forceinline__ void k_phase_swap(const uint8_t* st, const uint32_t (&bq)[kD / 32][4],
                                              const LaneOffsets<Tile<kBits, kD>>& lo, int (&c)[4]) {
-  using LO = LaneOffsets<Tile<kBits, kD>>;
   constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     c[i] = 0;
   uint32_t w[2][kKWords];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-#pragma unroll
-    for (int i = 0; i < LO::kKReads; ++i)
-      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
-  }
+  load_k_words(st, lo, w);
 #pragma unroll
   for (int ks = 0; ks < kD / 32; ++ks) {
     const uint32_t a[4] = {k_codes_u8<kBits>(w[0], 2 * ks), k_codes_u8<kBits>(w[1], 2 * ks),
