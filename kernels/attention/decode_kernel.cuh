@@ -575,17 +575,45 @@ inline constexpr int kQSteps = kRaw<kBits> ? kD / 32 : kD / 16;  // A fragments 
 #define PMKV_DECODE_SWAP 1
 #endif
 
+// kGroups = 2: registers j < kD/32 hold codes at their value (group 0), the others at
+// kGroupFactor times it (group 1): (w >> 4 r) & 0x03030303 and & 0x0C0C0C0C at 2 bits (w &
+// 0x0F0F0F0F and & 0xF0F0F0F0 at 4 bits), one shift a word fewer; the groups' sums go to two
+// accumulators, combined as kGroupFactor * sum0 + sum1. The swapped K phase takes it at 2 bits
+// (kSwapGroups; 2-4% faster at batch >= 16, bench/RESULTS.md); at 4 bits it measured the same as
+// one group (within 1%), which stays.
+template <int kBits, int kGroups>
+inline constexpr int kGroupFactor = kGroups == 1 ? 1
+                                    : kBits == 2 ? 4
+                                                 : 16;
 template <int kBits>
+inline constexpr int kSwapGroups = kBits == 2 ? 2 : 1;
+
+template <int kBits, int kD = 128, int kGroups = 1>
 __device__ __forceinline__ uint32_t k_codes_u8(const uint32_t* w, int j) {
-  constexpr int kPer = 8 / kBits;  // codes a byte holds
-  constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
-  return (w[j / kPer] >> (kBits * (j % kPer))) & kMask;
+  if constexpr (kGroups == 1) {
+    constexpr int kPer = 8 / kBits;  // codes a byte holds
+    constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x01010101u;
+    return (w[j / kPer] >> (kBits * (j % kPer))) & kMask;
+  } else {
+    const int g = j / (kD / 32), r = j % (kD / 32);
+    if constexpr (kBits == 2) {
+      const uint32_t x = (r % 2) ? w[r / 2] >> 4 : w[r / 2];
+      return x & (g ? 0x0C0C0C0Cu : 0x03030303u);
+    } else {
+      return w[r] & (g ? 0xF0F0F0F0u : 0x0F0F0F0Fu);
+    }
+  }
 }
 // The dim (inside the lane's chunk of kD/4) of byte e of register j of k_codes_u8.
-template <int kBits>
+template <int kBits, int kD = 128, int kGroups = 1>
 __device__ __forceinline__ constexpr int k_u8_dim(int j, int e) {
-  constexpr int kPer = 8 / kBits;
-  return (j / kPer) * (32 / kBits) + e * kPer + j % kPer;
+  if constexpr (kGroups == 1) {
+    constexpr int kPer = 8 / kBits;
+    return (j / kPer) * (32 / kBits) + e * kPer + j % kPer;
+  } else {
+    const int g = j / (kD / 32), r = j % (kD / 32);
+    return kBits == 2 ? 16 * (r / 2) + 4 * e + 2 * (r % 2) + g : 8 * r + 2 * e + g;
+  }
 }
 
 // s[j]: the int32 C fragment of n-tile j (column n is token sigma(8j + n)); rows gid: sum hi c,
@@ -616,21 +644,26 @@ __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&
 // (columns 2h and 2h + 1: head h's hi and lo limbs, see load_q_swap). c0 / c1: token row gid,
 // head tig's hi / lo sums; c2 / c3: row gid + 8. Every lane's result is a useful score, with half
 // the mma of k_phase_int over a pair of tiles and no selects.
-template <int kBits, int kD>
+template <int kBits, int kD, int kGroups = kSwapGroups<kBits>>
 __device__ __forceinline__ void k_phase_swap(const uint8_t* st, const uint32_t (&bq)[kD / 32][4],
-                                             const LaneOffsets<Tile<kBits, kD>>& lo, int (&c)[4]) {
+                                             const LaneOffsets<Tile<kBits, kD>>& lo,
+                                             int (&c)[kGroups][4]) {
   constexpr int kKWords = Tile<kBits, kD>::kKBytes / 4;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    c[i] = 0;
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      c[g][i] = 0;
+  }
   uint32_t w[2][kKWords];
   load_k_words(st, lo, w);
 #pragma unroll
   for (int ks = 0; ks < kD / 32; ++ks) {
-    const uint32_t a[4] = {k_codes_u8<kBits>(w[0], 2 * ks), k_codes_u8<kBits>(w[1], 2 * ks),
-                           k_codes_u8<kBits>(w[0], 2 * ks + 1),
-                           k_codes_u8<kBits>(w[1], 2 * ks + 1)};
-    mma_u8s8(c, a, bq[ks][0], bq[ks][1]);
+    const uint32_t a[4] = {k_codes_u8<kBits, kD, kGroups>(w[0], 2 * ks),
+                           k_codes_u8<kBits, kD, kGroups>(w[1], 2 * ks),
+                           k_codes_u8<kBits, kD, kGroups>(w[0], 2 * ks + 1),
+                           k_codes_u8<kBits, kD, kGroups>(w[1], 2 * ks + 1)};
+    mma_u8s8(c[ks / (kD / 32 / kGroups)], a, bq[ks][0], bq[ks][1]);
   }
 }
 
@@ -715,13 +748,18 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   // dots[i]: the lane's 4 raw dots, value i = 2j + e of n-tile j (see below).
   float dots[4];
   if constexpr (kSwap) {  // value i: tile i / 2, token row gid + 8 (i % 2), head tig
-    int c1[4], c2[4];
-    k_phase_swap<kBits, kD>(st, aq, lo, c1);
-    k_phase_swap<kBits, kD>(st2, aq, lo, c2);
-    dots[0] = __int2float_rn(c1[0] * 256 + c1[1]);
-    dots[1] = __int2float_rn(c1[2] * 256 + c1[3]);
-    dots[2] = __int2float_rn(c2[0] * 256 + c2[1]);
-    dots[3] = __int2float_rn(c2[2] * 256 + c2[3]);
+    constexpr int kG = kSwapGroups<kBits>;
+    int c[2][kG][4];
+    k_phase_swap<kBits, kD>(st, aq, lo, c[0]);
+    k_phase_swap<kBits, kD>(st2, aq, lo, c[1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int(&ct)[kG][4] = c[i / 2];
+      const int r = 2 * (i % 2);
+      int d = ct[0][r] * 256 + ct[0][r + 1];
+      if constexpr (kG == 2) d = d * kGroupFactor<kBits, 2> + ct[1][r] * 256 + ct[1][r + 1];
+      dots[i] = __int2float_rn(d);
+    }
   } else if constexpr (kRaw<kBits>) {
     int si[2][4];
     k_phase_int<kBits, kD>(st, aq, lo, si);
@@ -998,6 +1036,7 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
                                             int tig, uint32_t (&aq)[kD / 32][4], float& qsum,
                                             float& kcorr) {
   constexpr int kN = kD / 4;  // the lane's dims
+  constexpr int kG = kSwapGroups<kBits>;
   float q[kN];
 #pragma unroll
   for (int i = 0; i < kN; ++i)
@@ -1032,7 +1071,7 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
     uint32_t hw = 0u, lw = 0u;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int Q = __float2int_rn(q[k_u8_dim<kBits>(j, b)] * up);
+      const int Q = __float2int_rn(q[k_u8_dim < kBits, kD, kSwap ? kG : 1 > (j, b)] * up);
       const int hi = (Q + 128) >> 8, lo = Q - hi * 256;
       hw |= (static_cast<uint32_t>(hi) & 0xFFu) << (8 * b);
       lw |= (static_cast<uint32_t>(lo) & 0xFFu) << (8 * b);
@@ -1050,7 +1089,9 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
   qsum = static_cast<float>(isum);
   kcorr = 0.0f;
   float unit = 1.0f / up;
-  if constexpr (kSwap) {  // head tig's: a lane with gid = 2 tig
+  if constexpr (kSwap) {  // head tig's: a lane with gid = 2 tig; the dots carry the group factor
+    qsum *= kGroupFactor<kBits, kG>;
+    unit /= kGroupFactor<kBits, kG>;
     qsum = __shfl_sync(0xffffffffu, qsum, 8 * tig);
     unit = __shfl_sync(0xffffffffu, unit, 8 * tig);
   }
