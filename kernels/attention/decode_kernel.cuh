@@ -1025,12 +1025,11 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
 // hold). bf16 q: u = 2^E, the largest power of two that fits, exact for elements down to 2^-7 of
 // the head's largest (8 significant bits). fp32 q: u = 32639 / max |q|, an absolute error of 2^-16
 // of the head's largest |q| (the GPU test measured up to 3.4e-4 relative L2 in the output on its
-// data, 5.4e-4 with a power-of-two u; bf16 output rounding alone is ~2e-3). Q = 256 hi + lo, lo in [-128, 127]. qsum = sum Q
-// (exact in fp32) and the return value 1 / u, the unit of the dots, for the score scale. kcorr: no
-// offset, 0.
-// Swap (k_phase_swap): B fragments instead, aq[s][0] / aq[s][1] = b0 / b1 of k-step s for column
-// gid: head gid / 2 (pass it as head), its hi limbs for even gid, lo for odd; qsum and the return
-// value are those of head tig (the lane's scores).
+// data, 5.4e-4 with a power-of-two u; bf16 output rounding alone is ~2e-3). Q = 256 hi + lo, lo in
+// [-128, 127]. qsum = sum Q (exact in fp32) and the return value 1 / u, the unit of the dots, for
+// the score scale. kcorr: no offset, 0. Swap (k_phase_swap): B fragments instead, aq[s][0] /
+// aq[s][1] = b0 / b1 of k-step s for column gid: head gid / 2 (pass it as head), its hi limbs for
+// even gid, lo for odd; qsum and the return value are those of head tig (the lane's scores).
 template <int kBits, int kD, typename TQ, bool kSwap = false>
 __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int kvh, int head,
                                             int tig, uint32_t (&aq)[kD / 32][4], float& qsum,
