@@ -571,9 +571,6 @@ __device__ __forceinline__ void k_phase(const uint8_t* st, const uint32_t (&aq)[
 // twice the mma) the loop's ALU work for K drops by 40-60%.
 template <int kBits, int kD>
 inline constexpr int kQSteps = kRaw<kBits> ? kD / 32 : kD / 16;  // A fragments of q
-#ifndef PMKV_DECODE_SWAP
-#define PMKV_DECODE_SWAP 1
-#endif
 
 // kGroups = 2: registers j < kD/32 hold codes at their value (group 0), the others at
 // kGroupFactor times it (group 1): (w >> 4 r) & 0x03030303 and & 0x0C0C0C0C at 2 bits (w &
@@ -730,21 +727,20 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
 }
 
 // One step: K phase, online softmax, V phase, over one tile (st) or, kPair, two (st and st2).
-// Pairs (groups of at most 4 query heads): the K-phase rows 4-7, idle with one tile, hold the
-// group's q again; the mma over tile st keeps rows 0-3 and the one over st2 rows 4-7, so lane
-// (gid, tig) scores head gid % 4 on tile gid / 4 and every lane's softmax work is useful (half
-// the instructions a token). A head's two rows share the running max; their sums are added at
-// the end. valid_mask: the lane's tile's visible tokens.
-template <int kBits, int kD, bool kQLo, int kCols, bool kPair, bool kSwap>
+// Pairs (2/4 bits, groups of at most 4 query heads) run the swapped K phase (k_phase_swap): lane
+// (gid, tig) scores head tig on token rows gid and gid + 8 of both tiles, so every lane's softmax
+// work is useful; the 8 lanes of a head share its running max and add their sums at the end.
+// valid_mask / valid_mask2: the visible tokens of st / st2.
+template <int kBits, int kD, bool kQLo, int kCols, bool kPair>
 __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* st2,
                                              const uint32_t (&aq)[kQSteps<kBits, kD>][4],
                                              float qsum, float kcorr, float scale_log2,
                                              uint32_t valid_mask, uint32_t valid_mask2,
                                              const LaneOffsets<Tile<kBits, kD>>& lo, int gid,
                                              int tig, Acc<kD, kCols>& acc) {
-  static_assert(!kSwap || (kPair && kRaw<kBits>), "swap: 2/4-bit pairs");
   using Tr = Tile<kBits, kD>;
-  static_assert(!kPair || kCols == 1, "pairs need the idle rows of a group of at most 4");
+  static_assert(!kPair || (kCols == 1 && kRaw<kBits>), "pairs: 2/4 bits, groups of at most 4");
+  constexpr bool kSwap = kPair;  // pairs run the swapped K phase
   // dots[i]: the lane's 4 raw dots, value i = 2j + e of n-tile j (see below).
   float dots[4];
   if constexpr (kSwap) {  // value i: tile i / 2, token row gid + 8 (i % 2), head tig
@@ -763,16 +759,6 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   } else if constexpr (kRaw<kBits>) {
     int si[2][4];
     k_phase_int<kBits, kD>(st, aq, lo, si);
-    if constexpr (kPair) {
-      int s2[2][4];
-      k_phase_int<kBits, kD>(st2, aq, lo, s2);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          si[j][i] = gid >= 4 ? s2[j][i] : si[j][i];
-      }
-    }
     // Q . code = 256 hi + lo: |.| < 2^26, exact in int32, rounded once to fp32.
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -780,16 +766,6 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   } else {
     float s_acc[2][4];
     k_phase<kBits, kD>(st, aq, lo, s_acc);
-    if constexpr (kPair) {
-      float s2[2][4];
-      k_phase<kBits, kD>(st2, aq, lo, s2);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          s_acc[j][i] = gid >= 4 ? s2[j][i] : s_acc[j][i];
-      }
-    }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       dots[i] = kQLo ? s_acc[i / 2][i % 2] + s_acc[i / 2][2 + i % 2] : s_acc[i / 2][i % 2];
@@ -798,7 +774,7 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   // params sit at position 8j + 2 tig + e.
   // K params; V params kTile * 8 bytes after.
   // Swap: kp[j] / vp[j] hold tile j's rows gid (x, y) and gid + 8 (z, w), the same indexing.
-  const uint8_t* par = (kPair && !kSwap && gid >= 4 ? st2 : st) + lo.params;
+  const uint8_t* par = st + lo.params;
   const uint8_t* par1 = kSwap ? st2 + lo.params : par + 64;
   const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
                         *reinterpret_cast<const float4*>(par1)};
@@ -901,9 +877,7 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     acc.z = kRaw<kBits> ? fmaf(pe[i], -vz, acc.z) : fmaf(pe[i], fmaf(vsc, Tr::kMid, -vz), acc.z);
   }
   // ---- V phase. B column gid is the lane's own K-phase row (hi part) or, for kCols = 1 and gid >=
-  // 4, the lo part of head gid - 4: the lane's own (its rows repeat the group's q). Pairs: tile
-  // st's lo parts come from lane ^ 16 (rows 0-3), tile st2's hi parts are rows 4-7 (lane ^ 16),
-  // its lo parts the lanes' own.
+  // 4, the lo part of head gid - 4: the lane's own (its rows repeat the group's q).
   if constexpr (kSwap) {
     // P' of (token row r, head tig) as the bf16x2 (hi, lo): row r, columns 2 tig and 2 tig + 1 of
     // an 8x8 matrix per 8 rows; transposed, the lane holds P' of rows 2 tig, 2 tig + 1 in column
@@ -929,18 +903,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     split_bf16(pp[2], pp[3], hi1, lo1);
   }
   uint32_t bp[kCols][2];
-  if constexpr (kCols == 1 && !kPair) {  // lanes gid >= 4 score head gid - 4 (see load_q's call)
+  if constexpr (kCols == 1) {  // lanes gid >= 4 score head gid - 4 (see load_q's call)
     bp[0][0] = gid < 4 ? hi0 : lo0;
     bp[0][1] = gid < 4 ? hi1 : lo1;
-  } else if constexpr (kCols == 1) {
-    const uint32_t plo0 = __shfl_xor_sync(0xffffffffu, lo0, 16);
-    const uint32_t plo1 = __shfl_xor_sync(0xffffffffu, lo1, 16);
-    bp[0][0] = gid < 4 ? hi0 : plo0;
-    bp[0][1] = gid < 4 ? hi1 : plo1;
-    const uint32_t phi0 = __shfl_xor_sync(0xffffffffu, hi0, 16);
-    const uint32_t phi1 = __shfl_xor_sync(0xffffffffu, hi1, 16);
-    const uint32_t bp2[1][2] = {{gid < 4 ? phi0 : lo0, gid < 4 ? phi1 : lo1}};
-    v_phase<kBits, kD, kCols>(st2, bp2, lo, acc);
   } else {
     bp[0][0] = hi0;
     bp[0][1] = hi1;
@@ -1034,8 +999,8 @@ template <int kBits, int kD, typename TQ, bool kSwap = false>
 __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int kvh, int head,
                                             int tig, uint32_t (&aq)[kD / 32][4], float& qsum,
                                             float& kcorr) {
-  constexpr int kN = kD / 4;  // the lane's dims
-  constexpr int kG = kSwapGroups<kBits>;
+  constexpr int kN = kD / 4;                          // the lane's dims
+  constexpr int kG = kSwap ? kSwapGroups<kBits> : 1;  // code groups of the K phase
   float q[kN];
 #pragma unroll
   for (int i = 0; i < kN; ++i)
@@ -1070,7 +1035,7 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
     uint32_t hw = 0u, lw = 0u;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int Q = __float2int_rn(q[k_u8_dim < kBits, kD, kSwap ? kG : 1 > (j, b)] * up);
+      const int Q = __float2int_rn(q[k_u8_dim<kBits, kD, kG>(j, b)] * up);
       const int hi = (Q + 128) >> 8, lo = Q - hi * 256;
       hw |= (static_cast<uint32_t>(hi) & 0xFFu) << (8 * b);
       lw |= (static_cast<uint32_t>(lo) & 0xFFu) << (8 * b);
@@ -1226,10 +1191,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
                     Tr::kSmemBytes >= kMergeSmemBytes<kD, kWarps>,
                 "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
-  constexpr bool kPair = kCols == 1 && kBits <= 4;   // two tiles a step, see compute_tile
-  constexpr bool kSwap = kPair && PMKV_DECODE_SWAP;  // k_phase_swap
-  constexpr int kStep = kPair ? 2 : 1;               // tiles (ring stages) a step
-  constexpr int kSlots = Tr::kStages / kStep;        // steps the ring holds
+  constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
+  constexpr bool kSwap = kPair;                     // pairs run k_phase_swap
+  constexpr int kStep = kPair ? 2 : 1;              // tiles (ring stages) a step
+  constexpr int kSlots = Tr::kStages / kStep;       // steps the ring holds
   static_assert(Tr::kStages % kStep == 0, "pairs need an even ring");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int kvh = blockIdx.y;
@@ -1363,18 +1328,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     __syncwarp();
     trace_time(p, 3, threadIdx.x == 0 && k == 0);
     const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-    uint32_t valid_mask = visible(meta[slot_c * kStep]), valid_mask2 = 0u;
-    if constexpr (kPair) {
-      const uint32_t second = visible(meta[slot_c * kStep + 1]);
-      if constexpr (kSwap) {
-        valid_mask2 = second;
-      } else {
-        valid_mask = gid >= 4 ? second : valid_mask;
-      }
-    }
-    compute_tile<kBits, kD, kQLo, kCols, kPair, kSwap>(st, st + Tr::kStage, aq, qsum, kcorr,
-                                                       score_scale, valid_mask, valid_mask2, offs,
-                                                       gid, tig, acc);
+    const uint32_t valid_mask = visible(meta[slot_c * kStep]);
+    const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
+    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
+                                                valid_mask, valid_mask2, offs, gid, tig, acc);
     __syncwarp();
     slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
     slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
@@ -1394,7 +1351,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 1);
     acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 2);
   }
-  if constexpr (kPair) {  // a head's two rows (gid, gid + 4); swap: the other 4 lanes of tig
+  if constexpr (kPair) {  // the head's other 4 lanes
     acc.l += __shfl_xor_sync(0xffffffffu, acc.l, 16);
     acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16);
   }
