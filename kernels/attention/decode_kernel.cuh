@@ -9,10 +9,11 @@
 //            hi parts; rows + 8: lo parts of an fp32 q), B = K codes as the exact fp16 1024 + byte
 //            (k: dims, n: tokens), so S - kcorr = q . code. 2/4 bits (m16n8k32, int8 in, int32
 //            accumulate): A = q in 16-bit fixed point as int8 limbs (rows: hi, rows + 8: lo), B =
-//            the raw codes as u8, so S = 256 hi + lo = Q . code exactly (see load_q_int)
+//            the raw codes as u8, so S = 256 hi + lo = Q . code exactly (see load_q_int); groups
+//            of at most 4 run it swapped, codes as A and q as B (k_phase_swap)
 //   V phase: O^T[dim][col] += x[dim][token] P'[token][col]   A = V codes (m: dims, k: tokens; 2/4
-//            bits raw as above, 8/16 bits code - mid), B = P' = p * v_scale split into bf16 hi and
-//            lo columns (see Acc)
+//            bits bf16 128 + c 2^pos, see small_raw; 8/16 bits code - mid), B = P' = p * v_scale
+//            split into bf16 hi and lo columns (see Acc)
 // The scales and zeros enter in fp32: score = k_scale * (S - kcorr) - k_zero * sum(q),
 // out = (sum P' code - sum p v_zero) / sum p (the offsets of raw codes and mid subtracted).
 #include <cuda_bf16.h>
@@ -638,7 +639,7 @@ __device__ __forceinline__ void k_phase_int(const uint8_t* st, const uint32_t (&
 
 // The swapped K phase (2/4 bits, groups of at most 4): S^T[token][col] = codes . q. A = the codes
 // (m: token rows r = sigma(...) as k_phase_int loads them, rows gid and gid + 8; k: dims), B = q
-// (columns 2h and 2h + 1: head h's hi and lo limbs, see load_q_swap). c0 / c1: token row gid,
+// (columns 2h and 2h + 1: head h's hi and lo limbs, see load_q_int). c0 / c1: token row gid,
 // head tig's hi / lo sums; c2 / c3: row gid + 8. Every lane's result is a useful score, with half
 // the mma of k_phase_int over a pair of tiles and no selects.
 template <int kBits, int kD, int kGroups = kSwapGroups<kBits>>
