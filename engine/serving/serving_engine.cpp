@@ -279,6 +279,9 @@ bool ServingEngine::Impl::take_inbox() {
   if (b) {
     budgets_source = b->empty() ? "none" : "runtime";
     scheduler->set_layer_budgets(std::move(*b));
+    // The next snapshot refreshes the per-layer breakdown (budgets included): without this, a
+    // partial publish could pair the new budgets_source with the old per-layer budgets.
+    kv_stats_at = Clock::time_point{};
     spdlog::info("engine: KV budgets changed ({})", budgets_source);
   }
   for (auto& s : in)

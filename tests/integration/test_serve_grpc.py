@@ -115,7 +115,12 @@ def test_cancelled_generate_frees_its_pages(stub, pb, served):
         sampling=m.SamplingParams(max_tokens=min(served["context"] - 32, 2048), ignore_eos=True)))
     first = next(call)
     assert first.tokens
-    assert stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0
+    # Stats are published after each engine step, so a streamed token can reach us before the
+    # snapshot of its step: wait for the snapshot that shows the running sequence's pages.
+    deadline = time.monotonic() + 20
+    while stub.GetKvStats(m.GetKvStatsRequest()).pages_used == 0:
+        assert time.monotonic() < deadline, "a running generation shows no KV pages"
+        time.sleep(0.01)
     call.cancel()
     deadline = time.monotonic() + 20
     while stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0:
