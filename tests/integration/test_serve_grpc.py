@@ -115,17 +115,21 @@ def test_cancelled_generate_frees_its_pages(stub, pb, served):
         sampling=m.SamplingParams(max_tokens=min(served["context"] - 32, 2048), ignore_eos=True)))
     first = next(call)
     assert first.tokens
+
+    def pages_used():
+        return stub.GetKvStats(m.GetKvStatsRequest()).pages_used
+
+    def wait_until(cond, what):  # 20 s at most
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
     # Stats are published after each engine step, so a streamed token can reach us before the
     # snapshot of its step: wait for the snapshot that shows the running sequence's pages.
-    deadline = time.monotonic() + 20
-    while stub.GetKvStats(m.GetKvStatsRequest()).pages_used == 0:
-        assert time.monotonic() < deadline, "a running generation shows no KV pages"
-        time.sleep(0.01)
+    wait_until(lambda: pages_used() > 0, "a running generation shows no KV pages")
     call.cancel()
-    deadline = time.monotonic() + 20
-    while stub.GetKvStats(m.GetKvStatsRequest()).pages_used > 0:
-        assert time.monotonic() < deadline, "pages not freed after cancel"
-        time.sleep(0.05)
+    wait_until(lambda: pages_used() == 0, "pages not freed after cancel")
 
 
 def test_tokenize(stub, pb, served):
