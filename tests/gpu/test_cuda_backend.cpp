@@ -514,9 +514,10 @@ void write_bulk_model(const fs::path& dir) {
 
 TEST_CASE("cuda backend: bulk-GEMM shapes (fused SwiGLU) match the CPU backend", "[cuda_backend]") {
   // hidden 1024, intermediate 2048: at decode (m <= 8) every projection takes the skinny GEMM's
-  // bulk kernel and the gate/up projection its SwiGLU epilogue (on sm_90; elsewhere the register
-  // kernel and the interleaved activation kernel); prefill takes cuBLASLt and the interleaved
-  // activation kernel. Batch-1 decode (drive) and a batch of 5 sequences decoding together.
+  // bulk kernel and the gate/up projection its SwiGLU epilogue (on sm_90; elsewhere, and at m = 9
+  // to 16, the register kernel and the interleaved activation kernel); prefill takes cuBLASLt and
+  // the interleaved activation kernel. Batch-1 decode (drive) and batches of 5 and 13 sequences
+  // decoding together.
   const fs::path dir =
       fs::temp_directory_path() / ("pmkv_bulk_model_" + std::to_string(::getpid()));
   write_bulk_model(dir);
@@ -538,32 +539,37 @@ TEST_CASE("cuda backend: bulk-GEMM shapes (fused SwiGLU) match the CPU backend",
   WARN("bulk-shaped model, batch 1: max |gpu - cpu| " << worst << ", rms "
                                                       << rms_diff(out[0], out[1]));
   CHECK(worst <= kLogitBound);
-  // Five sequences prefilled, then decoded together (m = 5).
+  // Batches of 5 and 13 sequences prefilled, then decoded together (m = 5: one 8-column tile of
+  // the skinny GEMM, the bulk kernel; m = 13: two, the register kernel and the activation kernel).
   const int64_t V = cfg.vocab_size;
-  std::vector<int32_t> feed(5);
-  for (size_t p = 0; p < 5; ++p) {
-    std::vector<int32_t> ids(20 + p);
-    for (int32_t& t : ids)
-      t = static_cast<int32_t>(rng() % V);
-    const SeqChunk c{p, ids, SeqChunk::Logits::kLast};
-    max_abs_diff(gpu.step({&c, 1}), cpu.step({&c, 1}));
-    feed[p] = static_cast<int32_t>(rng() % V);
-  }
-  double worst_batch = 0;
-  for (int t = 0; t < 20; ++t) {
-    std::vector<SeqChunk> chunks;
-    for (size_t p = 0; p < 5; ++p)
-      chunks.push_back({p, std::span(&feed[p], 1), SeqChunk::Logits::kLast});
-    worst_batch = std::max(worst_batch, max_abs_diff(gpu.step(chunks), cpu.step(chunks)));
-    for (int32_t& f : feed)
-      f = static_cast<int32_t>(rng() % V);
-  }
-  WARN("bulk-shaped model, batch 5 decode: max |gpu - cpu| " << worst_batch);
-  CHECK(worst_batch <= kLogitBound);
-  for (Runner* r : rs) {
-    for (size_t p = 0; p < 5; ++p)
-      r->kv.release(p);
-    CHECK(r->kv.pool().num_used() == 0);
+  size_t first_id = 0;
+  for (const size_t nb : {size_t{5}, size_t{13}}) {
+    std::vector<int32_t> feed(nb);
+    for (size_t p = 0; p < nb; ++p) {
+      std::vector<int32_t> ids(20 + p);
+      for (int32_t& t : ids)
+        t = static_cast<int32_t>(rng() % V);
+      const SeqChunk c{first_id + p, ids, SeqChunk::Logits::kLast};
+      max_abs_diff(gpu.step({&c, 1}), cpu.step({&c, 1}));
+      feed[p] = static_cast<int32_t>(rng() % V);
+    }
+    double worst_batch = 0;
+    for (int t = 0; t < 20; ++t) {
+      std::vector<SeqChunk> chunks;
+      for (size_t p = 0; p < nb; ++p)
+        chunks.push_back({first_id + p, std::span(&feed[p], 1), SeqChunk::Logits::kLast});
+      worst_batch = std::max(worst_batch, max_abs_diff(gpu.step(chunks), cpu.step(chunks)));
+      for (int32_t& f : feed)
+        f = static_cast<int32_t>(rng() % V);
+    }
+    WARN("bulk-shaped model, batch " << nb << " decode: max |gpu - cpu| " << worst_batch);
+    CHECK(worst_batch <= kLogitBound);
+    for (Runner* r : rs) {
+      for (size_t p = 0; p < nb; ++p)
+        r->kv.release(first_id + p);
+      CHECK(r->kv.pool().num_used() == 0);
+    }
+    first_id += nb;
   }
   fs::remove_all(dir);
 }

@@ -25,6 +25,7 @@
 #include "kernels/model/fill.h"
 #include "kernels/model/layer_ops.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/late_writer.h"
 
 using namespace pmkv;
 using gputest::DeviceBuffer;
@@ -309,6 +310,48 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {4096, 14336}})
     for (const bool compact : {false, true})
       run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true, compact}, rng);
+}
+
+// Under programmatic dependent launch the bulk kernel streams weights before the kernel before it
+// has finished, but its consumers must read `a` (that kernel's output) only after it. The writer
+// here stores the real `a` 100 us after letting the GEMM start; the result must equal a plain
+// launch's.
+TEST_CASE("skinny gemm: the bulk kernel reads a only after the kernel before it (PDL)",
+          "[skinny_gemm][bulk]") {
+  if (!bulk_capable()) {
+    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
+    return;
+  }
+  std::mt19937 rng(gputest::test_seed("skinny_gemm bulk pdl"));
+  for (const int64_t m : {1, 8})
+    for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {300, 14336}})
+      for (const bool compact : {false, true}) {
+        INFO("m=" << m << " n=" << n << " k=" << k << " compact=" << compact);
+        const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
+        const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
+        DeviceBuffer<uint16_t> a_src, a_live(static_cast<size_t>(m * k)), w;
+        CUDA_REQUIRE(a_src.upload(ha));
+        CUDA_REQUIRE(w.upload(hw));
+        DeviceBuffer<float> d(static_cast<size_t>(m * n));
+        DeviceBuffer<uint8_t> ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, 132)));
+        CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+        kernels::SkinnyGemmParams p =
+            bulk_params(a_src.get(), w.get(), d.get(), kernels::DType::kF32, m, n, k, 132, ws);
+        p.compact = compact;
+        REQUIRE(kernels::skinny_gemm_uses_bulk(p));
+        CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+        std::vector<float> want, got;
+        CUDA_REQUIRE(d.download(want));
+        CUDA_REQUIRE(a_live.poison());
+        CUDA_REQUIRE(d.poison());
+        p.a = a_live.get();
+        p.pdl = true;
+        CUDA_REQUIRE(gputest::run_after_late_copies(
+            {a_src.get(), a_live.get(), static_cast<int64_t>(a_src.bytes())}, {}, 100,
+            [&](cudaStream_t st) { return kernels::launch_skinny_gemm(p, st); }));
+        CUDA_REQUIRE(d.download(got));
+        REQUIRE(std::memcmp(got.data(), want.data(), want.size() * 4) == 0);
+      }
 }
 
 TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
