@@ -445,11 +445,12 @@ TEST_CASE("cuda backend: decode steps replay CUDA graphs with the eager launches
 namespace {
 
 // A random Llama-shaped model whose GEMMs take the skinny GEMM's bulk kernel at decode (k % 1024
-// == 0) and the fused SwiGLU epilogue (the golden fixtures are too small for both): written as
-// config.json + model.safetensors (bf16) into `dir`. Weights uniform with variance 1 / fan_in, so
-// activations stay O(1) through the layers.
+// == 0) and the fused SwiGLU epilogue (the golden fixtures are too small for both), and whose
+// gate/up projection (n = 2 I = 16384) is wide enough for cuBLASLt at m = 9..16
+// (GemmRunner::kSkinnyWideMinN): written as config.json + model.safetensors (bf16) into `dir`.
+// Weights uniform with variance 1 / fan_in, so activations stay O(1) through the layers.
 void write_bulk_model(const fs::path& dir) {
-  const int64_t H = 1024, I = 2048, V = 512, L = 2, NH = 8, NKV = 2, D = 128;
+  const int64_t H = 1024, I = 8192, V = 512, L = 2, NH = 8, NKV = 2, D = 128;
   fs::create_directories(dir);
   nlohmann::json cfg =
       nlohmann::json::parse(std::ifstream(fixture("llama_gqa_d64") / "config.json"));
@@ -513,9 +514,10 @@ void write_bulk_model(const fs::path& dir) {
 }  // namespace
 
 TEST_CASE("cuda backend: bulk-GEMM shapes (fused SwiGLU) match the CPU backend", "[cuda_backend]") {
-  // hidden 1024, intermediate 2048: at decode (m <= 8) every projection takes the skinny GEMM's
-  // bulk kernel and the gate/up projection its SwiGLU epilogue (on sm_90; elsewhere, and at m = 9
-  // to 16, the register kernel and the interleaved activation kernel); prefill takes cuBLASLt and
+  // hidden 1024, intermediate 8192: at decode (m <= 8) every projection takes the skinny GEMM's
+  // bulk kernel and the gate/up projection its SwiGLU epilogue (on sm_90; elsewhere the register
+  // kernel and the interleaved activation kernel); at m = 9..16 the register kernel, but cuBLASLt
+  // for the gate/up projection (n = 16384), then the activation kernel; prefill takes cuBLASLt and
   // the interleaved activation kernel. Batch-1 decode (drive) and batches of 5 and 13 sequences
   // decoding together.
   const fs::path dir =
@@ -540,7 +542,7 @@ TEST_CASE("cuda backend: bulk-GEMM shapes (fused SwiGLU) match the CPU backend",
                                                       << rms_diff(out[0], out[1]));
   CHECK(worst <= kLogitBound);
   // Batches of 5 and 13 sequences prefilled, then decoded together (m = 5: one 8-column tile of
-  // the skinny GEMM, the bulk kernel; m = 13: two, the register kernel and the activation kernel).
+  // the skinny GEMM, the bulk kernel; m = 13: two, the register kernel and cuBLASLt).
   const int64_t V = cfg.vocab_size;
   size_t first_id = 0;
   for (const size_t nb : {size_t{5}, size_t{13}}) {

@@ -57,6 +57,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_PDL=0: skinny GEMMs wait for the previous kernel like any launch (A/B measurements).
   const char* pdl = std::getenv("PMKV_PDL");
   skinny_pdl_ = pdl == nullptr || std::strcmp(pdl, "0") != 0;
+  // PMKV_SKINNY_WIDE=1: the skinny GEMM also takes m > 8 with a wide output (A/B measurements).
+  const char* wide = std::getenv("PMKV_SKINNY_WIDE");
+  skinny_wide_ = wide != nullptr && std::strcmp(wide, "0") != 0;
   // PMKV_FUSED_NORM=0: run_add_norm launches the GEMM and the norm separately (A/B measurements).
   const char* fused = std::getenv("PMKV_FUSED_NORM");
   fuse_norm_ = fused == nullptr || std::strcmp(fused, "0") != 0;
@@ -197,6 +200,9 @@ bool GemmRunner::uses_bulk(const void* a, const void* w, const void* d, GemmOut 
 
 bool GemmRunner::uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m,
                              int64_t n, int64_t k) const {
+  // Two 8-column tiles of a (m > 8) and a wide output: cuBLASLt streams the weights faster than
+  // the register kernel there (see kSkinnyWideMinN).
+  if (m > 8 && n >= kSkinnyWideMinN && !skinny_wide_) return false;
   return skinny_enabled_ &&
          kernels::skinny_gemm_supported(
              a, w, d, out == GemmOut::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16, m, n, k);

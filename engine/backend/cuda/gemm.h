@@ -67,6 +67,13 @@ class GemmRunner {
   bool uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                  int64_t k) const;
 
+  // At m = 9..16 (two 8-column tiles of a, the register kernel) outputs of this many columns or
+  // more take cuBLASLt: on an H200 at m = 16 it ran gate/up (n 28672) in 59.3 us against 69.8
+  // and lm_head (n 128256) in 255 us against 297, and batch-16 decode steps 2-5% faster with it
+  // there; the narrower qkv (6144), o and down (4096) stay on the skinny GEMM (bench/RESULTS.md,
+  // thirteenth session). PMKV_SKINNY_WIDE=1 (read once, in the constructor) keeps them skinny.
+  static constexpr int64_t kSkinnyWideMinN = 16384;
+
   // Whether run() with these operands takes the skinny kernel (rather than cuBLASLt).
   bool uses_skinny(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                    int64_t k) const;
@@ -87,6 +94,7 @@ class GemmRunner {
   int32_t num_sms_ = 0;
   int32_t skinny_warp_rows_ = 0, skinny_k_split_ = 0;
   bool skinny_pdl_ = true;
+  bool skinny_wide_ = false;
   bool fuse_norm_ = true;
   bool compact_layers_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
