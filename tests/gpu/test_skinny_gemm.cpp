@@ -189,13 +189,16 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   return hd;
 }
 
-// The device runs the bulk kernel: sm_90+ with the shared memory it asks for per block.
+// The device runs the bulk kernel: sm_90+ with the shared memory it asks for per block. When it
+// does not, says so (the calling test case then returns without running).
 bool bulk_capable() {
   int dev = 0, optin = 0;
-  return gputest::device_is_sm90() && cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
-             cudaSuccess &&
-         optin >= kernels::skinny_gemm_bulk_smem_bytes();
+  const bool ok =
+      gputest::device_is_sm90() && cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+      optin >= kernels::skinny_gemm_bulk_smem_bytes();
+  if (!ok) WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
+  return ok;
 }
 
 // Parameters of a bulk-kernel product d = a w^T over the zeroed workspace ws.
@@ -269,10 +272,7 @@ TEST_CASE("skinny gemm: the result is bit-identical run to run", "[skinny_gemm]"
 
 TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that split tiles",
           "[skinny_gemm][bulk]") {
-  if (!bulk_capable()) {
-    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
-    return;
-  }
+  if (!bulk_capable()) return;
   std::mt19937 rng(gputest::test_seed("skinny_gemm bulk"));
   // k: one 1024-unit, one 2048-unit, 3 x 1024, 7 x 2048 per tile; n: 1, partial tiles, many tiles;
   // num_sms: one CTA per unit or so (132), a few CTAs whose ranges end inside tiles (5), a tile
@@ -318,10 +318,7 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
 // launch's.
 TEST_CASE("skinny gemm: the bulk kernel reads a only after the kernel before it (PDL)",
           "[skinny_gemm][bulk]") {
-  if (!bulk_capable()) {
-    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
-    return;
-  }
+  if (!bulk_capable()) return;
   std::mt19937 rng(gputest::test_seed("skinny_gemm bulk pdl"));
   for (const int64_t m : {1, 8})
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {300, 14336}})
@@ -355,10 +352,7 @@ TEST_CASE("skinny gemm: the bulk kernel reads a only after the kernel before it 
 }
 
 TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
-  if (!bulk_capable()) {
-    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
-    return;
-  }
+  if (!bulk_capable()) return;
   const uint32_t seed = gputest::test_seed("skinny_gemm bulk determinism");
   for (const int32_t sms : {132, 40}) {
     const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true, sms == 40};
@@ -402,10 +396,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
 
 TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_silu_mul",
           "[skinny_gemm][bulk]") {
-  if (!bulk_capable()) {
-    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
-    return;
-  }
+  if (!bulk_capable()) return;
   std::mt19937 rng(gputest::test_seed("skinny_gemm gated"));
   for (const int64_t m : {1, 3, 8})
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{16, 1024}, {4096, 4096}, {1040, 2048}})
@@ -483,10 +474,7 @@ TEST_CASE("skinny gemm: the SwiGLU epilogue equals the GEMM followed by launch_s
 
 TEST_CASE("skinny gemm: the fused add + RMSNorm tail equals the GEMM then launch_add_rmsnorm",
           "[skinny_gemm][bulk]") {
-  if (!bulk_capable()) {
-    WARN("the bulk kernel needs sm_90 and ~208 KB of shared memory per block: not run");
-    return;
-  }
+  if (!bulk_capable()) return;
   std::mt19937 rng(gputest::test_seed("skinny_gemm fused norm"));
   cudaStream_t stream = nullptr;
   CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
