@@ -53,7 +53,8 @@ struct SkinnyGemmParams {
   // The bulk kernel: allowed only when the device is sm_90 or newer (the caller knows) and a
   // workspace of skinny_gemm_workspace_bytes(n, num_sms) bytes or more is given, whose first
   // skinny_gemm_counter_bytes(n) bytes were zeroed once when it was allocated (every launch leaves
-  // them zero again). Launches sharing a workspace must be ordered (one stream).
+  // them zero again). Launches sharing a workspace must be ordered (one stream); they may differ in
+  // n (the partials of split tiles sit at the workspace's end, clear of any product's counters).
   bool bulk = false;
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;

@@ -146,75 +146,92 @@ __device__ __forceinline__ int64_t unit_owner(int64_t u, int64_t units, int64_t 
   return ((u + 1) * ctas - 1) / units;
 }
 
-// Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
-// kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
-// the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
-template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
-__global__ void __launch_bounds__(kThreads, 1)
-    bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
-                     OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
-                     float* __restrict__ partials, const float* __restrict__ gate_bias,
-                     const AddRmsNormParams norm) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // the launcher takes this path only on sm_90 and newer
-#else
+// The shared-memory carve-up of a CTA: the ring's stages, the warps' partial sums, a tile's final
+// sums, the ring's mbarriers and a flag word.
+template <int RT, int KU, bool kCompact>
+struct Smem {
+  using Ge = Geometry<RT, KU, kCompact>;
+  uint8_t* stages;
+  float* red;  // [warp][slot][lane]
+  float* fin;
+  uint64_t* full;
+  uint64_t* empty;
+  int* flag;
+  __device__ __forceinline__ explicit Smem(uint8_t* smem)
+      : stages(smem),
+        red(reinterpret_cast<float*>(smem + Ge::kStages * Ge::kStageBytes)),
+        fin(reinterpret_cast<float*>(smem + Ge::kStages * Ge::kStageBytes + Ge::kRedBytes)),
+        full(reinterpret_cast<uint64_t*>(smem + Ge::kStages * Ge::kStageBytes + Ge::kRedBytes +
+                                         Ge::kFinBytes)),
+        empty(full + Ge::kStages),
+        flag(reinterpret_cast<int*>(empty + Ge::kStages)) {}
+  // Thread 0 initializes the ring's barriers; the caller then synchronizes the CTA.
+  __device__ __forceinline__ void init() const {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < Ge::kStages; ++s) {
+        mbar_init(&full[s], 1);
+        mbar_init(&empty[s], kConsumers * 32);
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+  }
+};
+
+// Producer warp: streams units [u0, u1) of w [n, k] into the ring; `i` counts the ring's stages
+// used so far (carried across the GEMMs of a chain). Lane r copies row r of each unit's tile (rows
+// past n repeat row n - 1: those outputs are never stored). Weights depend on no earlier kernel:
+// callers start this before pdl_wait().
+template <int RT, int KU, bool kCompact>
+__device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
+                                        const uint16_t* __restrict__ w, int n, int k, int64_t u0,
+                                        int64_t u1, int& i, int lane) {
+  using Ge = Geometry<RT, KU, kCompact>;
+  constexpr int kRows = Ge::kRows, kStages = Ge::kStages;
+  const int64_t ku = k / KU;
+  for (int64_t u = u0; u < u1; ++u, ++i) {
+    const int s = i % kStages;
+    if (i >= kStages) mbar_wait(&sm.empty[s], ((i / kStages) - 1) & 1);
+    // The consumers read the stage through the generic proxy, the copy writes it through the
+    // async proxy: without this fence the copy could overwrite bytes not yet read. (Measured:
+    // without it, 14-299 of 299 repeated launches at m = 8 differed from the first; with it,
+    // none. The mbarrier's release/acquire orders only the generic proxy.)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if (lane == 0) mbar_arrive_expect_tx(&sm.full[s], kRows * KU * 2);
+    __syncwarp();
+    const int64_t tile = u / ku, kk = u % ku;
+    for (int r = lane; r < kRows; r += 32) {
+      int64_t row = tile * kRows + r;
+      row = row < n ? row : n - 1;
+      bulk_copy(sm.stages + s * Ge::kStageBytes + r * Ge::kRowStride, w + row * k + kk * KU, KU * 2,
+                &sm.full[s]);
+    }
+  }
+}
+
+// 16 bytes of `a` through L2 only: in a chain, `a` was stored by other CTAs of the running grid.
+__device__ __forceinline__ uint4 load_coherent(const uint4* p) {
+  return __ldcg(p);
+}
+
+// The 8 consumer warps: the products of units [u0, u1) of d [m, n] = a [m, k] * w [n, k]^T (CTA
+// `cta` of G), each tile's fix-up and its epilogue (see the file comment). `i` as in produce().
+// kCgA: `a` is read through L2 only (see load_coherent), else through the non-coherent path.
+template <int NT, int RT, int KU, class OutT, bool kGated, bool kCompact, bool kCgA>
+__device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
+                                        const uint16_t* __restrict__ a, OutT* __restrict__ d, int m,
+                                        int n, int k, int* __restrict__ counters,
+                                        float* __restrict__ partials,
+                                        const float* __restrict__ gate_bias, int64_t cta, int64_t G,
+                                        int& i, int warp, int lane) {
   using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
   constexpr int kSlots = RT * NT * 4;
-  extern __shared__ __align__(128) uint8_t smem[];
-  float* red = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [warp][slot][lane]
-  float* fin = reinterpret_cast<float*>(smem + kStages * kStageBytes + Ge::kRedBytes);
-  uint64_t* full =
-      reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + Ge::kRedBytes + Ge::kFinBytes);
-  uint64_t* empty = full + kStages;
-  int* flag = reinterpret_cast<int*>(empty + kStages);
-
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
+  float* const red = sm.red;
+  float* const fin = sm.fin;
   const int64_t ku = k / KU;  // units per tile
-  const int64_t tiles = (n + kRows - 1) / kRows;
-  const int64_t units = tiles * ku;
-  const int64_t G = gridDim.x;
-  const int64_t u0 = unit_begin(blockIdx.x, units, G);
-  const int64_t u1 = unit_begin(int64_t{blockIdx.x} + 1, units, G);
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kConsumers * 32);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  pdl_trigger();
-
-  if (warp == kConsumers) {
-    // Producer: lane r copies row r of each unit's tile (rows past n repeat row n - 1: those
-    // outputs are never stored). Weights depend on no earlier kernel: start before pdl_wait().
-    int i = 0;
-    for (int64_t u = u0; u < u1; ++u, ++i) {
-      const int s = i % kStages;
-      if (i >= kStages) mbar_wait(&empty[s], ((i / kStages) - 1) & 1);
-      // The consumers read the stage through the generic proxy, the copy writes it through the
-      // async proxy: without this fence the copy could overwrite bytes not yet read. (Measured:
-      // without it, 14-299 of 299 repeated launches at m = 8 differed from the first; with it,
-      // none. The mbarrier's release/acquire orders only the generic proxy.)
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      if (lane == 0) mbar_arrive_expect_tx(&full[s], kRows * KU * 2);
-      __syncwarp();
-      const int64_t tile = u / ku, kk = u % ku;
-      for (int r = lane; r < kRows; r += 32) {
-        int64_t row = tile * kRows + r;
-        row = row < n ? row : n - 1;
-        bulk_copy(smem + s * kStageBytes + r * Ge::kRowStride, w + row * k + kk * KU, KU * 2,
-                  &full[s]);
-      }
-    }
-    return;
-  }
-
-  // Consumers.
-  pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
+  const int64_t units = (n + kRows - 1) / kRows * ku;
+  const int64_t u0 = unit_begin(cta, units, G);
+  const int64_t u1 = unit_begin(cta + 1, units, G);
   const int g = lane >> 2, t = lane & 3;
   const uint4* ap[NT];
 #pragma unroll
@@ -236,11 +253,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < kMine; ++j)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
-          dst[j][nt] = load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
+        if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks) {
+          const uint4* src = ap[nt] + kk * (KU / 8) + 4 * kConsumers * j;
+          dst[j][nt] = kCgA ? load_coherent(src) : load_cached(src);
+        }
   };
-  load_a(u0 % ku, an);
-  int i = 0;
+  load_a(u0 % ku, an);  // in bounds even for an empty range (any kk < ku is)
   for (int64_t u = u0; u < u1; ++u, ++i) {
     const int s = i % kStages;
     const int64_t tile = u / ku, kk = u % ku;
@@ -250,11 +268,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int nt = 0; nt < NT; ++nt)
         av[j][nt] = an[j][nt];
     if (u + 1 < u1) load_a((u + 1) % ku, an);
-    mbar_wait(&full[s], (i / kStages) & 1);
+    mbar_wait(&sm.full[s], (i / kStages) & 1);
     uint4 wv[kMine][RT][2];
 #pragma unroll
     for (int j = 0; j < kMine; ++j) {
-      const uint8_t* st = smem + s * kStageBytes + (32 * (warp + kConsumers * j) + 8 * t) * 2;
+      const uint8_t* st = sm.stages + s * kStageBytes + (32 * (warp + kConsumers * j) + 8 * t) * 2;
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -262,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
             wv[j][rt][h] = lds128(st + (16 * rt + 8 * h + g) * Ge::kRowStride);
     }
-    mbar_arrive(&empty[s]);  // every consumer thread: its reads of the stage are done
+    mbar_arrive(&sm.empty[s]);  // every consumer thread: its reads of the stage are done
 #pragma unroll
     for (int j = 0; j < kMine; ++j) {
       if (!kAllBlocks && warp + kConsumers * j >= Ge::kBlocks) continue;
@@ -292,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fin[o] = v;
       } else {
         const int pslot = tile == first_tile ? 0 : 1;
-        partials[(int64_t{blockIdx.x} * 2 + pslot) * Ge::kPartialFloats + o] = v;
+        partials[(cta * 2 + pslot) * Ge::kPartialFloats + o] = v;
       }
     }
     bool done = whole;
@@ -305,10 +323,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int old = atomicAdd(&counters[tile], 1);
         const int last = old == static_cast<int>(c_last - c_first);
         if (last) counters[tile] = 0;  // every contributor has arrived: ready for the next launch
-        *flag = last;
+        *sm.flag = last;
       }
       named_sync(1, kConsumers * 32);
-      done = *flag != 0;
+      done = *sm.flag != 0;
       if (done) {
         __threadfence();
         for (int o = ct; o < kSlots * 32; o += kConsumers * 32) {
@@ -350,30 +368,81 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     named_sync(1, kConsumers * 32);  // red and flag are reused by the next segment
   }
+}
 
+// Counts this CTA's consumers in on `counter` once their stores are fenced; true in the last of
+// the G CTAs to arrive (in all its consumer threads), which also resets the counter to zero.
+template <int RT, int KU, bool kCompact>
+__device__ __forceinline__ bool arrive_last(const Smem<RT, KU, kCompact>& sm, int* counter,
+                                            int64_t G) {
+  __threadfence();
+  named_sync(1, kConsumers * 32);
+  if (threadIdx.x == 0) {
+    const int old = atomicAdd(counter, 1);
+    const int last = old == static_cast<int>(G - 1);
+    if (last) *counter = 0;  // ready for the next launch
+    *sm.flag = last;
+  }
+  named_sync(1, kConsumers * 32);
+  return *sm.flag != 0;
+}
+
+// The residual add + RMSNorm tail over d's m rows (see the file comment), run by the consumers of
+// the one CTA that arrived last.
+template <int kNormV, int RT, int KU, bool kCompact>
+__device__ __forceinline__ void norm_tail(const Smem<RT, KU, kCompact>& sm,
+                                          const AddRmsNormParams& norm, int m, int warp, int lane) {
+  using Ge = Geometry<RT, KU, kCompact>;
+  __threadfence();
+  if (norm.dim <= rmsnorm_detail::kWarpRowMaxDim) {  // the norm's warp-per-row variant
+    for (int r = warp; r < m; r += kConsumers)
+      rmsnorm_detail::add_rmsnorm_row<kNormV, true, true>(norm, r, lane, nullptr, [] {});
+  } else {  // its CTA-per-row variant on the 256 consumer threads, a partial buffer a row
+    static_assert(kSkinnyGemmBulkMaxM * kConsumers * 4 <= Ge::kRedBytes);
+    const int ct = static_cast<int>(threadIdx.x);
+    for (int r = 0; r < m; ++r)
+      rmsnorm_detail::add_rmsnorm_row<kNormV, false, true>(norm, r, ct, sm.red + r * kConsumers,
+                                                           [] { named_sync(1, kConsumers * 32); });
+  }
+}
+
+// Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
+// kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
+// the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
+template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
+__global__ void __launch_bounds__(kThreads, 1)
+    bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
+                     OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
+                     float* __restrict__ partials, const float* __restrict__ gate_bias,
+                     const AddRmsNormParams norm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the launcher takes this path only on sm_90 and newer
+#else
+  extern __shared__ __align__(128) uint8_t smem[];
+  const Smem<RT, KU, kCompact> sm(smem);
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t G = gridDim.x;
+  sm.init();
+  __syncthreads();
+  pdl_trigger();
+
+  int i = 0;
+  if (warp == kConsumers) {
+    const int64_t units =
+        (n + Geometry<RT, KU, kCompact>::kRows - 1) / Geometry<RT, KU, kCompact>::kRows * (k / KU);
+    produce(sm, w, n, k, unit_begin(blockIdx.x, units, G),
+            unit_begin(int64_t{blockIdx.x} + 1, units, G), i, lane);
+    return;
+  }
+  pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
+  consume<NT, RT, KU, OutT, kGated, kCompact, false>(sm, a, d, m, n, k, counters, partials,
+                                                     gate_bias, blockIdx.x, G, i, warp, lane);
   if constexpr (kNormV != 0) {
     // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
-    __threadfence();
-    named_sync(1, kConsumers * 32);
-    if (ct == 0) {
-      const int old = atomicAdd(&counters[tiles], 1);
-      const int last = old == static_cast<int>(G - 1);
-      if (last) counters[tiles] = 0;  // ready for the next launch
-      *flag = last;
-    }
-    named_sync(1, kConsumers * 32);
-    if (*flag != 0) {
-      __threadfence();
-      if (norm.dim <= rmsnorm_detail::kWarpRowMaxDim) {  // the norm's warp-per-row variant
-        for (int r = warp; r < m; r += kConsumers)
-          rmsnorm_detail::add_rmsnorm_row<kNormV, true, true>(norm, r, lane, nullptr, [] {});
-      } else {  // its CTA-per-row variant on the 256 consumer threads, a partial buffer a row
-        static_assert(kSkinnyGemmBulkMaxM * kConsumers * 4 <= Ge::kRedBytes);
-        for (int r = 0; r < m; ++r)
-          rmsnorm_detail::add_rmsnorm_row<kNormV, false, true>(
-              norm, r, ct, red + r * kConsumers, [] { named_sync(1, kConsumers * 32); });
-      }
-    }
+    const int64_t tiles =
+        (n + Geometry<RT, KU, kCompact>::kRows - 1) / Geometry<RT, KU, kCompact>::kRows;
+    if (arrive_last(sm, &counters[tiles], G)) norm_tail<kNormV>(sm, norm, m, warp, lane);
   }
 #endif
 }

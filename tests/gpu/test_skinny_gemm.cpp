@@ -19,6 +19,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/gemm/skinny_gemm.h"
@@ -650,4 +651,161 @@ TEST_CASE("skinny gemm: unsupported parameters are rejected without a launch", "
   std::vector<float> hd;
   CUDA_REQUIRE(d.download(hd));
   REQUIRE(std::all_of(hd.begin(), hd.end(), [](float f) { return std::isnan(f); }));
+}
+
+namespace {
+
+// The products of one Llama-3-8B decoder layer at m rows, on device-filled random operands:
+// the o projection with its residual add + norm, the gate/up projection with its SwiGLU, the
+// down projection with its residual add + norm, the next layer's qkv projection. Every product
+// reads what the one before it stored (as the CUDA backend chains them).
+struct DecoderGemms {
+  static constexpr int64_t H = 4096, I = 14336, QKV = 6144;
+  int64_t m;
+  DeviceBuffer<uint16_t> wo{size_t{H * H}}, wgu{size_t{2 * I * H}}, wd{size_t{H * I}},
+      wqkv{size_t{QKV * H}};
+  DeviceBuffer<uint16_t> attn, h, act;
+  DeviceBuffer<float> x, delta, qkv, bias, gamma1, gamma2;
+  std::vector<float> x0;
+
+  explicit DecoderGemms(int64_t rows, std::mt19937& rng)
+      : m(rows),
+        attn(static_cast<size_t>(rows * H)),
+        h(static_cast<size_t>(rows * H)),
+        act(static_cast<size_t>(rows * I)),
+        delta(static_cast<size_t>(rows * H)),
+        qkv(static_cast<size_t>(rows * QKV)) {
+    // Weights of a trained layer's scale (|w| < 0.02) keep the norms' inputs in range.
+    CUDA_REQUIRE(kernels::launch_fill_uniform_bf16(wo.get(), H * H, rng(), 0.02f, nullptr));
+    CUDA_REQUIRE(kernels::launch_fill_uniform_bf16(wgu.get(), 2 * I * H, rng(), 0.02f, nullptr));
+    CUDA_REQUIRE(kernels::launch_fill_uniform_bf16(wd.get(), H * I, rng(), 0.02f, nullptr));
+    CUDA_REQUIRE(kernels::launch_fill_uniform_bf16(wqkv.get(), QKV * H, rng(), 0.02f, nullptr));
+    CUDA_REQUIRE(attn.upload(random_bf16(static_cast<size_t>(rows * H), rng)));
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    x0.resize(static_cast<size_t>(rows * H));
+    for (float& v : x0)
+      v = dist(rng);
+    std::vector<float> hb(H), hg1(H), hg2(H);
+    for (size_t i = 0; i < hb.size(); ++i) {
+      hb[i] = 0.1f * dist(rng);
+      hg1[i] = 1.0f + 0.1f * dist(rng);
+      hg2[i] = 1.0f + 0.1f * dist(rng);
+    }
+    CUDA_REQUIRE(bias.upload(hb));
+    CUDA_REQUIRE(gamma1.upload(hg1));
+    CUDA_REQUIRE(gamma2.upload(hg2));
+    reset();
+  }
+
+  // The starting state: x = x0; h, act, delta, qkv poisoned.
+  void reset() {
+    CUDA_REQUIRE(x.upload(x0));
+    CUDA_REQUIRE(h.poison());
+    CUDA_REQUIRE(act.poison());
+    CUDA_REQUIRE(delta.poison());
+    CUDA_REQUIRE(qkv.poison());
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+  }
+
+  std::vector<kernels::SkinnyGemmParams> phases(int32_t sms, bool compact,
+                                                DeviceBuffer<uint8_t>& ws) {
+    const auto norm = [&](const float* b, const float* g) {
+      return kernels::AddRmsNormParams{
+          x.get(), delta.get(), b, g, 1e-5f, static_cast<int32_t>(m), static_cast<int32_t>(H),
+          nullptr, h.get()};
+    };
+    std::vector<kernels::SkinnyGemmParams> ps;
+    auto o = bulk_params(attn.get(), wo.get(), delta.get(), kernels::DType::kF32, m, H, H, sms, ws);
+    o.fuse_add_norm = true;
+    o.add_norm = norm(bias.get(), gamma1.get());
+    ps.push_back(o);
+    auto gu =
+        bulk_params(h.get(), wgu.get(), act.get(), kernels::DType::kBF16, m, 2 * I, H, sms, ws);
+    gu.gated = true;
+    ps.push_back(gu);
+    auto down =
+        bulk_params(act.get(), wd.get(), delta.get(), kernels::DType::kF32, m, H, I, sms, ws);
+    down.fuse_add_norm = true;
+    down.add_norm = norm(nullptr, gamma2.get());
+    ps.push_back(down);
+    ps.push_back(
+        bulk_params(h.get(), wqkv.get(), qkv.get(), kernels::DType::kF32, m, QKV, H, sms, ws));
+    for (kernels::SkinnyGemmParams& p : ps)
+      p.compact = compact;
+    return ps;
+  }
+
+  // Every buffer the products write, as bytes.
+  std::vector<uint8_t> state() const {
+    std::vector<uint8_t> out;
+    const auto add = [&](const auto& buf) {
+      std::vector<std::remove_cvref_t<decltype(*buf.get())>> v;
+      CUDA_REQUIRE(buf.download(v));
+      const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+      out.insert(out.end(), p, p + v.size() * sizeof(v[0]));
+    };
+    add(x);
+    add(h);
+    add(act);
+    add(delta);
+    add(qkv);
+    return out;
+  }
+};
+
+bool zero_bytes(const DeviceBuffer<uint8_t>& b, size_t count) {
+  std::vector<uint8_t> v;
+  if (b.download(v) != cudaSuccess) return false;
+  return std::all_of(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(count),
+                     [](uint8_t c) { return c == 0; });
+}
+
+}  // namespace
+
+TEST_CASE("skinny gemm: bulk products of different widths share one workspace",
+          "[skinny_gemm][bulk]") {
+  // The CUDA backend runs a layer's products over one workspace sized for its widest output.
+  // Regression: each launch put its split tiles' partials right after its own tile counters, so
+  // the o projection's partials overwrote gate/up counters, and those split gate/up tiles were
+  // never stored.
+  if (!bulk_capable()) return;
+  std::mt19937 rng(gputest::test_seed("skinny_gemm shared workspace"));
+  for (const int64_t m : {1, 4})
+    for (const bool compact : {false, true}) {
+      INFO("m=" << m << " compact=" << compact);
+      DecoderGemms L(m, rng);
+      // Reference: each product on a workspace of its own, in order.
+      std::vector<std::vector<uint8_t>> want;
+      {
+        DeviceBuffer<uint8_t> unused(16);
+        for (kernels::SkinnyGemmParams p : L.phases(132, compact, unused)) {
+          DeviceBuffer<uint8_t> own(
+              static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(p.n, 132)));
+          CUDA_REQUIRE(own.poison());
+          CUDA_REQUIRE(cudaMemset(own.get(), 0,
+                                  static_cast<size_t>(kernels::skinny_gemm_counter_bytes(p.n))));
+          p.workspace = own.get();
+          p.workspace_bytes = static_cast<int64_t>(own.size());
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+          want.push_back(L.state());
+        }
+      }
+      // One workspace for every width up to 2^22 (as GemmRunner's), twice around the layer.
+      const int64_t max_n = int64_t{1} << 22;
+      DeviceBuffer<uint8_t> ws(
+          static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, 132)));
+      CUDA_REQUIRE(ws.poison());
+      const auto counters = static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n));
+      CUDA_REQUIRE(cudaMemset(ws.get(), 0, counters));
+      for (int round = 0; round < 2; ++round) {
+        L.reset();
+        const std::vector<kernels::SkinnyGemmParams> ps = L.phases(132, compact, ws);
+        for (size_t i = 0; i < ps.size(); ++i) {
+          INFO("round " << round << ", product " << i);
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(ps[i], nullptr));
+          REQUIRE(L.state() == want[i]);
+        }
+        REQUIRE(zero_bytes(ws, counters));
+      }
+    }
 }
