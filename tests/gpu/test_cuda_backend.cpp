@@ -448,9 +448,13 @@ namespace {
 // == 0) and the fused SwiGLU epilogue (the golden fixtures are too small for both), and whose
 // gate/up projection (n = 2 I = 16384) is wide enough for cuBLASLt at m = 9..16
 // (GemmRunner::kSkinnyWideMinN): written as config.json + model.safetensors (bf16) into `dir`.
-// Weights uniform with variance 1 / fan_in, so activations stay O(1) through the layers.
+// Weights uniform with variance 1 / fan_in, so activations stay O(1) through the layers. Hidden
+// 2048: at batch 1 on 132 SMs every product then splits tiles between CTAs (stream-K), so their
+// partials go through the workspace the products share (at hidden 1024 the o projection had 64
+// units and split none, and a bug that let its partials overwrite gate/up's tile counters went
+// unseen; kernels/gemm/skinny_gemm.cu, bulk_partials).
 void write_bulk_model(const fs::path& dir) {
-  const int64_t H = 1024, I = 8192, V = 512, L = 2, NH = 8, NKV = 2, D = 128;
+  const int64_t H = 2048, I = 8192, V = 512, L = 2, NH = 16, NKV = 4, D = 128;
   fs::create_directories(dir);
   nlohmann::json cfg =
       nlohmann::json::parse(std::ifstream(fixture("llama_gqa_d64") / "config.json"));
@@ -514,7 +518,7 @@ void write_bulk_model(const fs::path& dir) {
 }  // namespace
 
 TEST_CASE("cuda backend: bulk-GEMM shapes (fused SwiGLU) match the CPU backend", "[cuda_backend]") {
-  // hidden 1024, intermediate 8192: at decode (m <= 8) every projection takes the skinny GEMM's
+  // hidden 2048, intermediate 8192: at decode (m <= 8) every projection takes the skinny GEMM's
   // bulk kernel and the gate/up projection its SwiGLU epilogue (on sm_90; elsewhere the register
   // kernel and the interleaved activation kernel); at m = 9..16 the register kernel, but cuBLASLt
   // for the gate/up projection (n = 16384), then the activation kernel; prefill takes cuBLASLt and
