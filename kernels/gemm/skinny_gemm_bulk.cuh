@@ -178,7 +178,7 @@ struct Smem {
 };
 
 // Producer warp: streams units [u0, u1) of w [n, k] into the ring; `i` counts the ring's stages
-// used so far (carried across the GEMMs of a chain). Lane r copies row r of each unit's tile (rows
+// used so far. Lane r copies row r of each unit's tile (rows
 // past n repeat row n - 1: those outputs are never stored). Weights depend on no earlier kernel:
 // callers start this before pdl_wait().
 template <int RT, int KU, bool kCompact>
@@ -208,15 +208,9 @@ __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
   }
 }
 
-// 16 bytes of `a` through L2 only: in a chain, `a` was stored by other CTAs of the running grid.
-__device__ __forceinline__ uint4 load_coherent(const uint4* p) {
-  return __ldcg(p);
-}
-
 // The 8 consumer warps: the products of units [u0, u1) of d [m, n] = a [m, k] * w [n, k]^T (CTA
 // `cta` of G), each tile's fix-up and its epilogue (see the file comment). `i` as in produce().
-// kCgA: `a` is read through L2 only (see load_coherent), else through the non-coherent path.
-template <int NT, int RT, int KU, class OutT, bool kGated, bool kCompact, bool kCgA>
+template <int NT, int RT, int KU, class OutT, bool kGated, bool kCompact>
 __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
                                         const uint16_t* __restrict__ a, OutT* __restrict__ d, int m,
                                         int n, int k, int* __restrict__ counters,
@@ -253,10 +247,8 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
     for (int j = 0; j < kMine; ++j)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks) {
-          const uint4* src = ap[nt] + kk * (KU / 8) + 4 * kConsumers * j;
-          dst[j][nt] = kCgA ? load_coherent(src) : load_cached(src);
-        }
+        if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
+          dst[j][nt] = load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
   };
   load_a(u0 % ku, an);  // in bounds even for an empty range (any kk < ku is)
   for (int64_t u = u0; u < u1; ++u, ++i) {
@@ -436,8 +428,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
   pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
-  consume<NT, RT, KU, OutT, kGated, kCompact, false>(sm, a, d, m, n, k, counters, partials,
-                                                     gate_bias, blockIdx.x, G, i, warp, lane);
+  consume<NT, RT, KU, OutT, kGated, kCompact>(sm, a, d, m, n, k, counters, partials, gate_bias,
+                                              blockIdx.x, G, i, warp, lane);
   if constexpr (kNormV != 0) {
     // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
     const int64_t tiles =

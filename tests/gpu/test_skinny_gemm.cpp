@@ -658,7 +658,7 @@ namespace {
 // The products of one Llama-3-8B decoder layer at m rows, on device-filled random operands:
 // the o projection with its residual add + norm, the gate/up projection with its SwiGLU, the
 // down projection with its residual add + norm, the next layer's qkv projection. Every product
-// reads what the one before it stored (as the CUDA backend chains them).
+// reads what the one before it stored (as the CUDA backend runs them).
 struct DecoderGemms {
   static constexpr int64_t H = 4096, I = 14336, QKV = 6144;
   int64_t m;
@@ -707,8 +707,8 @@ struct DecoderGemms {
     CUDA_REQUIRE(cudaDeviceSynchronize());
   }
 
-  std::vector<kernels::SkinnyGemmParams> phases(int32_t sms, bool compact,
-                                                DeviceBuffer<uint8_t>& ws) {
+  std::vector<kernels::SkinnyGemmParams> products(int32_t sms, bool compact,
+                                                  DeviceBuffer<uint8_t>& ws) {
     const auto norm = [&](const float* b, const float* g) {
       return kernels::AddRmsNormParams{
           x.get(), delta.get(), b, g, 1e-5f, static_cast<int32_t>(m), static_cast<int32_t>(H),
@@ -778,7 +778,7 @@ TEST_CASE("skinny gemm: bulk products of different widths share one workspace",
       std::vector<std::vector<uint8_t>> want;
       {
         DeviceBuffer<uint8_t> unused(16);
-        for (kernels::SkinnyGemmParams p : L.phases(132, compact, unused)) {
+        for (kernels::SkinnyGemmParams p : L.products(132, compact, unused)) {
           DeviceBuffer<uint8_t> own(
               static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(p.n, 132)));
           CUDA_REQUIRE(own.poison());
@@ -799,7 +799,7 @@ TEST_CASE("skinny gemm: bulk products of different widths share one workspace",
       CUDA_REQUIRE(cudaMemset(ws.get(), 0, counters));
       for (int round = 0; round < 2; ++round) {
         L.reset();
-        const std::vector<kernels::SkinnyGemmParams> ps = L.phases(132, compact, ws);
+        const std::vector<kernels::SkinnyGemmParams> ps = L.products(132, compact, ws);
         for (size_t i = 0; i < ps.size(); ++i) {
           INFO("round " << round << ", product " << i);
           CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(ps[i], nullptr));
