@@ -368,35 +368,25 @@ bool skinny_gemm_uses_bulk(const SkinnyGemmParams& p) {
          p.workspace_bytes >= skinny_gemm_workspace_bytes(p.n, p.num_sms);
 }
 
-namespace {
-
-// launch_skinny_gemm's checks of everything but m == 0.
-bool skinny_gemm_valid(const SkinnyGemmParams& p) {
-  if (!skinny_gemm_supported(p.a, p.w, p.d, p.out, p.m, p.n, p.k)) return false;
-  if (p.out != DType::kF32 && p.out != DType::kBF16) return false;
-  if (p.warp_rows != 0 && p.warp_rows != 16 && p.warp_rows != 32) return false;
-  if (p.k_split != 0 && log2_exact(p.k_split) < 0) return false;
-  if (p.num_sms < 0) return false;
+cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0) return cudaSuccess;
+  if (!skinny_gemm_supported(p.a, p.w, p.d, p.out, p.m, p.n, p.k)) return cudaErrorInvalidValue;
+  if (p.out != DType::kF32 && p.out != DType::kBF16) return cudaErrorInvalidValue;
+  if (p.warp_rows != 0 && p.warp_rows != 16 && p.warp_rows != 32) return cudaErrorInvalidValue;
+  if (p.k_split != 0 && log2_exact(p.k_split) < 0) return cudaErrorInvalidValue;
+  if (p.num_sms < 0) return cudaErrorInvalidValue;
   if (p.gated && (!skinny_gemm_uses_bulk(p) || p.out != DType::kBF16 || p.n % 16 != 0 ||
                   (p.gate_bias != nullptr && reinterpret_cast<uintptr_t>(p.gate_bias) % 4 != 0))) {
-    return false;
+    return cudaErrorInvalidValue;
   }
   if (p.fuse_add_norm) {
     const AddRmsNormParams& q = p.add_norm;
     if (!skinny_gemm_uses_bulk(p) || p.gated || p.out != DType::kF32 || q.delta != p.d ||
         q.rows != p.m || q.dim != p.n || q.row_index != nullptr || q.x == nullptr ||
         q.weight == nullptr || q.out == nullptr) {
-      return false;
+      return cudaErrorInvalidValue;
     }
   }
-  return true;
-}
-
-}  // namespace
-
-cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
-  if (p.m == 0) return cudaSuccess;
-  if (!skinny_gemm_valid(p)) return cudaErrorInvalidValue;
   if (skinny_gemm_uses_bulk(p)) return launch_bulk(p, stream);
   const Config cfg = choose(p.m, p.n, p.k, p.num_sms, p.warp_rows, p.k_split);
   if (cfg.ctas <= 0 || cfg.ctas > INT32_MAX) return cudaErrorInvalidValue;
