@@ -301,20 +301,28 @@ float* bulk_partials(const SkinnyGemmParams& p) {
                                   ((p.workspace_bytes - bytes) & ~int64_t{255}));
 }
 
-template <int NT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
+// A block's largest dynamic shared memory on sm_90 (227 KB).
+constexpr int kMaxBlockSmem = 227 * 1024;
+
+template <int NT, int KU, class OutT, bool kGated, int kNormV, bool kCompact, int kSplit = 0>
 cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   using Ge = bulk_gemm::Geometry<1, KU, kCompact>;
-  const auto kernel = bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated, kNormV, kCompact>;
+  const auto kernel =
+      bulk_gemm::bulk_gemm_kernel<NT, 1, KU, OutT, kGated, kNormV, kCompact, kSplit>;
+  constexpr bool kNormIn = kSplit == bulk_gemm::kSplitNorm;
   // The attribute is per kernel and process; setting it is not a stream operation (capturable).
-  static const cudaError_t attr_status = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ge::kLaunchSmemBytes);
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kNormIn ? kMaxBlockSmem : Ge::kLaunchSmemBytes);
   if (attr_status != cudaSuccess) return attr_status;
+  const int64_t smem = Ge::kLaunchSmemBytes + (kNormIn ? 2 * p.k : 0);
+  if (smem > kMaxBlockSmem) return cudaErrorInvalidValue;
   const int64_t units = bulk_tiles(p.n) * (p.k / KU);
   const int64_t ctas = std::min<int64_t>(units, p.num_sms > 0 ? p.num_sms : 132);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(bulk_gemm::kThreads);
-  cfg.dynamicSmemBytes = Ge::kLaunchSmemBytes;
+  cfg.dynamicSmemBytes = static_cast<unsigned>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   request_pdl(cfg, attr, p.pdl);
@@ -327,6 +335,17 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
 
 template <int NT, int KU, bool kCompact>
 cudaError_t launch_bulk_out(const SkinnyGemmParams& p, cudaStream_t stream) {
+  using bulk_gemm::kSplitAdd, bulk_gemm::kSplitNorm;
+  if (p.add_residual)
+    return launch_bulk_typed<NT, KU, float, false, 0, kCompact, kSplitAdd>(p, stream);
+  if (p.norm_input) {
+    if (p.gated)
+      return launch_bulk_typed<NT, KU, __nv_bfloat16, true, 0, kCompact, kSplitNorm>(p, stream);
+    return p.out == DType::kF32
+               ? launch_bulk_typed<NT, KU, float, false, 0, kCompact, kSplitNorm>(p, stream)
+               : launch_bulk_typed<NT, KU, __nv_bfloat16, false, 0, kCompact, kSplitNorm>(p,
+                                                                                          stream);
+  }
   if (p.gated) return launch_bulk_typed<NT, KU, __nv_bfloat16, true, 0, kCompact>(p, stream);
   if (p.fuse_add_norm) {
     return rmsnorm_detail::add_rmsnorm_vec4(p.add_norm)
@@ -354,6 +373,13 @@ int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms) {
   const int64_t sms = num_sms > 0 ? num_sms : 132;
   return skinny_gemm_counter_bytes(max_n) +
          sms * 2 * bulk_gemm::Geometry<1, 1024>::kPartialFloats * 4;
+}
+
+bool skinny_gemm_norm_input_fits(int64_t k, bool compact) {
+  const int64_t base = compact ? bulk_gemm::Geometry<1, 1024, true>::kLaunchSmemBytes
+                               : std::max(bulk_gemm::Geometry<1, 1024>::kLaunchSmemBytes,
+                                          bulk_gemm::Geometry<1, 2048>::kLaunchSmemBytes);
+  return k >= 0 && k <= bulk_gemm::kNormInMaxK && base + 2 * k <= kMaxBlockSmem;
 }
 
 int32_t skinny_gemm_bulk_smem_bytes() {
@@ -384,6 +410,23 @@ cudaError_t launch_skinny_gemm(const SkinnyGemmParams& p, cudaStream_t stream) {
     if (!skinny_gemm_uses_bulk(p) || p.gated || p.out != DType::kF32 || q.delta != p.d ||
         q.rows != p.m || q.dim != p.n || q.row_index != nullptr || q.x == nullptr ||
         q.weight == nullptr || q.out == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+  }
+  if (p.add_residual && (!skinny_gemm_uses_bulk(p) || p.gated || p.fuse_add_norm || p.norm_input ||
+                         p.out != DType::kF32 || p.add_norm.x == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.norm_input) {
+    const AddRmsNormParams& q = p.add_norm;
+    const auto aligned = [](const void* x, uintptr_t a) {
+      return reinterpret_cast<uintptr_t>(x) % a == 0;
+    };
+    // k > 1024: launch_add_rmsnorm's CTA-per-row variant, the one the prologue reproduces.
+    if (!skinny_gemm_uses_bulk(p) || p.m != 1 || p.fuse_add_norm || p.k <= 1024 ||
+        p.k > bulk_gemm::kNormInMaxK || q.x == nullptr || q.weight == nullptr ||
+        !aligned(q.x, 16) || !aligned(q.weight, 16) || (q.out != nullptr && !aligned(q.out, 8)) ||
+        !skinny_gemm_norm_input_fits(p.k, p.compact)) {
       return cudaErrorInvalidValue;
     }
   }

@@ -81,6 +81,19 @@ struct SkinnyGemmParams {
   // eleventh session). Results equal to rounding (another k split: not bit-identical to the full
   // footprint; deterministic like it).
   bool compact = false;
+  // The residual add + RMSNorm split across two products (bulk kernel; bench/RESULTS.md,
+  // fifteenth session). The fused tail above makes one CTA run a row's norm after every other CTA
+  // has finished, ~5 us at the end of a Llama-3-8B o or down projection at m = 1. Split, the
+  // product before the norm adds each column of d to the residual as its tile completes
+  // (add_residual: add_norm.x[i, j] += d[i, j] + add_norm.bias[j], in add_rmsnorm's order; fp32
+  // output, not gated, any m), and the product after it normalizes its input row in its prologue,
+  // in every CTA (norm_input: m == 1, k > 1024; `a` is not read, the row is add_norm.x normalized
+  // with add_norm.weight and eps; CTA 0 also stores it to add_norm.out when that is set). The pair
+  // is bit-identical to the first GEMM, launch_add_rmsnorm, and the second GEMM over its output.
+  // A norm_input launch takes 2 k bytes more shared memory: skinny_gemm_norm_input_fits says
+  // whether they fit.
+  bool add_residual = false;
+  bool norm_input = false;
 };
 
 // Workspace of the bulk kernel for outputs of up to max_n columns: tile counters and the fused
@@ -91,6 +104,9 @@ int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms);
 // Dynamic shared memory the bulk kernel asks for (the largest of its configurations): a device
 // whose opt-in limit per block is smaller must not enable it.
 int32_t skinny_gemm_bulk_smem_bytes();
+
+// Whether a norm_input product of this k and footprint fits a block's shared memory on sm_90.
+bool skinny_gemm_norm_input_fits(int64_t k, bool compact);
 
 // Whether launch_skinny_gemm takes the bulk kernel for these parameters (gated ones are rejected
 // when it does not).

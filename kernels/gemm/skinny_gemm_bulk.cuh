@@ -208,15 +208,22 @@ __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
   }
 }
 
+inline constexpr int kSplitAdd = 1;
+inline constexpr int kSplitNorm = 2;
+
 // The 8 consumer warps: the products of units [u0, u1) of d [m, n] = a [m, k] * w [n, k]^T (CTA
 // `cta` of G), each tile's fix-up and its epilogue (see the file comment). `i` as in produce().
-template <int NT, int RT, int KU, class OutT, bool kGated, bool kCompact>
+// kSplit (see SkinnyGemmParams::add_residual, norm_input): 0; kSplitAdd: each stored column of d
+// is also added to the residual stream (norm.x += d + norm.bias); kSplitNorm: `a` is the row the
+// prologue normalized into shared memory (m == 1).
+template <int NT, int RT, int KU, class OutT, bool kGated, bool kCompact, int kSplit = 0>
 __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
                                         const uint16_t* __restrict__ a, OutT* __restrict__ d, int m,
                                         int n, int k, int* __restrict__ counters,
                                         float* __restrict__ partials,
                                         const float* __restrict__ gate_bias, int64_t cta, int64_t G,
-                                        int& i, int warp, int lane) {
+                                        int& i, int warp, int lane,
+                                        const AddRmsNormParams& norm = {}) {
   using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
   constexpr int kSlots = RT * NT * 4;
@@ -248,7 +255,9 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         if (kAllBlocks || warp + kConsumers * j < Ge::kBlocks)
-          dst[j][nt] = load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
+          dst[j][nt] = kSplit == kSplitNorm
+                           ? *(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j)
+                           : load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
   };
   load_a(u0 % ku, an);  // in bounds even for an empty range (any kk < ku is)
   for (int64_t u = u0; u < u1; ++u, ++i) {
@@ -354,7 +363,15 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
           }
         } else {
           const int64_t row = tile * kRows + 16 * rt + (l >> 2) + 8 * (c >> 1);
-          if (col < m && row < n) d[int64_t{col} * n + row] = convert_out<OutT>(fin[o]);
+          if (col < m && row < n) {
+            d[int64_t{col} * n + row] = convert_out<OutT>(fin[o]);
+            if constexpr (kSplit == kSplitAdd) {
+              // add_rmsnorm_row's first pass for this column: y = x + (delta + bias).
+              const float dv = norm.bias != nullptr ? __fadd_rn(fin[o], norm.bias[row]) : fin[o];
+              float* xp = norm.x + int64_t{col} * n + row;
+              *xp = __fadd_rn(*xp, dv);
+            }
+          }
         }
       }
     }
@@ -398,15 +415,83 @@ __device__ __forceinline__ void norm_tail(const Smem<RT, KU, kCompact>& sm,
   }
 }
 
+// The prologue of a kSplitNorm product (m == 1): add_rmsnorm_row's CTA-per-row variant on the
+// 256 consumer threads, over x as the product before stored it (kSplitAdd: y = x + (delta +
+// bias) already), so the same thread sums the same columns in the same order and the row `h`
+// written to shared memory (bf16 [k]) is bit-identical to that kernel's output. CTA 0 also stores
+// it to norm.out when given (tests). The norm's weights depend on no earlier kernel: they are in
+// registers before pdl_wait(), and x is read once (k <= kNormInMaxK).
+inline constexpr int kNormInMaxK = 8192;
+inline constexpr int kNormInVecs = kNormInMaxK / (kConsumers * 32 * 4);  // float4 a thread
+
+struct NormWeights {
+  float w[kNormInVecs][4];
+};
+
+__device__ __forceinline__ NormWeights norm_weights(const AddRmsNormParams& norm, int k, int ct) {
+  NormWeights nw;
+#pragma unroll
+  for (int j = 0; j < kNormInVecs; ++j) {
+    const int c = ct * 4 + j * kConsumers * 32 * 4;
+    if (c < k) rmsnorm_detail::load_v<4>(norm.weight + c, nw.w[j]);
+  }
+  return nw;
+}
+
+__device__ __forceinline__ void norm_prologue(const AddRmsNormParams& norm, const NormWeights& nw,
+                                              int k, uint16_t* h, float* partial, int warp,
+                                              int lane) {
+  using namespace rmsnorm_detail;
+  const int ct = warp * 32 + lane;
+  float y[kNormInVecs][4];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kNormInVecs; ++j) {
+    const int c = ct * 4 + j * kNormThreads * 4;
+    if (c < k) load_v<4>(norm.x + c, y[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kNormInVecs; ++j) {
+    const int c = ct * 4 + j * kNormThreads * 4;
+    if (c < k) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        ss = __fmaf_rn(y[j][e], y[j][e], ss);
+    }
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) partial[warp] = ss;
+  named_sync(1, kConsumers * 32);
+  ss = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w)
+    ss += partial[w];
+  const float inv =
+      __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, static_cast<float>(k)), norm.eps)));
+  const bool out = norm.out != nullptr && blockIdx.x == 0;
+#pragma unroll
+  for (int j = 0; j < kNormInVecs; ++j) {
+    const int c = ct * 4 + j * kNormThreads * 4;
+    if (c < k) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        y[j][e] = __fmul_rn(nw.w[j][e], __fmul_rn(y[j][e], inv));
+      store_bf16_v<4>(h + c, y[j]);
+      if (out) store_bf16_v<4>(norm.out + c, y[j]);
+    }
+  }
+  named_sync(1, kConsumers * 32);  // h complete; partial (the red buffer) free again
+}
+
 // Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
 // kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
 // the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
-template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact>
+template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact,
+          int kSplit = 0>
 __global__ void __launch_bounds__(kThreads, 1)
-    bulk_gemm_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ w,
-                     OutT* __restrict__ d, int m, int n, int k, int* __restrict__ counters,
-                     float* __restrict__ partials, const float* __restrict__ gate_bias,
-                     const AddRmsNormParams norm) {
+    bulk_gemm_kernel(const uint16_t* a, const uint16_t* __restrict__ w, OutT* __restrict__ d, int m,
+                     int n, int k, int* __restrict__ counters, float* __restrict__ partials,
+                     const float* __restrict__ gate_bias, const AddRmsNormParams norm) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the launcher takes this path only on sm_90 and newer
 #else
@@ -427,9 +512,18 @@ __global__ void __launch_bounds__(kThreads, 1)
             unit_begin(int64_t{blockIdx.x} + 1, units, G), i, lane);
     return;
   }
-  pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
-  consume<NT, RT, KU, OutT, kGated, kCompact>(sm, a, d, m, n, k, counters, partials, gate_bias,
-                                              blockIdx.x, G, i, warp, lane);
+  if constexpr (kSplit == kSplitNorm) {
+    const NormWeights nw = norm_weights(norm, k, static_cast<int>(threadIdx.x));
+    pdl_wait();  // x comes from the earlier kernels
+    // The row lives past the launch's usual footprint (launch_bulk_typed asks for 2 k bytes more).
+    uint16_t* h = reinterpret_cast<uint16_t*>(smem + Geometry<RT, KU, kCompact>::kLaunchSmemBytes);
+    norm_prologue(norm, nw, k, h, sm.red, warp, lane);
+    a = h;
+  } else {
+    pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
+  }
+  consume<NT, RT, KU, OutT, kGated, kCompact, kSplit>(
+      sm, a, d, m, n, k, counters, partials, gate_bias, blockIdx.x, G, i, warp, lane, norm);
   if constexpr (kNormV != 0) {
     // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
     const int64_t tiles =

@@ -642,6 +642,17 @@ TEST_CASE("skinny gemm: unsupported parameters are rejected without a launch", "
   q = p;
   q.warp_rows = 48;
   CHECK(rejected(q));
+  // The split norm needs the bulk kernel (this product does not take it) and its operands.
+  DeviceBuffer<float> x(64 * 4096), g(4096);
+  q = p;
+  q.add_residual = true;
+  q.add_norm.x = x.get();
+  CHECK(rejected(q));
+  q = p;
+  q.norm_input = true;
+  q.add_norm.x = x.get();
+  q.add_norm.weight = g.get();
+  CHECK(rejected(q));
   CUDA_REQUIRE(cudaGetLastError());
 
   // m == 0 is a no-op: the output keeps its poison.
@@ -808,4 +819,84 @@ TEST_CASE("skinny gemm: bulk products of different widths share one workspace",
         REQUIRE(zero_bytes(ws, counters));
       }
     }
+}
+
+TEST_CASE("skinny gemm: the split residual add + norm equals the fused tail, byte for byte",
+          "[skinny_gemm][bulk]") {
+  // SkinnyGemmParams::add_residual / norm_input: the o and down projections add to x column by
+  // column, gate/up and the next qkv normalize x in their prologues (CTA 0 stores the row to h).
+  // Against the fused tails (themselves bit-identical to launch_add_rmsnorm): x, h, act, delta
+  // and qkv after gate/up and after qkv, over one shared workspace on a PDL stream, twice.
+  if (!bulk_capable()) return;
+  std::mt19937 rng(gputest::test_seed("skinny_gemm split norm"));
+  cudaStream_t stream = nullptr;
+  CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (const bool compact : {false, true})
+    for (const int32_t sms : {132, 57}) {
+      INFO("compact=" << compact << " sms=" << sms);
+      DecoderGemms L(1, rng);
+      const int64_t max_n = int64_t{1} << 22;
+      DeviceBuffer<uint8_t> ws(
+          static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, sms)));
+      CUDA_REQUIRE(
+          cudaMemset(ws.get(), 0, static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n))));
+      std::vector<std::vector<uint8_t>> want, got;
+      for (kernels::SkinnyGemmParams p : L.products(sms, compact, ws)) {
+        CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, stream));
+        CUDA_REQUIRE(cudaStreamSynchronize(stream));
+        want.push_back(L.state());
+      }
+      for (int round = 0; round < 2; ++round) {
+        L.reset();
+        std::vector<kernels::SkinnyGemmParams> ps = L.products(sms, compact, ws);
+        // o and down: add only; gate/up and qkv: the norm of the product before (its weight).
+        for (const size_t i : {size_t{0}, size_t{2}}) {
+          kernels::SkinnyGemmParams& add = ps[i];
+          kernels::SkinnyGemmParams& nin = ps[i + 1];
+          nin.norm_input = true;
+          nin.add_norm = add.add_norm;
+          nin.add_norm.delta = nullptr;
+          nin.add_norm.bias = nullptr;
+          nin.add_norm.dim = static_cast<int32_t>(nin.k);
+          nin.a = L.act.get();  // not read: a wrong row would show in act / qkv
+          add.fuse_add_norm = false;
+          add.add_residual = true;
+        }
+        got.clear();
+        for (const kernels::SkinnyGemmParams& p : ps) {
+          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, stream));
+          CUDA_REQUIRE(cudaStreamSynchronize(stream));
+          got.push_back(L.state());
+        }
+        INFO("round " << round);
+        CHECK(got[1] == want[1]);
+        CHECK(got[3] == want[3]);
+        if (round == 1) {  // bulk products with split parameters the kernel cannot honour
+          const auto rejected = [](kernels::SkinnyGemmParams q) {
+            return kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue;
+          };
+          kernels::SkinnyGemmParams q = ps[1];
+          q.m = 2;  // the prologue normalizes one row
+          CHECK(rejected(q));
+          q = ps[1];
+          q.add_norm.x = nullptr;
+          CHECK(rejected(q));
+          q = ps[1];
+          q.add_norm.weight = q.add_norm.weight + 1;  // 4-byte aligned only
+          CHECK(rejected(q));
+          q = ps[1];
+          q.fuse_add_norm = true;
+          CHECK(rejected(q));
+          q = ps[0];
+          q.gated = true;  // the residual add takes plain fp32 products
+          q.out = kernels::DType::kBF16;
+          CHECK(rejected(q));
+          q = ps[0];
+          q.norm_input = true;  // not both in one launch
+          CHECK(rejected(q));
+          CUDA_REQUIRE(cudaGetLastError());
+        }
+      }
+    }
+  CUDA_REQUIRE(cudaStreamDestroy(stream));
 }

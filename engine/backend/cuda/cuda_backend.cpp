@@ -650,6 +650,23 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
                                             static_cast<int32_t>(N), static_cast<int32_t>(H), xp,
                                             s()));
   const float eps = static_cast<float>(cfg.rms_norm_eps);
+  // The layer's GEMMs at one row take the compact footprint (GemmRunner::layer_footprint).
+  const cuda::GemmFootprint fp = gemm->layer_footprint(N);
+  // At one row the residual add + norm after the o and down projections is split (GemmRunner::
+  // split_norm): those products add to x as their tiles complete, the products after them (gate/up,
+  // the next qkv) normalize x in their prologues. Every product involved must take the bulk kernel.
+  const bool split =
+      N == 1 && gemm->split_norm(N, H, fp) &&
+      gate_up_layout == kernels::GateUpLayout::kInterleaved8 &&
+      gemm->uses_bulk(hp, layers[0].wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H) &&
+      gemm->uses_bulk(attn.as(), layers[0].wo.as(), deltap, GemmOut::kF32, N, H, qw) &&
+      gemm->uses_bulk(hp, layers[0].w_gate_up.as(), act.as(), GemmOut::kBF16, N, 2 * I, H) &&
+      gemm->uses_bulk(act.as(), layers[0].w_down.as(), deltap, GemmOut::kF32, N, H, I);
+  const auto norm_of = [&](const DeviceMemory& weight) {
+    return kernels::AddRmsNormParams{
+        xp,      nullptr, nullptr, weight.as<float>(), eps, 1, static_cast<int32_t>(H),
+        nullptr, nullptr};
+  };
   mark(0);
   for (int64_t l = 0; l < L; ++l) {
     Layer& Ly = layers[l];
@@ -661,9 +678,12 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
            static_cast<int32_t>(H), nullptr, hp},
           s()));
     }
-    // The layer's GEMMs at one row take the compact footprint (GemmRunner::layer_footprint).
-    const cuda::GemmFootprint fp = gemm->layer_footprint(N);
-    gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H, fp);
+    if (split && l > 0) {  // the attention norm in the qkv GEMM's prologue
+      const kernels::AddRmsNormParams nin = norm_of(Ly.attn_norm);
+      gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H, fp, &nin);
+    } else {
+      gemm->run(hp, Ly.wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H, fp);
+    }
     kernels::RopeKvWriteParams rp{};
     rp.qkv = qkvp;
     rp.qkv_stride = qkvw;
@@ -738,21 +758,30 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     }
     mark(3);
     // o projection, its residual add and the MLP norm.
-    gemm->run_add_norm(attn.as(), Ly.wo.as(), deltap, N, H, qw,
-                       {xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
-                        static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
-                       fp);
+    const kernels::AddRmsNormParams mlp_in = norm_of(Ly.mlp_norm);
+    if (split) {
+      gemm->run_add(attn.as(), Ly.wo.as(), deltap, N, H, qw, xp, Ly.bo.as<float>(), fp);
+    } else {
+      gemm->run_add_norm(attn.as(), Ly.wo.as(), deltap, N, H, qw,
+                         {xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
+                          static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
+                         fp);
+    }
     // Decode at m <= 8 on sm_90: the SwiGLU in the GEMM's epilogue (one launch, no gu round
     // trip); otherwise the GEMM into gu, then the activation kernel.
     if (gate_up_layout != kernels::GateUpLayout::kInterleaved8 ||
-        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H,
-                         fp)) {
+        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H, fp,
+                         split ? &mlp_in : nullptr)) {
       gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H, fp);
       PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
                                                static_cast<int32_t>(N), static_cast<int32_t>(I),
                                                act.as<uint16_t>(), s(), gate_up_layout));
     }
-    if (l + 1 < L) {  // down projection, its residual add and the next layer's attention norm
+    if (l + 1 < L && split) {
+      // Down projection and its residual add; the next qkv GEMM does the attention norm.
+      gemm->run_add(act.as(), Ly.w_down.as(), deltap, N, H, I, xp, Ly.b_down.as<float>(), fp);
+    } else if (l + 1 < L) {
+      // Down projection, its residual add and the next layer's attention norm.
       gemm->run_add_norm(act.as(), Ly.w_down.as(), deltap, N, H, I,
                          {xp, deltap, Ly.b_down.as<float>(), layers[l + 1].attn_norm.as<float>(),
                           eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},

@@ -63,6 +63,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_FUSED_NORM=0: run_add_norm launches the GEMM and the norm separately (A/B measurements).
   const char* fused = std::getenv("PMKV_FUSED_NORM");
   fuse_norm_ = fused == nullptr || std::strcmp(fused, "0") != 0;
+  // PMKV_SPLIT_NORM=0: split_norm() says no; the fused tail stays (A/B measurements).
+  const char* split = std::getenv("PMKV_SPLIT_NORM");
+  split_norm_ = split == nullptr || std::strcmp(split, "0") != 0;
   // PMKV_COMPACT_GEMM=0: the decoder layers' GEMMs keep the full footprint at m = 1 (A/B).
   const char* compact = std::getenv("PMKV_COMPACT_GEMM");
   compact_layers_ = compact == nullptr || std::strcmp(compact, "0") != 0;
@@ -147,13 +150,18 @@ kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w
 }
 
 bool GemmRunner::run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m,
-                           int64_t n, int64_t k, GemmFootprint fp) {
+                           int64_t n, int64_t k, GemmFootprint fp,
+                           const kernels::AddRmsNormParams* norm_in) {
   if (m == 0) return true;
   if (!skinny_enabled_ || n % 16 != 0) return false;
   kernels::SkinnyGemmParams sp = skinny_params(a, w, act, GemmOut::kBF16, m, n, k, fp);
   if (!kernels::skinny_gemm_uses_bulk(sp)) return false;
   sp.gated = true;
   sp.gate_bias = bias;
+  if (norm_in != nullptr) {
+    sp.norm_input = true;
+    sp.add_norm = *norm_in;
+  }
   PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
   return true;
 }
@@ -178,9 +186,31 @@ void GemmRunner::run_add_norm(const void* a, const void* w, float* d, int64_t m,
   PMKV_CUDA_CHECK(kernels::launch_add_rmsnorm(q, stream_));
 }
 
-void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
-                     int64_t k, GemmFootprint fp) {
+bool GemmRunner::split_norm(int64_t m, int64_t k, GemmFootprint fp) const {
+  return split_norm_ && fuse_norm_ && m == 1 && skinny_enabled_ && skinny_ws_.bytes() > 0 &&
+         k > 1024 && kernels::skinny_gemm_norm_input_fits(k, fp == GemmFootprint::kCompact);
+}
+
+void GemmRunner::run_add(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k,
+                         float* x, const float* bias, GemmFootprint fp) {
   if (m == 0) return;
+  kernels::SkinnyGemmParams sp = skinny_params(a, w, d, GemmOut::kF32, m, n, k, fp);
+  sp.add_residual = true;
+  sp.add_norm.x = x;
+  sp.add_norm.bias = bias;
+  PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+}
+
+void GemmRunner::run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n,
+                     int64_t k, GemmFootprint fp, const kernels::AddRmsNormParams* norm_in) {
+  if (m == 0) return;
+  if (norm_in != nullptr) {
+    kernels::SkinnyGemmParams sp = skinny_params(a, w, d, out, m, n, k, fp);
+    sp.norm_input = true;
+    sp.add_norm = *norm_in;
+    PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(sp, stream_));
+    return;
+  }
   if (uses_skinny(a, w, d, out, m, n, k)) {
     PMKV_CUDA_CHECK(kernels::launch_skinny_gemm(skinny_params(a, w, d, out, m, n, k, fp), stream_));
     return;

@@ -35,8 +35,11 @@ class GemmRunner {
   GemmRunner& operator=(const GemmRunner&) = delete;
 
   // d[m, n] = a[m, k] * w[n, k]^T on the runner's stream. m == 0 is a no-op.
+  // norm_in (split_norm): the product normalizes its input row itself (a is not read; see
+  // kernels::SkinnyGemmParams::norm_input; norm_in->dim must be k).
   void run(const void* a, const void* w, void* d, GemmOut out, int64_t m, int64_t n, int64_t k,
-           GemmFootprint fp = GemmFootprint::kFull);
+           GemmFootprint fp = GemmFootprint::kFull,
+           const kernels::AddRmsNormParams* norm_in = nullptr);
 
   // The fused gate/up projection with its SwiGLU activation in one launch: act[m, n / 2] =
   // bf16(silu(gate) * up) from w's rows in kernels::GateUpLayout::kInterleaved8 order; bias: fp32
@@ -45,7 +48,20 @@ class GemmRunner {
   // <= 8, sm_90+), else does nothing and returns false (the caller runs the GEMM and
   // launch_silu_mul). Bit-identical to run() + launch_silu_mul on the same shape.
   bool run_gated(const void* a, const void* w, void* act, const float* bias, int64_t m, int64_t n,
-                 int64_t k, GemmFootprint fp = GemmFootprint::kFull);
+                 int64_t k, GemmFootprint fp = GemmFootprint::kFull,
+                 const kernels::AddRmsNormParams* norm_in = nullptr);
+
+  // The residual add + RMSNorm split over two launches (kernels::SkinnyGemmParams::add_residual,
+  // norm_input): at m == 1 the fused tail of run_add_norm costs ~5 us at the end of each o and
+  // down projection of Llama-3-8B (one CTA does the row after all others finish); split, run_add
+  // adds d to x column by column and the next product, run() or run_gated() with norm_in, computes
+  // the normalized row in every CTA's prologue. Bit-identical to run_add_norm then the product.
+  // split_norm says whether rows of k columns (the hidden size) can take it: m == 1, the bulk
+  // kernel available (the caller checks uses_bulk for each product involved), 1024 < k <= 8192,
+  // and neither PMKV_SPLIT_NORM=0 nor PMKV_FUSED_NORM=0 (read once, in the constructor) set.
+  bool split_norm(int64_t m, int64_t k, GemmFootprint fp) const;
+  void run_add(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k, float* x,
+               const float* bias, GemmFootprint fp = GemmFootprint::kFull);
 
   // d[m, n] = a * w^T (fp32), then launch_add_rmsnorm(norm) with norm.delta = d, rows = m, dim =
   // n (the residual add of a decoder's o or down projection and the norm after it; norm.row_index
@@ -97,6 +113,7 @@ class GemmRunner {
   bool skinny_wide_ = false;
   bool fuse_norm_ = true;
   bool compact_layers_ = true;
+  bool split_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Summarizes a ktrace CSV (tools/ktrace/ktrace.cpp) of batch-1 decode (bench_cuda_backend
+--scenarios batch1): for each decoder layer of steps FIRST..LAST, how long each kernel keeps the
+critical path after the one before it ended (qkv GEMM, RoPE + KV write, decode attention, o,
+gate/up, down), medians over the layers in us. Kernels start early under PDL, so "after the
+previous end" is what a kernel adds to the step.
+
+usage: layers.py TRACE.csv [FIRST LAST]
+"""
+import collections
+import statistics
+import sys
+
+
+def kind(name):
+    for key, k in (("bulk_gemm_kernel", "gemm"), ("skinny_gemm", "gemm"), ("decode_split", "attn"),
+                   ("rope_kv", "rope"), ("embedding", "embed")):
+        if key in name:
+            return k
+    return "other"
+
+
+def main():
+    path = sys.argv[1]
+    first = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    last = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    ev = []
+    for line in open(path):
+        start, end, _node, name = line.rstrip("\n").split(",", 3)
+        ev.append((int(start), int(end), name))
+    ev.sort()
+    steps = [i for i, e in enumerate(ev) if kind(e[2]) == "embed"]
+    pattern = ["gemm", "rope", "attn", "gemm", "gemm", "gemm"]
+    names = ["qkv", "rope", "attn", "o", "gate_up", "down"]
+    res = collections.defaultdict(list)
+    for s in range(first, min(last + 1, len(steps) - 1)):
+        seq = [e for e in ev[steps[s]:steps[s + 1]] if kind(e[2]) in ("gemm", "rope", "attn")]
+        layers, i = [], 0
+        while i + 6 <= len(seq):
+            if [kind(e[2]) for e in seq[i:i + 6]] == pattern:
+                layers.append(seq[i:i + 6])
+                i += 6
+            else:
+                i += 1
+        for j in range(1, len(layers) - 1):  # whole layers with a layer before them
+            ends = [layers[j - 1][5][1]] + [e[1] for e in layers[j]]
+            for k, n in enumerate(names):
+                res[n].append((ends[k + 1] - ends[k]) / 1e3)
+            res["layer"].append((ends[-1] - ends[0]) / 1e3)
+    print(f"{len(res['layer'])} layers, median us after the previous kernel's end:")
+    print(" ".join(f"{k} {statistics.median(v):.1f}" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()
