@@ -26,19 +26,18 @@ int decode_ctas_per_sm(int bits) {
 namespace {
 
 // One launch per bit-width with CTAs (16, 8, 4, 2 in turn).
+// One launch per bit-width with CTAs and in `mask` (16, 8, 4, 2 in turn).
 template <int kD>
 cudaError_t launch_all_bits(const decode_detail::KernelParams& kp, bool q_f32,
-                            const DecodeLayerView& v, bool pdl, cudaStream_t stream) {
+                            const DecodeLayerView& v, uint32_t mask, bool pdl,
+                            cudaStream_t stream) {
   using decode_detail::launch_split;
+  const auto on = [&](int b) { return v.split_ctas[b] > 0 && (mask >> b & 1u) != 0; };
   cudaError_t e = cudaSuccess;
-  if (e == cudaSuccess && v.split_ctas[0] > 0)
-    e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], pdl, stream);
-  if (e == cudaSuccess && v.split_ctas[1] > 0)
-    e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], pdl, stream);
-  if (e == cudaSuccess && v.split_ctas[2] > 0)
-    e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], pdl, stream);
-  if (e == cudaSuccess && v.split_ctas[3] > 0)
-    e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], pdl, stream);
+  if (e == cudaSuccess && on(0)) e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], pdl, stream);
+  if (e == cudaSuccess && on(1)) e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], pdl, stream);
+  if (e == cudaSuccess && on(2)) e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], pdl, stream);
+  if (e == cudaSuccess && on(3)) e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], pdl, stream);
   return e;
 }
 
@@ -78,8 +77,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     kp.trace = g_decode_trace;
 #endif
     const bool q_f32 = p.q_dtype == DType::kF32;
-    const cudaError_t e = p.head_dim == 64 ? launch_all_bits<64>(kp, q_f32, p.plan, p.pdl, stream)
-                                           : launch_all_bits<128>(kp, q_f32, p.plan, p.pdl, stream);
+    const cudaError_t e = p.head_dim == 64
+                              ? launch_all_bits<64>(kp, q_f32, p.plan, p.bits_mask, p.pdl, stream)
+                              : launch_all_bits<128>(kp, q_f32, p.plan, p.bits_mask, p.pdl, stream);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -242,6 +242,10 @@ struct DecodeParams {
   // tables (host-uploaded before the step: never written by a kernel) and waits before it touches
   // q, the pool, the partial states or the output. Off: a plain launch.
   bool pdl = false;
+  // Which bit-widths' launches to make, by decode_bits_index (bit 0: 16 bits, 1: 8, 2: 4, 3: 2):
+  // a caller may run the launches of one layer on different streams, since they share nothing
+  // but the merge (whichever CTA arrives last at a sequence's merge does it, in item order).
+  uint32_t bits_mask = 0xF;
 };
 
 // Resident split-kernel CTAs per SM the kernel for `bits` was built for (its register budget).

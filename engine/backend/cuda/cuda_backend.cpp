@@ -143,7 +143,14 @@ struct CudaBackend::Impl {
   // waits only for its inputs (RoPE: its cos/sin table first; attention: its plan). PMKV_PDL=0 or
   // PMKV_ATTN_PDL=0: plain launches (A/B).
   bool attn_pdl = true;
-  std::unique_ptr<cuda::Stream> stream;
+  // Decode attention over mixed bits: the 16-bit launch (sink and window pages) runs on a side
+  // stream beside the launches of the body's bit-widths, forked after the KV ops and joined
+  // before the o projection (in a graph: two branches), since they meet only in the merge; one
+  // stream, they ran one after the other (bench/RESULTS.md, fifteenth session).
+  // PMKV_ATTN_FORK=0: one stream (A/B).
+  bool attn_fork = true;
+  std::unique_ptr<cuda::Stream> stream, side_stream;
+  std::unique_ptr<cuda::Event> fork_event, join_event;
   std::unique_ptr<cuda::GemmRunner> gemm;
 
   DeviceMemory embed, lm_head, final_norm, inv_freq;
@@ -724,7 +731,23 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       dp.out_dtype = kernels::DType::kBF16;
       dp.scale = scale;
       dp.pdl = attn_pdl;
-      PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
+      const int32_t* sc = dp.plan.split_ctas;
+      if (attn_fork && sc[0] > 0 && sc[1] + sc[2] + sc[3] > 0) {
+        cudaStream_t side = side_stream->get();
+        PMKV_CUDA_CHECK(cudaEventRecord(fork_event->get(), s()));
+        kernels::DecodeParams body = dp;
+        body.bits_mask = 0xE;  // 8, 4 and 2 bits, on the main stream (PDL after the KV ops)
+        PMKV_CUDA_CHECK(kernels::launch_decode(body, s()));
+        PMKV_CUDA_CHECK(cudaStreamWaitEvent(side, fork_event->get()));
+        kernels::DecodeParams d16 = dp;
+        d16.bits_mask = 0x1;
+        d16.pdl = false;  // after an event wait: a plain launch
+        PMKV_CUDA_CHECK(kernels::launch_decode(d16, side));
+        PMKV_CUDA_CHECK(cudaEventRecord(join_event->get(), side));
+        PMKV_CUDA_CHECK(cudaStreamWaitEvent(s(), join_event->get()));
+      } else {
+        PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
+      }
     } else {
       kernels::PrefillParams pp{};
       pp.pool = pool.as();
@@ -874,6 +897,12 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   m.memory.device_name = prop.name;
   m.memory.device_total_bytes = static_cast<int64_t>(prop.totalGlobalMem);
   m.stream = std::make_unique<cuda::Stream>();
+  m.side_stream = std::make_unique<cuda::Stream>();
+  m.fork_event = std::make_unique<cuda::Event>();
+  m.join_event = std::make_unique<cuda::Event>();
+  if (const char* v = std::getenv("PMKV_ATTN_FORK"); v != nullptr && std::string(v) == "0") {
+    m.attn_fork = false;
+  }
   if (const char* t = std::getenv("PMKV_CUDA_TIMING"); t != nullptr && std::string(t) == "1") {
     m.timer.enabled = true;
   }

@@ -105,6 +105,19 @@ class PinnedMemory {
   size_t bytes_ = 0;
 };
 
+// An event for ordering streams (no timing).
+class Event {
+ public:
+  Event() { PMKV_CUDA_CHECK(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming)); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() { cudaEventDestroy(e_); }
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
 class Stream {
  public:
   Stream() { PMKV_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
