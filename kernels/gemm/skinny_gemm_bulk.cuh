@@ -38,6 +38,13 @@
 // consumer threads, row after row: the same thread per column and the same reduction order as
 // that kernel, so the result is bit-identical. The rows run one after another on one SM, so the
 // tail pays at m = 1 only (GemmRunner::run_add_norm fuses only there; bench/RESULTS.md).
+//
+// Split norm (SkinnyGemmParams::add_residual, norm_input). The tail's one CTA running the row after
+// all others cost ~5 us a launch at Llama-3-8B shapes. Split, the product before the norm adds each
+// column of d to the residual x as the tile's owner stores it (kSplitAdd), and the product after
+// it normalizes x itself: every CTA's 256 consumer threads run the row code's reduction in its
+// order (norm_prologue) into a bf16 row in shared memory, which the consumers read `a` from
+// (kSplitNorm, m = 1). The pair is bit-identical to the tail.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -432,7 +439,7 @@ __device__ __forceinline__ NormWeights norm_weights(const AddRmsNormParams& norm
   NormWeights nw;
 #pragma unroll
   for (int j = 0; j < kNormInVecs; ++j) {
-    const int c = ct * 4 + j * kConsumers * 32 * 4;
+    const int c = ct * 4 + j * rmsnorm_detail::kNormThreads * 4;
     if (c < k) rmsnorm_detail::load_v<4>(norm.weight + c, nw.w[j]);
   }
   return nw;
