@@ -663,7 +663,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
   // split_norm): those products add to x as their tiles complete, the products after them (gate/up,
   // the next qkv) normalize x in their prologues. Every product involved must take the bulk kernel.
   const bool split =
-      N == 1 && gemm->split_norm(N, H, fp) &&
+      gemm->split_norm(N, H, fp) &&  // one row only
       gate_up_layout == kernels::GateUpLayout::kInterleaved8 &&
       gemm->uses_bulk(hp, layers[0].wqkv.as(), qkvp, GemmOut::kF32, N, qkvw, H) &&
       gemm->uses_bulk(attn.as(), layers[0].wo.as(), deltap, GemmOut::kF32, N, H, qw) &&
