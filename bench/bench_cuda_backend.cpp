@@ -36,6 +36,9 @@
 #include "engine/model/model_config.h"
 #include "engine/model/weight_store.h"
 #include "engine/runtime/step_builder.h"
+#ifdef PMKV_DECODE_TRACE
+#include "kernels/attention/decode.h"
+#endif
 
 using namespace pmkv;
 using Clock = std::chrono::steady_clock;
@@ -160,6 +163,18 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
                                                   static_cast<int32_t>(st.cfg.head_dim));
   const int64_t pages =
       (prompt + steps + 64) / g.tokens16 * st.cfg.num_layers + 64 * st.cfg.num_layers;
+#ifdef PMKV_DECODE_TRACE
+  // The decode kernel's CTA-timeline probe (kernels/attention/decode_kernel.cuh), set before the
+  // graphs are captured: every launch writes its CTAs' rows, so the buffer ends up with the last
+  // step's last layer.
+  constexpr size_t kTraceRows = 8192;
+  uint64_t* trace = nullptr;
+  if (cudaMalloc(&trace, kTraceRows * 16 * 8) != cudaSuccess ||
+      cudaMemset(trace, 0, kTraceRows * 16 * 8) != cudaSuccess) {
+    throw std::runtime_error("trace buffer");
+  }
+  kernels::set_decode_trace(trace);
+#endif
   Engine e = make_engine(st, kv_cfg, pages, prompt);
   std::mt19937 rng(7);
   std::vector<int32_t> ids(prompt);
@@ -176,6 +191,26 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
     fwd.push_back(g_forward_seconds);
     tok = out[0];
   }
+#ifdef PMKV_DECODE_TRACE
+  {
+    std::vector<uint64_t> h(kTraceRows * 16);
+    if (cudaMemcpy(h.data(), trace, h.size() * 8, cudaMemcpyDeviceToHost) != cudaSuccess) {
+      throw std::runtime_error("trace copy");
+    }
+    const char* dir = std::getenv("PMKV_TRACE_DIR");
+    const std::string name = std::string(dir != nullptr ? dir : ".") + "/batch1_decode_trace.txt";
+    if (FILE* f = std::fopen(name.c_str(), "w"); f != nullptr) {
+      for (size_t r = 0; r < kTraceRows; ++r) {
+        if (h[r * 16 + 1] == 0) continue;
+        std::fprintf(f, "%zu", r);
+        for (int k = 0; k < 16; ++k)
+          std::fprintf(f, " %llu", static_cast<unsigned long long>(h[r * 16 + k]));
+        std::fprintf(f, "\n");
+      }
+      std::fclose(f);
+    }
+  }
+#endif
   std::sort(fwd.begin(), fwd.end());
   const double fwd_ms = fwd[fwd.size() / 2] * 1e3;
   e.kv->release(1);

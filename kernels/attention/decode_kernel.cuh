@@ -57,7 +57,8 @@ struct KernelParams {
 // each CTA (lane 0 of each warp for the loop ends) writes %globaltimer (ns) at fixed points of its
 // last item into row blockIdx.x + gridDim.x * blockIdx.y of the trace buffer: 0 the SM id, 1
 // entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end (8-warp CTAs: warps
-// 4-7 at 11-14), 8 epilogue done, 9 merge done (or skipped), 10 item | tiles << 32.
+// 4-7 at 11-14), 8 epilogue done, 9 merge done (or skipped), 10 item | tiles << 32, 15 past the
+// PDL wait.
 // bench_decode_attention built with it writes the rows of a launch; bench/decode_trace_report.py
 // summarizes them.
 inline constexpr int kTraceSlots = 16;
@@ -1087,7 +1088,8 @@ inline constexpr int kMergeSumsOffset = (4 + (kMergeChunk + 3) * kDecodeMaxGroup
 template <int kD, int kWarps>
 inline constexpr int kMergeSmemBytes = kMergeSumsOffset + kWarps* kDecodeMaxGroup* kD * 4;
 
-template <int kD, int kWarps>
+// kEarly: items a warp loads before the weights are known (registers: kEarly * kVec float4).
+template <int kD, int kWarps, int kEarly>
 __device__ __forceinline__ void merge_if_last(const KernelParams& p, const DecodeWorkItem& it,
                                               int kvh, uint8_t* smem) {
   constexpr int kVec = kDecodeMaxGroup * kD / 128;  // float4 a lane holds (a warp: G * kD)
@@ -1116,8 +1118,25 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
 #pragma unroll
   for (int k = 0; k < kVec; ++k)
     acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const auto item_o = [&](int i) {  // item i of the entry: this lane's partial outputs
+    return p.partial_o + (int64_t{mi.item_begin + i} * H + kvh) * G * kD;
+  };
   for (int c0 = 0; c0 < mi.num_items; c0 += kMergeChunk) {
     const int n = min(kMergeChunk, mi.num_items - c0);
+    // The warp's first kEarly items' outputs go out with the log-sum-exps, not after the weights:
+    // one L2 round trip instead of two on the merge's path (most entries have a few items).
+    float4 early[kEarly > 0 ? kEarly : 1][kVec];
+#pragma unroll
+    for (int j = 0; j < kEarly; ++j) {
+      const int i = warp + j * kWarps;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const int e = 128 * k + 4 * lane;
+        early[j][k] = i < n && e < G * kD
+                          ? __ldcg(reinterpret_cast<const float4*>(item_o(c0 + i) + e))
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+    }
     for (int e = threadIdx.x; e < n * G; e += kThreads) {
       const int64_t slot = int64_t{mi.item_begin + c0 + e / G} * H + kvh;
       sw[e] = __ldcg(p.partial_lse + slot * G + e % G);
@@ -1149,9 +1168,23 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
         acc[k] = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
       }
     }
+#pragma unroll
+    for (int j = 0; j < kEarly; ++j) {
+      const int i = warp + j * kWarps;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const int e = 128 * k + 4 * lane;
+        if (i < n && e < G * kD) {
+          const float f = sw[i * G + e / kD];
+          const float4 v = early[j][k];
+          acc[k] = make_float4(fmaf(f, v.x, acc[k].x), fmaf(f, v.y, acc[k].y),
+                               fmaf(f, v.z, acc[k].z), fmaf(f, v.w, acc[k].w));
+        }
+      }
+    }
 #pragma unroll 2
-    for (int i = warp; i < n; i += kWarps) {
-      const float* o = p.partial_o + (int64_t{mi.item_begin + c0 + i} * H + kvh) * G * kD;
+    for (int i = warp + kEarly * kWarps; i < n; i += kWarps) {
+      const float* o = item_o(c0 + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const int e = 128 * k + 4 * lane;
@@ -1228,20 +1261,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // this one: launched with programmatic dependent launch (DecodeParams::pdl), the CTA gets here
   // while they may still run, and waits for them now.
   pdl_wait();
-  uint32_t aq[kQSteps<kBits, kD>][4];
-  float qsum, kcorr;
-  // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
-  // head gid - 4's scores too (pairs: of the second tile; else the same tile: their softmax state
-  // is a copy, unused after the loop, and they split their own P' lo parts, see compute_tile).
-  const int q_head = kSwap ? gid / 2 : kCols == 1 ? gid % 4 : gid;
-  float q_unit;
-  if constexpr (kRaw<kBits>) {
-    q_unit = load_q_int<kBits, kD, TQ, kSwap>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
-  } else {
-    q_unit = load_q<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
-  }
-  const float score_scale = p.scale_log2 * q_unit;
-  trace_time(p, 2, threadIdx.x == 0);
+  trace_time(p, 15, threadIdx.x == 0);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -1314,11 +1334,34 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       }
     }
   };
+  auto issue_first_slots = [&] {
 #pragma unroll
-  for (int s = 0; s < kSlots - 1; ++s) {
-    if (s * kStep < n_my) issue_slot(s);
-    cp_async_commit();
+    for (int s = 0; s < kSlots - 1; ++s) {
+      if (s * kStep < n_my) issue_slot(s);
+      cp_async_commit();
+    }
+  };
+  // 16 bits: the ring's first copies go out before q is loaded, so that their latency and q's
+  // (L2, then the fp16 split: ~2.5 us a CTA at batch 1, the probe's slot 2) overlap; at batch 1
+  // the first tile used to arrive ~1-1.5 us after q. The 2-bit kernel lost 5-6% with this order
+  // on its own (bench/RESULTS.md, sixth session), so the other bit-widths load q first.
+  constexpr bool kCopiesFirst = kBits == 16;
+  if constexpr (kCopiesFirst) issue_first_slots();
+  uint32_t aq[kQSteps<kBits, kD>][4];
+  float qsum, kcorr;
+  // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
+  // head gid - 4's scores too (pairs: of the second tile; else the same tile: their softmax state
+  // is a copy, unused after the loop, and they split their own P' lo parts, see compute_tile).
+  const int q_head = kSwap ? gid / 2 : kCols == 1 ? gid % 4 : gid;
+  float q_unit;
+  if constexpr (kRaw<kBits>) {
+    q_unit = load_q_int<kBits, kD, TQ, kSwap>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
+  } else {
+    q_unit = load_q<kBits, kD, TQ>(p, it.seq, kvh, q_head, tig, aq, qsum, kcorr);
   }
+  const float score_scale = p.scale_log2 * q_unit;
+  trace_time(p, 2, threadIdx.x == 0);
+  if constexpr (!kCopiesFirst) issue_first_slots();
   // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
   auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
   int slot_c = 0, slot_p = kSlots - 1;
@@ -1430,7 +1473,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
   }
   trace_time(p, 8, threadIdx.x == 0);
-  if (!it.direct) merge_if_last<kD, kWarps>(p, it, kvh, smem);
+  // Early loads in the merge: 8 items a CTA for groups of at most 4 query heads; the two-column
+  // kernels (groups of 5-8) sit at their register cap, where those registers spill.
+  if (!it.direct) merge_if_last<kD, kWarps, kCols == 1 ? 8 / kWarps : 0>(p, it, kvh, smem);
   trace_time(p, 9, threadIdx.x == 0);
   if (threadIdx.x == 0) trace_put(p, 10, uint64_t(item) | uint64_t(it.num_tiles) << 32);
 }

@@ -108,17 +108,32 @@ __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const Ro
     cos_t[threadIdx.x] = cosf(angle);
     sin_t[threadIdx.x] = sinf(angle);
   }
-  __syncthreads();
-  pdl_wait();  // qkv comes from the GEMM before (RopeKvWriteParams::pdl); every thread waits
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int Hq = p.num_heads, Hk = p.num_kv_heads;
   const int task = blockIdx.y * kRopeWarps + warp;
-  if (task >= Hq + 2 * Hk) return;                            // warp-uniform; no CTA barrier below
+  const bool live = task < Hq + 2 * Hk;
   const int kind = task < Hq ? 0 : (task < Hq + Hk ? 1 : 2);  // q, k, v
   const int h = kind == 0 ? task : (kind == 1 ? task - Hq : task - Hq - Hk);
   const int64_t col = int64_t{task} * D;
+  // Before the wait, what no kernel writes: the bias (weights) and the row's page, bit-width and
+  // slot (uploaded by the host before the step), so that after it only qkv's load is on the
+  // critical path.
+  float bias_a[kHalfSlots], bias_b[kHalfSlots];
+#pragma unroll
+  for (int k = 0; k < kHalfSlots; ++k) {
+    const int j = lane + 32 * k;
+    const bool use = live && p.bias != nullptr && j < half;
+    bias_a[k] = use ? p.bias[col + j] : 0.0f;
+    bias_b[k] = use ? p.bias[col + j + half] : 0.0f;
+  }
+  const bool kv_row = live && kind != 0;
+  const int slot = kv_row ? p.slots[row] : 0;
+  const int page_id = kv_row ? p.page_ids[row] : 0;
+  const int bits = kv_row ? p.bits[row] : 0;
+  __syncthreads();
+  pdl_wait();         // qkv comes from the GEMM before (RopeKvWriteParams::pdl); every thread waits
+  if (!live) return;  // warp-uniform; no CTA barrier below
   float* src = p.qkv + int64_t{row} * p.qkv_stride + col;
-  const float* bias = p.bias != nullptr ? p.bias + col : nullptr;
 
   float x[kvq::kRowSlots];
 #pragma unroll
@@ -128,9 +143,9 @@ __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const Ro
     if (j < half) {
       a = src[j];
       b = src[j + half];
-      if (bias != nullptr) {
-        a = __fadd_rn(a, bias[j]);
-        b = __fadd_rn(b, bias[j + half]);
+      if (p.bias != nullptr) {
+        a = __fadd_rn(a, bias_a[k]);
+        b = __fadd_rn(b, bias_b[k]);
       }
       if (kind != 2) {  // rotate-half, each product and sum rounded as on the CPU
         const float c = cos_t[j], s = sin_t[j];
@@ -148,8 +163,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const Ro
   }
   if (kind == 0) return;
 
-  const int slot = p.slots[row];
-  uint8_t* page = static_cast<uint8_t*>(p.pool.base) + int64_t{p.page_ids[row]} * p.pool.page_bytes;
+  uint8_t* page = static_cast<uint8_t*>(p.pool.base) + int64_t{page_id} * p.pool.page_bytes;
   const auto index = [&](int k) {
     const int j = lane + 32 * (k % kHalfSlots);
     return j < half ? j + (k < kHalfSlots ? 0 : half) : -1;
@@ -157,7 +171,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) rope_kv_write_kernel(const Ro
   uint32_t* sw = row_words[warp];
   const int qkind = kind - 1;  // 0: K, 1: V
   const kv::PageGeometry& g = p.pool.geometry;
-  switch (p.bits[row]) {  // warp-uniform
+  switch (bits) {  // warp-uniform
     case 16: {
       const kv::PageLayout L = kv::page_layout(g, 16);
       if (slot >= 0 && slot < L.tokens)

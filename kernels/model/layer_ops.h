@@ -60,8 +60,9 @@ struct RopeKvWriteParams {
   const int32_t* bits = nullptr;      // [rows] its bit-width (16, 8, 4, 2)
   const int32_t* slots = nullptr;     // [rows] token slot inside the page
   // Programmatic dependent launch (kernels/pdl.cuh; not on the legacy default stream): the
-  // kernel may start while the one before it runs; it reads positions and inv_freq (never written
-  // by a kernel) and waits before it reads qkv or writes anything. Off: a plain launch.
+  // kernel may start while the one before it runs; it reads positions, inv_freq, bias, page_ids,
+  // bits and slots (never written by a kernel) and waits before it reads qkv or writes anything.
+  // Off: a plain launch.
   bool pdl = false;
 };
 

@@ -149,6 +149,9 @@ struct CudaBackend::Impl {
   // stream, they ran one after the other (bench/RESULTS.md, fifteenth session).
   // PMKV_ATTN_FORK=0: one stream (A/B).
   bool attn_fork = true;
+  // PMKV_DECODE_MIN_ITEM_KB: the decode plan's smallest item (DecodePlanConfig::min_item_bytes), an
+  // A/B knob; 0 keeps the plan's default.
+  int64_t decode_min_item_bytes = 0;
   std::unique_ptr<cuda::Stream> stream, side_stream;
   std::unique_ptr<cuda::Event> fork_event, join_event;
   std::unique_ptr<cuda::GemmRunner> gemm;
@@ -903,6 +906,9 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   if (const char* v = std::getenv("PMKV_ATTN_FORK"); v != nullptr && std::string(v) == "0") {
     m.attn_fork = false;
   }
+  if (const char* v = std::getenv("PMKV_DECODE_MIN_ITEM_KB"); v != nullptr) {
+    m.decode_min_item_bytes = std::max<int64_t>(0, std::atoll(v)) * 1024;
+  }
   if (const char* t = std::getenv("PMKV_CUDA_TIMING"); t != nullptr && std::string(t) == "1") {
     m.timer.enabled = true;
   }
@@ -1103,6 +1109,7 @@ void CudaBackend::run_step(const StepBatch& b) {
     pc.tokens16 = m.geometry.tokens16;
     pc.sliding_window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
     pc.num_sms = m.num_sms;
+    if (m.decode_min_item_bytes > 0) pc.min_item_bytes = m.decode_min_item_bytes;
     static const kernels::DecodeParallelFor omp_for = [](int n,
                                                          const std::function<void(int)>& body) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(8)
