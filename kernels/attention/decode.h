@@ -96,6 +96,11 @@ struct DecodePlanConfig {
   // when the items come out short (decode_plan.cpp).
   int32_t ctas_per_sm = 0;
   int64_t min_item_bytes = 16 << 10;  // smallest item worth a CTA (KV bytes of one head)
+  // What cutting a sequence into several items adds to a launch, in the plan's unit (KV bytes of
+  // one head): the partial states, the fence and count, and the merging CTA's serial combine,
+  // ~3-4 us on an H200 whatever the bit-width, which a CTA streams ~70-130 KB of one head in
+  // (bench/RESULTS.md, sixteenth session). 0: splits cost nothing beyond their items.
+  int64_t merge_cost_bytes = 96 << 10;
 };
 
 // One layer's page table on the host, CSR over sequences: the pages of sequence s are

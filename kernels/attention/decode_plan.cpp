@@ -150,13 +150,19 @@ namespace {
 // wave only with items of >= min_multiwave bytes (128 tiles): a partial last wave costs less than
 // a full one (its CTAs share the SMs and the bandwidth with fewer others), so the model overrates
 // cutting short runs finer; measured on the H200, batch 64 x 1K tokens lost 20-60% that way.
+// A cut that splits any run also pays `merge_cost` (its sequences wait for a merge): without it
+// the model cut short runs at small batches, where one item a run was 10-28% faster (2 and 4 bits
+// at batch 16 x 256-1K tokens, batch 1 up to ~1K; bench/RESULTS.md, sixteenth session). One item
+// for every run is a candidate too.
 int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
                      int32_t kv_heads, int64_t resident, int64_t min_item, int64_t overhead,
-                     int64_t min_multiwave) {
+                     int64_t min_multiwave, int64_t merge_cost) {
   if (run_bytes.empty()) return min_item;
-  int64_t total = 0;
-  for (int64_t b : run_bytes)
+  int64_t total = 0, longest = 0;
+  for (int64_t b : run_bytes) {
     total += b;
+    longest = std::max(longest, b);
+  }
   struct Cut {
     int64_t chunk, time, ctas, largest;
   };
@@ -175,13 +181,16 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
       largest = std::max(largest, static_cast<int64_t>(std::ceil(b / static_cast<double>(n))));
     }
     const int64_t ctas = items * kv_heads;
-    return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead), ctas, largest};
+    const int64_t merge = items > static_cast<int64_t>(run_bytes.size()) ? merge_cost : 0;
+    return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead) + merge, ctas,
+               largest};
   };
   Cut best = evaluate((total * kv_heads + resident - 1) / resident);
   const auto consider = [&](const Cut& c) {
     if (c.ctas > resident && c.largest < min_multiwave) return;
     if (c.time < best.time || (c.time == best.time && c.ctas < best.ctas)) best = c;
   };
+  consider(evaluate(longest));  // one item a run: no merge
   for (int64_t m = 1; m <= 8; ++m) {
     const int64_t slots = m * resident;
     const Cut c = evaluate((total * kv_heads + slots - 1) / slots);
@@ -260,7 +269,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     const auto chunk_for = [&](int ctas_per_sm) {
       return choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
                           int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, 8 * tile_bytes,
-                          128 * tile_bytes);
+                          128 * tile_bytes, cfg.merge_cost_bytes);
     };
     chunk_of[b] = chunk_for(per_sm);
     // Short items: plan for one CTA an SM fewer than the kernel keeps resident (16 bits: 1 of 2;
@@ -328,6 +337,7 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
   check(cfg.group >= 1 && cfg.group <= kDecodeMaxGroup, "group must be in [1, 8]");
   check(cfg.head_dim == 64 || cfg.head_dim == 128, "head_dim must be 64 or 128");
   check(cfg.num_sms > 0 && cfg.ctas_per_sm >= 0, "num_sms must be positive");
+  check(cfg.merge_cost_bytes >= 0, "merge_cost_bytes must be >= 0");
   // Layers are planned independently (on the caller's threads when it gives parallel_for), then
   // concatenated in layer order. A layer shaped like the one before it takes that layer's plan
   // with its page indices moved (see same_shape): checking costs a compare of the tables, planning

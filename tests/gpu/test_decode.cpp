@@ -521,6 +521,59 @@ TEST_CASE("decode plan: short items are planned for one resident CTA an SM fewer
   CHECK(plan_of(4, 16, 4096, 3) == 48);
 }
 
+TEST_CASE("decode plan: short runs stay one item when a merge would cost more than the cut saves",
+          "[gpu][attention][host]") {
+  // Llama-3-8B's KV shape, 32-token pages (the default), a 132-SM machine, every page full and of
+  // one bit-width.
+  const kv::PageGeometry g{8, 128, 32};
+  const auto plan_of = [&](int bits, int batch, int ctx, int64_t merge_cost) {
+    const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
+    std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
+        page_tokens(size_t(batch) * pps, T);
+    for (int s = 0; s <= batch; ++s)
+      starts[s] = s * pps;
+    for (int s = 0; s < batch; ++s)
+      page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
+    kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+    cfg.num_sms = 132;
+    if (merge_cost >= 0) cfg.merge_cost_bytes = merge_cost;
+    const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
+    kernels::DecodePlan plan;
+    kernels::plan_decode(cfg, {&t, 1}, &plan);
+    const kernels::DecodeLayerPlan& lp = plan.layers[0];
+    CHECK(lp.num_merges == (lp.num_items > batch ? batch : 0));  // every sequence cut alike
+    return lp.num_items;
+  };
+  // The default: one item a sequence where bench/RESULTS.md (sixteenth session) measured it
+  // faster than the wave model's cut: 2 and 4 bits at batch 16 x 256-1K tokens (2 items a
+  // sequence before, 10-28% slower), batch 1 at 2/4 bits up to 1K / 768 tokens, and at 16 bits
+  // 160 tokens.
+  for (const int ctx : {256, 512, 1024}) {
+    INFO("ctx " << ctx);
+    CHECK(plan_of(2, 16, ctx, -1) == 16);
+    CHECK(plan_of(4, 16, ctx, -1) == 16);
+    CHECK(plan_of(2, 16, ctx, 0) == 32);  // no merge cost: the old cut
+    CHECK(plan_of(4, 16, ctx, 0) == 32);
+  }
+  CHECK(plan_of(2, 1, 1024, -1) == 1);
+  CHECK(plan_of(4, 1, 768, -1) == 1);
+  CHECK(plan_of(16, 1, 160, -1) == 1);
+  CHECK(plan_of(16, 1, 160, 0) == 6);
+  // Where the cut wins by more than a merge, it stays: 16 bits at batch 1 from 256 tokens (the
+  // batch-1 benchmark's contexts), 4 bits at batch 1 x 1K, and every point of batch >= 16 x 4K.
+  CHECK(plan_of(16, 1, 384, -1) == plan_of(16, 1, 384, 0));
+  CHECK(plan_of(16, 1, 384, -1) > 1);
+  CHECK(plan_of(4, 1, 1024, -1) > 1);
+  for (const int bits : {16, 8, 4, 2}) {
+    for (const int batch : {16, 64}) {
+      for (const int ctx : {4096, 16384}) {
+        INFO("bits " << bits << " batch " << batch << " ctx " << ctx);
+        CHECK(plan_of(bits, batch, ctx, -1) == plan_of(bits, batch, ctx, 0));
+      }
+    }
+  }
+}
+
 TEST_CASE("decode plan: items tile every visible token once", "[gpu][attention][host]") {
   std::mt19937 rng(gputest::test_seed("plan"));
   const kv::PageGeometry g{2, 64, 4};
