@@ -58,7 +58,8 @@ struct KernelParams {
 // last item into row blockIdx.x + gridDim.x * blockIdx.y of the trace buffer: 0 the SM id, 1
 // entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end (8-warp CTAs: warps
 // 4-7 at 11-14), 8 epilogue done, 9 merge done (or skipped), 10 item | tiles << 32, 15 past the
-// PDL wait.
+// PDL wait; in the merging CTA of a 4-warp kernel, 11 counted in, 12 weights known, 13 warps' sums
+// in shared memory.
 // bench_decode_attention built with it writes the rows of a launch; bench/decode_trace_report.py
 // summarizes them.
 inline constexpr int kTraceSlots = 16;
@@ -1107,6 +1108,7 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
   if (threadIdx.x == 0) *flag = atomicAdd(counter, 1) == mi.num_items - 1;
   __syncthreads();
   if (*flag == 0) return;
+  trace_time(p, 11, kWarps == 4 && threadIdx.x == 0);
   __threadfence();
   const int G = p.group, H = p.num_kv_heads;
   if (static_cast<int>(threadIdx.x) < G) {
@@ -1159,6 +1161,7 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
       sa[h] = alpha;
     }
     __syncthreads();
+    trace_time(p, 12, kWarps == 4 && threadIdx.x == 0);
     // A lane's outputs: e = 128 k + 4 lane .. + 3, one head each (kD is a multiple of 4).
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -1205,6 +1208,7 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
     if (e < G * kD) *reinterpret_cast<float4*>(sums + warp * G * kD + e) = acc[k];
   }
   __syncthreads();
+  trace_time(p, 13, kWarps == 4 && threadIdx.x == 0);
   const int64_t out_row = (int64_t{mi.seq} * H + kvh) * G;
   for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
     float v = 0.0f;
