@@ -472,25 +472,36 @@ TEST_CASE("decode plan: a layer shaped like the one before takes its plan, byte 
   CHECK(reused > 20);  // the copies really were there
 }
 
+// The plan of one layer of `batch` sequences of `ctx` tokens, every page full (the last one of
+// each sequence partly) and of `bits` bits, on a 132-SM machine with Llama-3-8B's group of 4;
+// `adjust` may change the config (ctas_per_sm, merge_cost_bytes, ...).
+template <class Adjust>
+kernels::DecodeLayerPlan uniform_plan(const kv::PageGeometry& g, int bits, int batch, int ctx,
+                                      Adjust&& adjust) {
+  const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
+  std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
+      page_tokens(size_t(batch) * pps, T);
+  for (int s = 0; s <= batch; ++s)
+    starts[s] = s * pps;
+  for (int s = 0; s < batch; ++s)
+    page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
+  kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+  cfg.num_sms = 132;
+  adjust(cfg);
+  const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
+  kernels::DecodePlan plan;
+  kernels::plan_decode(cfg, {&t, 1}, &plan);
+  return plan.layers[0];
+}
+
 TEST_CASE("decode plan: short items are planned for one resident CTA an SM fewer",
           "[gpu][attention][host]") {
   // Llama-3-8B's KV shape on a 132-SM machine, every page full and of one bit-width.
   const kv::PageGeometry g{8, 128, 16};
+  // ctas_per_sm 0: the kernels' own residency, with the short-item rule.
   const auto plan_of = [&](int bits, int batch, int ctx, int ctas_per_sm) {
-    const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
-    std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
-        page_tokens(size_t(batch) * pps, T);
-    for (int s = 0; s <= batch; ++s)
-      starts[s] = s * pps;
-    for (int s = 0; s < batch; ++s)
-      page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
-    kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
-    cfg.num_sms = 132;
-    cfg.ctas_per_sm = ctas_per_sm;  // 0: the kernels' own residency, with the short-item rule
-    const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
-    kernels::DecodePlan plan;
-    kernels::plan_decode(cfg, {&t, 1}, &plan);
-    return plan.layers[0].num_items;
+    const auto set = [&](kernels::DecodePlanConfig& cfg) { cfg.ctas_per_sm = ctas_per_sm; };
+    return uniform_plan(g, bits, batch, ctx, set).num_items;
   };
   const auto resident = [](int bits) { return kernels::decode_ctas_per_sm(bits); };
   // Short items (the wave model's cut is under 256 tiles; 8 bits: 128): one CTA an SM fewer.
@@ -527,20 +538,10 @@ TEST_CASE("decode plan: short runs stay one item when a merge would cost more th
   // one bit-width.
   const kv::PageGeometry g{8, 128, 32};
   const auto plan_of = [&](int bits, int batch, int ctx, int64_t merge_cost) {
-    const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
-    std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
-        page_tokens(size_t(batch) * pps, T);
-    for (int s = 0; s <= batch; ++s)
-      starts[s] = s * pps;
-    for (int s = 0; s < batch; ++s)
-      page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
-    kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
-    cfg.num_sms = 132;
-    if (merge_cost >= 0) cfg.merge_cost_bytes = merge_cost;
-    const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
-    kernels::DecodePlan plan;
-    kernels::plan_decode(cfg, {&t, 1}, &plan);
-    const kernels::DecodeLayerPlan& lp = plan.layers[0];
+    const kernels::DecodeLayerPlan lp =
+        uniform_plan(g, bits, batch, ctx, [&](kernels::DecodePlanConfig& cfg) {
+          if (merge_cost >= 0) cfg.merge_cost_bytes = merge_cost;
+        });
     CHECK(lp.num_merges == (lp.num_items > batch ? batch : 0));  // every sequence cut alike
     return lp.num_items;
   };
