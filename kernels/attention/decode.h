@@ -101,6 +101,9 @@ struct DecodePlanConfig {
   // ~3-4 us on an H200 whatever the bit-width, which a CTA streams ~70-130 KB of one head in
   // (bench/RESULTS.md, sixteenth session). 0: splits cost nothing beyond their items.
   int64_t merge_cost_bytes = 96 << 10;
+  // And per item of the most-cut run: the merging CTA reads and weighs every item's partial state
+  // (at batch 1 x 4K, 4 bits, 33 items a head took 18.5 us, 16 items 14.9: bench/RESULTS.md).
+  int64_t merge_item_cost_bytes = 2 << 10;
 };
 
 // One layer's page table on the host, CSR over sequences: the pages of sequence s are

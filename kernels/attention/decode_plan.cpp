@@ -150,13 +150,16 @@ namespace {
 // wave only with items of >= min_multiwave bytes (128 tiles): a partial last wave costs less than
 // a full one (its CTAs share the SMs and the bandwidth with fewer others), so the model overrates
 // cutting short runs finer; measured on the H200, batch 64 x 1K tokens lost 20-60% that way.
-// A cut that splits any run also pays `merge_cost` (its sequences wait for a merge): without it
-// the model cut short runs at small batches, where one item a run was 10-28% faster (2 and 4 bits
-// at batch 16 x 256-1K tokens, batch 1 up to ~1K; bench/RESULTS.md, sixteenth session). One item
-// for every run is a candidate too.
+// A cut that splits any run also pays `merge_cost` (its sequences wait for a merge) plus
+// `merge_item_cost` per item of its most-cut run (the merging CTA reads and weighs each item's
+// partial state): without them the model cut short runs at small batches, where one item a run
+// was 10-28% faster (2 and 4 bits at batch 16 x 256-1K tokens, batch 1 up to ~1K), and filled a
+// wave at batch 1 x 4K, where 12-16 items were 14-19% faster than 20-33 (bench/RESULTS.md,
+// sixteenth session). One item for every run, and the longest run in n = 2..24 items, are
+// candidates too.
 int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
                      int32_t kv_heads, int64_t resident, int64_t min_item, int64_t overhead,
-                     int64_t min_multiwave, int64_t merge_cost) {
+                     int64_t min_multiwave, int64_t merge_cost, int64_t merge_item_cost) {
   if (run_bytes.empty()) return min_item;
   int64_t total = 0, longest = 0;
   for (int64_t b : run_bytes) {
@@ -172,16 +175,17 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
   const auto evaluate = [&](int64_t chunk) {
     chunk = std::max(chunk, min_item);
     const double c = static_cast<double>(chunk);
-    int64_t items = 0, largest = 0;
+    int64_t items = 0, largest = 0, most = 1;
     for (size_t i = 0; i < run_bytes.size(); ++i) {
       const double b = static_cast<double>(run_bytes[i]);
       const int64_t n =
           std::clamp<int64_t>(static_cast<int64_t>(std::ceil(b / c)), 1, run_tiles[i]);
       items += n;
+      most = std::max(most, n);
       largest = std::max(largest, static_cast<int64_t>(std::ceil(b / static_cast<double>(n))));
     }
     const int64_t ctas = items * kv_heads;
-    const int64_t merge = items > static_cast<int64_t>(run_bytes.size()) ? merge_cost : 0;
+    const int64_t merge = most > 1 ? merge_cost + merge_item_cost * most : 0;
     return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead) + merge, ctas,
                largest};
   };
@@ -191,6 +195,13 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
     if (c.time < best.time || (c.time == best.time && c.ctas < best.ctas)) best = c;
   };
   consider(evaluate(longest));  // one item a run: no merge
+  // Fewer CTAs than one wave's slots: the longest run in n items. With a merge cost that grows
+  // with the items, a launch with few sequences (batch 1) is fastest well short of filling the GPU.
+  // (Only where one item a run leaves slots free: the batches that are latency-bound.)
+  if (static_cast<int64_t>(run_bytes.size()) * kv_heads < resident) {
+    for (const int64_t n : {2, 3, 4, 6, 8, 12, 16, 24})
+      consider(evaluate((longest + n - 1) / n));
+  }
   for (int64_t m = 1; m <= 8; ++m) {
     const int64_t slots = m * resident;
     const Cut c = evaluate((total * kv_heads + slots - 1) / slots);
@@ -269,7 +280,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     const auto chunk_for = [&](int ctas_per_sm) {
       return choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
                           int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, 8 * tile_bytes,
-                          128 * tile_bytes, cfg.merge_cost_bytes);
+                          128 * tile_bytes, cfg.merge_cost_bytes, cfg.merge_item_cost_bytes);
     };
     chunk_of[b] = chunk_for(per_sm);
     // Short items: plan for one CTA an SM fewer than the kernel keeps resident (16 bits: 1 of 2;
@@ -337,7 +348,8 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
   check(cfg.group >= 1 && cfg.group <= kDecodeMaxGroup, "group must be in [1, 8]");
   check(cfg.head_dim == 64 || cfg.head_dim == 128, "head_dim must be 64 or 128");
   check(cfg.num_sms > 0 && cfg.ctas_per_sm >= 0, "num_sms must be positive");
-  check(cfg.merge_cost_bytes >= 0, "merge_cost_bytes must be >= 0");
+  check(cfg.merge_cost_bytes >= 0 && cfg.merge_item_cost_bytes >= 0,
+        "merge_cost_bytes and merge_item_cost_bytes must be >= 0");
   // Layers are planned independently (on the caller's threads when it gives parallel_for), then
   // concatenated in layer order. A layer shaped like the one before it takes that layer's plan
   // with its page indices moved (see same_shape): checking costs a compare of the tables, planning
