@@ -99,10 +99,12 @@ struct DecodePlanConfig {
   // What cutting a sequence into several items adds to a launch, in the plan's unit (KV bytes of
   // one head): the partial states, the fence and count, and the merging CTA's serial combine,
   // ~3-4 us on an H200 whatever the bit-width, which a CTA streams ~70-130 KB of one head in
-  // (bench/RESULTS.md, sixteenth session). 0: splits cost nothing beyond their items.
+  // (bench/RESULTS.md, sixteenth session).
   int64_t merge_cost_bytes = 96 << 10;
   // And per item of the most-cut run: the merging CTA reads and weighs every item's partial state
   // (at batch 1 x 4K, 4 bits, 33 items a head took 18.5 us, 16 items 14.9: bench/RESULTS.md).
+  // Both 0: a split costs nothing beyond its items (the plan before the sixteenth session, but for
+  // the extra candidates of small launches).
   int64_t merge_item_cost_bytes = 2 << 10;
 };
 
