@@ -169,8 +169,8 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
   // step's last layer.
   constexpr size_t kTraceRows = 8192;
   uint64_t* trace = nullptr;
-  if (cudaMalloc(&trace, kTraceRows * 16 * 8) != cudaSuccess ||
-      cudaMemset(trace, 0, kTraceRows * 16 * 8) != cudaSuccess) {
+  if (cudaMalloc(&trace, kTraceRows * kernels::kDecodeTraceSlots * 8) != cudaSuccess ||
+      cudaMemset(trace, 0, kTraceRows * kernels::kDecodeTraceSlots * 8) != cudaSuccess) {
     throw std::runtime_error("trace buffer");
   }
   kernels::set_decode_trace(trace);
@@ -193,7 +193,8 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
   }
 #ifdef PMKV_DECODE_TRACE
   {
-    std::vector<uint64_t> h(kTraceRows * 16);
+    constexpr int kSlots = kernels::kDecodeTraceSlots;
+    std::vector<uint64_t> h(kTraceRows * kSlots);
     if (cudaMemcpy(h.data(), trace, h.size() * 8, cudaMemcpyDeviceToHost) != cudaSuccess) {
       throw std::runtime_error("trace copy");
     }
@@ -201,10 +202,10 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
     const std::string name = std::string(dir != nullptr ? dir : ".") + "/batch1_decode_trace.txt";
     if (FILE* f = std::fopen(name.c_str(), "w"); f != nullptr) {
       for (size_t r = 0; r < kTraceRows; ++r) {
-        if (h[r * 16 + 1] == 0) continue;
+        if (h[r * kSlots + 1] == 0) continue;
         std::fprintf(f, "%zu", r);
-        for (int k = 0; k < 16; ++k)
-          std::fprintf(f, " %llu", static_cast<unsigned long long>(h[r * 16 + k]));
+        for (int k = 0; k < kSlots; ++k)
+          std::fprintf(f, " %llu", static_cast<unsigned long long>(h[r * kSlots + k]));
         std::fprintf(f, "\n");
       }
       std::fclose(f);

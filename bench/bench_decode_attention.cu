@@ -303,15 +303,16 @@ int main(int argc, char** argv) {
           // (row, SM, then slots 1-9 in ns after the earliest entry, -1 when unset, item, tiles).
           {
             constexpr size_t kRows = 65536;
+            constexpr int kS = kernels::kDecodeTraceSlots;
             uint64_t* tr = nullptr;
-            CHECK(cudaMalloc(&tr, kRows * 16 * 8));
-            CHECK(cudaMemset(tr, 0, kRows * 16 * 8));
+            CHECK(cudaMalloc(&tr, kRows * kS * 8));
+            CHECK(cudaMemset(tr, 0, kRows * kS * 8));
             kernels::set_decode_trace(tr);
             for (int i = 0; i < 12; ++i)
               launch(i % rot);
             CHECK(cudaDeviceSynchronize());
             kernels::set_decode_trace(nullptr);
-            std::vector<uint64_t> h(kRows * 16);
+            std::vector<uint64_t> h(kRows * kS);
             CHECK(cudaMemcpy(h.data(), tr, h.size() * 8, cudaMemcpyDeviceToHost));
             CHECK(cudaFree(tr));
             const char* dir = std::getenv("PMKV_TRACE_DIR");
@@ -325,16 +326,16 @@ int main(int argc, char** argv) {
             }
             uint64_t t0 = ~uint64_t{0};
             for (size_t r = 0; r < kRows; ++r)
-              if (h[r * 16 + 1] != 0) t0 = std::min(t0, h[r * 16 + 1]);
+              if (h[r * kS + 1] != 0) t0 = std::min(t0, h[r * kS + 1]);
             for (size_t r = 0; r < kRows; ++r) {
-              if (h[r * 16 + 1] == 0) continue;
-              std::fprintf(f, "%zu %llu", r, static_cast<unsigned long long>(h[r * 16]));
+              if (h[r * kS + 1] == 0) continue;
+              std::fprintf(f, "%zu %llu", r, static_cast<unsigned long long>(h[r * kS]));
               for (int k = 1; k < 10; ++k)
                 std::fprintf(f, " %lld",
-                             h[r * 16 + k] ? static_cast<long long>(h[r * 16 + k] - t0) : -1ll);
+                             h[r * kS + k] ? static_cast<long long>(h[r * kS + k] - t0) : -1ll);
               std::fprintf(f, " %llu %llu\n",
-                           static_cast<unsigned long long>(h[r * 16 + 10] & 0xffffffffu),
-                           static_cast<unsigned long long>(h[r * 16 + 10] >> 32));
+                           static_cast<unsigned long long>(h[r * kS + 10] & 0xffffffffu),
+                           static_cast<unsigned long long>(h[r * kS + 10] >> 32));
             }
             std::fclose(f);
           }

@@ -45,7 +45,8 @@ cudaError_t launch_all_bits(const decode_detail::KernelParams& kp, bool q_f32,
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.group < 1 || p.group > kDecodeMaxGroup || p.num_kv_heads < 1 || p.tokens16 < 1 ||
-      (p.head_dim != 64 && p.head_dim != 128) || p.page_bytes % 16 != 0) {
+      (p.head_dim != 64 && p.head_dim != 128) || p.page_bytes % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.q) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
   if (p.plan.layer == nullptr) return cudaErrorInvalidValue;

@@ -242,7 +242,8 @@ struct DecodeParams {
   const int32_t* page_ids = nullptr;     // [num_pages] this layer's CSR page ids (device)
   const int32_t* page_tokens = nullptr;  // [num_pages] this layer's CSR token counts (device)
   DecodeLayerView plan;
-  const void* q = nullptr;  // [num_seqs, num_kv_heads * group, head_dim], q_dtype, contiguous
+  // [num_seqs, num_kv_heads * group, head_dim], q_dtype, contiguous, 16-byte aligned
+  const void* q = nullptr;
   DType q_dtype = DType::kBF16;
   void* out = nullptr;  // [num_seqs, num_kv_heads * group, head_dim], out_dtype, contiguous
   DType out_dtype = DType::kBF16;
@@ -267,7 +268,9 @@ cudaError_t launch_decode(const DecodeParams& params, cudaStream_t stream);
 
 #ifdef PMKV_DECODE_TRACE
 // The CTA-timeline probe (decode_kernel.cuh, builds with PMKV_DECODE_TRACE only): launches after
-// this call write their CTAs' time stamps into `buffer` (device, 16 uint64 a CTA); null stops.
+// this call write their CTAs' time stamps into `buffer` (device, kDecodeTraceSlots uint64 a CTA);
+// null stops.
+inline constexpr int kDecodeTraceSlots = 32;
 void set_decode_trace(uint64_t* buffer);
 #endif
 

@@ -58,12 +58,13 @@ struct KernelParams {
 // last item into row blockIdx.x + gridDim.x * blockIdx.y of the trace buffer: 0 the SM id, 1
 // entry, 2 q loaded, 3 first tile ready (warp 0), 4-7 each warp's loop end (8-warp CTAs: warps
 // 4-7 at 11-14), 8 epilogue done, 9 merge done (or skipped), 10 item | tiles << 32, 15 past the
-// PDL wait; in the merging CTA of a 4-warp kernel, 11 counted in, 12 weights known, 13 warps' sums
-// in shared memory.
+// PDL wait, 16 lane offsets computed, 17 the ring's first slots issued (16 bits: before q), 18
+// q's values arrived (warp 0), 19 every warp past its loop (epilogue), 20 the warps' states in
+// shared memory, 21 counted in (the merging CTA only).
 // bench_decode_attention built with it writes the rows of a launch; bench/decode_trace_report.py
 // summarizes them.
-inline constexpr int kTraceSlots = 16;
 #ifdef PMKV_DECODE_TRACE
+inline constexpr int kTraceSlots = kDecodeTraceSlots;
 __device__ __forceinline__ void trace_put(const KernelParams& p, int slot, uint64_t v) {
   if (p.trace != nullptr) p.trace[(blockIdx.x + gridDim.x * blockIdx.y) * kTraceSlots + slot] = v;
 }
@@ -918,6 +919,36 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   v_phase<kBits, kD, kCols>(st, bp, lo, acc);
 }
 
+// The lane's kN consecutive elements of q at src as fp32, in 16-byte loads (decode.h: q is 16-byte
+// aligned; src sits at a multiple of kN elements, kN * sizeof(TQ) a multiple of 16): a quarter
+// (fp32) or an eighth (bf16) of the load instructions on the path from the wait to the first tile.
+template <int kN, typename TQ>
+__device__ __forceinline__ void load_q_chunk(const TQ* src, float (&q)[kN]) {
+  static_assert(kN * sizeof(TQ) % 16 == 0, "whole 16-byte loads");
+  if constexpr (sizeof(TQ) == 4) {
+#pragma unroll
+    for (int i = 0; i < kN / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      q[4 * i] = v.x;
+      q[4 * i + 1] = v.y;
+      q[4 * i + 2] = v.z;
+      q[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+        q[8 * i + 2 * j] = f.x;
+        q[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  }
+}
+
 // The q rows of a KV head's query heads as K-phase A fragments (row gid = query head gid of the
 // group; fp32 q: rows gid + 8 hold the residual q - hi(q), bf16 q: an opaque copy of hi(q), whose
 // scores are not read: zeros there are constants that ptxas re-creates with MOVs before every
@@ -943,16 +974,12 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
   if (has_head) {
     const int64_t row =
         ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * (kD / 4);
-    const TQ* q = static_cast<const TQ*>(p.q) + row;
+    float q[kD / 4];
+    load_q_chunk(static_cast<const TQ*>(p.q) + row, q);
 #pragma unroll
     for (int pi = 0; pi < kD / 8; ++pi) {
-      if constexpr (sizeof(TQ) == 4) {
-        qa[pi] = q[pair_dim_lo<kBits>(pi)];
-        qb[pi] = q[pair_dim_hi<kBits>(pi)];
-      } else {
-        qa[pi] = __bfloat162float(q[pair_dim_lo<kBits>(pi)]);
-        qb[pi] = __bfloat162float(q[pair_dim_hi<kBits>(pi)]);
-      }
+      qa[pi] = q[pair_dim_lo<kBits>(pi)];
+      qb[pi] = q[pair_dim_hi<kBits>(pi)];
     }
   }
   float amax = 0.0f;
@@ -961,6 +988,7 @@ __device__ __forceinline__ float load_q(const KernelParams& p, int seq, int kvh,
     amax = fmaxf(amax, fmaxf(fabsf(qa[pi]), fabsf(qb[pi])));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  trace_time(p, 18, threadIdx.x == 0);
   int e = 0;
   frexpf(amax, &e);  // amax < 2^e
   const int sh = e > 14 ? e - 14 : 0;
@@ -1010,15 +1038,7 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
     q[i] = 0.0f;
   if (head < p.group) {
     const int64_t row = ((int64_t{seq} * p.num_kv_heads + kvh) * p.group + head) * kD + tig * kN;
-    const TQ* src = static_cast<const TQ*>(p.q) + row;
-#pragma unroll
-    for (int i = 0; i < kN; ++i) {
-      if constexpr (sizeof(TQ) == 4) {
-        q[i] = src[i];
-      } else {
-        q[i] = __bfloat162float(src[i]);
-      }
-    }
+    load_q_chunk(static_cast<const TQ*>(p.q) + row, q);
   }
   float amax = 0.0f;
 #pragma unroll
@@ -1026,6 +1046,7 @@ __device__ __forceinline__ float load_q_int(const KernelParams& p, int seq, int 
     amax = fmaxf(amax, fabsf(q[i]));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  trace_time(p, 18, threadIdx.x == 0);
   int e = 0;
   frexpf(amax, &e);  // amax < 2^e, so amax 2^(15 - e) < 2^15
   int E = 15 - e;
@@ -1073,149 +1094,76 @@ __device__ __forceinline__ void store_out(const KernelParams& p, int64_t o, floa
   }
 }
 
+// Four consecutive outputs (o = their first index) as store_out does them.
+__device__ __forceinline__ void store_out4(const KernelParams& p, int64_t o, float4 v) {
+  store_out(p, o, v.x);
+  store_out(p, o + 1, v.y);
+  store_out(p, o + 2, v.z);
+  store_out(p, o + 3, v.w);
+}
+
 // After a CTA has written its partial state of a (sequence, KV head) cut into several items: the
 // CTA that finishes the last of them (over all bit-width launches of the layer) combines them,
-// out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max) (the same bytes whichever CTA it is),
-// and resets the counter for the next launch. The fences order the partial stores before the
-// count (writers) and the count before the loads (the merger); the loads go to L2. It runs at the
-// tail of a CTA, so it is built for latency: the items' log-sum-exps go through shared memory
-// (kMergeChunk items at a time, online max across chunks), the kWarps warps take every kWarps-th
-// item and read all of its G * kD outputs with 16-byte loads (a quarter of the serial L2 round
-// trips of one item per step for the whole CTA), and add their sums through shared memory at the
-// end.
-inline constexpr int kMergeChunk = 128;
-// Shared memory of the merge: flag, weights, running max / sum / rescale, then the warps' sums.
-inline constexpr int kMergeSumsOffset = (4 + (kMergeChunk + 3) * kDecodeMaxGroup) * 4;
-template <int kD, int kWarps>
-inline constexpr int kMergeSmemBytes = kMergeSumsOffset + kWarps* kDecodeMaxGroup* kD * 4;
+// out = sum_i 2^(lse_i - max) o_i / sum_i 2^(lse_i - max), and resets the counter for the next
+// launch. The fences order the partial stores before the count (writers) and the count before the
+// loads (the merger); the loads go to L2. It runs at the tail of a launch, so it is built for
+// latency: each thread takes 4 consecutive outputs (of one head) and folds the items into them
+// in item order (online: a rescale when the running max moves, so the bytes are the same
+// whichever CTA merges), kMergeBatch items' loads at a time, all independent of one another; no
+// thread waits for another after the count. (Warps taking items and adding their sums through
+// shared memory cost ~4 us more from count to stores at batch 1: bench/RESULTS.md, seventeenth
+// session.)
+inline constexpr int kMergeBatch = 8;
 
-// kEarly: items a warp loads before the weights are known (registers: kEarly * kVec float4).
-template <int kD, int kWarps, int kEarly>
+template <int kD, int kWarps>
 __device__ __forceinline__ void merge_if_last(const KernelParams& p, const DecodeWorkItem& it,
                                               int kvh, uint8_t* smem) {
-  constexpr int kVec = kDecodeMaxGroup * kD / 128;  // float4 a lane holds (a warp: G * kD)
   constexpr int kThreads = kWarps * 32;
-  static_assert(kMergeSumsOffset % 16 == 0, "16-byte aligned sums");
   const DecodeMergeItem mi = p.merges[p.layer->merge_begin + it.merge];
   int* counter = p.merge_counters + int64_t{it.merge} * p.num_kv_heads + kvh;
   int* flag = reinterpret_cast<int*>(smem);
-  float* sw = reinterpret_cast<float*>(smem) + 4;  // [kMergeChunk][G] weights of a chunk
-  float* sm = sw + kMergeChunk * kDecodeMaxGroup;  // [G] running max
-  float* sd = sm + kDecodeMaxGroup;                // [G] running sum of weights
-  float* sa = sd + kDecodeMaxGroup;                // [G] rescale of the previous chunks
   __threadfence();
   __syncthreads();  // also: every thread is done with the epilogue's shared memory
   if (threadIdx.x == 0) *flag = atomicAdd(counter, 1) == mi.num_items - 1;
   __syncthreads();
   if (*flag == 0) return;
-  trace_time(p, 11, kWarps == 4 && threadIdx.x == 0);
+  trace_time(p, 21, threadIdx.x == 0);
   __threadfence();
-  const int G = p.group, H = p.num_kv_heads;
-  if (static_cast<int>(threadIdx.x) < G) {
-    sm[threadIdx.x] = -INFINITY;
-    sd[threadIdx.x] = 0.0f;
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float4 acc[kVec];
+  const int G = p.group, H = p.num_kv_heads, n = mi.num_items;
+  const int64_t slot0 = int64_t{mi.item_begin} * H + kvh;  // item i's slot: slot0 + i H
+  const int64_t out0 = (int64_t{mi.seq} * H + kvh) * G * kD;
+  for (int e = 4 * static_cast<int>(threadIdx.x); e < G * kD; e += 4 * kThreads) {
+    const int h = e / kD;  // kD is a multiple of 4: the 4 outputs share a head
+    float m = -INFINITY, den = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i0 = 0; i0 < n; i0 += kMergeBatch) {
+      float lse[kMergeBatch];
+      float4 o[kMergeBatch];
 #pragma unroll
-  for (int k = 0; k < kVec; ++k)
-    acc[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  const auto item_o = [&](int i) {  // item i of the entry: this lane's partial outputs
-    return p.partial_o + (int64_t{mi.item_begin + i} * H + kvh) * G * kD;
-  };
-  for (int c0 = 0; c0 < mi.num_items; c0 += kMergeChunk) {
-    const int n = min(kMergeChunk, mi.num_items - c0);
-    // The warp's first kEarly items' outputs go out with the log-sum-exps, not after the weights:
-    // one L2 round trip instead of two on the merge's path (most entries have a few items).
-    float4 early[kEarly > 0 ? kEarly : 1][kVec];
-#pragma unroll
-    for (int j = 0; j < kEarly; ++j) {
-      const int i = warp + j * kWarps;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const int e = 128 * k + 4 * lane;
-        early[j][k] = i < n && e < G * kD
-                          ? __ldcg(reinterpret_cast<const float4*>(item_o(c0 + i) + e))
-                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int b = 0; b < kMergeBatch; ++b) {
+        const int64_t slot = slot0 + int64_t{i0 + b} * H;
+        const bool in = i0 + b < n;
+        lse[b] = in ? __ldcg(p.partial_lse + slot * G + h) : -INFINITY;
+        o[b] = in ? __ldcg(reinterpret_cast<const float4*>(p.partial_o + slot * G * kD + e))
+                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-    }
-    for (int e = threadIdx.x; e < n * G; e += kThreads) {
-      const int64_t slot = int64_t{mi.item_begin + c0 + e / G} * H + kvh;
-      sw[e] = __ldcg(p.partial_lse + slot * G + e % G);
-    }
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < G) {  // one thread a head: weights relative to the max
-      const int h = threadIdx.x;
-      float mx = sm[h];
-      for (int i = 0; i < n; ++i)
-        mx = fmaxf(mx, sw[i * G + h]);
-      const float alpha = exp2f(sm[h] - mx);  // 0 on the first chunk
-      float den = sd[h] * alpha;
-      for (int i = 0; i < n; ++i) {
-        const float f = exp2f(sw[i * G + h] - mx);
-        sw[i * G + h] = f;
+#pragma unroll
+      for (int b = 0; b < kMergeBatch; ++b) {
+        // An item without a visible token has lse -inf (and zero outputs): weight 0.
+        if (lse[b] > m) {
+          const float a = exp2f(m - lse[b]);  // 0 while m is -inf
+          den *= a;
+          acc = make_float4(acc.x * a, acc.y * a, acc.z * a, acc.w * a);
+          m = lse[b];
+        }
+        const float f = lse[b] > -INFINITY ? exp2f(lse[b] - m) : 0.0f;
         den += f;
-      }
-      sm[h] = mx;
-      sd[h] = den;
-      sa[h] = alpha;
-    }
-    __syncthreads();
-    trace_time(p, 12, kWarps == 4 && threadIdx.x == 0);
-    // A lane's outputs: e = 128 k + 4 lane .. + 3, one head each (kD is a multiple of 4).
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const int e = 128 * k + 4 * lane;
-      if (e < G * kD) {
-        const float a = sa[e / kD];
-        acc[k] = make_float4(acc[k].x * a, acc[k].y * a, acc[k].z * a, acc[k].w * a);
+        acc = make_float4(fmaf(f, o[b].x, acc.x), fmaf(f, o[b].y, acc.y), fmaf(f, o[b].z, acc.z),
+                          fmaf(f, o[b].w, acc.w));
       }
     }
-#pragma unroll
-    for (int j = 0; j < kEarly; ++j) {
-      const int i = warp + j * kWarps;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const int e = 128 * k + 4 * lane;
-        if (i < n && e < G * kD) {
-          const float f = sw[i * G + e / kD];
-          const float4 v = early[j][k];
-          acc[k] = make_float4(fmaf(f, v.x, acc[k].x), fmaf(f, v.y, acc[k].y),
-                               fmaf(f, v.z, acc[k].z), fmaf(f, v.w, acc[k].w));
-        }
-      }
-    }
-#pragma unroll 2
-    for (int i = warp + kEarly * kWarps; i < n; i += kWarps) {
-      const float* o = item_o(c0 + i);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const int e = 128 * k + 4 * lane;
-        if (e < G * kD) {
-          const float f = sw[i * G + e / kD];
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(o + e));
-          acc[k] = make_float4(fmaf(f, v.x, acc[k].x), fmaf(f, v.y, acc[k].y),
-                               fmaf(f, v.z, acc[k].z), fmaf(f, v.w, acc[k].w));
-        }
-      }
-    }
-    __syncthreads();  // before the next chunk overwrites sw
-  }
-  float* sums = reinterpret_cast<float*>(smem + kMergeSumsOffset);  // [kWarps][G * kD]
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    const int e = 128 * k + 4 * lane;
-    if (e < G * kD) *reinterpret_cast<float4*>(sums + warp * G * kD + e) = acc[k];
-  }
-  __syncthreads();
-  trace_time(p, 13, kWarps == 4 && threadIdx.x == 0);
-  const int64_t out_row = (int64_t{mi.seq} * H + kvh) * G;
-  for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      v += sums[w * G * kD + idx];
-    store_out(p, out_row * kD + idx, v / sd[idx / kD]);
+    if (den > 0.0f) acc = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+    store_out4(p, out0 + e, acc);  // no visible token in any item: zeros, as a direct item
   }
   if (threadIdx.x == 0) *counter = 0;
 }
@@ -1225,9 +1173,6 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
   constexpr int kWarps = BitsConfig<kBits>::kWarps, kThreads = BitsConfig<kBits>::kThreads;
-  static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4 &&
-                    Tr::kSmemBytes >= kMergeSmemBytes<kD, kWarps>,
-                "the epilogue and the merge reuse the rings");
   constexpr bool kQLo = sizeof(TQ) == 4;
   constexpr bool kPair = kCols == 1 && kBits <= 4;  // two tiles a step, see compute_tile
   constexpr bool kSwap = kPair;                     // pairs run k_phase_swap
@@ -1260,12 +1205,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
     lo = warp == 0 ? it.lo_first : 0;
   }
-  // Everything above reads the plan and the page tables, which the host uploaded before the step's
-  // kernels. q and the pages' contents (the new token's K and V) come from the kernels before
-  // this one: launched with programmatic dependent launch (DecodeParams::pdl), the CTA gets here
-  // while they may still run, and waits for them now.
-  pdl_wait();
-  trace_time(p, 15, threadIdx.x == 0);
+  // The lane's offsets and the accumulators depend on nothing a kernel writes: set up before
+  // the wait, off the critical path of a launch that starts early.
+  const LaneOffsets<Tr> offs(L, lane, kSwap);
+  trace_time(p, 16, threadIdx.x == 0);
   Acc<kD, kCols> acc;
 #pragma unroll
   for (int mt = 0; mt < kD / 16; ++mt) {
@@ -1280,8 +1223,12 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   acc.m = -INFINITY;
   acc.l = 0.0f;
   acc.z = 0.0f;
-
-  const LaneOffsets<Tr> offs(L, lane, kSwap);
+  // Everything above reads the plan and the page tables, which the host uploaded before the step's
+  // kernels. q and the pages' contents (the new token's K and V) come from the kernels before
+  // this one: launched with programmatic dependent launch (DecodeParams::pdl), the CTA gets here
+  // while they may still run, and waits for them now.
+  pdl_wait();
+  trace_time(p, 15, threadIdx.x == 0);
   const int head_tok0 = kvh * L.tokens;  // head kvh's first row in a page
   // Issues the tile at (page, tile) into `slot`, then steps to the range's next tile.
   // 16 bits: params ({scale, zero}, 8 bytes a token) are a tile's smallest reads, 128 bytes each
@@ -1351,6 +1298,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // on its own (bench/RESULTS.md, sixth session), so the other bit-widths load q first.
   constexpr bool kCopiesFirst = kBits == 16;
   if constexpr (kCopiesFirst) issue_first_slots();
+  trace_time(p, 17, threadIdx.x == 0 && kCopiesFirst);
   uint32_t aq[kQSteps<kBits, kD>][4];
   float qsum, kcorr;
   // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
@@ -1366,6 +1314,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   const float score_scale = p.scale_log2 * q_unit;
   trace_time(p, 2, threadIdx.x == 0);
   if constexpr (!kCopiesFirst) issue_first_slots();
+  trace_time(p, 17, threadIdx.x == 0 && !kCopiesFirst);
   // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
   auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
   int slot_c = 0, slot_p = kSlots - 1;
@@ -1404,7 +1353,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16);
   }
   __syncthreads();  // every warp is done with its ring
+  trace_time(p, 19, threadIdx.x == 0);
   const int G = p.group;
+  static_assert(Tr::kSmemBytes >= kWarps * (kDecodeMaxGroup * kD + 3 * kDecodeMaxGroup) * 4,
+                "the epilogue and the merge reuse the rings");
   float* sm_o = reinterpret_cast<float*>(smem);             // [kWarps][G][kD]
   float* sm_m = sm_o + kWarps * G * kD;                     // [kWarps][G]
   float* sm_l = sm_m + kWarps * G;                          // [kWarps][G]
@@ -1453,33 +1405,69 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
   }
   __syncthreads();
+  trace_time(p, 20, threadIdx.x == 0);
   const int64_t out_row = (int64_t{it.seq} * p.num_kv_heads + kvh) * G;  // first query head
   const int64_t slot = int64_t{item} * p.num_kv_heads + kvh;
-  for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
-    const int h = idx / kD, d = idx % kD;
-    float mx = -INFINITY;
+  if constexpr (kSwap) {
+    // 2/4-bit pairs: each thread combines the warps' states into 4 consecutive outputs of one
+    // head (3-9% faster at batch 1-16 than one output at a time; the 8/16-bit kernels measured
+    // 1-2.5% slower with it, through their codegen: bench/RESULTS.md, seventeenth session).
+    for (int e = 4 * static_cast<int>(threadIdx.x); e < G * kD; e += 4 * kThreads) {
+      const int h = e / kD, d = e % kD;
+      float mw[kWarps];
+      float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      mx = fmaxf(mx, sm_m[w * G + h]);
-    float den = 0.0f, num = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        mw[w] = sm_m[w * G + h];
+        mx = fmaxf(mx, mw[w]);
+      }
+      float den = 0.0f;
+      float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = ex2(sm_m[w * G + h] - mx);
-      den += sm_l[w * G + h] * f;
-      num += (sm_o[(w * G + h) * kD + d] + sm_z[w * G + h]) * f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = mw[w] > -INFINITY ? ex2(mw[w] - mx) : 0.0f;  // a warp without tokens: 0
+        const float z = sm_z[w * G + h];
+        den += sm_l[w * G + h] * f;
+        const float4 o = *reinterpret_cast<const float4*>(sm_o + (w * G + h) * kD + d);
+        num = make_float4(fmaf(o.x + z, f, num.x), fmaf(o.y + z, f, num.y), fmaf(o.z + z, f, num.z),
+                          fmaf(o.w + z, f, num.w));
+      }
+      // mx -inf: an item with no visible token (zeros; as a partial, lse -inf: weight 0).
+      const float4 val = mx == -INFINITY
+                             ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
+                             : make_float4(num.x / den, num.y / den, num.z / den, num.w / den);
+      if (it.direct) {
+        store_out4(p, (out_row + h) * kD + d, val);
+      } else {
+        *reinterpret_cast<float4*>(p.partial_o + (slot * G + h) * kD + d) = val;
+        if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
+      }
     }
-    const float val = mx == -INFINITY ? 0.0f : num / den;  // -inf: an empty item (no token)
-    if (it.direct) {
-      store_out(p, (out_row + h) * kD + d, val);
-    } else {
-      p.partial_o[(slot * G + h) * kD + d] = val;
-      if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
+  } else {
+    for (int idx = threadIdx.x; idx < G * kD; idx += kThreads) {
+      const int h = idx / kD, d = idx % kD;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w)
+        mx = fmaxf(mx, sm_m[w * G + h]);
+      float den = 0.0f, num = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = ex2(sm_m[w * G + h] - mx);
+        den += sm_l[w * G + h] * f;
+        num += (sm_o[(w * G + h) * kD + d] + sm_z[w * G + h]) * f;
+      }
+      const float val = mx == -INFINITY ? 0.0f : num / den;  // -inf: an empty item (no token)
+      if (it.direct) {
+        store_out(p, (out_row + h) * kD + d, val);
+      } else {
+        p.partial_o[(slot * G + h) * kD + d] = val;
+        if (d == 0) p.partial_lse[slot * G + h] = mx + log2f(den);
+      }
     }
   }
   trace_time(p, 8, threadIdx.x == 0);
-  // Early loads in the merge: 8 items a CTA for groups of at most 4 query heads; the two-column
-  // kernels (groups of 5-8) sit at their register cap, where those registers spill.
-  if (!it.direct) merge_if_last<kD, kWarps, kCols == 1 ? 8 / kWarps : 0>(p, it, kvh, smem);
+  if (!it.direct) merge_if_last<kD, kWarps>(p, it, kvh, smem);
   trace_time(p, 9, threadIdx.x == 0);
   if (threadIdx.x == 0) trace_put(p, 10, uint64_t(item) | uint64_t(it.num_tiles) << 32);
 }
