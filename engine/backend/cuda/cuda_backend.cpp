@@ -660,7 +660,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
                                             static_cast<int32_t>(N), static_cast<int32_t>(H), xp,
                                             s()));
   const float eps = static_cast<float>(cfg.rms_norm_eps);
-  // The layer's GEMMs at one row take the compact footprint (GemmRunner::layer_footprint).
+  // The layer's GEMMs' footprint (GemmRunner::layer_footprint: full unless PMKV_COMPACT_GEMM=1).
   const cuda::GemmFootprint fp = gemm->layer_footprint(N);
   // At one row the residual add + norm after the o and down projections is split (GemmRunner::
   // split_norm): those products add to x as their tiles complete, the products after them (gate/up,

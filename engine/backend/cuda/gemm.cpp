@@ -66,9 +66,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_SPLIT_NORM=0: split_norm() says no; the fused tail stays (A/B measurements).
   const char* split = std::getenv("PMKV_SPLIT_NORM");
   split_norm_ = split == nullptr || std::strcmp(split, "0") != 0;
-  // PMKV_COMPACT_GEMM=0: the decoder layers' GEMMs keep the full footprint at m = 1 (A/B).
+  // PMKV_COMPACT_GEMM=1: the decoder layers' GEMMs take the compact footprint at m = 1 (A/B).
   const char* compact = std::getenv("PMKV_COMPACT_GEMM");
-  compact_layers_ = compact == nullptr || std::strcmp(compact, "0") != 0;
+  compact_layers_ = compact != nullptr && std::strcmp(compact, "0") != 0;
   // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
   // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
   // PMKV_SKINNY_BULK=0 turns it off (A/B).

@@ -71,10 +71,13 @@ class GemmRunner {
   void run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k,
                     const kernels::AddRmsNormParams& norm, GemmFootprint fp = GemmFootprint::kFull);
 
-  // The footprint for a decoder layer's GEMMs (qkv, o, gate/up, down) at m rows: compact at m ==
-  // 1, where it made a batch-1 token 1.3% faster (bench/RESULTS.md, eleventh session; at m = 4 and
-  // 8 it was not measured better). PMKV_COMPACT_GEMM=0 (read once, in the constructor) keeps the
-  // full footprint, for comparisons.
+  // The footprint for a decoder layer's GEMMs (qkv, o, gate/up, down) at m rows: full by default.
+  // Compact at m == 1 made a batch-1 token 1.3% faster when it came (eleventh session); since the
+  // split norm and the decode kernel's shorter tail it is ~1% slower (seventeenth session: 4.723
+  // against 4.770 ms a token with 766aad7's build, 4.692 against 4.729 with the new ones; a
+  // compact o projection beside batch-1 attention slows the attention's tiles ~2x). At m = 4 and 8
+  // it was never measured better. PMKV_COMPACT_GEMM=1 (read once, in the constructor) takes it at
+  // m == 1, for comparisons.
   GemmFootprint layer_footprint(int64_t m) const {
     return compact_layers_ && m == 1 ? GemmFootprint::kCompact : GemmFootprint::kFull;
   }
@@ -112,7 +115,7 @@ class GemmRunner {
   bool skinny_pdl_ = true;
   bool skinny_wide_ = false;
   bool fuse_norm_ = true;
-  bool compact_layers_ = true;
+  bool compact_layers_ = false;
   bool split_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
