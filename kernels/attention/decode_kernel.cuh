@@ -1111,8 +1111,8 @@ __device__ __forceinline__ void store_out4(const KernelParams& p, int64_t o, flo
 // in item order (online: a rescale when the running max moves, so the bytes are the same
 // whichever CTA merges), kMergeBatch items' loads at a time, all independent of one another; no
 // thread waits for another after the count. (Warps taking items and adding their sums through
-// shared memory cost ~4 us more from count to stores at batch 1: bench/RESULTS.md, seventeenth
-// session.)
+// shared memory took the merging CTA ~2 us longer from its epilogue to its stores at batch 1:
+// 5.0-5.7 against 3.1-3.9 us, bench/RESULTS.md, seventeenth session.)
 inline constexpr int kMergeBatch = 8;
 
 template <int kD, int kWarps>
