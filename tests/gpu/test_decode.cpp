@@ -346,6 +346,23 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
   std::printf("decode: worst max rel L2, fp32 out %.3e, bf16 out %.3e\n", worst_f32, worst_bf16);
 }
 
+TEST_CASE("decode launch: a q that is not 16-byte aligned is rejected without a launch",
+          "[gpu][attention][host]") {
+  kernels::DecodeLayerPlan layer;  // every split_ctas is 0: a valid call launches nothing
+  alignas(16) float q[8] = {};
+  kernels::DecodeParams p;
+  p.page_bytes = 4096;
+  p.num_kv_heads = 8;
+  p.group = 4;
+  p.head_dim = 128;
+  p.tokens16 = 32;
+  p.plan.layer = &layer;
+  p.q = q;
+  CHECK(kernels::launch_decode(p, nullptr) == cudaSuccess);
+  p.q = q + 1;  // 4-byte aligned only: the kernel reads q in 16-byte loads
+  CHECK(kernels::launch_decode(p, nullptr) == cudaErrorInvalidValue);
+}
+
 TEST_CASE("decode plan: layers planned on several threads give the serial plan",
           "[gpu][attention][host]") {
   std::mt19937 rng(gputest::test_seed("plan_parallel"));
