@@ -17,9 +17,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -319,6 +321,105 @@ TEST_CASE("cuda backend: at 2 bits it loses what the CPU backend loses", "[cuda_
   CHECK(q_cpu > 0);
   CHECK(q_gpu <= 1.5 * q_cpu + 2 * cross16);
   CHECK(q_gpu >= q_cpu / 1.5 - 2 * cross16);
+}
+
+namespace {
+
+// Sets an environment variable for the backends constructed while it lives (the CUDA backend
+// reads its A/B knobs at construction), then restores the old value.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name); old != nullptr) old_ = old;
+    setenv(name, value, 1);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  ~ScopedEnv() {
+    if (old_.has_value()) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+}  // namespace
+
+TEST_CASE("cuda backend: attention launches per bit-width on parallel branches", "[cuda_backend]") {
+  // Under a 4-bit budget (oldest_first, a 16-token window) a layer holds 16-, 8-, 4- and 2-bit
+  // pages at once from ~140 steps on (16 tokens a page: demoted pages pair up): one decode launch
+  // each. By default each runs on its own branch (forked after
+  // the KV ops, joined before the o projection; in a graph, parallel nodes) and they meet only in
+  // the merge, whose output does not depend on which CTA merges: the logits must be the bytes of
+  // the same launches one after another on one stream (PMKV_ATTN_FORK=0) and of the 16-bit-only
+  // fork (=16). Four sequences decode together, so merges of several sequences cross launches.
+  const std::string model = GENERATE(as<std::string>{}, "llama_gqa_d64", "mistral_swa_d128");
+  const fs::path dir = fixture(model);
+  const ModelConfig cfg = parse_model_config(dir / "config.json");
+  const WeightStore w = WeightStore::open(dir);
+  kv::KvCacheConfig kc;
+  kc.window_tokens = 16;
+  kc.policy = kv::DemotionPolicy::kOldestFirst;
+  kc.uniform_bits = 4;
+  kc.uniform_max_len = 256;
+  Runner each(cfg, w, Device::kCuda, kc, 4096);
+  std::optional<Runner> one, sixteen;
+  {
+    ScopedEnv env("PMKV_ATTN_FORK", "0");
+    one.emplace(cfg, w, Device::kCuda, kc, 4096);
+  }
+  {
+    ScopedEnv env("PMKV_ATTN_FORK", "16");
+    sixteen.emplace(cfg, w, Device::kCuda, kc, 4096);
+  }
+  Runner* rs[] = {&each, &*one, &*sixteen};
+  std::mt19937 rng(4321);
+  const int64_t V = cfg.vocab_size;
+  double worst = 0;
+  int most_bits = 0;  // the most bit-widths with pages in layer 0 at once
+  const auto step_all = [&](std::span<const SeqChunk> chunks) {
+    std::vector<std::vector<float>> out;
+    for (Runner* r : rs)
+      out.push_back(r->step(chunks));
+    for (size_t i = 1; i < out.size(); ++i)
+      worst = std::max(worst, max_abs_diff(out[0], out[i]));
+    const auto& l0 = each.kv.pool_stats().layers[0];
+    int present = 0;
+    for (int64_t p : l0.pages_by_bits)
+      present += p > 0 ? 1 : 0;
+    most_bits = std::max(most_bits, present);
+  };
+  const std::vector<kv::SeqId> seqs{0, 1, 2, 3};
+  for (kv::SeqId s : seqs) {
+    std::vector<int32_t> ids(20 + 7 * s);
+    for (auto& t : ids)
+      t = static_cast<int32_t>(rng() % V);
+    const SeqChunk c{s, ids, SeqChunk::Logits::kLast};
+    step_all({&c, 1});
+  }
+  for (int t = 0; t < 200; ++t) {
+    std::vector<int32_t> toks(seqs.size());
+    std::vector<SeqChunk> chunks;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      toks[i] = static_cast<int32_t>(rng() % V);
+      chunks.push_back({seqs[i], std::span(&toks[i], 1), SeqChunk::Logits::kLast});
+    }
+    step_all(chunks);
+  }
+  for (Runner* r : rs) {
+    for (kv::SeqId s : seqs)
+      r->kv.release(s);
+    CHECK(r->kv.pool().num_used() == 0);
+  }
+  WARN(model << ": " << most_bits
+             << " bit-widths at once in layer 0; branches vs one stream max |diff| " << worst);
+  CHECK(most_bits == 4);
+  CHECK(worst == 0.0);
 }
 
 TEST_CASE("cuda backend: a demotion-only step and bad input leave it usable", "[cuda_backend]") {

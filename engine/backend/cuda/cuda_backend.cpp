@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -143,17 +144,26 @@ struct CudaBackend::Impl {
   // waits only for its inputs (RoPE: its cos/sin table first; attention: its plan). PMKV_PDL=0 or
   // PMKV_ATTN_PDL=0: plain launches (A/B).
   bool attn_pdl = true;
-  // Decode attention over mixed bits: the 16-bit launch (sink and window pages) runs on a side
-  // stream beside the launches of the body's bit-widths, forked after the KV ops and joined
-  // before the o projection (in a graph: two branches), since they meet only in the merge; one
-  // stream, they ran one after the other (bench/RESULTS.md, fifteenth session).
-  // PMKV_ATTN_FORK=0: one stream (A/B).
-  bool attn_fork = true;
+  // Decode attention over mixed bits: one launch per bit-width present, and they meet only in the
+  // merge, so each runs on its own branch: forked after the KV ops, joined before the o projection
+  // (in a graph: parallel branches). The lowest bit-width present (under a budget, the body's
+  // largest share) stays on the main stream with PDL; the others are plain launches on side
+  // streams. Under a 4-bit budget a layer has 16-, 8-, 4- and 2-bit pages, and with only the
+  // 16-bit launch branched off (the fifteenth session's form) the body's three launches ran one
+  // after another, each paying its fixed cost: every branch took batch 1 x 4K from 5.47 to 5.10-
+  // 5.21 ms a step, 1 x 64K from 6.29-6.46 to 5.97-6.11, 16 x 16K from 9.2-9.4 to 8.7-8.9; at
+  // 16 and 64 x 4K it is 1-3% slower (launches that each fill the GPU then share it;
+  // bench/RESULTS.md, eighteenth session). PMKV_ATTN_FORK=0: one stream; =16: the 16-bit launch
+  // alone on a side stream. A/B knobs.
+  enum class AttnFork { kNone, kSixteen, kEach };
+  AttnFork attn_fork = AttnFork::kEach;
   // PMKV_DECODE_MIN_ITEM_KB: the decode plan's smallest item (DecodePlanConfig::min_item_bytes), an
   // A/B knob; 0 keeps the plan's default.
   int64_t decode_min_item_bytes = 0;
-  std::unique_ptr<cuda::Stream> stream, side_stream;
-  std::unique_ptr<cuda::Event> fork_event, join_event;
+  std::unique_ptr<cuda::Stream> stream;
+  std::array<std::unique_ptr<cuda::Stream>, 3> side_streams;  // a branch per extra bit-width
+  std::unique_ptr<cuda::Event> fork_event;
+  std::array<std::unique_ptr<cuda::Event>, 3> join_events;
   std::unique_ptr<cuda::GemmRunner> gemm;
 
   DeviceMemory embed, lm_head, final_norm, inv_freq;
@@ -235,6 +245,9 @@ struct CudaBackend::Impl {
                            const std::vector<OpRun>& requant_runs,
                            const std::vector<std::vector<OpRun>>& demote_runs, StepArgs* a);
   void kv_ops(const StepArgs& a, int64_t l);
+  // A layer's decode attention: its launches per bit-width on the main stream or on branches
+  // (attn_fork).
+  void launch_attention(const kernels::DecodeParams& dp);
   void enqueue_forward(const StepArgs& a);
 
   // PMKV_CUDA_TIMING=1: CUDA events split each step into phases (upload + embedding, QKV + RoPE
@@ -622,6 +635,52 @@ void CudaBackend::Impl::upload_graph_inputs(
     a->split_ctas[bi] = most[bi] > 0 ? pow2_at_least(most[bi]) : 0;
 }
 
+void CudaBackend::Impl::launch_attention(const kernels::DecodeParams& dp) {
+  // The bit-widths with a launch, by decode_bits_index (0: 16 bits ... 3: 2 bits).
+  const int32_t* sc = dp.plan.split_ctas;
+  int present[4];
+  int n = 0;
+  for (int b = 0; b < 4; ++b) {
+    if (sc[b] > 0) present[n++] = b;
+  }
+  if (attn_fork == AttnFork::kNone || n < 2) {
+    PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
+    return;
+  }
+  // What stays on the main stream (a PDL launch after the KV ops) and what branches off.
+  uint32_t main_mask = 0;
+  std::array<uint32_t, 3> side_masks{};
+  int sides = 0;
+  if (attn_fork == AttnFork::kSixteen) {
+    if (sc[0] == 0) {  // no 16-bit launch: nothing to branch off
+      PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
+      return;
+    }
+    main_mask = 0xE;
+    side_masks[sides++] = 0x1;
+  } else {
+    main_mask = 1u << present[n - 1];
+    for (int i = 0; i < n - 1; ++i)
+      side_masks[sides++] = 1u << present[i];
+  }
+  PMKV_CUDA_CHECK(cudaEventRecord(fork_event->get(), s()));
+  kernels::DecodeParams main_part = dp;
+  main_part.bits_mask = main_mask;
+  PMKV_CUDA_CHECK(kernels::launch_decode(main_part, s()));
+  for (int i = 0; i < sides; ++i) {
+    cudaStream_t side = side_streams[i]->get();
+    PMKV_CUDA_CHECK(cudaStreamWaitEvent(side, fork_event->get()));
+    kernels::DecodeParams part = dp;
+    part.bits_mask = side_masks[i];
+    part.pdl = false;  // after an event wait: a plain launch
+    PMKV_CUDA_CHECK(kernels::launch_decode(part, side));
+    PMKV_CUDA_CHECK(cudaEventRecord(join_events[i]->get(), side));
+  }
+  for (int i = 0; i < sides; ++i) {
+    PMKV_CUDA_CHECK(cudaStreamWaitEvent(s(), join_events[i]->get()));
+  }
+}
+
 void CudaBackend::Impl::kv_ops(const StepArgs& a, int64_t l) {
   const kernels::KvPoolRef pool_ref{pool.as(), page_bytes, geometry};
   if (a.op_ranges != nullptr) {
@@ -734,23 +793,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       dp.out_dtype = kernels::DType::kBF16;
       dp.scale = scale;
       dp.pdl = attn_pdl;
-      const int32_t* sc = dp.plan.split_ctas;
-      if (attn_fork && sc[0] > 0 && sc[1] + sc[2] + sc[3] > 0) {
-        cudaStream_t side = side_stream->get();
-        PMKV_CUDA_CHECK(cudaEventRecord(fork_event->get(), s()));
-        kernels::DecodeParams body = dp;
-        body.bits_mask = 0xE;  // 8, 4 and 2 bits, on the main stream (PDL after the KV ops)
-        PMKV_CUDA_CHECK(kernels::launch_decode(body, s()));
-        PMKV_CUDA_CHECK(cudaStreamWaitEvent(side, fork_event->get()));
-        kernels::DecodeParams d16 = dp;
-        d16.bits_mask = 0x1;
-        d16.pdl = false;  // after an event wait: a plain launch
-        PMKV_CUDA_CHECK(kernels::launch_decode(d16, side));
-        PMKV_CUDA_CHECK(cudaEventRecord(join_event->get(), side));
-        PMKV_CUDA_CHECK(cudaStreamWaitEvent(s(), join_event->get()));
-      } else {
-        PMKV_CUDA_CHECK(kernels::launch_decode(dp, s()));
-      }
+      launch_attention(dp);
     } else {
       kernels::PrefillParams pp{};
       pp.pool = pool.as();
@@ -900,11 +943,15 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   m.memory.device_name = prop.name;
   m.memory.device_total_bytes = static_cast<int64_t>(prop.totalGlobalMem);
   m.stream = std::make_unique<cuda::Stream>();
-  m.side_stream = std::make_unique<cuda::Stream>();
   m.fork_event = std::make_unique<cuda::Event>();
-  m.join_event = std::make_unique<cuda::Event>();
-  if (const char* v = std::getenv("PMKV_ATTN_FORK"); v != nullptr && std::string(v) == "0") {
-    m.attn_fork = false;
+  for (size_t i = 0; i < m.side_streams.size(); ++i) {
+    m.side_streams[i] = std::make_unique<cuda::Stream>();
+    m.join_events[i] = std::make_unique<cuda::Event>();
+  }
+  if (const char* v = std::getenv("PMKV_ATTN_FORK"); v != nullptr) {
+    const std::string f = v;
+    if (f == "0") m.attn_fork = Impl::AttnFork::kNone;
+    if (f == "16") m.attn_fork = Impl::AttnFork::kSixteen;
   }
   if (const char* v = std::getenv("PMKV_DECODE_MIN_ITEM_KB"); v != nullptr) {
     m.decode_min_item_bytes = std::max<int64_t>(0, std::atoll(v)) * 1024;
