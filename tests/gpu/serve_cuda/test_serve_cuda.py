@@ -24,8 +24,7 @@ integ = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(integ)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(tmp_path_factory, *extra):
     src = SOURCE_DIR / "models" / "pmkv-ref"
     model = tmp_path_factory.mktemp("m") / "pmkv-ref-dummy"
     model.mkdir()
@@ -34,9 +33,26 @@ def server(tmp_path_factory):
         if (src / name).exists():
             shutil.copy(src / name, model / name)
     pmkv = os.environ.get("PMKV_BIN", str(SOURCE_DIR / "build" / "pmkv"))
-    s = integ.Server(pmkv, model, "--set", "model.load_format=dummy", "--set",
-                     "engine.device=cuda", "--set", "kv_cache.memory=64M", "--set",
-                     "server.shutdown_grace_s=5", timeout=120)
+    return integ.Server(pmkv, model, "--set", "model.load_format=dummy", "--set",
+                        "engine.device=cuda", "--set", "kv_cache.memory=64M", "--set",
+                        "server.shutdown_grace_s=5", *extra, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server(tmp_path_factory)
+    yield s
+    code = s.stop()
+    assert code == 0, s.log()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory):
+    """A progressive KV cache: a 16-token window and a uniform 4-bit budget sized for 160 tokens,
+    so that generations of 240 tokens (about 2.7 bits a token) flush and demote pages to 8, 4 and
+    2 bits without reaching the 2-bit floor."""
+    s = start_server(tmp_path_factory, "--set", "kv_cache.window_tokens=16", "--set",
+                     "kv_cache.budget.uniform_bits=4", "--set", "kv_cache.budget.max_len=160")
     yield s
     code = s.stop()
     assert code == 0, s.log()[-4000:]
@@ -130,3 +146,45 @@ def test_bad_input_is_a_400_and_nothing_leaks(server):
     assert "error" in json.loads(raw)
     m = integ.wait_for_idle_kv(server.base_url)
     assert m["pmkv_kv_pool_pages_used"] == 0
+
+
+def test_progressive_budget_under_load(budget_server):
+    """Eight greedy completions of 240 tokens at once under the 4-bit budget: while the batch
+    decodes, the window flushes and pages demote, and the layers hold 16-, 8-, 4- and 2-bit pages
+    (one decode attention launch each, on parallel branches). The bit-widths a sequence's pages
+    take depend only on token counts and budgets (the KV manager, host code), so they are those of
+    the same requests on the CPU backend, whose /metrics showed 8-, 4- and 2-bit tokens live
+    together; here the whole run takes well under the 100 ms between /metrics' per-bit snapshots.
+    Every request gets all its tokens, demotions and flushes happened, and every page comes back."""
+    url = budget_server.base_url
+    before = integ.metrics(url)
+    results = [None] * 8
+
+    def one(i):
+        results[i] = post(budget_server, "/v1/completions", {
+            "model": "pmkv-ref-dummy", "prompt": f"Story {i}: once upon a time",
+            "max_tokens": 240, "temperature": 0, "ignore_eos": True})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for status, _, raw in results:
+        assert status == 200, raw
+        r = json.loads(raw)
+        assert r["usage"]["completion_tokens"] == 240
+        assert r["choices"][0]["finish_reason"] == "length"
+    m = integ.wait_for_idle_kv(url)
+    assert m["pmkv_kv_demotions_total"] > before["pmkv_kv_demotions_total"]
+    assert m["pmkv_kv_flushes_total"] > before["pmkv_kv_flushes_total"]
+    assert m["pmkv_kv_pool_pages_used"] == 0
+    # Alone, twice: the same greedy text over the same mixed-bit pages.
+    body = {"model": "pmkv-ref-dummy", "prompt": "Story 3: once upon a time", "max_tokens": 240,
+            "temperature": 0, "ignore_eos": True}
+    texts = []
+    for _ in range(2):
+        status, _, raw = post(budget_server, "/v1/completions", body)
+        assert status == 200, raw
+        texts.append(json.loads(raw)["choices"][0]["text"])
+    assert texts[0] == texts[1]
