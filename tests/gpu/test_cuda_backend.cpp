@@ -353,11 +353,11 @@ class ScopedEnv {
 TEST_CASE("cuda backend: attention launches per bit-width on parallel branches", "[cuda_backend]") {
   // Under a 4-bit budget (oldest_first, a 16-token window) a layer holds 16-, 8-, 4- and 2-bit
   // pages at once from ~140 steps on (16 tokens a page: demoted pages pair up): one decode launch
-  // each. By default each runs on its own branch (forked after
-  // the KV ops, joined before the o projection; in a graph, parallel nodes) and they meet only in
-  // the merge, whose output does not depend on which CTA merges: the logits must be the bytes of
-  // the same launches one after another on one stream (PMKV_ATTN_FORK=0) and of the 16-bit-only
-  // fork (=16). Four sequences decode together, so merges of several sequences cross launches.
+  // each. By default each runs on its own branch (forked after the KV ops, joined before the o
+  // projection; in a graph, parallel nodes) and they meet only in the merge, whose output does
+  // not depend on which CTA merges: the logits must be the bytes of the same launches one after
+  // another on one stream (PMKV_ATTN_FORK=0) and of the 16-bit-only fork (=16). Four sequences
+  // decode together, so merges of several sequences cross launches.
   const std::string model = GENERATE(as<std::string>{}, "llama_gqa_d64", "mistral_swa_d128");
   const fs::path dir = fixture(model);
   const ModelConfig cfg = parse_model_config(dir / "config.json");
