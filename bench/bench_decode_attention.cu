@@ -69,16 +69,17 @@ __global__ void fill_random(uint32_t* p, int64_t words, uint64_t seed) {
 }
 
 // Plausible {scale, zero} params for every (token, head) of every page at `bits`.
-__global__ void fill_params(uint8_t* pool, int64_t page_bytes, int64_t num_pages, int64_t k_params,
-                            int64_t per_page, uint64_t seed) {
+__global__ void fill_params(uint8_t* pool, int64_t page_bytes, int64_t num_pages, int bits,
+                            int64_t k_params, int64_t per_page, uint64_t seed) {
   const int64_t n = num_pages * per_page;
+  const int64_t par = kv::param_bytes(bits);
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t page = i / per_page, j = i % per_page;  // K then V params are contiguous
-    float* f = reinterpret_cast<float*>(pool + page * page_bytes + k_params + j * 8);
     const uint32_t r = mix(seed + static_cast<uint64_t>(i));
-    f[0] = 1e-3f + static_cast<float>(r & 0xFFFF) * 1e-7f;
-    f[1] = static_cast<float>(r >> 16) / 65536.0f - 0.5f;
+    kv::store_params(pool + page * page_bytes + k_params + j * par, bits,
+                     1e-3f + static_cast<float>(r & 0xFFFF) * 1e-7f,
+                     static_cast<float>(r >> 16) / 65536.0f - 0.5f);
   }
 }
 
@@ -183,8 +184,8 @@ int main(int argc, char** argv) {
         const int pps = (ctx + T - 1) / T;
         const int64_t pages = int64_t{batch} * pps;
         const int64_t q_bytes = int64_t{batch} * heads * head_dim * 2;  // bf16 q, bf16 out
-        const int64_t kv_bytes =
-            int64_t{batch} * ctx * kv_heads * 2 * (kv::row_bytes(head_dim, bits) + 8);
+        const int64_t kv_bytes = int64_t{batch} * ctx * kv_heads * 2 *
+                                 (kv::row_bytes(head_dim, bits) + kv::param_bytes(bits));
         const int64_t bytes = kv_bytes + 2 * q_bytes;
         const int rot = static_cast<int>(
             std::clamp<int64_t>((l2_rotation_bytes + kv_bytes - 1) / kv_bytes, 1, 1024));
@@ -208,7 +209,7 @@ int main(int argc, char** argv) {
                                    rng());
         CHECK(cudaGetLastError());
         const kv::PageLayout L = kv::page_layout(g, bits);
-        fill_params<<<4096, 256>>>(pool, page_bytes, pool_pages, L.k_params,
+        fill_params<<<4096, 256>>>(pool, page_bytes, pool_pages, bits, L.k_params,
                                    int64_t{2} * L.tokens * L.heads, rng());
         CHECK(cudaGetLastError());
 

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "engine/common/error.h"
+#include "kernels/kv_page_layout.h"
 
 namespace pmkv::calibrate {
 
@@ -95,10 +96,10 @@ Allocation finish(const Sensitivity& s, const AllocationProblem& p, std::vector<
     a.layer_bytes.push_back(layer_cost_bytes(p, a.bits[l]));
     a.total_bytes += a.layer_bytes.back();
     a.total_sensitivity += s.k.at(a.bits[l])[l] + s.v.at(a.bits[l])[l];
+    // Scale + zero for K and V per (token, KV head): f32 pairs at 16 and 8 bits, bf16 pairs at 4
+    // and 2 (kv_page_layout.h).
+    a.params_bytes += 2 * kv::param_bytes(a.bits[l]) * (p.kv_width / p.head_dim) * p.max_len;
   }
-  // f32 scale + zero for K and V: 16 bytes per (token, KV head) in every layer.
-  a.params_bytes =
-      int64_t{16} * (p.kv_width / p.head_dim) * p.max_len * static_cast<int64_t>(a.bits.size());
   return a;
 }
 

@@ -36,8 +36,9 @@ struct Allocation {
   std::vector<int64_t> layer_bytes;  // per layer: b * kv_width * 2 * max_len / 8
   int64_t total_bytes = 0;
   double total_sensitivity = 0;
-  // Scale/zero overhead PM-KVQ's count leaves out (pmkv stores an f32 scale and zero per token
-  // and KV head, for K and V): 16 bytes per (token, KV head), all layers, at max_len tokens.
+  // Scale/zero overhead PM-KVQ's count leaves out (pmkv stores a scale and zero per token and KV
+  // head, for K and V: 16 bytes per (token, KV head) at 16 and 8 bits, 8 at 4 and 2), all layers,
+  // at max_len tokens.
   int64_t params_bytes = 0;
 };
 

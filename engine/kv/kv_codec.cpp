@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/kv_page_layout.h"
+
 namespace pmkv::kv {
 
 namespace {
@@ -28,8 +30,10 @@ GroupParams quantize_group(std::span<const float> x, int bits, std::span<std::by
     hi = std::max(hi, v);
   }
   const uint32_t qmax = (bits == 16) ? 65535u : ((1u << bits) - 1u);
-  const float scale = std::clamp((hi - lo) / static_cast<float>(qmax), 1e-5f, 1e5f);
-  const float zero = -lo;
+  // The page keeps scale and zero in its format (bf16 at 4 and 2 bits): code with those values.
+  const float scale =
+      stored_param(bits, std::clamp((hi - lo) / static_cast<float>(qmax), 1e-5f, 1e5f));
+  const float zero = stored_param(bits, -lo);
   std::memset(row.data(), 0, row.size());
   for (size_t i = 0; i < x.size(); ++i) {
     const float r = std::nearbyint((x[i] + zero) / scale);  // round half to even (default mode)
@@ -64,17 +68,18 @@ float shrink_scale(float scale, int from_bits) {
   return scale * static_cast<float>((1u << (from_bits / 2)) + 1u);
 }
 
-
 GroupParams shrink_row(std::span<const std::byte> row, int from_bits, GroupParams p, int n,
                        int to_bits, std::span<std::byte> out) {
   std::memset(out.data(), 0, out.size());
   for (int i = 0; i < n; ++i) {
     uint32_t q = unpack_code(row, from_bits, i);
-    for (int b = from_bits; b > to_bits; b /= 2) q = shrink_code(q, b);
+    for (int b = from_bits; b > to_bits; b /= 2)
+      q = shrink_code(q, b);
     pack_code(out.data(), to_bits, i, q);
   }
-  for (int b = from_bits; b > to_bits; b /= 2) p.scale = shrink_scale(p.scale, b);
-  return p;
+  for (int b = from_bits; b > to_bits; b /= 2)
+    p.scale = shrink_scale(p.scale, b);
+  return {stored_param(to_bits, p.scale), stored_param(to_bits, p.zero)};
 }
 
 }  // namespace pmkv::kv

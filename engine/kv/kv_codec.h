@@ -2,7 +2,8 @@
 // PM-KVQ's quantizer for one group (one token of one KV head: head_dim values), bit-exact with the
 // CUDA kernels: asymmetric round-to-nearest-even, scale = clamp((max - min) / (2^b - 1), 1e-5,
 // 1e5), zero = -min (never rounded), code = clamp(round((x + zero) / scale), 0, 2^b - 1), value =
-// code * scale - zero. Packing as kernels/kv_page_layout.h describes.
+// code * scale - zero. Packing as kernels/kv_page_layout.h describes; scale and zero are rounded
+// to the page's param format (kv::stored_param: bf16 at 4 and 2 bits) before the codes are made.
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -33,7 +34,8 @@ uint32_t shrink_code(uint32_t q, int from_bits);
 float shrink_scale(float scale, int from_bits);
 
 // Re-codes a packed row of n codes from `from_bits` to `to_bits` (<= from_bits, by repeated
-// halving) into `out` (row_bytes(n, to_bits) bytes, padding zeroed); returns the new params.
+// halving) into `out` (row_bytes(n, to_bits) bytes, padding zeroed); returns the new params, in
+// the format of a to_bits page (the scale chain runs in f32, then both are rounded once).
 GroupParams shrink_row(std::span<const std::byte> row, int from_bits, GroupParams p, int n,
                        int to_bits, std::span<std::byte> out);
 

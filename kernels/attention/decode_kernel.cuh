@@ -110,7 +110,10 @@ struct Tile {
   static constexpr int kChunks = kRow / 16;    // 16-byte chunks per row
   static constexpr int kKBytes = kRow / 4;     // per lane and token in the K phase (kD/4 codes)
   static constexpr int kVBytes = kRow / 8;     // per lane and token in the V phase (kD/8 codes)
-  static constexpr int kStage = kTile * (2 * kRow + 16);
+  // Bytes of a token's {scale, zero} in the page and in a stage: two f32, or two bf16 at 4 and 2
+  // bits (kv_page_layout.h), expanded to f32 where they are read (params4).
+  static constexpr int kPar = static_cast<int>(kv::param_bytes(kBits));
+  static constexpr int kStage = kTile * (2 * kRow + 2 * kPar);
   static constexpr int kStages = BitsConfig<kBits>::kStages;
   static constexpr int kRingBytes = kStages * kStage;  // per warp
   static constexpr int kWarps = BitsConfig<kBits>::kWarps;
@@ -118,7 +121,7 @@ struct Tile {
   static constexpr int kKOff = 0;                  // [16][kRow] K codes (swizzled chunks)
   static constexpr int kVOff = kTile * kRow;       // [16][kRow] V codes
   static constexpr int kKPOff = 2 * kTile * kRow;  // [16] {scale, zero} of K
-  static constexpr int kVPOff = kKPOff + kTile * 8;
+  static constexpr int kVPOff = kKPOff + kTile * kPar;
   static constexpr float kMid = kBits == 16 ? 32896.0f : 128.0f;  // 8 and 16 bits, see kParts
   static_assert(kRow % 16 == 0, "code rows must be whole 16-byte chunks");
   static_assert(kStages >= 2 && kStages <= kMaxStages, "2 to 16 stages");
@@ -144,6 +147,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
 }
 // Asks L2 to fetch [p, p + bytes) (16-byte aligned, a multiple of 16): one bulk request from one
 // thread, no completion to wait for.
@@ -401,7 +408,8 @@ __device__ __forceinline__ int opaque(int x) {
 // Everything a lane reads from or copies into a stage, as byte offsets from the stage, computed
 // once per CTA. K phase: n-tile j, 16-byte piece i of the lane's kKBytes of row sigma(8j + gid);
 // V phase: group g of the lane's kVBytes of rows sigma(2 tig), sigma(2 tig + 1), sigma(2 tig +
-// 8), sigma(2 tig + 9); params: the float4 of positions 8j + 2 tig, + 1 (K; V at + kTile * 8);
+// 8), sigma(2 tig + 9); params: the two entries at positions 8j + 2 tig, + 1 (K; V at + kTile *
+// kPar);
 // valid-mask bits of the lane's 4 scores. Copies: chunk op i of the tile's rows (source offset from
 // the tile's first row, destination, row), and the lane's {scale, zero} (K for lanes 0-15, V for
 // 16-31; destination position sigma(t)).
@@ -439,7 +447,7 @@ struct LaneOffsets {
       for (int r = 0; r < 4; ++r)
         v[g][r] = opaque(Tr::kVOff + code_offset<Tr>(rows[r], gid * Tr::kVBytes + g * kVRead));
     }
-    params = opaque(Tr::kKPOff + 16 * (swap ? gid : tig));
+    params = opaque(Tr::kKPOff + 2 * Tr::kPar * (swap ? gid : tig));
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       vbit[i] = static_cast<uint32_t>(
@@ -458,11 +466,25 @@ struct LaneOffsets {
     // Position of token t's params: sigma(t) (its mma column), or with swap 2 (r % 8) + r / 8 for
     // its A row r = sigma(t), so rows gid and gid + 8 are one 16-byte read.
     const int pos = swap ? 2 * (sigma(t) % 8) + sigma(t) / 8 : sigma(t);
-    par_dst = opaque(Tr::kKPOff + kind * (kTile * 8) + pos * 8);
-    par_src = opaque(static_cast<int>(kind ? L.v_params : L.k_params) + t * 8);
+    par_dst = opaque(Tr::kKPOff + kind * (kTile * Tr::kPar) + pos * Tr::kPar);
+    par_src = opaque(static_cast<int>(kind ? L.v_params : L.k_params) + t * Tr::kPar);
     par_row = opaque(t);
   }
 };
+
+// The {scale, zero} of two consecutive stage positions as {s0, z0, s1, z1}: one 16-byte read of
+// f32 pairs, or one 8-byte read of bf16 pairs (scale in the low half of each word, see
+// kv_page_layout.h), whose expansion to f32 is a shift and a mask.
+template <int kPar>
+__device__ __forceinline__ float4 params4(const uint8_t* at) {
+  if constexpr (kPar == 8) {
+    return *reinterpret_cast<const float4*>(at);
+  } else {
+    const uint2 w = *reinterpret_cast<const uint2*>(at);
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                       __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+  }
+}
 
 // Issues the cp.async copies of one tile (valid rows only) into a stage. The {scale, zero} of
 // token t go to position sigma(t) (the order the lanes read them in); rows past nvalid get zero
@@ -482,10 +504,18 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
     }
   }
   uint8_t* dst = st + lo.par_dst;
-  if (lo.par_row < nvalid) {
-    cp_async8(dst, page + lo.par_src + tok0 * 8);
+  if constexpr (Tr::kPar == 8) {
+    if (lo.par_row < nvalid) {
+      cp_async8(dst, page + lo.par_src + tok0 * 8);
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+    }
   } else {
-    *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+    if (lo.par_row < nvalid) {
+      cp_async4(dst, page + lo.par_src + tok0 * 4);
+    } else {
+      *reinterpret_cast<uint32_t*>(dst) = 0u;
+    }
   }
 }
 
@@ -776,14 +806,13 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   }
   // ---- scores of this lane's 4 tokens: value i = 2j + e is token sigma(8j + 2 tig + e), whose
   // params sit at position 8j + 2 tig + e.
-  // K params; V params kTile * 8 bytes after.
+  // K params; V params kTile * kPar bytes after.
   // Swap: kp[j] / vp[j] hold tile j's rows gid (x, y) and gid + 8 (z, w), the same indexing.
   const uint8_t* par = st + lo.params;
-  const uint8_t* par1 = kSwap ? st2 + lo.params : par + 64;
-  const float4 kp[2] = {*reinterpret_cast<const float4*>(par),
-                        *reinterpret_cast<const float4*>(par1)};
-  const float4 vp[2] = {*reinterpret_cast<const float4*>(par + kTile * 8),
-                        *reinterpret_cast<const float4*>(par1 + kTile * 8)};
+  const uint8_t* par1 = kSwap ? st2 + lo.params : par + 8 * Tr::kPar;
+  const float4 kp[2] = {params4<Tr::kPar>(par), params4<Tr::kPar>(par1)};
+  const float4 vp[2] = {params4<Tr::kPar>(par + kTile * Tr::kPar),
+                        params4<Tr::kPar>(par1 + kTile * Tr::kPar)};
   float s[4];
   float tmax = -INFINITY;
 #pragma unroll
@@ -1243,9 +1272,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     if (kBits == 16 && tile * kTile >= pf_end) {  // constant false for the other bit-widths
       pf_end = min(tile * kTile + kPrefetchTiles * kTile, (ntok + kTile - 1) & ~(kTile - 1));
       if (lane < 2) {
-        const int64_t first = static_cast<int64_t>(head_tok0 + tile * kTile) * kv::kParamBytes;
+        const int64_t first = static_cast<int64_t>(head_tok0 + tile * kTile) * Tr::kPar;
         prefetch_l2_bulk(pptr + (lane == 0 ? L.k_params : L.v_params) + first,
-                         static_cast<uint32_t>(pf_end - tile * kTile) * kv::kParamBytes);
+                         static_cast<uint32_t>(pf_end - tile * kTile) * Tr::kPar);
       }
     }
     const int nvalid = min(kTile, ntok - tile * kTile);

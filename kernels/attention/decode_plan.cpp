@@ -269,14 +269,14 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
   for (const Run& run : runs) {
     const int b = decode_bits_index(run.bits);
     bytes_of[b].push_back(int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
-                          (kv::row_bytes(cfg.head_dim, run.bits) + 8));
+                          (kv::row_bytes(cfg.head_dim, run.bits) + kv::param_bytes(run.bits)));
     tiles_of_bits[b].push_back(run.num_tiles);
   }
   int64_t chunk_of[4];
   for (int b = 0; b < 4; ++b) {
     const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
-    const int64_t tile_bytes =
-        int64_t{kDecodeTileTokens} * 2 * (kv::row_bytes(cfg.head_dim, 16 >> b) + 8);
+    const int64_t tile_bytes = int64_t{kDecodeTileTokens} * 2 *
+                               (kv::row_bytes(cfg.head_dim, 16 >> b) + kv::param_bytes(16 >> b));
     const auto chunk_for = [&](int ctas_per_sm) {
       return choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
                           int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, 8 * tile_bytes,
@@ -305,7 +305,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     for (; r < runs.size() && runs[r].seq == s; ++r) {
       const Run& run = runs[r];
       const int64_t run_bytes = int64_t{run.num_tiles} * kDecodeTileTokens * 2 *
-                                (kv::row_bytes(cfg.head_dim, run.bits) + 8);
+                                (kv::row_bytes(cfg.head_dim, run.bits) + kv::param_bytes(run.bits));
       const int64_t chunk = chunk_of[decode_bits_index(run.bits)];
       const int64_t n = std::clamp<int64_t>((run_bytes + chunk - 1) / chunk, 1, run.num_tiles);
       split_run(run, static_cast<int32_t>(n), t, items);

@@ -137,8 +137,9 @@ __device__ __forceinline__ void dequant_range(const DequantParams& p, int s, int
       const kv::PageLayout L = kv::page_layout(p.geom, bits);
       const uint8_t* base_ptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
       const uint8_t* row = base_ptr + L.code_row(kind ? L.v_codes : L.k_codes, slot, kvh);
-      const float2 sz = *reinterpret_cast<const float2*>(
-          base_ptr + L.param(kind ? L.v_params : L.k_params, slot, kvh));
+      float2 sz;
+      kv::load_params(base_ptr + L.param(kind ? L.v_params : L.k_params, slot, kvh), bits, sz.x,
+                      sz.y);
       uint32_t packed[kPer / 2];
 #pragma unroll
       for (int c = 0; c < kPer; c += 2) {

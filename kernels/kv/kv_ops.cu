@@ -130,11 +130,11 @@ struct RequantBody {
     for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
       const int kind = static_cast<int>(r % 2), h = static_cast<int>((r / 2) % H);
       const int t = static_cast<int>(r / (2 * H));
-      const float2 p = *reinterpret_cast<const float2*>(
-          src + ls.param(kind ? ls.v_params : ls.k_params, op.src_slot + t, h));
-      *reinterpret_cast<float2*>(dst +
-                                 ld.param(kind ? ld.v_params : ld.k_params, op.dst_slot + t, h)) =
-          make_float2(shrink_scale_chain<kFrom, kTo>(p.x), p.y);
+      float scale, zero;
+      kv::load_params(src + ls.param(kind ? ls.v_params : ls.k_params, op.src_slot + t, h), kFrom,
+                      scale, zero);
+      kv::store_params(dst + ld.param(kind ? ld.v_params : ld.k_params, op.dst_slot + t, h), kTo,
+                       shrink_scale_chain<kFrom, kTo>(scale), zero);
     }
   }
 };
@@ -160,9 +160,10 @@ __global__ void __launch_bounds__(kOpThreads)
 
 // ---- demote (in place) ----------------------------------------------------------------------
 
-__device__ void zero_range(uint8_t* p, int64_t begin, int64_t end) {  // 8-byte aligned bounds
-  for (int64_t i = begin / 8 + threadIdx.x; i < end / 8; i += blockDim.x) {
-    reinterpret_cast<uint2*>(p)[i] = make_uint2(0u, 0u);
+// 4-byte aligned bounds (the params of 4- and 2-bit pages are 4 bytes a row).
+__device__ void zero_range(uint8_t* p, int64_t begin, int64_t end) {
+  for (int64_t i = begin / 4 + threadIdx.x; i < end / 4; i += blockDim.x) {
+    reinterpret_cast<uint32_t*>(p)[i] = 0u;
   }
 }
 
@@ -224,10 +225,10 @@ struct DemoteBody {
       const int32_t slot = static_cast<int32_t>(r / (2 * H));
       int32_t t;
       const uint8_t* src = source(slot, t);
-      const float2 p =
-          *reinterpret_cast<const float2*>(src + ls.param(kind ? ls.v_params : ls.k_params, t, h));
-      *reinterpret_cast<float2*>(dst + ld.param(kind ? ld.v_params : ld.k_params, slot, h)) =
-          make_float2(shrink_scale_chain<kFrom, kTo>(p.x), p.y);
+      float scale, zero;
+      kv::load_params(src + ls.param(kind ? ls.v_params : ls.k_params, t, h), kFrom, scale, zero);
+      kv::store_params(dst + ld.param(kind ? ld.v_params : ld.k_params, slot, h), kTo,
+                       shrink_scale_chain<kFrom, kTo>(scale), zero);
     }
     // Head-major: each head's rows past `total` up to the page's capacity.
     for (int h = 0; h < H; ++h) {
@@ -236,7 +237,7 @@ struct DemoteBody {
       zero_range(dst, ld.param(ld.k_params, total, h), ld.param(ld.k_params, ld.tokens, h));
       zero_range(dst, ld.param(ld.v_params, total, h), ld.param(ld.v_params, ld.tokens, h));
     }
-    zero_range(dst, ld.v_params + int64_t{ld.tokens} * H * kv::kParamBytes, pool.page_bytes);
+    zero_range(dst, ld.v_params + int64_t{ld.tokens} * H * ld.par, pool.page_bytes);
   }
 };
 

@@ -77,7 +77,9 @@ __device__ __forceinline__ void quantize_row(const float (&x)[kRowSlots], Index 
   constexpr float kQmax = static_cast<float>(qmax<kBits>());
   float scale = __fdiv_rn(__fsub_rn(hi, lo), kQmax);
   scale = scale < 1e-5f ? 1e-5f : (1e5f < scale ? 1e5f : scale);  // std::clamp
-  const float zero = -lo;
+  // Rounded to the page's param format first (bf16 at 4 and 2 bits), as the CPU codec does.
+  scale = kv::stored_param(kBits, scale);
+  const float zero = kv::stored_param(kBits, -lo);
   const int words = static_cast<int>(L.row / 4);
   __syncwarp();  // a previous row's readers of sw are done before it is cleared
   for (int w = lane; w < words; w += 32)
@@ -98,8 +100,7 @@ __device__ __forceinline__ void quantize_row(const float (&x)[kRowSlots], Index 
   for (int w = lane; w < words; w += 32)
     dst[w] = sw[w];
   if (lane == 0) {
-    *reinterpret_cast<float2*>(page + L.param(kind ? L.v_params : L.k_params, slot, h)) =
-        make_float2(scale, zero);
+    kv::store_params(page + L.param(kind ? L.v_params : L.k_params, slot, h), kBits, scale, zero);
   }
 }
 

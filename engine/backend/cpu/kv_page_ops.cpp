@@ -22,11 +22,13 @@ void recode_token(const std::byte* src, const kv::PageLayout& ls, int32_t from_s
       const int64_t dc = kind == 0 ? ld.k_codes : ld.v_codes;
       const int64_t dp = kind == 0 ? ld.k_params : ld.v_params;
       kv::GroupParams p;
-      std::memcpy(&p, src + ls.param(sp, from_slot, h), sizeof p);
+      kv::load_params(reinterpret_cast<const uint8_t*>(src + ls.param(sp, from_slot, h)), from_bits,
+                      p.scale, p.zero);
       p = kv::shrink_row({src + ls.code_row(sc, from_slot, h), static_cast<size_t>(ls.row)},
                          from_bits, p, head_dim, to_bits,
                          {dst + ld.code_row(dc, to_slot, h), static_cast<size_t>(ld.row)});
-      std::memcpy(dst + ld.param(dp, to_slot, h), &p, sizeof p);
+      kv::store_params(reinterpret_cast<uint8_t*>(dst + ld.param(dp, to_slot, h)), to_bits, p.scale,
+                       p.zero);
     }
   }
 }

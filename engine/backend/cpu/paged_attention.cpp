@@ -45,7 +45,8 @@ void write_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_
             const kv::GroupParams gp =
                 kv::quantize_group({src, static_cast<size_t>(g.head_dim)}, p.bits,
                                    {page + l.code_row(codes, slot, h), static_cast<size_t>(l.row)});
-            std::memcpy(page + l.param(params, slot, h), &gp, sizeof gp);
+            kv::store_params(reinterpret_cast<uint8_t*>(page + l.param(params, slot, h)), p.bits,
+                             gp.scale, gp.zero);
           }
         }
       });
@@ -76,7 +77,8 @@ void read_kv(const KvPoolView& pool, std::span<const kv::PageRef> table, int32_t
         const int64_t codes = kind == 0 ? l.k_codes : l.v_codes;
         const int64_t params = kind == 0 ? l.k_params : l.v_params;
         kv::GroupParams gp;
-        std::memcpy(&gp, page + l.param(params, slot, h), sizeof gp);
+        kv::load_params(reinterpret_cast<const uint8_t*>(page + l.param(params, slot, h)), p.bits,
+                        gp.scale, gp.zero);
         kv::dequantize_group({page + l.code_row(codes, slot, h), static_cast<size_t>(l.row)},
                              p.bits, gp, {dst, static_cast<size_t>(g.head_dim)});
       }
