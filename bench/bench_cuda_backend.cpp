@@ -85,7 +85,8 @@ double copy_bandwidth_gbps() {
   return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
 }
 
-bool g_cuda_graphs = true;  // --cuda-graphs 0|1
+bool g_cuda_graphs = true;   // --cuda-graphs 0|1
+bool g_async_steps = false;  // --async-steps 0|1: throughput steps run ahead (engine.async_steps)
 
 struct Setup {
   ModelConfig cfg;
@@ -380,13 +381,52 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
   }
   std::vector<int32_t> out;
   std::vector<double> t, build, prepare, fwd;
-  for (int32_t i = 0; i < steps; ++i) {
-    t.push_back(run_step(e, chunks, out));
-    build.push_back(g_build_seconds);
-    prepare.push_back(e.backend->last_prepare_seconds());
-    fwd.push_back(g_forward_seconds);
+  if (!g_async_steps) {
+    for (int32_t i = 0; i < steps; ++i) {
+      t.push_back(run_step(e, chunks, out));
+      build.push_back(g_build_seconds);
+      prepare.push_back(e.backend->last_prepare_seconds());
+      fwd.push_back(g_forward_seconds);
+      for (int64_t s = 0; s < batch; ++s)
+        toks[s] = out[s];
+    }
+  } else {
+    // The engine's async_steps: step i + 1 is built and launched while step i runs, its rows'
+    // tokens taken on the device from step i's (token_src); a step's time is the interval between
+    // consecutive completions as the host sees them.
+    static const SamplingParams greedy = [] {
+      SamplingParams p;
+      p.temperature = 0;
+      return p;
+    }();
+    const std::vector<DeviceSampling> rows(batch, DeviceSampling{&greedy, 0, 0, {}, {}});
+    std::vector<int32_t> src(batch);
     for (int64_t s = 0; s < batch; ++s)
-      toks[s] = out[s];
+      src[s] = static_cast<int32_t>(s);
+    out.resize(batch);
+    auto last = Clock::now();
+    for (int32_t i = 0; i <= steps; ++i) {
+      if (i < steps) {
+        const auto t0 = Clock::now();
+        if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
+        if (i > 0) e.batch.token_src = src;
+        build.push_back(seconds_since(t0));
+        e.backend->launch_sample(e.batch, rows);
+        prepare.push_back(e.backend->last_prepare_seconds());
+        e.kv->end_step();
+      }
+      if (i > 0) {
+        e.backend->wait_sampled(out);
+        const auto now = Clock::now();
+        t.push_back(std::chrono::duration<double>(now - last).count());
+        fwd.push_back(t.back());
+        last = now;
+      } else {
+        last = Clock::now();
+      }
+    }
+    // The first interval includes the pipeline's fill (step 0 ran alone): drop it with the
+    // warm-up steps below like any other.
   }
   const kv::KvPoolStats ps = e.kv->pool_stats();
   for (int64_t s = 0; s < batch; ++s)
@@ -466,13 +506,16 @@ int main(int argc, char** argv) {
       gemm_rows = next();
     else if (a == "--cuda-graphs")
       g_cuda_graphs = next() != "0";
+    else if (a == "--async-steps")
+      g_async_steps = next() != "0";
     else {
-      std::fprintf(stderr,
-                   "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
-                   "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
-                   "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
-                   "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] "
-                   "[--gemm-rows 1,16,64] [--out FILE]\n");
+      std::fprintf(
+          stderr,
+          "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
+          "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
+          "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
+          "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] [--async-steps 0|1] "
+          "[--gemm-rows 1,16,64] [--out FILE]\n");
       return 2;
     }
   }
@@ -507,6 +550,7 @@ int main(int argc, char** argv) {
                        {"model", model_dir},
                        {"load_format", dummy ? "dummy" : "safetensors"},
                        {"cuda_graphs_enabled", g_cuda_graphs},
+                       {"async_steps", g_async_steps},
                        {"copy_bandwidth_gb_s", copy}};
     std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
     auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };

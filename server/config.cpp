@@ -267,6 +267,10 @@ void read_engine_and_logging(const YAML::Node& root, ServerConfig& c) {
       static_cast<int32_t>(e.integer("max_model_len", 0, big, "an integer >= 0"));
   c.engine.device = parse_device(e.choice("device", {"auto", "cpu", "cuda"}), "engine.device");
   c.engine.cuda_graphs = e.boolean("cuda_graphs");
+  const std::string async = e.choice("async_steps", {"auto", "on", "off"});
+  c.engine.async_steps = async == "on"    ? EngineOptions::AsyncSteps::kOn
+                         : async == "off" ? EngineOptions::AsyncSteps::kOff
+                                          : EngineOptions::AsyncSteps::kAuto;
   e.done();
   Section l(root, "logging");
   c.logging.level =
@@ -315,6 +319,7 @@ EngineOptions ServerConfig::engine_options() const {
   o.device = engine.device;
   o.dummy_weights = model.dummy_weights;
   o.cuda_graphs = engine.cuda_graphs;
+  o.async_steps = engine.async_steps;
   o.max_model_len = engine.max_model_len;
   return o;
 }

@@ -39,6 +39,7 @@ struct ServerConfig {
     int32_t max_model_len = 0;
     Device device = Device::kAuto;  // auto: cuda when a GPU is present
     bool cuda_graphs = true;        // cuda: decode steps replay CUDA graphs
+    EngineOptions::AsyncSteps async_steps = EngineOptions::AsyncSteps::kAuto;
   } engine;
   struct Logging {
     std::string level;

@@ -3,8 +3,10 @@
 // backend can run a step as one graph. A backend owns the weights and the bytes of the KV pool;
 // which pages a sequence owns is decided by the KvCacheManager and arrives in the StepBatch.
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "engine/backend/step_batch.h"
 #include "engine/model/model_config.h"
@@ -38,9 +40,26 @@ class Backend {
   virtual bool samples_on_device() const { return false; }
   virtual void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
                               std::span<int32_t> tokens);
+  // forward_sample() split in two, so that the host can build step N + 1 while the device runs
+  // step N: launch_sample() starts a step and returns, wait_sampled() returns the tokens of the
+  // oldest launched step not waited for yet (in launch order; at most two are in flight, the
+  // engine launches N + 1 before it waits for N). Rows with batch.token_src[r] >= 0 take the
+  // token the previously launched step sampled in its row token_src[r] (never seen by the host
+  // before this launch). `rows` need only live until launch_sample() returns. The base class runs
+  // forward_sample() inside launch_sample(); a GPU backend overrides the three.
+  virtual void launch_sample(const StepBatch& batch, std::span<const DeviceSampling> rows);
+  virtual void wait_sampled(std::span<int32_t> tokens);
+  // Forgets the steps in flight after an error (waits for the device first; throws nothing).
+  virtual void drop_in_flight() noexcept;
   // Memory the backend holds for the weights and for the KV pool (start-up log, metrics).
   virtual int64_t weight_bytes() const = 0;
   virtual int64_t kv_pool_bytes() const = 0;
+
+ private:
+  // The base class's launch_sample(): tokens of the steps in flight, oldest first, and of the
+  // latest launched one (what token_src refers to).
+  std::deque<std::vector<int32_t>> in_flight_;
+  std::vector<int32_t> last_sampled_;
 };
 
 }  // namespace pmkv

@@ -24,7 +24,11 @@
 namespace pmkv {
 
 struct StepBatch {
-  std::vector<int32_t> token_ids;    // [num_tokens]
+  std::vector<int32_t> token_ids;  // [num_tokens]
+  // Empty, or [num_tokens]: token_src[r] >= 0 says row r's token is the one the previous launched
+  // step sampled in its row token_src[r], known on the device only when this step is built
+  // (Backend::launch_sample); token_ids[r] is then a placeholder.
+  std::vector<int32_t> token_src;
   std::vector<int32_t> positions;    // [num_tokens] RoPE positions
   std::vector<int32_t> seq_starts;   // [num_seqs + 1]
   std::vector<int32_t> seq_cached;   // [num_seqs]
@@ -32,8 +36,8 @@ struct StepBatch {
   std::vector<kv::PageRef> pages;
   std::vector<int32_t> write_starts;  // [num_layers * num_seqs + 1]
   std::vector<kv::KvWrite> writes;
-  kv::KvStepOps kv_ops;               // [num_layers]: flushes, then demotion waves
-  std::vector<int32_t> logit_rows;    // rows whose logits the caller wants, in output order
+  kv::KvStepOps kv_ops;             // [num_layers]: flushes, then demotion waves
+  std::vector<int32_t> logit_rows;  // rows whose logits the caller wants, in output order
   // Sequences (indices into this batch) whose KV budget could not hold them even at the floor
   // bits: the caller ends them (floor action) after the step instead of sampling.
   std::vector<int32_t> over_budget;

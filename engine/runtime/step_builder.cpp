@@ -26,6 +26,7 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
                   &b.write_starts, &b.logit_rows, &b.over_budget})
     v->clear();
   b.writes.clear();
+  b.token_src.clear();  // every row's token is in token_ids unless the caller says otherwise
   b.kv_ops.layers.resize(num_layers);
   for (kv::KvLayerOps& ops : b.kv_ops.layers) {
     ops.requant.clear();

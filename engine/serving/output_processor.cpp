@@ -18,7 +18,12 @@ TokenEvent OutputProcessor::sample(Sequence& s, Pick pick) {
   TokenEvent ev;
   if (pick.token) {  // sampled on the device; the engine only does that without logprobs
     ev.token_id = *pick.token;
-    s.tokens.push_back(ev.token_id);
+    if (pick.at >= 0) {
+      s.tokens.at(pick.at) = ev.token_id;
+      if (s.placeholder_at == pick.at) s.placeholder_at = s.placeholder_row = -1;
+    } else {
+      s.tokens.push_back(ev.token_id);
+    }
     return ev;
   }
   const std::span<float> logits = pick.logits;

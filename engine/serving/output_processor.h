@@ -23,6 +23,8 @@ class OutputProcessor {
   struct Pick {
     std::span<float> logits;
     std::optional<int32_t> token;
+    // >= 0: `token` fills the placeholder at tokens[at] (a step run ahead), else it is appended.
+    int32_t at = -1;
     bool empty() const { return logits.empty() && !token; }
   };
   // Takes the next token from `pick`, streams it with its text; true when the sequence finished

@@ -77,10 +77,12 @@ int32_t Scheduler::fit(const Sequence& s, int32_t want, int64_t free) const {
   return lo;
 }
 
-int64_t Scheduler::plan_running(StepPlan& plan, int32_t& budget, int64_t& free) {
+int64_t Scheduler::plan_running(StepPlan& plan, int32_t& budget, int64_t& free) const {
   int64_t starved = 0;
   for (const bool decode_pass : {true, false}) {
     for (const auto& s : running_) {
+      // A zombie has ended; a token in flight that is the last allowed ends it when processed.
+      if (s->zombie || s->num_tokens() >= s->max_len()) continue;
       const int32_t remaining = s->num_tokens() - s->num_computed;
       if ((remaining == 1) != decode_pass) continue;
       if (budget == 0) break;
@@ -162,6 +164,28 @@ StepPlan Scheduler::schedule() {
   }
 }
 
+bool Scheduler::would_starve() const {
+  StepPlan plan;
+  int32_t budget = config_.max_step_tokens;
+  int64_t free = kv_.pool().num_free();
+  return plan_running(plan, budget, free) > 0;
+}
+
+bool Scheduler::any_of(const std::function<bool(const Sequence&)>& pred) const {
+  for (const auto& s : running_) {
+    if (pred(*s)) return true;
+  }
+  for (const auto& s : waiting_) {
+    if (pred(*s)) return true;
+  }
+  return false;
+}
+
+void Scheduler::for_each_running(const std::function<void(Sequence&)>& fn) {
+  for (const auto& s : running_)
+    fn(*s);
+}
+
 void Scheduler::preempt_newest() {
   std::unique_ptr<Sequence> s = std::move(running_.back());
   running_.pop_back();
@@ -184,6 +208,14 @@ const StepBatch& Scheduler::build(const StepPlan& plan) {
   }
   if (!build_step(kv_, chunks_, batch_)) {
     throw std::logic_error("Scheduler: the planned step does not fit the KV pool");
+  }
+  // Tokens the previous step sampled that the host has not seen yet (steps run ahead).
+  for (size_t k = 0; k < plan.chunks.size(); ++k) {
+    const Sequence& s = *plan.chunks[k].seq;
+    const int32_t at = s.placeholder_at - s.num_computed;
+    if (s.placeholder_at < 0 || at < 0 || at >= plan.chunks[k].num_tokens) continue;
+    if (batch_.token_src.empty()) batch_.token_src.assign(batch_.token_ids.size(), -1);
+    batch_.token_src[batch_.seq_starts[k] + at] = s.placeholder_row;
   }
   if (plan.pressure_pages > 0) {
     const int32_t freed = kv_.demote_for_pressure(plan.pressure_pages, &batch_.kv_ops);

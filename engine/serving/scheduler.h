@@ -69,11 +69,20 @@ class Scheduler {
       const std::function<bool(const Sequence&)>& pred);
   // Removes every sequence, freeing its pages.
   std::vector<std::unique_ptr<Sequence>> remove_all();
-  // Plans the next step (may preempt and reject; see above).
+  // Plans the next step (may preempt and reject; see above). Zombies (sequence.h) are never
+  // planned, nor a sequence whose token in flight is its last (prompt + max_tokens).
   StepPlan schedule();
+  // Whether schedule() would find a running sequence that cannot take a token (and so demote
+  // across sequences, preempt or reject): the engine then processes its steps in flight first.
+  bool would_starve() const;
+  // Whether any sequence, running or waiting, satisfies `pred`.
+  bool any_of(const std::function<bool(const Sequence&)>& pred) const;
+  // Calls `fn` on every running sequence.
+  void for_each_running(const std::function<void(Sequence&)>& fn);
   // Reserves the plan's KV slots (and its pressure demotion) and builds the batch (valid until
-  // the next build(): its buffers are reused from step to step). After the backend ran it:
-  // end_step(), then commit(plan).
+  // the next build(): its buffers are reused from step to step). After the backend ran it (or
+  // launched it: the backend runs steps in order): end_step(), then commit(plan). A token still
+  // on the device (Sequence::placeholder_at) becomes a token_src row.
   const StepBatch& build(const StepPlan& plan);
   void end_step() { kv_.end_step(); }
   // Advances the counters of the plan's sequences.
@@ -100,7 +109,7 @@ class Scheduler {
   // The largest n <= want whose pages fit `free`, or 0.
   int32_t fit(const Sequence& s, int32_t want, int64_t free) const;
   // Plans the running sequences; returns the starved ones' pages (0: none starved).
-  int64_t plan_running(StepPlan& plan, int32_t& budget, int64_t& free);
+  int64_t plan_running(StepPlan& plan, int32_t& budget, int64_t& free) const;
   void admit(StepPlan& plan, int32_t& budget, int64_t& free);
   void preempt_newest();
   void unreserve(Sequence& s);

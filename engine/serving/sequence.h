@@ -51,9 +51,20 @@ struct Sequence {
   StopChecker stop;
   Clock::time_point arrival;
   std::optional<Clock::time_point> last_token;  // when the latest token was sent
+  // Steps run ahead (engine.async_steps). A step launched with this sequence and not processed yet
+  // counts in `in_flight`; the token such a step samples is appended at launch as a placeholder
+  // (-1) at tokens[placeholder_at], row placeholder_row of that step's sampled tokens, so that
+  // positions and the next step's rows are right before the host knows its value. A sequence
+  // whose stream ended while in flight is a zombie: never scheduled again, its pages freed once
+  // its last step in flight is processed.
+  int32_t in_flight = 0;
+  int32_t placeholder_at = -1;
+  int32_t placeholder_row = -1;
+  bool zombie = false;
 
   int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
-  int32_t num_generated() const { return num_tokens() - num_prompt; }
+  // Tokens generated and known on the host (a placeholder is not counted).
+  int32_t num_generated() const { return num_tokens() - num_prompt - (placeholder_at >= 0); }
   // The length it may reach: prompt + max_tokens (what guaranteed admission reserves for).
   int64_t max_len() const { return int64_t{num_prompt} + request.params.max_tokens; }
   std::span<const int32_t> prompt() const { return std::span(tokens).first(num_prompt); }

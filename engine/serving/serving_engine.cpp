@@ -3,6 +3,7 @@
 #include <omp.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <condition_variable>
@@ -59,8 +60,23 @@ struct ServingEngine::Impl {
   void run();
   bool take_inbox();  // true: time to stop
   bool step();
-  void run_plan(const StepPlan& plan);
+  void run_plan(StepPlan& plan);
   void process_outputs(const StepPlan& plan, const StepBatch& batch);
+  // Steps run ahead (options.async_steps): a launched step whose tokens are not processed yet.
+  struct PendingStep {
+    StepPlan plan;
+    std::vector<int32_t> token_at;  // per chunk: where its sampled token goes in seq->tokens
+    std::vector<uint8_t> at_floor;  // per chunk: over budget at the floor bits
+    int32_t rows = 0;               // sampled rows
+  };
+  void launch_ahead(StepPlan& plan, const StepBatch& batch);
+  // Waits for the pending step's tokens and hands them out (finishing or retiring sequences).
+  void process_pending();
+  // Whether the next plan needs the host to know every token first (see step()).
+  bool must_drain() const;
+  // After an error: forgets the steps in flight and ends their sequences and `also`'s.
+  void abandon_in_flight(const StepPlan* also, const std::string& why);
+  bool ends_stream(Sequence& s);  // a sequence's stream ended outside a step (cancel, deadline)
   void publish(bool full);
   void wait_for_work();
 
@@ -80,6 +96,9 @@ struct ServingEngine::Impl {
   std::vector<float> logits;
   std::vector<DeviceSampling> sampling_rows;
   std::vector<int32_t> device_tokens;  // this step's tokens when sampled on the device
+  bool async = false;                  // options.async_steps resolved for the backend
+  bool sample_in_backend = false;      // tokens picked by the backend (no logits copied back)
+  std::optional<PendingStep> pending;
   kv::KvPoolStats kv_stats;
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
@@ -149,6 +168,11 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
   kv = std::make_unique<kv::KvCacheManager>(layers, g, static_cast<int32_t>(num_pages), options.kv,
                                             budgets);
   scheduler = std::make_unique<Scheduler>(*kv, options.scheduler);
+  using Async = EngineOptions::AsyncSteps;
+  async = options.async_steps == Async::kOn ||
+          (options.async_steps == Async::kAuto && backend->samples_on_device());
+  sample_in_backend = async || backend->samples_on_device();
+  spdlog::info("engine: steps run {}", async ? "ahead (async_steps)" : "one at a time");
   budgets_source = options.kv.budget_file ? "file:" + options.kv.budget_file->string()
                    : budgets.empty()      ? "none"
                                           : "uniform";
@@ -251,6 +275,7 @@ void ServingEngine::Impl::run() {
     } catch (const std::exception& e) {
       // A bug outside one step's requests: end everything rather than spin on it.
       spdlog::error("engine: {}; ending every request", e.what());
+      abandon_in_flight(nullptr, std::string("internal error: ") + e.what());
       for (auto& s : scheduler->remove_all()) {
         outputs.end(*s, StreamEnd::kError, std::string("internal error: ") + e.what(),
                     Clock::now());
@@ -258,6 +283,12 @@ void ServingEngine::Impl::run() {
     }
     publish(!worked);
     if (!worked) wait_for_work();
+  }
+  try {
+    if (pending) process_pending();
+  } catch (const std::exception& e) {
+    spdlog::error("engine: the last step failed at shutdown: {}", e.what());
+    abandon_in_flight(nullptr, std::string("internal error: ") + e.what());
   }
   for (auto& s : scheduler->remove_all()) {
     outputs.end(*s, StreamEnd::kShutdown, "the server is shutting down", Clock::now());
@@ -300,31 +331,84 @@ void ServingEngine::Impl::wait_for_work() {
   }
 }
 
+bool ServingEngine::Impl::ends_stream(Sequence& s) {
+  return s.stream->cancelled() || (s.request.deadline && Clock::now() >= *s.request.deadline);
+}
+
+bool ServingEngine::Impl::must_drain() const {
+  // Logprobs need the logits on the host (a step of its own); penalties need every generated
+  // token in the history; starvation may preempt or reject, which must not meet a token in flight.
+  return scheduler->any_of([](const Sequence& s) {
+    if (s.zombie) return false;
+    const SamplingParams& p = s.request.params;
+    const bool penalties =
+        p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    return s.request.logprobs >= 0 || (penalties && s.placeholder_at >= 0);
+  }) || scheduler->would_starve();
+}
+
 bool ServingEngine::Impl::step() {
   const Clock::time_point now = Clock::now();
+  // A sequence in a step in flight stays until that step is processed: its stream ends now and it
+  // becomes a zombie.
   auto gone = scheduler->remove_if([&](const Sequence& s) {
-    return s.stream->cancelled() || (s.request.deadline && now >= *s.request.deadline);
+    return s.in_flight == 0 && !s.zombie &&
+           (s.stream->cancelled() || (s.request.deadline && now >= *s.request.deadline));
   });
   for (auto& s : gone)
     outputs.end(*s, StreamEnd::kCancelled, "", now);
+  bool retired = false;
+  scheduler->for_each_running([&](Sequence& s) {
+    if (s.in_flight > 0 && !s.zombie && ends_stream(s)) {
+      outputs.end(s, StreamEnd::kCancelled, "", now);
+      s.zombie = true;
+      retired = true;
+    }
+  });
+  if (pending && must_drain()) process_pending();
   StepPlan plan = scheduler->schedule();
   for (auto& [s, why] : plan.rejected) {
     spdlog::warn("request {} rejected: {}", s->request.request_id, why);
     outputs.end(*s, StreamEnd::kRejected, why, now);
   }
-  if (plan.empty()) return !gone.empty() || !plan.rejected.empty();
+  if (plan.empty()) {
+    if (pending) {
+      process_pending();
+      return true;
+    }
+    return !gone.empty() || retired || !plan.rejected.empty();
+  }
   run_plan(plan);
   return true;
 }
 
-void ServingEngine::Impl::run_plan(const StepPlan& plan) {
+void ServingEngine::Impl::run_plan(StepPlan& plan) {
+  bool on_device = sample_in_backend;
+  for (const ScheduledChunk& c : plan.chunks) {
+    if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
+  }
+  if (async && on_device) {
+    const StepBatch* built = nullptr;
+    try {
+      built = &scheduler->build(plan);
+    } catch (const std::exception& e) {
+      scheduler->end_step();
+      spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
+      abandon_in_flight(&plan, std::string("internal error: ") + e.what());
+      return;
+    }
+    launch_ahead(plan, *built);
+    return;
+  }
+  // A step that samples on the host runs alone: must_drain() emptied the pipeline before this
+  // plan was made (processing it now could finish a sequence the plan holds).
+  if (pending) throw std::logic_error("engine: a host-sampled step while a step is in flight");
   const StepBatch* built = nullptr;
   try {
     built = &scheduler->build(plan);
     const StepBatch& batch = *built;
-    // Sampling on the device (no logits copied back) unless a request wants logprobs.
+    // Sampling in the backend (no logits copied back) unless a request wants logprobs.
     device_tokens.clear();
-    bool on_device = backend->samples_on_device();
     for (const ScheduledChunk& c : plan.chunks) {
       if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
     }
@@ -355,6 +439,124 @@ void ServingEngine::Impl::run_plan(const StepPlan& plan) {
   scheduler->commit(plan);
   ++metrics.steps;
   process_outputs(plan, *built);
+}
+
+void ServingEngine::Impl::launch_ahead(StepPlan& plan, const StepBatch& batch) {
+  PendingStep next;
+  try {
+    sampling_rows.clear();
+    for (const ScheduledChunk& c : plan.chunks) {
+      if (!c.sample) continue;
+      const Sequence& s = *c.seq;
+      // output() is complete here unless a placeholder is in it, and then no penalty reads it
+      // (must_drain()).
+      sampling_rows.push_back(
+          {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
+    }
+    backend->launch_sample(batch, sampling_rows);
+  } catch (const std::exception& e) {
+    scheduler->end_step();
+    spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
+    abandon_in_flight(&plan, std::string("internal error: ") + e.what());
+    return;
+  }
+  scheduler->end_step();
+  scheduler->commit(plan);
+  ++metrics.steps;
+  next.at_floor.assign(plan.chunks.size(), 0);
+  for (int32_t k : batch.over_budget)
+    next.at_floor[k] = 1;
+  next.token_at.assign(plan.chunks.size(), -1);
+  for (size_t k = 0; k < plan.chunks.size(); ++k) {
+    Sequence& s = *plan.chunks[k].seq;
+    ++s.in_flight;
+    if (!plan.chunks[k].sample) continue;
+    // The token is still on the device: a placeholder keeps the positions right.
+    s.tokens.push_back(-1);
+    s.placeholder_at = s.num_tokens() - 1;
+    s.placeholder_row = next.rows++;
+    next.token_at[k] = s.placeholder_at;
+  }
+  next.plan = std::move(plan);
+  if (pending) process_pending();
+  pending = std::move(next);
+}
+
+void ServingEngine::Impl::process_pending() {
+  PendingStep p = std::move(*pending);
+  pending.reset();
+  device_tokens.assign(static_cast<size_t>(p.rows), 0);
+  try {
+    backend->wait_sampled(device_tokens);
+  } catch (const std::exception& e) {
+    spdlog::error("engine: a step of {} requests failed: {}", p.plan.chunks.size(), e.what());
+    pending = std::move(p);
+    abandon_in_flight(nullptr, std::string("internal error: ") + e.what());
+    return;
+  }
+  const Clock::time_point now = Clock::now();
+  size_t row = 0;
+  for (size_t k = 0; k < p.plan.chunks.size(); ++k) {
+    Sequence& s = *p.plan.chunks[k].seq;
+    --s.in_flight;
+    OutputProcessor::Pick pick;
+    if (p.plan.chunks[k].sample) {
+      pick.token = device_tokens[row++];
+      pick.at = p.token_at[k];
+    }
+    if (s.zombie) {
+      if (s.in_flight == 0) scheduler->finish(&s);
+      continue;
+    }
+    bool done = true;
+    try {
+      if (p.at_floor[k]) {
+        outputs.on_floor(s, pick, now);
+      } else {
+        done = !pick.empty() && outputs.on_logits(s, pick, now);
+      }
+    } catch (const std::exception& e) {
+      spdlog::error("request {}: {}", s.request.request_id, e.what());
+      outputs.end(s, StreamEnd::kError, std::string("internal error: ") + e.what(), now);
+    }
+    if (!done) continue;
+    if (s.in_flight > 0) {
+      s.zombie = true;  // the next step computes one more token for it; thrown away
+    } else {
+      scheduler->finish(&s);
+    }
+  }
+}
+
+void ServingEngine::Impl::abandon_in_flight(const StepPlan* also, const std::string& why) {
+  backend->drop_in_flight();
+  std::vector<Sequence*> seqs;
+  if (pending) {
+    for (const ScheduledChunk& c : pending->plan.chunks)
+      seqs.push_back(c.seq);
+    pending.reset();
+  }
+  if (also) {
+    for (const ScheduledChunk& c : also->chunks)
+      seqs.push_back(c.seq);
+  }
+  std::sort(seqs.begin(), seqs.end());
+  seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+  const Clock::time_point now = Clock::now();
+  // Their tokens in flight are lost: each of these sequences ends (the others carry on).
+  for (Sequence* s : seqs) {
+    if (!s->zombie) outputs.end(*s, StreamEnd::kError, why, now);
+    s->in_flight = 0;
+    scheduler->finish(s);
+  }
+  // Zombies whose last step was among them are gone with them; any other zombie waited on a step
+  // that no longer exists.
+  std::vector<Sequence*> zombies;
+  scheduler->for_each_running([&](Sequence& s) {
+    if (s.zombie) zombies.push_back(&s);
+  });
+  for (Sequence* s : zombies)
+    scheduler->finish(s);
 }
 
 void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch& batch) {

@@ -41,7 +41,11 @@ struct EngineOptions {
   Device device = Device::kCpu;           // auto: cuda when a GPU is present
   bool dummy_weights = false;             // random weights of the config's shape (cuda only)
   bool cuda_graphs = true;                // cuda: decode steps replay CUDA graphs
-  int32_t max_model_len = 0;              // context cap; 0 = the model's max_position_embeddings
+  // Steps run ahead: the host builds and launches step N + 1 while the backend runs step N, and
+  // reads step N's tokens after (sampling in the backend; a sequence that finishes at step N
+  // computes one discarded token in N + 1). auto: on when the backend samples on the device.
+  enum class AsyncSteps { kAuto, kOn, kOff } async_steps = AsyncSteps::kAuto;
+  int32_t max_model_len = 0;  // context cap; 0 = the model's max_position_embeddings
 };
 
 // A latency histogram with fixed buckets (seconds), Prometheus-style cumulative on export.

@@ -21,6 +21,7 @@
 // sorts, and no pass allocates: histograms and scan scratch live in 25 KB of shared memory.
 #include <curand_kernel.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -480,6 +481,27 @@ cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   sampling_kernel<<<launch.rows, kThreads, 0, stream>>>(launch);
+  return cudaGetLastError();
+}
+
+namespace {
+
+__global__ void gather_sampled(int32_t* tokens, const int32_t* src, const int32_t* sampled,
+                               int32_t n) {
+  for (int32_t r = blockIdx.x * blockDim.x + threadIdx.x; r < n; r += gridDim.x * blockDim.x) {
+    const int32_t j = src[r];
+    if (j >= 0) tokens[r] = sampled[j];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_gather_sampled(int32_t* tokens, const int32_t* src, const int32_t* sampled,
+                                  int32_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (tokens == nullptr || src == nullptr || sampled == nullptr) return cudaErrorInvalidValue;
+  const int32_t blocks = std::min<int32_t>((n + 255) / 256, 64);
+  gather_sampled<<<blocks, 256, 0, stream>>>(tokens, src, sampled, n);
   return cudaGetLastError();
 }
 

@@ -62,4 +62,10 @@ int64_t sampling_workspace_bytes(int32_t rows, int32_t vocab);
 // rows == 0 launches nothing.
 cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream);
 
+// Steps run ahead of the host (Backend::launch_sample): tokens[r] = sampled[src[r]] where
+// src[r] >= 0, unchanged where src[r] < 0, for r < n. The caller keeps src[r] below the number of
+// rows the previous step sampled. n == 0 launches nothing.
+cudaError_t launch_gather_sampled(int32_t* tokens, const int32_t* src, const int32_t* sampled,
+                                  int32_t n, cudaStream_t stream);
+
 }  // namespace pmkv::kernels

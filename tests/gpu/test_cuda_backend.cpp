@@ -422,6 +422,111 @@ TEST_CASE("cuda backend: attention launches per bit-width on parallel branches",
   CHECK(worst == 0.0);
 }
 
+TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forward_sample's tokens",
+          "[cuda_backend]") {
+  // The engine's async_steps: step N + 1 is built and launched before step N's tokens reach the
+  // host; its decode rows take step N's tokens on the device (token_src). Against the same steps
+  // one at a time (forward_sample, tokens fed back by the host), the tokens must be identical:
+  // same launches, same inputs. A 4-bit budget brings flushes and demotions; graphs are on; two of
+  // the four sequences sample seeded at temperature 0.8.
+  const std::string model = GENERATE(as<std::string>{}, "llama_gqa_d64", "mistral_swa_d128");
+  const fs::path dir = fixture(model);
+  const ModelConfig cfg = parse_model_config(dir / "config.json");
+  const WeightStore w = WeightStore::open(dir);
+  kv::KvCacheConfig kc;
+  kc.window_tokens = 16;
+  kc.uniform_bits = 4;
+  kc.uniform_max_len = 256;
+  Runner sync(cfg, w, Device::kCuda, kc, 4096), ahead(cfg, w, Device::kCuda, kc, 4096);
+  SamplingParams greedy, warm;
+  greedy.temperature = 0;
+  warm.temperature = 0.8f;
+  warm.top_k = 50;
+  const int S = 4, kSteps = 160;
+  std::mt19937 rng(99);
+  std::vector<std::vector<int32_t>> prompts(S);
+  for (int s = 0; s < S; ++s) {
+    prompts[s].resize(12 + 9 * s);
+    for (auto& t : prompts[s])
+      t = static_cast<int32_t>(rng() % cfg.vocab_size);
+  }
+  auto rows_for = [&](int step) {
+    std::vector<DeviceSampling> rows;
+    for (int s = 0; s < S; ++s) {
+      rows.push_back({s % 2 ? &warm : &greedy,
+                      1000u + s,
+                      static_cast<uint64_t>(prompts[s].size() + step),
+                      {},
+                      {}});
+    }
+    return rows;
+  };
+  auto prefill = [&](Runner& r) {
+    std::vector<SeqChunk> chunks;
+    for (int s = 0; s < S; ++s)
+      chunks.push_back({kv::SeqId(s), prompts[s], SeqChunk::Logits::kLast});
+    return *build_step(r.kv, chunks);
+  };
+  // One at a time.
+  std::vector<std::vector<int32_t>> want(kSteps + 1, std::vector<int32_t>(S));
+  {
+    StepBatch b = prefill(sync);
+    sync.backend->forward_sample(b, rows_for(0), want[0]);
+    sync.kv.end_step();
+    for (int t = 1; t <= kSteps; ++t) {
+      std::vector<SeqChunk> chunks;
+      for (int s = 0; s < S; ++s)
+        chunks.push_back({kv::SeqId(s), std::span(&want[t - 1][s], 1), SeqChunk::Logits::kLast});
+      auto d = build_step(sync.kv, chunks);
+      REQUIRE(d.has_value());
+      sync.backend->forward_sample(*d, rows_for(t), want[t]);
+      sync.kv.end_step();
+    }
+  }
+  // Ahead: launch step t, then wait for step t - 1.
+  std::vector<std::vector<int32_t>> got(kSteps + 1, std::vector<int32_t>(S, -7));
+  {
+    StepBatch b = prefill(ahead);
+    ahead.backend->launch_sample(b, rows_for(0));
+    ahead.kv.end_step();
+    const std::vector<int32_t> placeholder(S, -1);
+    for (int t = 1; t <= kSteps; ++t) {
+      std::vector<SeqChunk> chunks;
+      for (int s = 0; s < S; ++s)
+        chunks.push_back({kv::SeqId(s), std::span(&placeholder[s], 1), SeqChunk::Logits::kLast});
+      auto d = build_step(ahead.kv, chunks);
+      REQUIRE(d.has_value());
+      d->token_src = {0, 1, 2, 3};  // row s's token: row s of the step before
+      ahead.backend->launch_sample(*d, rows_for(t));
+      ahead.kv.end_step();
+      if (t == 1) {
+        // Two in flight: a third launch, or the host-logits path, is refused.
+        std::vector<float> logits(S * cfg.vocab_size);
+        CHECK_THROWS_AS(ahead.backend->forward(*d, logits), std::logic_error);
+        CHECK_THROWS_AS(ahead.backend->launch_sample(*d, rows_for(t)), std::logic_error);
+      }
+      ahead.backend->wait_sampled(got[t - 1]);
+    }
+    ahead.backend->wait_sampled(got[kSteps]);
+    std::vector<int32_t> none(S);
+    CHECK_THROWS_AS(ahead.backend->wait_sampled(none), std::logic_error);
+  }
+  int differ = 0;
+  for (int t = 0; t <= kSteps; ++t)
+    differ += got[t] != want[t] ? 1 : 0;
+  const auto& l0 = ahead.kv.pool_stats().layers[0];
+  WARN(model << ": steps whose tokens differ: " << differ << " of " << kSteps + 1
+             << "; layer 0 pages by bits 16/8/4/2: " << l0.pages_by_bits[0] << "/"
+             << l0.pages_by_bits[1] << "/" << l0.pages_by_bits[2] << "/" << l0.pages_by_bits[3]);
+  CHECK(differ == 0);
+  CHECK(ahead.kv.pool_stats().demotions_total > 0);
+  for (Runner* r : {&sync, &ahead}) {
+    for (int s = 0; s < S; ++s)
+      r->kv.release(kv::SeqId(s));
+    CHECK(r->kv.pool().num_used() == 0);
+  }
+}
+
 TEST_CASE("cuda backend: a demotion-only step and bad input leave it usable", "[cuda_backend]") {
   const fs::path dir = fixture("llama_gqa_d64");
   const ModelConfig cfg = parse_model_config(dir / "config.json");

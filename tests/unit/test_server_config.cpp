@@ -65,6 +65,11 @@ TEST_CASE("server config: the defaults of config/default.yaml", "[config]") {
   CHECK(o.kv.floor_bits == d.kv.floor_bits);
   CHECK(o.cuda_graphs == d.cuda_graphs);
   CHECK_FALSE(parse("", {"engine.cuda_graphs=false"}).engine_options().cuda_graphs);
+  CHECK(o.async_steps == EngineOptions::AsyncSteps::kAuto);
+  CHECK(parse("", {"engine.async_steps=on"}).engine_options().async_steps ==
+        EngineOptions::AsyncSteps::kOn);
+  CHECK(parse("engine: {async_steps: off}", {}).engine_options().async_steps ==
+        EngineOptions::AsyncSteps::kOff);
 }
 
 TEST_CASE("server config: a file merges over the defaults, --set over the file", "[config]") {
@@ -106,6 +111,8 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("", {"engine.device=gpu"}, "config error: engine.device: expected one of");
   check_error("", {"engine.cuda_graphs=sometimes"},
               "config error: engine.cuda_graphs: expected true or false, got 'sometimes'");
+  check_error("", {"engine.async_steps=yes"},
+              "config error: engine.async_steps: expected one of auto, off, on");
   check_error("", {"model.load_format=gguf"}, "config error: model.load_format: expected one of");
   check_error("serve: {port: 1}", {}, "config error: serve: unknown section");
   check_error("server: {port: 70000}", {}, "config error: server.port: expected a port number");

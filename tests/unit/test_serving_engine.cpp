@@ -44,8 +44,17 @@ Outcome collect(RequestStream& s) {
   return o;
 }
 
+// Every engine test runs twice: steps one at a time, and run ahead (engine.async_steps; on the
+// CPU backend the sampling then happens inside the backend, keyed by (seed, position)).
+EngineOptions::AsyncSteps g_steps = EngineOptions::AsyncSteps::kOff;
+
+void both_step_modes() {
+  g_steps = GENERATE(EngineOptions::AsyncSteps::kOff, EngineOptions::AsyncSteps::kOn);
+}
+
 EngineOptions options(int64_t kv_bytes = 16ll << 20) {
   EngineOptions o;
+  o.async_steps = g_steps;
   o.num_threads = 1;
   o.kv_memory_bytes = kv_bytes;
   o.kv.window_tokens = 16;
@@ -94,6 +103,13 @@ EngineStats settled(
   return st;
 }
 
+// Bytes of one KV page of the test model under `o`'s KV configuration.
+int64_t page_bytes_of(const EngineOptions& o) {
+  LocalModelOptions lo;
+  lo.kv = o.kv;
+  return kv::page_bytes(LocalModel::open(kModel, lo).kv_geometry());
+}
+
 std::vector<std::vector<int32_t>> offline_greedy(const std::vector<EngineRequest>& reqs) {
   LocalModelOptions lo;
   lo.num_threads = 1;
@@ -111,6 +127,8 @@ std::vector<std::vector<int32_t>> offline_greedy(const std::vector<EngineRequest
 
 TEST_CASE("serving: 64 concurrent greedy requests equal the offline Generator",
           "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   std::vector<EngineRequest> reqs;
   for (int i = 0; i < 64; ++i)
     reqs.push_back(request(prompt_of(i), 1 + (i * 13) % 40));
@@ -138,8 +156,73 @@ TEST_CASE("serving: 64 concurrent greedy requests equal the offline Generator",
   e.shutdown(1s);
 }
 
+TEST_CASE("serving: steps run ahead give what steps one at a time give", "[serving][engine]") {
+  // Greedy requests that stop early on a stop token (their extra step's token is thrown away),
+  // with penalties (the engine processes the step in flight first), with logprobs (a step of
+  // their own, logits on the host), and plain ones, all in one batch.
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 20; ++i) {
+    EngineRequest r = request(prompt_of(i + 3), 8 + (i * 5) % 30);
+    if (i % 5 == 2) r.params.repetition_penalty = 1.3f;
+    if (i % 7 == 3) r.params.frequency_penalty = 0.5f;
+    if (i == 9) r.logprobs = 2;
+    reqs.push_back(r);
+  }
+  // Every fourth request stops at a token of its own greedy output.
+  const auto full = offline_greedy(reqs);
+  for (size_t i = 1; i < reqs.size(); i += 4)
+    reqs[i].params.stop_token_ids = {full[i][3 + i % 5]};
+  std::map<std::string, std::vector<Outcome>> got;
+  std::map<std::string, EngineStats> stats;
+  for (const auto mode : {EngineOptions::AsyncSteps::kOff, EngineOptions::AsyncSteps::kOn}) {
+    const std::string name = mode == EngineOptions::AsyncSteps::kOn ? "on" : "off";
+    g_steps = mode;
+    EngineOptions o = options();
+    o.scheduler.max_step_tokens = 40;
+    o.scheduler.prefill_chunk = 7;
+    o.scheduler.max_running = 12;
+    ServingEngine e(kModel, o);
+    e.start();
+    got[name] = run_all(e, reqs);
+    stats[name] = settled(e, [&](const EngineStats& x) {
+      return x.requests_finished_total == static_cast<uint64_t>(reqs.size());
+    });
+    e.shutdown(1s);
+  }
+  g_steps = EngineOptions::AsyncSteps::kOff;
+  int stopped_early = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    INFO("request " << i);
+    const Outcome& a = got["off"][i];
+    const Outcome& b = got["on"][i];
+    CHECK(a.end == StreamEnd::kFinished);
+    CHECK(b.end == a.end);
+    CHECK(b.finish == a.finish);
+    CHECK(b.ids == a.ids);
+    CHECK(b.completion_tokens == a.completion_tokens);
+    CHECK(b.completion_tokens == static_cast<int32_t>(b.ids.size()));
+    REQUIRE(b.events.size() == a.events.size());
+    for (size_t t = 0; t < a.events.size(); ++t) {
+      CHECK(b.events[t].logprob.has_value() == a.events[t].logprob.has_value());
+      if (a.events[t].logprob) CHECK(*b.events[t].logprob == Approx(*a.events[t].logprob));
+    }
+    stopped_early += a.finish == FinishReason::kStop ? 1 : 0;
+    const size_t n = std::min(a.ids.size(), full[i].size());
+    CHECK(std::equal(a.ids.begin(), a.ids.begin() + n, full[i].begin()));
+  }
+  CHECK(stopped_early == 5);
+  for (const char* m : {"off", "on"}) {
+    INFO("async_steps " << m);
+    CHECK(stats[m].kv.pages_used == 0);
+    CHECK(stats[m].requests_running == 0);
+    CHECK(stats[m].requests_finished_total == reqs.size());
+  }
+}
+
 TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",
           "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   EngineRequest a = request(prompt_of(3), 24, 0.9f);
   a.params.seed = 1234;
   a.params.top_k = 40;
@@ -158,6 +241,8 @@ TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",
 }
 
 TEST_CASE("serving: log-probabilities come from the raw logits", "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   EngineRequest r = request(prompt_of(1), 6);
   r.logprobs = 3;
   ServingEngine e(kModel, options());
@@ -175,6 +260,8 @@ TEST_CASE("serving: log-probabilities come from the raw logits", "[serving][engi
 
 TEST_CASE("serving: cancel mid-stream frees the pages; a past deadline cancels",
           "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   ServingEngine e(kModel, options());
   e.start();
   auto s = e.submit(request(prompt_of(2), 400));
@@ -201,8 +288,12 @@ TEST_CASE("serving: cancel mid-stream frees the pages; a past deadline cancels",
 
 TEST_CASE("serving: guaranteed admission with a tiny pool queues and never preempts",
           "[serving][engine]") {
-  // 40 pages: a sequence of up to 64 tokens needs at most 18 (6 per layer), so two run at once.
-  EngineOptions o = options(40 * 12288);
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
+  // 40 pages: a sequence of up to 64 tokens needs at most 18 (6 per layer), so two of those run
+  // at once (these are shorter, 15 pages at most: still two).
+  EngineOptions o = options();
+  o.kv_memory_bytes = 40 * page_bytes_of(o);
   o.max_model_len = 64;
   ServingEngine e(kModel, o);
   e.start();
@@ -221,6 +312,8 @@ TEST_CASE("serving: guaranteed admission with a tiny pool queues and never preem
 
 TEST_CASE("serving: overcommit with a tiny pool preempts; recompute gives the same tokens",
           "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   std::vector<EngineRequest> reqs;
   for (int i = 0; i < 6; ++i) {
     const auto p = prompt_of(i + 40);
@@ -246,6 +339,8 @@ TEST_CASE("serving: overcommit with a tiny pool preempts; recompute gives the sa
 }
 
 TEST_CASE("serving: overcommit demotes across sequences under pressure", "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   std::vector<EngineRequest> reqs;
   for (int i = 0; i < 4; ++i)
     reqs.push_back(request(prompt_of(i), 120));
@@ -264,6 +359,8 @@ TEST_CASE("serving: overcommit demotes across sequences under pressure", "[servi
 }
 
 TEST_CASE("serving: the floor action finishes with reason length", "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   EngineOptions o = options();
   o.kv.floor_bits = 4;
   o.kv.per_layer_bytes = 3 * 12288;  // sink + one 4-bit body page (64 tokens) + window
@@ -278,6 +375,8 @@ TEST_CASE("serving: the floor action finishes with reason length", "[serving][en
 }
 
 TEST_CASE("serving: submit validates; budgets update at run time", "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   ServingEngine e(kModel, options());
   CHECK(e.model_name() == "llama_gqa");
   CHECK(e.max_model_len() == 512);
@@ -334,6 +433,8 @@ TEST_CASE("serving: submit_all queues all requests together or none", "[serving]
 
 TEST_CASE("serving: shutdown lets requests finish within the grace, then ends the rest",
           "[serving][engine]") {
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
   {
     ServingEngine e(kModel, options());
     e.start();

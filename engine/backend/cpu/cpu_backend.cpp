@@ -13,6 +13,7 @@
 #include "engine/backend/cpu/kv_page_ops.h"
 #include "engine/backend/key_scale_fold.h"
 #include "engine/common/error.h"
+#include "engine/sampling/sampler.h"
 
 namespace pmkv {
 
@@ -197,6 +198,29 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
   cpu::rms_norm(last.data(), R, H, final_norm_.data(), eps, last.data());
   const auto& head = lm_head_.empty() ? embed_ : lm_head_;
   cpu::matmul_wt(last.data(), R, H, head.data(), V, logits.data());
+}
+
+void CpuBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampling> rows,
+                                std::span<int32_t> tokens) {
+  const size_t R = b.logit_rows.size(), V = static_cast<size_t>(cfg_.vocab_size);
+  if (rows.size() != R || tokens.size() != R) {
+    throw std::invalid_argument("CpuBackend::forward_sample: one sampling row per logit row");
+  }
+  sample_logits_.resize(R * V);
+  forward(b, sample_logits_);
+  for (size_t r = 0; r < R; ++r) {
+    const DeviceSampling& d = rows[r];
+    if (d.params == nullptr) throw std::invalid_argument("forward_sample: row without params");
+    SamplingParams p = *d.params;
+    // splitmix64 of (seed, sampled): one independent draw per (sequence, position).
+    uint64_t x = d.seed ^ (d.sampled * 0x9E3779B97F4A7C15ull);
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    p.seed = x ^ (x >> 31);
+    Sampler sampler(std::move(p));
+    tokens[r] =
+        sampler.sample(std::span(sample_logits_).subspan(r * V, V), d.prompt_ids, d.output_ids);
+  }
 }
 
 void CpuBackend::fold_key_scales(const std::vector<std::vector<float>>& scales) {

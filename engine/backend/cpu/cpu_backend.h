@@ -27,6 +27,12 @@ class CpuBackend final : public Backend {
   std::string name() const override { return "cpu"; }
   const ModelConfig& config() const override { return cfg_; }
   void forward(const StepBatch& batch, std::span<float> logits) override;
+  // Sampling inside the backend, on the host: forward() then, per row, a Sampler seeded from the
+  // row's (seed, sampled) pair, so the tokens do not depend on what ran before (the contract of
+  // DeviceSampling). The engine uses it when asked to run steps ahead (engine.async_steps: on);
+  // by default it samples the CPU backend's logits itself.
+  void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
+                      std::span<int32_t> tokens) override;
 
   int64_t kv_pool_bytes() const override { return static_cast<int64_t>(kv_pool_.size()); }
   int64_t weight_bytes() const override;
@@ -69,6 +75,7 @@ class CpuBackend final : public Backend {
   int64_t page_bytes_;
   std::vector<std::byte> kv_pool_;  // [num_pages * page_bytes_]
   AttentionProbe probe_;
+  std::vector<float> sample_logits_;  // forward_sample's logits
 };
 
 }  // namespace pmkv

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
 #include <type_traits>
@@ -185,8 +186,28 @@ struct CudaBackend::Impl {
   Packer packer;
   cuda::PinnedMemory staging;
   DeviceMemory inputs;
-  cuda::PinnedMemory sample_staging;
   cuda::PinnedMemory plan_staging;  // the decode plan's tables
+  // Steps in flight (launch_sample). The staging buffers above and the graph ones below are
+  // rewritten by the next run_step: `uploads_done` (recorded after a step's last upload) is
+  // waited for first. Sampling inputs and the tokens coming back use one pinned buffer per
+  // in-flight step (`slot`); `sampled` holds the latest step's tokens on the device, read by the
+  // next step's token_src gather before its own sampling overwrites them (stream order).
+  struct InFlight {
+    int slot = 0;
+    int32_t rows = 0;
+    size_t out_offset = 0;  // the tokens' place in sample_staging[slot]
+  };
+  std::deque<InFlight> in_flight;
+  int next_slot = 0;
+  cuda::PinnedMemory sample_staging[2];
+  cuda::Event sampled_event[2];
+  cuda::Event uploads_done;
+  bool uploads_recorded = false;
+  DeviceMemory sampled;  // int32 [sampled_capacity]
+  int32_t sampled_capacity = 0;
+  int32_t sampled_rows = 0;  // rows the latest launched step sampled (0: none on the device)
+  cuda::PinnedMemory src_staging;
+  DeviceMemory src_dev;
   DeviceMemory sample_inputs, sample_ws;
   DeviceMemory prefill_ws, decode_ws;
   kernels::DecodePlan decode_plan;
@@ -1033,7 +1054,19 @@ void CudaBackend::run_step(const StepBatch& b) {
   const int64_t N = b.num_tokens(), S = b.num_seqs(), L = cfg_.num_layers;
   const int64_t V = cfg_.vocab_size;
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  if (!b.token_src.empty() && static_cast<int64_t>(b.token_src.size()) != N) {
+    throw std::invalid_argument("CudaBackend: token_src must have one entry per row");
+  }
+  bool gather = false;  // some row's token comes from the previous step's sampling
   for (int64_t r = 0; r < N; ++r) {
+    if (!b.token_src.empty() && b.token_src[r] >= 0) {
+      gather = true;
+      if (b.token_src[r] >= m.sampled_rows) {
+        throw std::invalid_argument("CudaBackend: token_src " + std::to_string(b.token_src[r]) +
+                                    " is not a row the previous step sampled");
+      }
+      continue;
+    }
     const int32_t id = b.token_ids[r];
     if (id < 0 || id >= V)
       throw InvalidArgument("token id " + std::to_string(id) + " out of range");
@@ -1045,6 +1078,8 @@ void CudaBackend::run_step(const StepBatch& b) {
   }
   // The engine thread may not be the thread that built the backend.
   PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
+  // A step in flight may not have read its inputs out of the staging buffers yet.
+  if (m.uploads_recorded) PMKV_CUDA_CHECK(cudaEventSynchronize(m.uploads_done.get()));
 
   // -- Host side: flatten the step into arrays.
   std::vector<int32_t> cached_starts(S + 1, 0);
@@ -1174,9 +1209,11 @@ void CudaBackend::run_step(const StepBatch& b) {
   a.num_seqs = S;
   a.max_rows = max_rows;
   a.total_cached = cached_starts[S];
+  int32_t* tok_dev = nullptr;  // the step's token ids on the device (token_src gather target)
   if (graph) {
     m.upload_graph_inputs(b, rows, w_page, w_bits, w_slot, requants, demotes, requant_runs,
                           demote_runs, &a);
+    tok_dev = reinterpret_cast<int32_t*>(m.graph_inputs.as<std::byte>() + m.gin.tok);
   } else {
     Packer& pk = m.packer;
     pk.clear();
@@ -1201,6 +1238,7 @@ void CudaBackend::run_step(const StepBatch& b) {
       return reinterpret_cast<const int32_t*>(m.inputs.as<std::byte>() + off);
     };
     a.tok = dev(o_tok);
+    tok_dev = reinterpret_cast<int32_t*>(m.inputs.as<std::byte>() + o_tok);
     a.pos = dev(o_pos);
     a.seq_starts = dev(o_seq_starts);
     a.seq_cached = dev(o_seq_cached);
@@ -1238,6 +1276,18 @@ void CudaBackend::run_step(const StepBatch& b) {
     }
   }
 
+  if (gather && N > 0) {
+    // Rows whose token the previous step sampled on the device: copied in before the layers.
+    m.src_staging.reserve(static_cast<size_t>(N) * 4);
+    m.src_dev.reserve(static_cast<size_t>(N) * 4);
+    std::memcpy(m.src_staging.as(), b.token_src.data(), static_cast<size_t>(N) * 4);
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(m.src_dev.as(), m.src_staging.as(), static_cast<size_t>(N) * 4,
+                                    cudaMemcpyHostToDevice, m.s()));
+    PMKV_CUDA_CHECK(kernels::launch_gather_sampled(
+        tok_dev, m.src_dev.as<int32_t>(), m.sampled.as<int32_t>(), static_cast<int32_t>(N), m.s()));
+  }
+  PMKV_CUDA_CHECK(cudaEventRecord(m.uploads_done.get(), m.s()));
+  m.uploads_recorded = true;
   m.last_prepare_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_prepare).count();
   if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
@@ -1292,7 +1342,9 @@ void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {
   if (static_cast<int64_t>(logits_out.size()) != R * V) {
     throw std::invalid_argument("CudaBackend::forward: logits buffer has the wrong size");
   }
+  if (!m.in_flight.empty()) throw std::logic_error("CudaBackend::forward: steps in flight");
   run_step(b);
+  m.sampled_rows = 0;  // this step's tokens are sampled by the caller
   if (R > 0) {
     PMKV_CUDA_CHECK(cudaMemcpyAsync(m.logits_host.as(), m.logits.as(),
                                     static_cast<size_t>(R * V) * sizeof(float),
@@ -1308,12 +1360,26 @@ void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {
 
 void CudaBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampling> rows,
                                  std::span<int32_t> tokens) {
+  if (!impl_->in_flight.empty()) {
+    throw std::logic_error("CudaBackend::forward_sample: steps in flight (wait_sampled first)");
+  }
+  if (tokens.size() != rows.size()) {
+    throw std::invalid_argument("CudaBackend::forward_sample: one token per sampling row");
+  }
+  launch_sample(b, rows);
+  wait_sampled(tokens);
+}
+
+void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampling> rows) {
   Impl& m = *impl_;
   const int64_t R = static_cast<int64_t>(b.logit_rows.size()), V = cfg_.vocab_size;
-  if (static_cast<int64_t>(rows.size()) != R || static_cast<int64_t>(tokens.size()) != R) {
-    throw std::invalid_argument("CudaBackend::forward_sample: one sampling row per logit row");
+  if (static_cast<int64_t>(rows.size()) != R) {
+    throw std::invalid_argument("CudaBackend::launch_sample: one sampling row per logit row");
   }
-  // Sampling inputs first (host work overlaps nothing yet, but validates before any launch).
+  if (m.in_flight.size() >= 2) {
+    throw std::logic_error("CudaBackend::launch_sample: two steps in flight already");
+  }
+  // Sampling inputs first: validates before any launch.
   std::vector<kernels::SamplingRow> params(R);
   std::vector<int32_t> hist_starts{0}, hist_ids, hist_counts;
   std::vector<uint8_t> hist_prompt;
@@ -1350,47 +1416,83 @@ void CudaBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampl
     hist_starts.push_back(static_cast<int32_t>(hist_ids.size()));
   }
   run_step(b);
-  if (R == 0) {
-    PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
-    return;
+  Impl::InFlight f;
+  f.slot = m.next_slot;
+  f.rows = static_cast<int32_t>(R);
+  cuda::PinnedMemory& staging = m.sample_staging[f.slot];
+  if (R > 0) {
+    Packer pk;
+    const size_t o_params = pk.add(params), o_starts = pk.add(hist_starts);
+    const size_t o_ids = pk.add(hist_ids), o_counts = pk.add(hist_counts);
+    const size_t o_prompt = pk.add(hist_prompt);
+    const size_t bytes = pk.bytes().size();
+    // This slot's previous step was waited for (at most two in flight), so its buffer is free.
+    staging.reserve(bytes + static_cast<size_t>(R) * 4);
+    m.sample_inputs.reserve(bytes);
+    if (R > m.sampled_capacity) {
+      // Grows keeping this step's tokens (already gathered from by run_step's launches).
+      m.sampled_capacity = static_cast<int32_t>(std::max<int64_t>(R, 2 * m.sampled_capacity));
+      m.sampled.allocate(static_cast<size_t>(m.sampled_capacity) * 4);
+    }
+    std::memcpy(staging.as(), pk.bytes().data(), bytes);
+    PMKV_CUDA_CHECK(
+        cudaMemcpyAsync(m.sample_inputs.as(), staging.as(), bytes, cudaMemcpyHostToDevice, m.s()));
+    std::byte* base = m.sample_inputs.as<std::byte>();
+    kernels::SamplingLaunch sl;
+    sl.logits = m.logits.as<float>();
+    sl.rows = static_cast<int32_t>(R);
+    sl.vocab = static_cast<int32_t>(V);
+    sl.params = reinterpret_cast<const kernels::SamplingRow*>(base + o_params);
+    if (any_penalty) {
+      sl.hist_starts = reinterpret_cast<const int32_t*>(base + o_starts);
+      sl.hist_ids = reinterpret_cast<const int32_t*>(base + o_ids);
+      sl.hist_output_counts = reinterpret_cast<const int32_t*>(base + o_counts);
+      sl.hist_in_prompt = reinterpret_cast<const uint8_t*>(base + o_prompt);
+    }
+    sl.out_tokens = m.sampled.as<int32_t>();
+    const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab);
+    m.sample_ws.reserve(static_cast<size_t>(std::max<int64_t>(ws, 1)));
+    sl.workspace = m.sample_ws.as();
+    sl.workspace_bytes = static_cast<int64_t>(m.sample_ws.bytes());
+    PMKV_CUDA_CHECK(kernels::launch_sampling(sl, m.s()));
+    f.out_offset = bytes;
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + bytes, sl.out_tokens,
+                                    static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, m.s()));
   }
-  Packer pk;
-  const size_t o_params = pk.add(params), o_starts = pk.add(hist_starts);
-  const size_t o_ids = pk.add(hist_ids), o_counts = pk.add(hist_counts);
-  const size_t o_prompt = pk.add(hist_prompt);
-  const size_t bytes = pk.bytes().size();
-  // A second pinned buffer: run_step's upload from `staging` may still be in flight.
-  m.sample_staging.reserve(bytes + static_cast<size_t>(R) * 4);
-  m.sample_inputs.reserve(bytes + static_cast<size_t>(R) * 4 + 256);
-  std::memcpy(m.sample_staging.as(), pk.bytes().data(), bytes);
-  PMKV_CUDA_CHECK(cudaMemcpyAsync(m.sample_inputs.as(), m.sample_staging.as(), bytes,
-                                  cudaMemcpyHostToDevice, m.s()));
-  std::byte* base = m.sample_inputs.as<std::byte>();
-  const size_t o_out = (bytes + 255) / 256 * 256;
-  kernels::SamplingLaunch sl;
-  sl.logits = m.logits.as<float>();
-  sl.rows = static_cast<int32_t>(R);
-  sl.vocab = static_cast<int32_t>(V);
-  sl.params = reinterpret_cast<const kernels::SamplingRow*>(base + o_params);
-  if (any_penalty) {
-    sl.hist_starts = reinterpret_cast<const int32_t*>(base + o_starts);
-    sl.hist_ids = reinterpret_cast<const int32_t*>(base + o_ids);
-    sl.hist_output_counts = reinterpret_cast<const int32_t*>(base + o_counts);
-    sl.hist_in_prompt = reinterpret_cast<const uint8_t*>(base + o_prompt);
-  }
-  sl.out_tokens = reinterpret_cast<int32_t*>(base + o_out);
-  const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab);
-  m.sample_ws.reserve(static_cast<size_t>(std::max<int64_t>(ws, 1)));
-  sl.workspace = m.sample_ws.as();
-  sl.workspace_bytes = static_cast<int64_t>(m.sample_ws.bytes());
-  PMKV_CUDA_CHECK(kernels::launch_sampling(sl, m.s()));
-  auto* out_host = reinterpret_cast<int32_t*>(m.sample_staging.as<std::byte>() + bytes);
-  PMKV_CUDA_CHECK(cudaMemcpyAsync(out_host, sl.out_tokens, static_cast<size_t>(R) * 4,
-                                  cudaMemcpyDeviceToHost, m.s()));
+  m.sampled_rows = static_cast<int32_t>(R);
   m.mark(5);
-  PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
-  m.end_timing();
-  std::memcpy(tokens.data(), out_host, static_cast<size_t>(R) * 4);
+  PMKV_CUDA_CHECK(cudaEventRecord(m.sampled_event[f.slot].get(), m.s()));
+  m.in_flight.push_back(f);
+  m.next_slot ^= 1;
+  if (m.timer.enabled) {
+    // The phase timer reads one step's events at a time.
+    PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+    m.end_timing();
+  }
+}
+
+void CudaBackend::wait_sampled(std::span<int32_t> tokens) {
+  Impl& m = *impl_;
+  if (m.in_flight.empty()) throw std::logic_error("CudaBackend::wait_sampled: no step in flight");
+  const Impl::InFlight f = m.in_flight.front();
+  if (static_cast<int64_t>(tokens.size()) != f.rows) {
+    throw std::invalid_argument("CudaBackend::wait_sampled: the step sampled " +
+                                std::to_string(f.rows) + " rows, the caller expects " +
+                                std::to_string(tokens.size()));
+  }
+  m.in_flight.pop_front();
+  PMKV_CUDA_CHECK(cudaEventSynchronize(m.sampled_event[f.slot].get()));
+  if (f.rows > 0) {
+    std::memcpy(tokens.data(), m.sample_staging[f.slot].as<std::byte>() + f.out_offset,
+                static_cast<size_t>(f.rows) * 4);
+  }
+}
+
+void CudaBackend::drop_in_flight() noexcept {
+  Impl& m = *impl_;
+  cudaStreamSynchronize(m.s());
+  m.in_flight.clear();
+  m.sampled_rows = 0;
 }
 
 }  // namespace pmkv

@@ -71,6 +71,11 @@ class CudaBackend final : public Backend {
   bool samples_on_device() const override { return true; }
   void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
                       std::span<int32_t> tokens) override;
+  // Steps in flight (Backend's contract): the sampled tokens stay on the device for the next
+  // step's token_src rows and come back through a pinned buffer per in-flight step.
+  void launch_sample(const StepBatch& batch, std::span<const DeviceSampling> rows) override;
+  void wait_sampled(std::span<int32_t> tokens) override;
+  void drop_in_flight() noexcept override;
   int64_t weight_bytes() const override;
   int64_t kv_pool_bytes() const override;
 
@@ -86,7 +91,8 @@ class CudaBackend final : public Backend {
   static int device_count();
 
  private:
-  // Enqueues the whole step (inputs upload, layers, logits into the device buffer); no sync.
+  // Enqueues the whole step (inputs upload, token_src gather, layers, logits into the device
+  // buffer); no sync, except waiting for the previous step's uploads to leave the staging buffers.
   void run_step(const StepBatch& batch);
 
   struct Impl;
