@@ -186,11 +186,40 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
   run_step(e, {&c, 1}, out);
   int32_t tok = out[0];
   std::vector<double> t, fwd;
-  for (int32_t i = 0; i < steps; ++i) {
-    SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
-    t.push_back(run_step(e, {&d, 1}, out));
-    fwd.push_back(g_forward_seconds);
-    tok = out[0];
+  if (!g_async_steps) {
+    for (int32_t i = 0; i < steps; ++i) {
+      SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
+      t.push_back(run_step(e, {&d, 1}, out));
+      fwd.push_back(g_forward_seconds);
+      tok = out[0];
+    }
+  } else {
+    // Steps run ahead (see bench_throughput): a token's time is the interval between completions.
+    static const SamplingParams greedy = [] {
+      SamplingParams p;
+      p.temperature = 0;
+      return p;
+    }();
+    const std::vector<DeviceSampling> rows(1, DeviceSampling{&greedy, 0, 0, {}, {}});
+    auto last = Clock::now();
+    for (int32_t i = 0; i <= steps; ++i) {
+      if (i < steps) {
+        SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
+        if (!build_step(*e.kv, {&d, 1}, e.batch)) throw std::runtime_error("KV pool exhausted");
+        e.batch.token_src = {0};
+        e.backend->launch_sample(e.batch, rows);
+        e.kv->end_step();
+      }
+      if (i > 0) {
+        e.backend->wait_sampled(out);
+        const auto now = Clock::now();
+        t.push_back(std::chrono::duration<double>(now - last).count());
+        fwd.push_back(t.back());
+        last = now;
+      } else {
+        last = Clock::now();
+      }
+    }
   }
 #ifdef PMKV_DECODE_TRACE
   {

@@ -38,17 +38,25 @@ def percentile(values, q):
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def prompt_of(args):
+    """The text prompt, or --prompt-ids N token ids (a model without a tokenizer)."""
+    if not args.prompt_ids:
+        return args.prompt
+    return [3 + (i * 7919) % 1000 for i in range(args.prompt_ids)]
+
+
 async def one_request(client, args, index):
     start = time.perf_counter()
     stamps = []
     usage = None
     stream = await client.completions.create(
-        model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
+        model=args.model, prompt=prompt_of(args), max_tokens=args.max_tokens,
         temperature=args.temperature, seed=index, stream=True,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True} if args.ignore_eos else None)
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+        # Without a tokenizer (token-id prompts) the chunks carry tokens but no text.
+        if chunk.choices and (chunk.choices[0].text or args.prompt_ids):
             stamps.append(time.perf_counter())
         if chunk.usage:
             usage = chunk.usage
@@ -75,7 +83,7 @@ async def run(args):
             results.append(await one_request(client, args, queue.get_nowait()))
 
     # Warm-up: one short request, not counted.
-    await client.completions.create(model=args.model, prompt=args.prompt, max_tokens=2)
+    await client.completions.create(model=args.model, prompt=prompt_of(args), max_tokens=2)
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     wall = time.perf_counter() - start
@@ -118,7 +126,8 @@ def report(results, wall, args):
     tokens = sum(r["tokens"] for r in results)
     return {
         "concurrency": args.concurrency, "requests": len(results), "max_tokens": args.max_tokens,
-        "prompt": args.prompt, "model": args.model, "wall_s": round(wall, 3),
+        "prompt": args.prompt if not args.prompt_ids else f"{args.prompt_ids} token ids",
+        "model": args.model, "wall_s": round(wall, 3),
         "generated_tokens": tokens,
         "throughput_tokens_per_s": round(tokens / wall, 1),
         "throughput_requests_per_s": round(len(results) / wall, 2),
@@ -139,6 +148,8 @@ def main():
     p.add_argument("--requests", type=int, default=0, help="requests in all (default 4 x N)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--prompt-ids", type=int, default=0,
+                   help="send a prompt of this many token ids instead (models without a tokenizer)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly --max-tokens tokens (default on)")
