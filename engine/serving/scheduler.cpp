@@ -81,8 +81,8 @@ int64_t Scheduler::plan_running(StepPlan& plan, int32_t& budget, int64_t& free) 
   int64_t starved = 0;
   for (const bool decode_pass : {true, false}) {
     for (const auto& s : running_) {
-      // A zombie has ended; a token in flight that is the last allowed ends it when processed.
-      if (s->zombie || s->num_tokens() >= s->max_len()) continue;
+      // A token in flight that is the last allowed ends the sequence when processed.
+      if (s->num_tokens() >= s->max_len()) continue;
       const int32_t remaining = s->num_tokens() - s->num_computed;
       if ((remaining == 1) != decode_pass) continue;
       if (budget == 0) break;

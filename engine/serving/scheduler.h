@@ -69,8 +69,8 @@ class Scheduler {
       const std::function<bool(const Sequence&)>& pred);
   // Removes every sequence, freeing its pages.
   std::vector<std::unique_ptr<Sequence>> remove_all();
-  // Plans the next step (may preempt and reject; see above). Zombies (sequence.h) are never
-  // planned, nor a sequence whose token in flight is its last (prompt + max_tokens).
+  // Plans the next step (may preempt and reject; see above). A sequence whose token in flight
+  // (sequence.h) is its last (prompt + max_tokens) is not planned: it ends when processed.
   StepPlan schedule();
   // Whether schedule() would find a running sequence that cannot take a token (and so demote
   // across sequences, preempt or reject): the engine then processes its steps in flight first.

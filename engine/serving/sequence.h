@@ -55,8 +55,8 @@ struct Sequence {
   // counts in `in_flight`; the token such a step samples is appended at launch as a placeholder
   // (-1) at tokens[placeholder_at], row placeholder_row of that step's sampled tokens, so that
   // positions and the next step's rows are right before the host knows its value. A sequence
-  // whose stream ended while in flight is a zombie: never scheduled again, its pages freed once
-  // its last step in flight is processed.
+  // whose stream ended while in flight is a zombie: the engine takes it out of the scheduler at
+  // once (pages, slot and reservation back) and keeps the object until that step is processed.
   int32_t in_flight = 0;
   int32_t placeholder_at = -1;
   int32_t placeholder_row = -1;

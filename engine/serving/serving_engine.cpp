@@ -99,6 +99,12 @@ struct ServingEngine::Impl {
   bool async = false;                  // options.async_steps resolved for the backend
   bool sample_in_backend = false;      // tokens picked by the backend (no logits copied back)
   std::optional<PendingStep> pending;
+  // Sequences that ended while a step with them was in flight: out of the scheduler (pages, slot
+  // and reservation given back at once: the backend runs steps in order, so a later step may
+  // reuse the pages), kept alive until that step is processed.
+  std::vector<std::unique_ptr<Sequence>> zombies;
+  void retire(Sequence& s);  // makes `s` a zombie (its stream has ended)
+  void bury(Sequence& s);    // drops a zombie whose last step in flight was processed
   kv::KvPoolStats kv_stats;
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
@@ -339,7 +345,6 @@ bool ServingEngine::Impl::must_drain() const {
   // Logprobs need the logits on the host (a step of its own); penalties need every generated
   // token in the history; starvation may preempt or reject, which must not meet a token in flight.
   return scheduler->any_of([](const Sequence& s) {
-    if (s.zombie) return false;
     const SamplingParams& p = s.request.params;
     const bool penalties =
         p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
@@ -349,22 +354,22 @@ bool ServingEngine::Impl::must_drain() const {
 
 bool ServingEngine::Impl::step() {
   const Clock::time_point now = Clock::now();
-  // A sequence in a step in flight stays until that step is processed: its stream ends now and it
-  // becomes a zombie.
+  // A sequence in a step in flight ends its stream now and becomes a zombie (retire()).
   auto gone = scheduler->remove_if([&](const Sequence& s) {
-    return s.in_flight == 0 && !s.zombie &&
+    return s.in_flight == 0 &&
            (s.stream->cancelled() || (s.request.deadline && now >= *s.request.deadline));
   });
   for (auto& s : gone)
     outputs.end(*s, StreamEnd::kCancelled, "", now);
-  bool retired = false;
+  std::vector<Sequence*> cancelled;
   scheduler->for_each_running([&](Sequence& s) {
-    if (s.in_flight > 0 && !s.zombie && ends_stream(s)) {
-      outputs.end(s, StreamEnd::kCancelled, "", now);
-      s.zombie = true;
-      retired = true;
-    }
+    if (s.in_flight > 0 && ends_stream(s)) cancelled.push_back(&s);
   });
+  for (Sequence* s : cancelled) {
+    outputs.end(*s, StreamEnd::kCancelled, "", now);
+    retire(*s);
+  }
+  const bool retired = !cancelled.empty();
   if (pending && must_drain()) process_pending();
   StepPlan plan = scheduler->schedule();
   for (auto& [s, why] : plan.rejected) {
@@ -505,7 +510,7 @@ void ServingEngine::Impl::process_pending() {
       pick.at = p.token_at[k];
     }
     if (s.zombie) {
-      if (s.in_flight == 0) scheduler->finish(&s);
+      if (s.in_flight == 0) bury(s);
       continue;
     }
     bool done = true;
@@ -521,7 +526,7 @@ void ServingEngine::Impl::process_pending() {
     }
     if (!done) continue;
     if (s.in_flight > 0) {
-      s.zombie = true;  // the next step computes one more token for it; thrown away
+      retire(s);  // the next step computes one more token for it; thrown away
     } else {
       scheduler->finish(&s);
     }
@@ -543,20 +548,27 @@ void ServingEngine::Impl::abandon_in_flight(const StepPlan* also, const std::str
   std::sort(seqs.begin(), seqs.end());
   seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
   const Clock::time_point now = Clock::now();
-  // Their tokens in flight are lost: each of these sequences ends (the others carry on).
+  // Their tokens in flight are lost: each of these sequences ends (the others carry on). Every
+  // zombie waited on a step that no longer exists.
   for (Sequence* s : seqs) {
-    if (!s->zombie) outputs.end(*s, StreamEnd::kError, why, now);
     s->in_flight = 0;
+    if (s->zombie) continue;
+    outputs.end(*s, StreamEnd::kError, why, now);
     scheduler->finish(s);
   }
-  // Zombies whose last step was among them are gone with them; any other zombie waited on a step
-  // that no longer exists.
-  std::vector<Sequence*> zombies;
-  scheduler->for_each_running([&](Sequence& s) {
-    if (s.zombie) zombies.push_back(&s);
-  });
-  for (Sequence* s : zombies)
-    scheduler->finish(s);
+  zombies.clear();
+}
+
+void ServingEngine::Impl::retire(Sequence& s) {
+  s.zombie = true;
+  zombies.push_back(scheduler->finish(&s));
+}
+
+void ServingEngine::Impl::bury(Sequence& s) {
+  const auto it =
+      std::find_if(zombies.begin(), zombies.end(), [&](const auto& z) { return z.get() == &s; });
+  if (it == zombies.end()) throw std::logic_error("engine: bury: not a zombie");
+  zombies.erase(it);
 }
 
 void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch& batch) {
