@@ -50,6 +50,7 @@ struct EngineMetrics {
   uint64_t prompt_tokens = 0;
   uint64_t generation_tokens = 0;
   uint64_t steps = 0;
+  uint64_t discarded_tokens = 0;  // sampled for sequences that had ended (steps run ahead)
 };
 
 }  // namespace pmkv

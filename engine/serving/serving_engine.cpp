@@ -510,6 +510,7 @@ void ServingEngine::Impl::process_pending() {
       pick.at = p.token_at[k];
     }
     if (s.zombie) {
+      metrics.discarded_tokens += p.plan.chunks[k].sample ? 1 : 0;
       if (s.in_flight == 0) bury(s);
       continue;
     }
@@ -626,6 +627,8 @@ void ServingEngine::Impl::publish(bool full) {
   st.generation_tokens_total = metrics.generation_tokens;
   st.preemptions_total = scheduler->preemptions_total();
   st.steps_total = metrics.steps;
+  st.async_steps = async;
+  st.discarded_tokens_total = metrics.discarded_tokens;
   st.kv = kv_stats;
   st.time_to_first_token = metrics.time_to_first_token.snapshot();
   st.inter_token_latency = metrics.inter_token_latency.snapshot();

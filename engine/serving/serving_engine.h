@@ -67,6 +67,10 @@ struct EngineStats {
   uint64_t generation_tokens_total = 0;
   uint64_t preemptions_total = 0;
   uint64_t steps_total = 0;
+  // Steps run ahead (EngineOptions::async_steps): whether the engine does, and the tokens it
+  // computed for sequences that had already ended (one each at most).
+  bool async_steps = false;
+  uint64_t discarded_tokens_total = 0;
   kv::KvPoolStats kv;
   HistogramSnapshot time_to_first_token;
   HistogramSnapshot inter_token_latency;

@@ -114,6 +114,10 @@ std::string format_metrics(const EngineStats& s, const HttpCounters& http) {
   w.counter("pmkv_preemptions_total", static_cast<double>(s.preemptions_total),
             "Sequences preempted (to be recomputed).");
   w.counter("pmkv_steps_total", static_cast<double>(s.steps_total), "Engine steps run.");
+  w.gauge("pmkv_engine_async_steps", s.async_steps ? 1 : 0,
+          "1 when the engine launches a step before reading the previous one's tokens.");
+  w.counter("pmkv_discarded_tokens_total", static_cast<double>(s.discarded_tokens_total),
+            "Tokens computed for sequences that had ended while their step was in flight.");
   write_kv(w, s.kv);
   w.histogram("pmkv_time_to_first_token_seconds", s.time_to_first_token,
               "Time from submit to the first generated token.");

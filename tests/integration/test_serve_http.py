@@ -174,6 +174,7 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
     for name in ["pmkv_requests_running", "pmkv_requests_waiting", "pmkv_kv_pool_pages_used",
                  "pmkv_kv_pool_pages_total", "pmkv_kv_demotions_total", "pmkv_preemptions_total",
                  "pmkv_prompt_tokens_total", "pmkv_generation_tokens_total",
+                 "pmkv_engine_async_steps", "pmkv_discarded_tokens_total",
                  "pmkv_time_to_first_token_seconds_count", "pmkv_inter_token_latency_seconds_sum",
                  "pmkv_request_latency_seconds_bucket{le=\"+Inf\"}"]:
         assert name in m, name

@@ -157,15 +157,18 @@ TEST_CASE("serving: 64 concurrent greedy requests equal the offline Generator",
 }
 
 TEST_CASE("serving: steps run ahead give what steps one at a time give", "[serving][engine]") {
-  // Greedy requests that stop early on a stop token (their extra step's token is thrown away),
-  // with penalties (the engine processes the step in flight first), with logprobs (a step of
-  // their own, logits on the host), and plain ones, all in one batch.
+  // Greedy requests that stop early on a stop token (their extra step's token is thrown away)
+  // and plain ones; in the mixed batch also some with penalties (the engine processes the step
+  // in flight first) and one with logprobs (steps of their own, logits on the host; while it is
+  // queued or running nothing runs ahead).
+  const bool mixed = GENERATE(false, true);
+  INFO((mixed ? "with penalties and logprobs" : "stop tokens and plain requests"));
   std::vector<EngineRequest> reqs;
   for (int i = 0; i < 20; ++i) {
     EngineRequest r = request(prompt_of(i + 3), 8 + (i * 5) % 30);
-    if (i % 5 == 2) r.params.repetition_penalty = 1.3f;
-    if (i % 7 == 3) r.params.frequency_penalty = 0.5f;
-    if (i == 9) r.logprobs = 2;
+    if (mixed && i % 5 == 2) r.params.repetition_penalty = 1.3f;
+    if (mixed && i % 7 == 3) r.params.frequency_penalty = 0.5f;
+    if (mixed && i == 9) r.logprobs = 2;
     reqs.push_back(r);
   }
   // Every fourth request stops at a token of its own greedy output.
@@ -217,6 +220,11 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
     CHECK(stats[m].requests_running == 0);
     CHECK(stats[m].requests_finished_total == reqs.size());
   }
+  CHECK_FALSE(stats["off"].async_steps);
+  CHECK(stats["on"].async_steps);
+  CHECK(stats["off"].discarded_tokens_total == 0);
+  // Each request that stopped early had its next token in flight already.
+  if (!mixed) CHECK(stats["on"].discarded_tokens_total == 5);
 }
 
 TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",
