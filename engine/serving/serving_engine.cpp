@@ -7,6 +7,7 @@
 #include <atomic>
 #include <climits>
 #include <condition_variable>
+#include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -68,6 +69,7 @@ struct ServingEngine::Impl {
     std::vector<int32_t> token_at;  // per chunk: where its sampled token goes in seq->tokens
     std::vector<uint8_t> at_floor;  // per chunk: over budget at the floor bits
     int32_t rows = 0;               // sampled rows
+    int32_t prompt_tokens = 0;      // tokens of its chunks of more than one token
   };
   void launch_ahead(StepPlan& plan, const StepBatch& batch);
   // Waits for the pending step's tokens and hands them out (finishing or retiring sequences).
@@ -99,6 +101,10 @@ struct ServingEngine::Impl {
   bool async = false;                  // options.async_steps resolved for the backend
   bool sample_in_backend = false;      // tokens picked by the backend (no logits copied back)
   std::optional<PendingStep> pending;
+  // A step in flight with at least this many prompt-chunk tokens is waited for before the next
+  // plan (run()). ~14 ms of prefill on an H200 at 8B; PMKV_ASYNC_DRAIN_PROMPT_TOKENS overrides
+  // it (0: always run ahead) for measurements.
+  int32_t drain_prompt_tokens = 512;
   // Sequences that ended while a step with them was in flight: out of the scheduler (pages, slot
   // and reservation given back at once: the backend runs steps in order, so a later step may
   // reuse the pages), kept alive until that step is processed.
@@ -178,6 +184,9 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
   async = options.async_steps == Async::kOn ||
           (options.async_steps == Async::kAuto && backend->samples_on_device());
   sample_in_backend = async || backend->samples_on_device();
+  if (const char* v = std::getenv("PMKV_ASYNC_DRAIN_PROMPT_TOKENS")) {
+    drain_prompt_tokens = std::atoi(v) > 0 ? std::atoi(v) : INT32_MAX;
+  }
   spdlog::info("engine: steps run {}", async ? "ahead (async_steps)" : "one at a time");
   budgets_source = options.kv.budget_file ? "file:" + options.kv.budget_file->string()
                    : budgets.empty()      ? "none"
@@ -274,10 +283,14 @@ std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
 void ServingEngine::Impl::run() {
   if (options.num_threads > 0) omp_set_num_threads(options.num_threads);  // per thread in OpenMP
   for (;;) {
-    if (take_inbox()) break;
-    bool worked = false;
+    bool worked = false, stop = false;
     try {
-      worked = step();
+      // A long step in flight (prompt chunks): wait for it before taking new requests, so those
+      // that arrive meanwhile make the next step. Running ahead would hide ~1 ms of host work
+      // behind it (a few percent of such a step) and plan them a whole step later.
+      if (pending && pending->prompt_tokens >= drain_prompt_tokens) process_pending();
+      stop = take_inbox();
+      if (!stop) worked = step();
     } catch (const std::exception& e) {
       // A bug outside one step's requests: end everything rather than spin on it.
       spdlog::error("engine: {}; ending every request", e.what());
@@ -287,6 +300,7 @@ void ServingEngine::Impl::run() {
                     Clock::now());
       }
     }
+    if (stop) break;
     publish(!worked);
     if (!worked) wait_for_work();
   }
@@ -475,6 +489,7 @@ void ServingEngine::Impl::launch_ahead(StepPlan& plan, const StepBatch& batch) {
   for (size_t k = 0; k < plan.chunks.size(); ++k) {
     Sequence& s = *plan.chunks[k].seq;
     ++s.in_flight;
+    if (plan.chunks[k].num_tokens > 1) next.prompt_tokens += plan.chunks[k].num_tokens;
     if (!plan.chunks[k].sample) continue;
     // The token is still on the device: a placeholder keeps the positions right.
     s.tokens.push_back(-1);

@@ -3,6 +3,7 @@
 // deadlines, both admission modes, preemption by recompute, the floor action, shutdown.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -177,14 +178,17 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
     reqs[i].params.stop_token_ids = {full[i][3 + i % 5]};
   std::map<std::string, std::vector<Outcome>> got;
   std::map<std::string, EngineStats> stats;
-  for (const auto mode : {EngineOptions::AsyncSteps::kOff, EngineOptions::AsyncSteps::kOn}) {
-    const std::string name = mode == EngineOptions::AsyncSteps::kOn ? "on" : "off";
-    g_steps = mode;
+  // "drain": run ahead, but wait for a step with 8 or more prompt-chunk tokens before planning
+  // the next (the default waits from 512).
+  for (const std::string name : {"off", "on", "drain"}) {
+    g_steps = name == "off" ? EngineOptions::AsyncSteps::kOff : EngineOptions::AsyncSteps::kOn;
+    if (name == "drain") setenv("PMKV_ASYNC_DRAIN_PROMPT_TOKENS", "8", 1);
     EngineOptions o = options();
     o.scheduler.max_step_tokens = 40;
     o.scheduler.prefill_chunk = 7;
     o.scheduler.max_running = 12;
     ServingEngine e(kModel, o);
+    unsetenv("PMKV_ASYNC_DRAIN_PROMPT_TOKENS");
     e.start();
     got[name] = run_all(e, reqs);
     stats[name] = settled(e, [&](const EngineStats& x) {
@@ -197,6 +201,8 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
   for (size_t i = 0; i < reqs.size(); ++i) {
     INFO("request " << i);
     const Outcome& a = got["off"][i];
+    CHECK(got["drain"][i].ids == a.ids);
+    CHECK(got["drain"][i].finish == a.finish);
     const Outcome& b = got["on"][i];
     CHECK(a.end == StreamEnd::kFinished);
     CHECK(b.end == a.end);
@@ -214,7 +220,7 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
     CHECK(std::equal(a.ids.begin(), a.ids.begin() + n, full[i].begin()));
   }
   CHECK(stopped_early == 5);
-  for (const char* m : {"off", "on"}) {
+  for (const char* m : {"off", "on", "drain"}) {
     INFO("async_steps " << m);
     CHECK(stats[m].kv.pages_used == 0);
     CHECK(stats[m].requests_running == 0);
