@@ -427,8 +427,10 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
   // The engine's async_steps: step N + 1 is built and launched before step N's tokens reach the
   // host; its decode rows take step N's tokens on the device (token_src). Against the same steps
   // one at a time (forward_sample, tokens fed back by the host), the tokens must be identical:
-  // same launches, same inputs. A 4-bit budget brings flushes and demotions; graphs are on; two of
-  // the four sequences sample seeded at temperature 0.8.
+  // same launches, same inputs. A 4-bit budget brings flushes and demotions; decode steps replay
+  // graphs; a fifth sequence joins with its whole prompt in a step of decodes (an eager step whose
+  // decode rows gather), and the first one leaves later (the rows shift); two of the sequences
+  // sample seeded at temperature 0.8.
   const std::string model = GENERATE(as<std::string>{}, "llama_gqa_d64", "mistral_swa_d128");
   const fs::path dir = fixture(model);
   const ModelConfig cfg = parse_model_config(dir / "config.json");
@@ -442,74 +444,98 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
   greedy.temperature = 0;
   warm.temperature = 0.8f;
   warm.top_k = 50;
-  const int S = 4, kSteps = 160;
+  constexpr int kSeqs = 5, kSteps = 160, kJoin = 60, kLeave = 120;
+  const int start[kSeqs] = {0, 0, 0, 0, kJoin};  // the step of a sequence's prompt
   std::mt19937 rng(99);
-  std::vector<std::vector<int32_t>> prompts(S);
-  for (int s = 0; s < S; ++s) {
-    prompts[s].resize(12 + 9 * s);
-    for (auto& t : prompts[s])
+  std::vector<std::vector<int32_t>> prompts(kSeqs);
+  for (int q = 0; q < kSeqs; ++q) {
+    prompts[q].resize(12 + 9 * q);
+    for (auto& t : prompts[q])
       t = static_cast<int32_t>(rng() % cfg.vocab_size);
   }
-  auto rows_for = [&](int step) {
+  // The sequences of step t, in row order.
+  auto seqs_at = [&](int t) {
+    std::vector<int> out;
+    for (int q = 0; q < kSeqs; ++q) {
+      if (t >= start[q] && !(q == 0 && t >= kLeave)) out.push_back(q);
+    }
+    return out;
+  };
+  auto rows_for = [&](int t) {
     std::vector<DeviceSampling> rows;
-    for (int s = 0; s < S; ++s) {
-      rows.push_back({s % 2 ? &warm : &greedy,
-                      1000u + s,
-                      static_cast<uint64_t>(prompts[s].size() + step),
+    for (int q : seqs_at(t)) {
+      rows.push_back({q % 2 ? &warm : &greedy,
+                      1000u + q,
+                      static_cast<uint64_t>(prompts[q].size() + t - start[q]),
                       {},
                       {}});
     }
     return rows;
   };
-  auto prefill = [&](Runner& r) {
-    std::vector<SeqChunk> chunks;
-    for (int s = 0; s < S; ++s)
-      chunks.push_back({kv::SeqId(s), prompts[s], SeqChunk::Logits::kLast});
-    return *build_step(r.kv, chunks);
-  };
-  // One at a time.
-  std::vector<std::vector<int32_t>> want(kSteps + 1, std::vector<int32_t>(S));
-  {
-    StepBatch b = prefill(sync);
-    sync.backend->forward_sample(b, rows_for(0), want[0]);
-    sync.kv.end_step();
-    for (int t = 1; t <= kSteps; ++t) {
+  // want/got[t][q]: the token sequence q sampled at step t.
+  std::vector<std::vector<int32_t>> want(kSteps + 1, std::vector<int32_t>(kSeqs, -7));
+  std::vector<std::vector<int32_t>> got = want;
+  const int32_t placeholder = -1;
+  for (const bool run_ahead : {false, true}) {
+    Runner& r = run_ahead ? ahead : sync;
+    auto& out = run_ahead ? got : want;
+    std::vector<int> in_flight_steps;  // steps launched, not waited for (ahead)
+    auto wait_one = [&] {
+      const int t = in_flight_steps.front();
+      in_flight_steps.erase(in_flight_steps.begin());
+      const std::vector<int> qs = seqs_at(t);
+      std::vector<int32_t> toks(qs.size());
+      r.backend->wait_sampled(toks);
+      for (size_t i = 0; i < qs.size(); ++i)
+        out[t][qs[i]] = toks[i];
+    };
+    for (int t = 0; t <= kSteps; ++t) {
+      const std::vector<int> qs = seqs_at(t);
       std::vector<SeqChunk> chunks;
-      for (int s = 0; s < S; ++s)
-        chunks.push_back({kv::SeqId(s), std::span(&want[t - 1][s], 1), SeqChunk::Logits::kLast});
-      auto d = build_step(sync.kv, chunks);
-      REQUIRE(d.has_value());
-      sync.backend->forward_sample(*d, rows_for(t), want[t]);
-      sync.kv.end_step();
-    }
-  }
-  // Ahead: launch step t, then wait for step t - 1.
-  std::vector<std::vector<int32_t>> got(kSteps + 1, std::vector<int32_t>(S, -7));
-  {
-    StepBatch b = prefill(ahead);
-    ahead.backend->launch_sample(b, rows_for(0));
-    ahead.kv.end_step();
-    const std::vector<int32_t> placeholder(S, -1);
-    for (int t = 1; t <= kSteps; ++t) {
-      std::vector<SeqChunk> chunks;
-      for (int s = 0; s < S; ++s)
-        chunks.push_back({kv::SeqId(s), std::span(&placeholder[s], 1), SeqChunk::Logits::kLast});
-      auto d = build_step(ahead.kv, chunks);
-      REQUIRE(d.has_value());
-      d->token_src = {0, 1, 2, 3};  // row s's token: row s of the step before
-      ahead.backend->launch_sample(*d, rows_for(t));
-      ahead.kv.end_step();
-      if (t == 1) {
-        // Two in flight: a third launch, or the host-logits path, is refused.
-        std::vector<float> logits(S * cfg.vocab_size);
-        CHECK_THROWS_AS(ahead.backend->forward(*d, logits), std::logic_error);
-        CHECK_THROWS_AS(ahead.backend->launch_sample(*d, rows_for(t)), std::logic_error);
+      std::vector<int32_t> src;
+      for (int q : qs) {
+        if (t == start[q]) {
+          chunks.push_back({kv::SeqId(q), prompts[q], SeqChunk::Logits::kLast});
+          src.insert(src.end(), prompts[q].size(), -1);
+        } else if (!run_ahead) {
+          chunks.push_back({kv::SeqId(q), std::span(&out[t - 1][q], 1), SeqChunk::Logits::kLast});
+        } else {
+          chunks.push_back({kv::SeqId(q), std::span(&placeholder, 1), SeqChunk::Logits::kLast});
+          const std::vector<int> prev = seqs_at(t - 1);
+          src.push_back(
+              static_cast<int32_t>(std::find(prev.begin(), prev.end(), q) - prev.begin()));
+        }
       }
-      ahead.backend->wait_sampled(got[t - 1]);
+      auto b = build_step(r.kv, chunks);
+      REQUIRE(b.has_value());
+      if (!run_ahead) {
+        std::vector<int32_t> toks(qs.size());
+        r.backend->forward_sample(*b, rows_for(t), toks);
+        for (size_t i = 0; i < qs.size(); ++i)
+          out[t][qs[i]] = toks[i];
+        r.kv.end_step();
+      } else {
+        if (t > 0) b->token_src = src;
+        r.backend->launch_sample(*b, rows_for(t));
+        r.kv.end_step();
+        in_flight_steps.push_back(t);
+        if (t == 1) {
+          // Two in flight: a third launch, or the host-logits path, is refused.
+          std::vector<float> logits(b->logit_rows.size() * cfg.vocab_size);
+          CHECK_THROWS_AS(r.backend->forward(*b, logits), std::logic_error);
+          CHECK_THROWS_AS(r.backend->launch_sample(*b, rows_for(t)), std::logic_error);
+        }
+        if (in_flight_steps.size() == 2) wait_one();
+      }
+      // The first sequence leaves after step kLeave - 1 (ahead: while that step may still run).
+      if (t == kLeave - 1) r.kv.release(0);
     }
-    ahead.backend->wait_sampled(got[kSteps]);
-    std::vector<int32_t> none(S);
-    CHECK_THROWS_AS(ahead.backend->wait_sampled(none), std::logic_error);
+    while (!in_flight_steps.empty())
+      wait_one();
+    if (run_ahead) {
+      std::vector<int32_t> none(1);
+      CHECK_THROWS_AS(r.backend->wait_sampled(none), std::logic_error);
+    }
   }
   int differ = 0;
   for (int t = 0; t <= kSteps; ++t)
@@ -519,10 +545,12 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
              << "; layer 0 pages by bits 16/8/4/2: " << l0.pages_by_bits[0] << "/"
              << l0.pages_by_bits[1] << "/" << l0.pages_by_bits[2] << "/" << l0.pages_by_bits[3]);
   CHECK(differ == 0);
+  CHECK(want[kJoin][4] >= 0);
+  CHECK(want[kSteps][0] == -7);  // gone
   CHECK(ahead.kv.pool_stats().demotions_total > 0);
   for (Runner* r : {&sync, &ahead}) {
-    for (int s = 0; s < S; ++s)
-      r->kv.release(kv::SeqId(s));
+    for (int q = 1; q < kSeqs; ++q)
+      r->kv.release(kv::SeqId(q));
     CHECK(r->kv.pool().num_used() == 0);
   }
 }
