@@ -137,12 +137,17 @@ double median(std::vector<double> v) {
 
 // Runs one step of `chunks` with greedy sampling on the device (the engine's path: no logits
 // copied back); returns its wall time and each chunk's token in `tokens`.
-double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t>& tokens) {
+const SamplingParams& greedy_params() {
   static const SamplingParams greedy = [] {
     SamplingParams p;
     p.temperature = 0;
     return p;
   }();
+  return greedy;
+}
+
+double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t>& tokens) {
+  const SamplingParams& greedy = greedy_params();
   const auto t0 = Clock::now();
   // One StepBatch reused from step to step, as the serving engine's scheduler does.
   if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
@@ -155,6 +160,38 @@ double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t
   g_forward_seconds = seconds_since(t1);
   e.kv->end_step();
   return seconds_since(t0);
+}
+
+// `steps` decode steps of `chunks` (one token each) run ahead, as the engine's async_steps does:
+// step i + 1 is built and launched before step i's tokens are read, and from the second step on
+// row r takes the token step i sampled in row r on the device (token_src). Returns each step's
+// time, the interval between consecutive completions as the host sees them; `build` and `prepare`
+// get each step's host parts.
+std::vector<double> run_steps_ahead(Engine& e, std::span<const SeqChunk> chunks, int32_t steps,
+                                    std::vector<double>* build, std::vector<double>* prepare) {
+  const std::vector<DeviceSampling> rows(chunks.size(),
+                                         DeviceSampling{&greedy_params(), 0, 0, {}, {}});
+  std::vector<int32_t> src(chunks.size()), out(chunks.size());
+  for (size_t r = 0; r < src.size(); ++r)
+    src[r] = static_cast<int32_t>(r);
+  std::vector<double> t;
+  auto last = Clock::now();
+  for (int32_t i = 0; i <= steps; ++i) {
+    if (i < steps) {
+      const auto t0 = Clock::now();
+      if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
+      if (i > 0) e.batch.token_src = src;
+      if (build) build->push_back(seconds_since(t0));
+      e.backend->launch_sample(e.batch, rows);
+      if (prepare) prepare->push_back(e.backend->last_prepare_seconds());
+      e.kv->end_step();
+    }
+    if (i > 0) e.backend->wait_sampled(out);
+    const auto now = Clock::now();
+    if (i > 0) t.push_back(std::chrono::duration<double>(now - last).count());
+    last = now;
+  }
+  return t;
 }
 
 nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_tps) {
@@ -194,32 +231,9 @@ nlohmann::json bench_batch1(const Setup& st, int32_t steps, double weight_floor_
       tok = out[0];
     }
   } else {
-    // Steps run ahead (see bench_throughput): a token's time is the interval between completions.
-    static const SamplingParams greedy = [] {
-      SamplingParams p;
-      p.temperature = 0;
-      return p;
-    }();
-    const std::vector<DeviceSampling> rows(1, DeviceSampling{&greedy, 0, 0, {}, {}});
-    auto last = Clock::now();
-    for (int32_t i = 0; i <= steps; ++i) {
-      if (i < steps) {
-        SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
-        if (!build_step(*e.kv, {&d, 1}, e.batch)) throw std::runtime_error("KV pool exhausted");
-        e.batch.token_src = {0};
-        e.backend->launch_sample(e.batch, rows);
-        e.kv->end_step();
-      }
-      if (i > 0) {
-        e.backend->wait_sampled(out);
-        const auto now = Clock::now();
-        t.push_back(std::chrono::duration<double>(now - last).count());
-        fwd.push_back(t.back());
-        last = now;
-      } else {
-        last = Clock::now();
-      }
-    }
+    SeqChunk d{1, std::span<const int32_t>(&tok, 1)};
+    t = run_steps_ahead(e, {&d, 1}, steps, nullptr, nullptr);
+    fwd = t;
   }
 #ifdef PMKV_DECODE_TRACE
   {
@@ -420,43 +434,10 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
         toks[s] = out[s];
     }
   } else {
-    // The engine's async_steps: step i + 1 is built and launched while step i runs, its rows'
-    // tokens taken on the device from step i's (token_src); a step's time is the interval between
-    // consecutive completions as the host sees them.
-    static const SamplingParams greedy = [] {
-      SamplingParams p;
-      p.temperature = 0;
-      return p;
-    }();
-    const std::vector<DeviceSampling> rows(batch, DeviceSampling{&greedy, 0, 0, {}, {}});
-    std::vector<int32_t> src(batch);
-    for (int64_t s = 0; s < batch; ++s)
-      src[s] = static_cast<int32_t>(s);
-    out.resize(batch);
-    auto last = Clock::now();
-    for (int32_t i = 0; i <= steps; ++i) {
-      if (i < steps) {
-        const auto t0 = Clock::now();
-        if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
-        if (i > 0) e.batch.token_src = src;
-        build.push_back(seconds_since(t0));
-        e.backend->launch_sample(e.batch, rows);
-        prepare.push_back(e.backend->last_prepare_seconds());
-        e.kv->end_step();
-      }
-      if (i > 0) {
-        e.backend->wait_sampled(out);
-        const auto now = Clock::now();
-        t.push_back(std::chrono::duration<double>(now - last).count());
-        fwd.push_back(t.back());
-        last = now;
-      } else {
-        last = Clock::now();
-      }
-    }
-    // The first interval includes the pipeline's fill (step 0 ran alone): drop it with the
-    // warm-up steps below like any other.
+    t = run_steps_ahead(e, chunks, steps, &build, &prepare);
+    fwd = t;
   }
+
   const kv::KvPoolStats ps = e.kv->pool_stats();
   for (int64_t s = 0; s < batch; ++s)
     e.kv->release(static_cast<kv::SeqId>(s + 1));

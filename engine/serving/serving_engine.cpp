@@ -71,7 +71,8 @@ struct ServingEngine::Impl {
     int32_t rows = 0;               // sampled rows
     int32_t prompt_tokens = 0;      // tokens of its chunks of more than one token
   };
-  void launch_ahead(StepPlan& plan, const StepBatch& batch);
+  void launch_ahead(StepPlan& plan);              // builds and launches; the step becomes `pending`
+  void fill_sampling_rows(const StepPlan& plan);  // the plan's sampled chunks -> sampling_rows
   // Waits for the pending step's tokens and hands them out (finishing or retiring sequences).
   void process_pending();
   // Whether the next plan needs the host to know every token first (see step()).
@@ -407,16 +408,7 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
     if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
   }
   if (async && on_device) {
-    const StepBatch* built = nullptr;
-    try {
-      built = &scheduler->build(plan);
-    } catch (const std::exception& e) {
-      scheduler->end_step();
-      spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
-      abandon_in_flight(&plan, std::string("internal error: ") + e.what());
-      return;
-    }
-    launch_ahead(plan, *built);
+    launch_ahead(plan);
     return;
   }
   // A step that samples on the host runs alone: must_drain() emptied the pipeline before this
@@ -428,17 +420,8 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
     const StepBatch& batch = *built;
     // Sampling in the backend (no logits copied back) unless a request wants logprobs.
     device_tokens.clear();
-    for (const ScheduledChunk& c : plan.chunks) {
-      if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
-    }
     if (on_device) {
-      sampling_rows.clear();
-      for (const ScheduledChunk& c : plan.chunks) {
-        if (!c.sample) continue;
-        const Sequence& s = *c.seq;
-        sampling_rows.push_back(
-            {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
-      }
+      fill_sampling_rows(plan);
       device_tokens.resize(sampling_rows.size());
       backend->forward_sample(batch, sampling_rows, device_tokens);
     } else {
@@ -460,19 +443,25 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
   process_outputs(plan, *built);
 }
 
-void ServingEngine::Impl::launch_ahead(StepPlan& plan, const StepBatch& batch) {
+void ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan) {
+  sampling_rows.clear();
+  for (const ScheduledChunk& c : plan.chunks) {
+    if (!c.sample) continue;
+    const Sequence& s = *c.seq;
+    // The token count includes a placeholder (its draw comes after the token in flight);
+    // output() holds one only where no penalty reads it (must_drain()).
+    sampling_rows.push_back(
+        {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
+  }
+}
+
+void ServingEngine::Impl::launch_ahead(StepPlan& plan) {
   PendingStep next;
+  const StepBatch* built = nullptr;
   try {
-    sampling_rows.clear();
-    for (const ScheduledChunk& c : plan.chunks) {
-      if (!c.sample) continue;
-      const Sequence& s = *c.seq;
-      // output() is complete here unless a placeholder is in it, and then no penalty reads it
-      // (must_drain()).
-      sampling_rows.push_back(
-          {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
-    }
-    backend->launch_sample(batch, sampling_rows);
+    built = &scheduler->build(plan);
+    fill_sampling_rows(plan);
+    backend->launch_sample(*built, sampling_rows);
   } catch (const std::exception& e) {
     scheduler->end_step();
     spdlog::error("engine: a step of {} requests failed: {}", plan.chunks.size(), e.what());
@@ -483,7 +472,7 @@ void ServingEngine::Impl::launch_ahead(StepPlan& plan, const StepBatch& batch) {
   scheduler->commit(plan);
   ++metrics.steps;
   next.at_floor.assign(plan.chunks.size(), 0);
-  for (int32_t k : batch.over_budget)
+  for (int32_t k : built->over_budget)
     next.at_floor[k] = 1;
   next.token_at.assign(plan.chunks.size(), -1);
   for (size_t k = 0; k < plan.chunks.size(); ++k) {
