@@ -63,6 +63,9 @@ struct ServingEngine::Impl {
   bool step();
   void run_plan(StepPlan& plan);
   void process_outputs(const StepPlan& plan, const StepBatch& batch);
+  // A step's pick for one sequence -> its stream (floor action, or token, text, stop check);
+  // true when the sequence has ended (an error inside ends it too).
+  bool hand_out(Sequence& s, OutputProcessor::Pick pick, bool at_floor, Clock::time_point now);
   // Steps run ahead (options.async_steps): a launched step whose tokens are not processed yet.
   struct PendingStep {
     StepPlan plan;
@@ -518,18 +521,7 @@ void ServingEngine::Impl::process_pending() {
       if (s.in_flight == 0) bury(s);
       continue;
     }
-    bool done = true;
-    try {
-      if (p.at_floor[k]) {
-        outputs.on_floor(s, pick, now);
-      } else {
-        done = !pick.empty() && outputs.on_logits(s, pick, now);
-      }
-    } catch (const std::exception& e) {
-      spdlog::error("request {}: {}", s.request.request_id, e.what());
-      outputs.end(s, StreamEnd::kError, std::string("internal error: ") + e.what(), now);
-    }
-    if (!done) continue;
+    if (!hand_out(s, pick, p.at_floor[k] != 0, now)) continue;
     if (s.in_flight > 0) {
       retire(s);  // the next step computes one more token for it; thrown away
     } else {
@@ -576,6 +568,21 @@ void ServingEngine::Impl::bury(Sequence& s) {
   zombies.erase(it);
 }
 
+bool ServingEngine::Impl::hand_out(Sequence& s, OutputProcessor::Pick pick, bool at_floor,
+                                   Clock::time_point now) {
+  try {
+    if (at_floor) {
+      outputs.on_floor(s, pick, now);
+      return true;
+    }
+    return !pick.empty() && outputs.on_logits(s, pick, now);
+  } catch (const std::exception& e) {
+    spdlog::error("request {}: {}", s.request.request_id, e.what());
+    outputs.end(s, StreamEnd::kError, std::string("internal error: ") + e.what(), now);
+    return true;
+  }
+}
+
 void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch& batch) {
   const Clock::time_point now = Clock::now();
   const size_t vocab = static_cast<size_t>(model.config.vocab_size);
@@ -594,18 +601,7 @@ void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch&
         pick.token = device_tokens[r];
       }
     }
-    bool done = true;
-    try {
-      if (at_floor[k]) {
-        outputs.on_floor(s, pick, now);
-      } else {
-        done = !pick.empty() && outputs.on_logits(s, pick, now);
-      }
-    } catch (const std::exception& e) {
-      spdlog::error("request {}: {}", s.request.request_id, e.what());
-      outputs.end(s, StreamEnd::kError, std::string("internal error: ") + e.what(), now);
-    }
-    if (done) scheduler->finish(&s);
+    if (hand_out(s, pick, at_floor[k] != 0, now)) scheduler->finish(&s);
   }
 }
 
