@@ -52,6 +52,7 @@ async def one_request(client, args, index):
     stream = await client.completions.create(
         model=args.model, prompt=prompt_of(args), max_tokens=args.max_tokens,
         temperature=args.temperature, seed=index, stream=True,
+        presence_penalty=args.presence_penalty,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True} if args.ignore_eos else None)
     async for chunk in stream:
@@ -151,6 +152,7 @@ def main():
     p.add_argument("--prompt-ids", type=int, default=0,
                    help="send a prompt of this many token ids instead (models without a tokenizer)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly --max-tokens tokens (default on)")
     p.add_argument("--timeout", type=float, default=600)

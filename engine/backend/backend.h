@@ -24,6 +24,10 @@ struct DeviceSampling {
   uint64_t sampled = 0;
   std::span<const int32_t> prompt_ids;
   std::span<const int32_t> output_ids;
+  // Steps run ahead (launch_sample): >= 0 when the sequence's newest generated token is not in
+  // output_ids because the host has not seen it; it is the step's input token of row
+  // last_token_row (a token_src row), and the penalties count it.
+  int32_t last_token_row = -1;
 };
 
 class Backend {

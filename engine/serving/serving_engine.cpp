@@ -74,8 +74,9 @@ struct ServingEngine::Impl {
     int32_t rows = 0;               // sampled rows
     int32_t prompt_tokens = 0;      // tokens of its chunks of more than one token
   };
-  void launch_ahead(StepPlan& plan);              // builds and launches; the step becomes `pending`
-  void fill_sampling_rows(const StepPlan& plan);  // the plan's sampled chunks -> sampling_rows
+  void launch_ahead(StepPlan& plan);  // builds and launches; the step becomes `pending`
+  // The plan's sampled chunks -> sampling_rows.
+  void fill_sampling_rows(const StepPlan& plan, const StepBatch& batch);
   // Waits for the pending step's tokens and hands them out (finishing or retiring sequences).
   void process_pending();
   // Whether the next plan needs the host to know every token first (see step()).
@@ -360,14 +361,11 @@ bool ServingEngine::Impl::ends_stream(Sequence& s) {
 }
 
 bool ServingEngine::Impl::must_drain() const {
-  // Logprobs need the logits on the host (a step of its own); penalties need every generated
-  // token in the history; starvation may preempt or reject, which must not meet a token in flight.
-  return scheduler->any_of([](const Sequence& s) {
-    const SamplingParams& p = s.request.params;
-    const bool penalties =
-        p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
-    return s.request.logprobs >= 0 || (penalties && s.placeholder_at >= 0);
-  }) || scheduler->would_starve();
+  // Logprobs need the logits on the host (a step of its own); starvation may preempt or reject,
+  // which must not meet a token in flight. (Penalties do not: the backend counts the token in
+  // flight, DeviceSampling::last_token_row.)
+  return scheduler->any_of([](const Sequence& s) { return s.request.logprobs >= 0; }) ||
+         scheduler->would_starve();
 }
 
 bool ServingEngine::Impl::step() {
@@ -424,7 +422,7 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
     // Sampling in the backend (no logits copied back) unless a request wants logprobs.
     device_tokens.clear();
     if (on_device) {
-      fill_sampling_rows(plan);
+      fill_sampling_rows(plan, batch);
       device_tokens.resize(sampling_rows.size());
       backend->forward_sample(batch, sampling_rows, device_tokens);
     } else {
@@ -446,15 +444,21 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
   process_outputs(plan, *built);
 }
 
-void ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan) {
+void ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan, const StepBatch& batch) {
   sampling_rows.clear();
-  for (const ScheduledChunk& c : plan.chunks) {
+  for (size_t k = 0; k < plan.chunks.size(); ++k) {
+    const ScheduledChunk& c = plan.chunks[k];
     if (!c.sample) continue;
     const Sequence& s = *c.seq;
-    // The token count includes a placeholder (its draw comes after the token in flight);
-    // output() holds one only where no penalty reads it (must_drain()).
-    sampling_rows.push_back(
-        {&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()});
+    // The token count includes a placeholder (its draw comes after the token in flight). The
+    // placeholder, always the last token, stays out of the history: the backend takes that token
+    // from this step's row that reads it (a token_src row).
+    DeviceSampling d{&s.request.params, s.sampler.seed(), s.tokens.size(), s.prompt(), s.output()};
+    if (s.placeholder_at >= 0) {
+      d.output_ids = d.output_ids.first(d.output_ids.size() - 1);
+      d.last_token_row = batch.seq_starts[k] + (s.placeholder_at - s.num_computed);
+    }
+    sampling_rows.push_back(d);
   }
 }
 
@@ -463,7 +467,7 @@ void ServingEngine::Impl::launch_ahead(StepPlan& plan) {
   const StepBatch* built = nullptr;
   try {
     built = &scheduler->build(plan);
-    fill_sampling_rows(plan);
+    fill_sampling_rows(plan, *built);
     backend->launch_sample(*built, sampling_rows);
   } catch (const std::exception& e) {
     scheduler->end_step();

@@ -64,6 +64,7 @@ struct Smem {
   uint32_t sel_bin;
   int32_t cross_owner;
   int32_t cross_found;
+  int32_t last_in_hist;  // the row's unseen newest token has a history entry (penalties)
   float uniform;
 };
 
@@ -304,18 +305,29 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   if (p.hist_starts != nullptr && (do_rep || do_freq_pres)) {
     const int32_t begin = p.hist_starts[row];
     const int32_t end = p.hist_starts[row + 1];
-    for (int32_t j = begin + tid; j < end; j += kThreads) {
-      const int32_t id = p.hist_ids[j];
-      const int32_t count = p.hist_output_counts[j];
+    // The newest token when the host has not seen it (hist_last_row): its count is one more than
+    // its entry's, or it is a new output token; the same expressions as a history holding it.
+    const int32_t last = p.hist_last_row != nullptr && p.hist_last_row[row] >= 0
+                             ? p.tokens[p.hist_last_row[row]]
+                             : -1;
+    auto penalize = [&](int32_t id, int32_t count, bool in_prompt) {
       float l = logits[id];
-      if (do_rep && (p.hist_in_prompt[j] != 0 || count > 0))
-        l = l > 0.0f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
+      if (do_rep && (in_prompt || count > 0)) l = l > 0.0f ? __fdiv_rn(l, rep) : __fmul_rn(l, rep);
       if (do_freq_pres && count > 0) {
         l = __fsub_rn(l, __fmul_rn(freq, static_cast<float>(count)));
         l = __fsub_rn(l, pres);
       }
       logits[id] = l;
+    };
+    if (tid == 0) s.last_in_hist = 0;
+    __syncthreads();
+    for (int32_t j = begin + tid; j < end; j += kThreads) {
+      const int32_t id = p.hist_ids[j];
+      if (id == last) s.last_in_hist = 1;
+      penalize(id, p.hist_output_counts[j] + (id == last ? 1 : 0), p.hist_in_prompt[j] != 0);
     }
+    __syncthreads();
+    if (tid == 0 && last >= 0 && last < vocab && s.last_in_hist == 0) penalize(last, 1, false);
     __syncthreads();  // makes the writes visible to the threads that read those logits below
   }
 
@@ -480,6 +492,7 @@ cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream) {
        launch.hist_in_prompt == nullptr)) {
     return cudaErrorInvalidValue;
   }
+  if (launch.hist_last_row != nullptr && launch.tokens == nullptr) return cudaErrorInvalidValue;
   sampling_kernel<<<launch.rows, kThreads, 0, stream>>>(launch);
   return cudaGetLastError();
 }

@@ -46,7 +46,12 @@ struct SamplingLaunch {
   const int32_t* hist_ids = nullptr;            // [hist_starts[rows]], in [0, vocab)
   const int32_t* hist_output_counts = nullptr;  // [hist_starts[rows]]
   const uint8_t* hist_in_prompt = nullptr;      // [hist_starts[rows]], 0 or 1
-  int32_t* out_tokens = nullptr;                // device [rows]
+  // Steps run ahead: a row's newest generated token may not be in its history yet (the host has
+  // not seen it). hist_last_row[r] >= 0 says it is tokens[hist_last_row[r]], one more output
+  // occurrence on top of the CSR entries; -1: none. Both null: no such row.
+  const int32_t* hist_last_row = nullptr;  // [rows]
+  const int32_t* tokens = nullptr;         // the step's input token ids
+  int32_t* out_tokens = nullptr;           // device [rows]
   void* workspace = nullptr;  // sampling_workspace_bytes(rows, vocab) bytes (may be nullptr if 0)
   int64_t workspace_bytes = 0;
 };

@@ -440,10 +440,14 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
   kc.uniform_bits = 4;
   kc.uniform_max_len = 256;
   Runner sync(cfg, w, Device::kCuda, kc, 4096), ahead(cfg, w, Device::kCuda, kc, 4096);
-  SamplingParams greedy, warm;
+  SamplingParams greedy, warm, penalized;
   greedy.temperature = 0;
   warm.temperature = 0.8f;
   warm.top_k = 50;
+  penalized.temperature = 0;
+  penalized.repetition_penalty = 1.3f;
+  penalized.frequency_penalty = 0.5f;
+  penalized.presence_penalty = 0.4f;
   constexpr int kSeqs = 5, kSteps = 160, kJoin = 60, kLeave = 120;
   const int start[kSeqs] = {0, 0, 0, 0, kJoin};  // the step of a sequence's prompt
   std::mt19937 rng(99);
@@ -461,20 +465,36 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
     }
     return out;
   };
-  auto rows_for = [&](int t) {
-    std::vector<DeviceSampling> rows;
-    for (int q : seqs_at(t)) {
-      rows.push_back({q % 2 ? &warm : &greedy,
-                      1000u + q,
-                      static_cast<uint64_t>(prompts[q].size() + t - start[q]),
-                      {},
-                      {}});
-    }
-    return rows;
-  };
   // want/got[t][q]: the token sequence q sampled at step t.
   std::vector<std::vector<int32_t>> want(kSteps + 1, std::vector<int32_t>(kSeqs, -7));
   std::vector<std::vector<int32_t>> got = want;
+  // Sequences 2 and 4 decode greedily with repetition, frequency and presence penalties over
+  // their history. One at a time, the history holds every token sampled before step t; ahead,
+  // the host knows them up to step t - 2 and step t - 1's is this step's input token in the
+  // sequence's row (DeviceSampling::last_token_row).
+  auto rows_for = [&](int t, bool ahead, const std::vector<int32_t>& row_of,
+                      std::vector<std::vector<int32_t>>& hist) {
+    std::vector<DeviceSampling> rows;
+    for (int q : seqs_at(t)) {
+      DeviceSampling d{q % 2 ? &warm : &greedy,
+                       1000u + q,
+                       static_cast<uint64_t>(prompts[q].size() + t - start[q]),
+                       {},
+                       {}};
+      if (q == 2 || q == 4) {
+        d.params = &penalized;
+        const int known_end = ahead && t > start[q] ? t - 1 : t;  // steps [start, known_end)
+        hist[q].clear();
+        for (int u = start[q]; u < known_end; ++u)
+          hist[q].push_back((ahead ? got : want)[u][q]);
+        d.prompt_ids = prompts[q];
+        d.output_ids = hist[q];
+        if (known_end < t) d.last_token_row = row_of[q];
+      }
+      rows.push_back(d);
+    }
+    return rows;
+  };
   const int32_t placeholder = -1;
   for (const bool run_ahead : {false, true}) {
     Runner& r = run_ahead ? ahead : sync;
@@ -492,8 +512,12 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
     for (int t = 0; t <= kSteps; ++t) {
       const std::vector<int> qs = seqs_at(t);
       std::vector<SeqChunk> chunks;
-      std::vector<int32_t> src;
+      std::vector<int32_t> src, row_of(kSeqs, -1);
+      std::vector<std::vector<int32_t>> hist(kSeqs);
+      int32_t rows_so_far = 0;
       for (int q : qs) {
+        row_of[q] = rows_so_far;
+        rows_so_far += t == start[q] ? static_cast<int32_t>(prompts[q].size()) : 1;
         if (t == start[q]) {
           chunks.push_back({kv::SeqId(q), prompts[q], SeqChunk::Logits::kLast});
           src.insert(src.end(), prompts[q].size(), -1);
@@ -510,20 +534,21 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
       REQUIRE(b.has_value());
       if (!run_ahead) {
         std::vector<int32_t> toks(qs.size());
-        r.backend->forward_sample(*b, rows_for(t), toks);
+        r.backend->forward_sample(*b, rows_for(t, false, row_of, hist), toks);
         for (size_t i = 0; i < qs.size(); ++i)
           out[t][qs[i]] = toks[i];
         r.kv.end_step();
       } else {
         if (t > 0) b->token_src = src;
-        r.backend->launch_sample(*b, rows_for(t));
+        r.backend->launch_sample(*b, rows_for(t, true, row_of, hist));
         r.kv.end_step();
         in_flight_steps.push_back(t);
         if (t == 1) {
           // Two in flight: a third launch, or the host-logits path, is refused.
           std::vector<float> logits(b->logit_rows.size() * cfg.vocab_size);
           CHECK_THROWS_AS(r.backend->forward(*b, logits), std::logic_error);
-          CHECK_THROWS_AS(r.backend->launch_sample(*b, rows_for(t)), std::logic_error);
+          CHECK_THROWS_AS(r.backend->launch_sample(*b, rows_for(t, true, row_of, hist)),
+                          std::logic_error);
         }
         if (in_flight_steps.size() == 2) wait_one();
       }

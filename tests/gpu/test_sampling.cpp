@@ -48,6 +48,9 @@ struct Batch {
   std::vector<uint64_t> offsets;
   std::vector<History> hist;
   bool pass_history = true;  // false: hist_starts = nullptr (only when no row has a penalty)
+  // Steps run ahead: each row's last output token stays out of the CSR and comes through
+  // hist_last_row instead (rows without output: -1).
+  bool last_on_device = false;
 
   int32_t rows() const { return static_cast<int32_t>(params.size()); }
   std::span<const float> row(int32_t r) const {
@@ -91,12 +94,19 @@ GpuOut run_gpu(const Batch& b) {
   std::vector<int32_t> ids;
   std::vector<int32_t> counts;
   std::vector<uint8_t> in_prompt;
+  std::vector<int32_t> last_rows(rows, -1), step_tokens = {7};  // (never empty)
   for (int32_t r = 0; r < rows; ++r) {
     prm[r] = to_row(b.params[r], b.seeds[r], b.offsets[r]);
     std::map<int32_t, std::pair<int32_t, uint8_t>> distinct;  // id -> (output count, in prompt)
     for (int32_t id : b.hist[r].prompt)
       distinct[id].second = 1;
-    for (int32_t id : b.hist[r].output)
+    std::span<const int32_t> output = b.hist[r].output;
+    if (b.last_on_device && !output.empty()) {
+      last_rows[r] = static_cast<int32_t>(step_tokens.size());
+      step_tokens.push_back(output.back());
+      output = output.first(output.size() - 1);
+    }
+    for (int32_t id : output)
       ++distinct[id].first;
     for (const auto& [id, e] : distinct) {
       ids.push_back(id);
@@ -113,6 +123,9 @@ GpuOut run_gpu(const Batch& b) {
   DeviceBuffer<float> d_logits;
   DeviceBuffer<kernels::SamplingRow> d_params;
   DeviceBuffer<int32_t> d_starts, d_ids, d_counts, d_out(static_cast<size_t>(rows));
+  DeviceBuffer<int32_t> d_last_rows, d_step_tokens;
+  CUDA_REQUIRE(d_last_rows.upload(last_rows));
+  CUDA_REQUIRE(d_step_tokens.upload(step_tokens));
   DeviceBuffer<uint8_t> d_in_prompt;
   CUDA_REQUIRE(d_logits.upload(b.logits));
   CUDA_REQUIRE(d_params.upload(prm));
@@ -135,6 +148,10 @@ GpuOut run_gpu(const Batch& b) {
     l.hist_ids = d_ids.get();
     l.hist_output_counts = d_counts.get();
     l.hist_in_prompt = d_in_prompt.get();
+    if (b.last_on_device) {
+      l.hist_last_row = d_last_rows.get();
+      l.tokens = d_step_tokens.get();
+    }
   }
   l.out_tokens = d_out.get();
   l.workspace = d_ws.get();
@@ -525,6 +542,50 @@ void check_distribution(const std::vector<float>& l, const SamplingParams& p, co
 }
 
 }  // namespace
+
+TEST_CASE("gpu sampling: a newest token kept out of the history (steps run ahead) counts the same",
+          "[gpu][sampling]") {
+  // The engine's async_steps: the host builds the penalty history without the token still in
+  // flight and the kernel adds it from the step's input tokens (hist_last_row). The rewritten
+  // logits and the tokens must be those of the full history, bit for bit: the same IEEE
+  // operations on the same counts. Every row has penalties here; their last token is sometimes
+  // new, sometimes repeated, sometimes a prompt token.
+  std::mt19937 rng(gputest::test_seed("sampling_last"));
+  int repeated = 0, fresh = 0;
+  for (const int32_t vocab : {33, 1000, 32000, 131072}) {
+    for (int bi = 0; bi < 3; ++bi) {
+      Batch b;
+      b.vocab = vocab;
+      const int32_t rows = vocab >= 100000 ? 12 : 32;
+      for (int32_t r = 0; r < rows; ++r) {
+        const std::vector<float> l = random_logits(vocab, rng);
+        SamplingParams p = random_params(vocab, rng);
+        if (!has_penalty(p)) p.frequency_penalty = 0.25f;
+        History h = random_history(l, rng);
+        if (r % 4 == 0) h.output.clear();  // no output yet: nothing kept out
+        if (r % 4 == 1 && !h.output.empty()) h.output.push_back(h.output.front());  // repeated
+        if (r % 4 == 2 && !h.prompt.empty()) h.output.push_back(h.prompt.back());   // a prompt id
+        if (!h.output.empty()) {
+          const bool seen = std::count(h.output.begin(), h.output.end(), h.output.back()) > 1;
+          (seen ? repeated : fresh) += 1;
+        }
+        b.add_row(l, p, (static_cast<uint64_t>(rng()) << 32) | rng(), rng() % 100000, std::move(h));
+      }
+      INFO("vocab " << vocab << " batch " << bi);
+      const GpuOut full = run_gpu(b);
+      b.last_on_device = true;
+      const GpuOut ahead = run_gpu(b);
+      CHECK(ahead.tokens == full.tokens);
+      int64_t differ = 0;
+      for (size_t i = 0; i < full.logits.size(); ++i)
+        differ += std::memcmp(&full.logits[i], &ahead.logits[i], sizeof(float)) != 0 ? 1 : 0;
+      CHECK(differ == 0);
+    }
+  }
+  WARN("rows whose kept-out token repeats an output token: " << repeated << ", new: " << fresh);
+  CHECK(repeated > 0);
+  CHECK(fresh > 0);
+}
 
 TEST_CASE("gpu sampling: draws over many offsets follow the kept-set distribution",
           "[gpu][sampling]") {

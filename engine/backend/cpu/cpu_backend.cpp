@@ -218,8 +218,17 @@ void CpuBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampli
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     p.seed = x ^ (x >> 31);
     Sampler sampler(std::move(p));
-    tokens[r] =
-        sampler.sample(std::span(sample_logits_).subspan(r * V, V), d.prompt_ids, d.output_ids);
+    std::span<const int32_t> output = d.output_ids;
+    std::vector<int32_t> with_last;  // the newest token the caller has not seen (launch_sample)
+    if (d.last_token_row >= 0) {
+      if (d.last_token_row >= b.num_tokens()) {
+        throw std::invalid_argument("forward_sample: last_token_row is not a row of the step");
+      }
+      with_last.assign(output.begin(), output.end());
+      with_last.push_back(b.token_ids[d.last_token_row]);
+      output = with_last;
+    }
+    tokens[r] = sampler.sample(std::span(sample_logits_).subspan(r * V, V), d.prompt_ids, output);
   }
 }
 

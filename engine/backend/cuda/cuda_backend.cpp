@@ -203,7 +203,8 @@ struct CudaBackend::Impl {
   cuda::Event sampled_event[2];
   cuda::Event uploads_done;
   bool uploads_recorded = false;
-  DeviceMemory sampled;  // int32 [sampled_capacity]
+  DeviceMemory sampled;            // int32 [sampled_capacity]
+  int32_t* step_tokens = nullptr;  // the latest run_step's input token ids on the device
   int32_t sampled_capacity = 0;
   int32_t sampled_rows = 0;  // rows the latest launched step sampled (0: none on the device)
   cuda::PinnedMemory src_staging;
@@ -1276,6 +1277,7 @@ void CudaBackend::run_step(const StepBatch& b) {
     }
   }
 
+  m.step_tokens = tok_dev;
   if (gather && N > 0) {
     // Rows whose token the previous step sampled on the device: copied in before the layers.
     m.src_staging.reserve(static_cast<size_t>(N) * 4);
@@ -1381,9 +1383,9 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   }
   // Sampling inputs first: validates before any launch.
   std::vector<kernels::SamplingRow> params(R);
-  std::vector<int32_t> hist_starts{0}, hist_ids, hist_counts;
+  std::vector<int32_t> hist_starts{0}, hist_ids, hist_counts, hist_last(R, -1);
   std::vector<uint8_t> hist_prompt;
-  bool any_penalty = false;
+  bool any_penalty = false, any_last = false;
   std::unordered_map<int32_t, std::pair<int32_t, uint8_t>> hist;  // id -> (output count, in prompt)
   for (int64_t r = 0; r < R; ++r) {
     const DeviceSampling& d = rows[r];
@@ -1412,6 +1414,13 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
       hist_counts.push_back(v.first);
       hist_prompt.push_back(v.second);
     }
+    if (d.last_token_row >= 0) {
+      if (d.last_token_row >= b.num_tokens()) {
+        throw std::invalid_argument("launch_sample: last_token_row is not a row of the step");
+      }
+      hist_last[r] = d.last_token_row;
+      any_last = any_last || out_pen;
+    }
     any_penalty = any_penalty || out_pen;
     hist_starts.push_back(static_cast<int32_t>(hist_ids.size()));
   }
@@ -1425,6 +1434,7 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     const size_t o_params = pk.add(params), o_starts = pk.add(hist_starts);
     const size_t o_ids = pk.add(hist_ids), o_counts = pk.add(hist_counts);
     const size_t o_prompt = pk.add(hist_prompt);
+    const size_t o_last = pk.add(hist_last);
     const size_t bytes = pk.bytes().size();
     // This slot's previous step was waited for (at most two in flight), so its buffer is free.
     staging.reserve(bytes + static_cast<size_t>(R) * 4);
@@ -1448,6 +1458,10 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
       sl.hist_ids = reinterpret_cast<const int32_t*>(base + o_ids);
       sl.hist_output_counts = reinterpret_cast<const int32_t*>(base + o_counts);
       sl.hist_in_prompt = reinterpret_cast<const uint8_t*>(base + o_prompt);
+      if (any_last) {
+        sl.hist_last_row = reinterpret_cast<const int32_t*>(base + o_last);
+        sl.tokens = m.step_tokens;
+      }
     }
     sl.out_tokens = m.sampled.as<int32_t>();
     const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab);
