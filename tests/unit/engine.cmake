@@ -3,7 +3,7 @@ pmkv_unit_test(pmkv_test_engine
           test_step_builder.cpp
   LIBS pmkv_engine)
 pmkv_unit_test(pmkv_test_backend
-  SOURCES test_backend_factory.cpp
+  SOURCES test_backend_factory.cpp test_penalty_history.cpp
   LIBS pmkv_engine)
 pmkv_unit_test(pmkv_test_golden
   SOURCES test_golden.cpp

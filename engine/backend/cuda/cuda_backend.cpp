@@ -21,6 +21,7 @@
 #include "engine/backend/cuda/cuda_util.h"
 #include "engine/backend/cuda/gemm.h"
 #include "engine/backend/key_scale_fold.h"
+#include "engine/backend/penalty_history.h"
 #include "engine/common/error.h"
 #include "kernels/attention/decode.h"
 #include "kernels/attention/prefill.h"
@@ -205,6 +206,7 @@ struct CudaBackend::Impl {
   bool uploads_recorded = false;
   DeviceMemory sampled;            // int32 [sampled_capacity]
   int32_t* step_tokens = nullptr;  // the latest run_step's input token ids on the device
+  PenaltyHistory penalty_history;  // the sampling rows' histories, rebuilt every step
   int32_t sampled_capacity = 0;
   int32_t sampled_rows = 0;  // rows the latest launched step sampled (0: none on the device)
   cuda::PinnedMemory src_staging;
@@ -1383,10 +1385,10 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   }
   // Sampling inputs first: validates before any launch.
   std::vector<kernels::SamplingRow> params(R);
-  std::vector<int32_t> hist_starts{0}, hist_ids, hist_counts, hist_last(R, -1);
-  std::vector<uint8_t> hist_prompt;
+  std::vector<int32_t> hist_last(R, -1);
+  PenaltyHistory& hist = m.penalty_history;
+  hist.reset(static_cast<int32_t>(V));
   bool any_penalty = false, any_last = false;
-  std::unordered_map<int32_t, std::pair<int32_t, uint8_t>> hist;  // id -> (output count, in prompt)
   for (int64_t r = 0; r < R; ++r) {
     const DeviceSampling& d = rows[r];
     if (d.params == nullptr) throw std::invalid_argument("forward_sample: row without params");
@@ -1396,24 +1398,8 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
         p.frequency_penalty, 0,       d.seed,  d.sampled};
     const bool rep = p.repetition_penalty != 1.0f;
     const bool out_pen = rep || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
-    hist.clear();
-    if (out_pen) {
-      for (int32_t id : d.output_ids) {
-        if (id < 0 || id >= V) throw InvalidArgument("history token id out of range");
-        ++hist[id].first;
-      }
-    }
-    if (rep) {
-      for (int32_t id : d.prompt_ids) {
-        if (id < 0 || id >= V) throw InvalidArgument("prompt token id out of range");
-        hist[id].second = 1;
-      }
-    }
-    for (const auto& [id, v] : hist) {
-      hist_ids.push_back(id);
-      hist_counts.push_back(v.first);
-      hist_prompt.push_back(v.second);
-    }
+    hist.add_row(out_pen ? d.output_ids : std::span<const int32_t>{},
+                 rep ? d.prompt_ids : std::span<const int32_t>{});
     if (d.last_token_row >= 0) {
       if (d.last_token_row >= b.num_tokens()) {
         throw std::invalid_argument("launch_sample: last_token_row is not a row of the step");
@@ -1422,7 +1408,6 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
       any_last = any_last || out_pen;
     }
     any_penalty = any_penalty || out_pen;
-    hist_starts.push_back(static_cast<int32_t>(hist_ids.size()));
   }
   run_step(b);
   Impl::InFlight f;
@@ -1431,9 +1416,9 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   cuda::PinnedMemory& staging = m.sample_staging[f.slot];
   if (R > 0) {
     Packer pk;
-    const size_t o_params = pk.add(params), o_starts = pk.add(hist_starts);
-    const size_t o_ids = pk.add(hist_ids), o_counts = pk.add(hist_counts);
-    const size_t o_prompt = pk.add(hist_prompt);
+    const size_t o_params = pk.add(params), o_starts = pk.add(hist.starts());
+    const size_t o_ids = pk.add(hist.ids()), o_counts = pk.add(hist.output_counts());
+    const size_t o_prompt = pk.add(hist.in_prompt());
     const size_t o_last = pk.add(hist_last);
     const size_t bytes = pk.bytes().size();
     // This slot's previous step was waited for (at most two in flight), so its buffer is free.
