@@ -189,6 +189,8 @@ void fill_kv_stats(const EngineStats& s, v1::KvStats* out) {
   out->set_preemptions_total(static_cast<int64_t>(s.preemptions_total));
   out->set_requests_running(s.requests_running);
   out->set_requests_waiting(s.requests_waiting);
+  out->set_async_steps(s.async_steps);
+  out->set_discarded_tokens_total(static_cast<int64_t>(s.discarded_tokens_total));
 }
 
 }  // namespace pmkv::rpc

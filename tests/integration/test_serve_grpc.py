@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import SOURCE_DIR, TEST_MODEL, http_request, stop_string_of
+from conftest import ASYNC_STEPS, SOURCE_DIR, TEST_MODEL, http_request, metrics, stop_string_of
 
 PROTO_DIR = SOURCE_DIR / "proto"
 
@@ -146,9 +146,13 @@ def test_tokenize(stub, pb, served):
     assert len(chat.ids) > 10 and "".join(chat.pieces).count("im") == 3
 
 
-def test_kv_stats_and_budgets(stub, pb, served):
+def test_kv_stats_and_budgets(stub, pb, served, server):
     m = pb[0]
+    before = metrics(server.base_url)["pmkv_discarded_tokens_total"]
     s = stub.GetKvStats(m.GetKvStatsRequest())
+    after = metrics(server.base_url)["pmkv_discarded_tokens_total"]
+    assert s.async_steps == ASYNC_STEPS
+    assert before <= s.discarded_tokens_total <= after  # the counter /metrics shows
     assert s.pages_total > 0 and s.page_bytes > 0
     assert s.bytes_total == s.pages_total * s.page_bytes
     assert [b.bits for b in s.by_bits] == [16, 8, 4, 2]

@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from conftest import (BATCH_INVARIANT, SOURCE_DIR, TEST_MODEL, http_request, metrics,
+from conftest import (ASYNC_STEPS, BATCH_INVARIANT, SOURCE_DIR, TEST_MODEL, http_request, metrics,
                       stop_string_of, wait_for_idle_kv)
 
 REF = json.loads((SOURCE_DIR / "tests" / "fixtures" / "stories260K_reference.json").read_text())
@@ -181,6 +181,7 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
     for bits in (16, 8, 4, 2):
         assert f'pmkv_kv_tokens{{bits="{bits}"}}' in m
     assert m["pmkv_kv_pool_pages_total"] > 0
+    assert m["pmkv_engine_async_steps"] == (1 if ASYNC_STEPS else 0)
     assert m["pmkv_generation_tokens_total"] >= 3
     assert m["pmkv_time_to_first_token_seconds_count"] >= 1
 
