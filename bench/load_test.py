@@ -53,6 +53,7 @@ async def one_request(client, args, index):
         model=args.model, prompt=prompt_of(args), max_tokens=args.max_tokens,
         temperature=args.temperature, seed=index, stream=True,
         presence_penalty=args.presence_penalty,
+        logprobs=args.logprobs if args.logprobs >= 0 else None,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True} if args.ignore_eos else None)
     async for chunk in stream:
@@ -128,7 +129,9 @@ def report(results, wall, args):
     return {
         "concurrency": args.concurrency, "requests": len(results), "max_tokens": args.max_tokens,
         "prompt": args.prompt if not args.prompt_ids else f"{args.prompt_ids} token ids",
-        "model": args.model, "wall_s": round(wall, 3),
+        "model": args.model, "temperature": args.temperature,
+        "presence_penalty": args.presence_penalty, "logprobs": args.logprobs,
+        "wall_s": round(wall, 3),
         "generated_tokens": tokens,
         "throughput_tokens_per_s": round(tokens / wall, 1),
         "throughput_requests_per_s": round(len(results) / wall, 2),
@@ -153,6 +156,8 @@ def main():
                    help="send a prompt of this many token ids instead (models without a tokenizer)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--logprobs", type=int, default=-1,
+                   help="top log-probabilities per token (0: the token's only; -1: none)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly --max-tokens tokens (default on)")
     p.add_argument("--timeout", type=float, default=600)

@@ -6,6 +6,7 @@
 #include <deque>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/backend/step_batch.h"
@@ -28,6 +29,20 @@ struct DeviceSampling {
   // output_ids because the host has not seen it; it is the step's input token of row
   // last_token_row (a token_src row), and the penalties count it.
   int32_t last_token_row = -1;
+  // Log-probabilities to return with the token: -1 none; 0 the token's; n (at most
+  // kMaxDeviceLogprobs) also the n most likely tokens'.
+  int32_t logprobs = -1;
+};
+
+// The most top log-probabilities a row sampled on the device returns (OpenAI's limit); a request
+// for more samples on the host.
+inline constexpr int32_t kMaxDeviceLogprobs = 20;
+
+// Log-probabilities of a token sampled on the device, from the raw logits (before penalties and
+// temperature), as Sampler::token_logprob and Sampler::top_logprobs give them.
+struct TokenLogprobs {
+  float logprob = 0.0f;
+  std::vector<std::pair<int32_t, float>> top;  // most likely first, DeviceSampling::logprobs long
 };
 
 class Backend {
@@ -41,9 +56,15 @@ class Backend {
   // Device-side sampling: a backend that can (samples_on_device()) runs the step and picks one
   // token per logit row (rows[i] for batch.logit_rows[i]) without copying logits back. Same
   // semantics as Sampler, except the random source (seed + sampled count, not Sampler's RNG).
+  // `logprobs` is empty (none wanted: the rows' logprobs fields are ignored) or has one entry per
+  // row; the entries of rows with logprobs >= 0 are filled, the others cleared.
   virtual bool samples_on_device() const { return false; }
   virtual void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
-                              std::span<int32_t> tokens);
+                              std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs);
+  void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
+                      std::span<int32_t> tokens) {
+    forward_sample(batch, rows, tokens, {});
+  }
   // forward_sample() split in two, so that the host can build step N + 1 while the device runs
   // step N: launch_sample() starts a step and returns, wait_sampled() returns the tokens of the
   // oldest launched step not waited for yet (in launch order; at most two are in flight, the
@@ -51,8 +72,10 @@ class Backend {
   // token the previously launched step sampled in its row token_src[r] (never seen by the host
   // before this launch). `rows` need only live until launch_sample() returns. The base class runs
   // forward_sample() inside launch_sample(); a GPU backend overrides the three.
+  // wait_sampled's `logprobs`: as forward_sample's (empty: any the step computed are dropped).
   virtual void launch_sample(const StepBatch& batch, std::span<const DeviceSampling> rows);
-  virtual void wait_sampled(std::span<int32_t> tokens);
+  virtual void wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs);
+  void wait_sampled(std::span<int32_t> tokens) { wait_sampled(tokens, {}); }
   // Forgets the steps in flight after an error (waits for the device first; throws nothing).
   virtual void drop_in_flight() noexcept;
   // Memory the backend holds for the weights and for the KV pool (start-up log, metrics).
@@ -62,7 +85,11 @@ class Backend {
  private:
   // The base class's launch_sample(): tokens of the steps in flight, oldest first, and of the
   // latest launched one (what token_src refers to).
-  std::deque<std::vector<int32_t>> in_flight_;
+  struct Sampled {
+    std::vector<int32_t> tokens;
+    std::vector<TokenLogprobs> logprobs;  // empty when no row asked
+  };
+  std::deque<Sampled> in_flight_;
   std::vector<int32_t> last_sampled_;
 };
 

@@ -16,8 +16,12 @@ double seconds(Sequence::Clock::duration d) {
 
 TokenEvent OutputProcessor::sample(Sequence& s, Pick pick) {
   TokenEvent ev;
-  if (pick.token) {  // sampled on the device; the engine only does that without logprobs
+  if (pick.token) {  // sampled on the device
     ev.token_id = *pick.token;
+    if (pick.logprobs != nullptr) {
+      ev.logprob = pick.logprobs->logprob;
+      ev.top_logprobs = pick.logprobs->top;
+    }
     if (pick.at >= 0) {
       s.tokens.at(pick.at) = ev.token_id;
       if (s.placeholder_at == pick.at) s.placeholder_at = s.placeholder_row = -1;

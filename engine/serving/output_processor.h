@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/backend/backend.h"
 #include "engine/serving/metrics.h"
 #include "engine/serving/sequence.h"
 
@@ -18,11 +19,12 @@ class OutputProcessor {
   explicit OutputProcessor(EngineMetrics& metrics) : metrics_(metrics) {}
 
   // The step's result for one sequence: its raw logits row (sampled here, rewritten in place), or
-  // the token a backend already sampled on the device (no logprobs then), or neither (a prompt
-  // chunk that did not reach the end of the prompt).
+  // the token a backend already sampled on the device (with its log-probabilities when the
+  // request asked for them), or neither (a prompt chunk that did not reach the end of the prompt).
   struct Pick {
     std::span<float> logits;
     std::optional<int32_t> token;
+    const TokenLogprobs* logprobs = nullptr;  // with `token`, when request.logprobs >= 0
     // >= 0: `token` fills the placeholder at tokens[at] (a step run ahead), else it is appended.
     int32_t at = -1;
     bool empty() const { return logits.empty() && !token; }

@@ -73,10 +73,12 @@ struct ServingEngine::Impl {
     std::vector<uint8_t> at_floor;  // per chunk: over budget at the floor bits
     int32_t rows = 0;               // sampled rows
     int32_t prompt_tokens = 0;      // tokens of its chunks of more than one token
+    bool logprobs = false;          // some sampled row asked for log-probabilities
   };
   void launch_ahead(StepPlan& plan);  // builds and launches; the step becomes `pending`
   // The plan's sampled chunks -> sampling_rows.
-  void fill_sampling_rows(const StepPlan& plan, const StepBatch& batch);
+  // True when some row asks for log-probabilities.
+  bool fill_sampling_rows(const StepPlan& plan, const StepBatch& batch);
   // Waits for the pending step's tokens and hands them out (finishing or retiring sequences).
   void process_pending();
   // Whether the next plan needs the host to know every token first (see step()).
@@ -102,9 +104,10 @@ struct ServingEngine::Impl {
   OutputProcessor outputs{metrics};
   std::vector<float> logits;
   std::vector<DeviceSampling> sampling_rows;
-  std::vector<int32_t> device_tokens;  // this step's tokens when sampled on the device
-  bool async = false;                  // options.async_steps resolved for the backend
-  bool sample_in_backend = false;      // tokens picked by the backend (no logits copied back)
+  std::vector<int32_t> device_tokens;          // this step's tokens when sampled on the device
+  std::vector<TokenLogprobs> device_logprobs;  // and their log-probabilities (when asked for)
+  bool async = false;                          // options.async_steps resolved for the backend
+  bool sample_in_backend = false;  // tokens picked by the backend (no logits copied back)
   std::optional<PendingStep> pending;
   // A step in flight with at least this many prompt-chunk tokens is waited for before the next
   // plan (run()). ~14 ms of prefill on an H200 at 8B; PMKV_ASYNC_DRAIN_PROMPT_TOKENS overrides
@@ -361,11 +364,12 @@ bool ServingEngine::Impl::ends_stream(Sequence& s) {
 }
 
 bool ServingEngine::Impl::must_drain() const {
-  // Logprobs need the logits on the host (a step of its own); starvation may preempt or reject,
-  // which must not meet a token in flight. (Penalties do not: the backend counts the token in
-  // flight, DeviceSampling::last_token_row.)
-  return scheduler->any_of([](const Sequence& s) { return s.request.logprobs >= 0; }) ||
-         scheduler->would_starve();
+  // More log-probabilities than the backend returns need the logits on the host (a step of its
+  // own); starvation may preempt or reject, which must not meet a token in flight. (Penalties do
+  // not: the backend counts the token in flight, DeviceSampling::last_token_row.)
+  return scheduler->any_of([](const Sequence& s) {
+    return s.request.logprobs > kMaxDeviceLogprobs;
+  }) || scheduler->would_starve();
 }
 
 bool ServingEngine::Impl::step() {
@@ -406,7 +410,7 @@ bool ServingEngine::Impl::step() {
 void ServingEngine::Impl::run_plan(StepPlan& plan) {
   bool on_device = sample_in_backend;
   for (const ScheduledChunk& c : plan.chunks) {
-    if (c.sample && c.seq->request.logprobs >= 0) on_device = false;
+    if (c.sample && c.seq->request.logprobs > kMaxDeviceLogprobs) on_device = false;
   }
   if (async && on_device) {
     launch_ahead(plan);
@@ -419,12 +423,14 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
   try {
     built = &scheduler->build(plan);
     const StepBatch& batch = *built;
-    // Sampling in the backend (no logits copied back) unless a request wants logprobs.
+    // Sampling in the backend (no logits copied back) unless a request wants more
+    // log-probabilities than it returns.
     device_tokens.clear();
     if (on_device) {
-      fill_sampling_rows(plan, batch);
+      const bool lp = fill_sampling_rows(plan, batch);
       device_tokens.resize(sampling_rows.size());
-      backend->forward_sample(batch, sampling_rows, device_tokens);
+      device_logprobs.assign(lp ? sampling_rows.size() : 0, {});
+      backend->forward_sample(batch, sampling_rows, device_tokens, device_logprobs);
     } else {
       logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
       backend->forward(batch, logits);
@@ -444,8 +450,9 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
   process_outputs(plan, *built);
 }
 
-void ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan, const StepBatch& batch) {
+bool ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan, const StepBatch& batch) {
   sampling_rows.clear();
+  bool logprobs = false;
   for (size_t k = 0; k < plan.chunks.size(); ++k) {
     const ScheduledChunk& c = plan.chunks[k];
     if (!c.sample) continue;
@@ -458,8 +465,11 @@ void ServingEngine::Impl::fill_sampling_rows(const StepPlan& plan, const StepBat
       d.output_ids = d.output_ids.first(d.output_ids.size() - 1);
       d.last_token_row = batch.seq_starts[k] + (s.placeholder_at - s.num_computed);
     }
+    d.logprobs = s.request.logprobs;
+    logprobs = logprobs || d.logprobs >= 0;
     sampling_rows.push_back(d);
   }
+  return logprobs;
 }
 
 void ServingEngine::Impl::launch_ahead(StepPlan& plan) {
@@ -467,7 +477,7 @@ void ServingEngine::Impl::launch_ahead(StepPlan& plan) {
   const StepBatch* built = nullptr;
   try {
     built = &scheduler->build(plan);
-    fill_sampling_rows(plan, *built);
+    next.logprobs = fill_sampling_rows(plan, *built);
     backend->launch_sample(*built, sampling_rows);
   } catch (const std::exception& e) {
     scheduler->end_step();
@@ -502,8 +512,9 @@ void ServingEngine::Impl::process_pending() {
   PendingStep p = std::move(*pending);
   pending.reset();
   device_tokens.assign(static_cast<size_t>(p.rows), 0);
+  device_logprobs.assign(p.logprobs ? static_cast<size_t>(p.rows) : 0, {});
   try {
-    backend->wait_sampled(device_tokens);
+    backend->wait_sampled(device_tokens, device_logprobs);
   } catch (const std::exception& e) {
     spdlog::error("engine: a step of {} requests failed: {}", p.plan.chunks.size(), e.what());
     pending = std::move(p);
@@ -517,6 +528,8 @@ void ServingEngine::Impl::process_pending() {
     --s.in_flight;
     OutputProcessor::Pick pick;
     if (p.plan.chunks[k].sample) {
+      if (!device_logprobs.empty() && s.request.logprobs >= 0)
+        pick.logprobs = &device_logprobs[row];
       pick.token = device_tokens[row++];
       pick.at = p.token_at[k];
     }
@@ -603,6 +616,8 @@ void ServingEngine::Impl::process_outputs(const StepPlan& plan, const StepBatch&
         pick.logits = std::span(logits).subspan(r * vocab, vocab);
       } else {
         pick.token = device_tokens[r];
+        if (!device_logprobs.empty() && s.request.logprobs >= 0)
+          pick.logprobs = &device_logprobs[r];
       }
     }
     if (hand_out(s, pick, at_floor[k] != 0, now)) scheduler->finish(&s);

@@ -19,6 +19,11 @@
 //     per-thread contiguous chunks, then one warp rescans the chunk that holds r).
 // The passes re-read the row (a 256K-token row is 1 MiB, L2 resident) and recompute w; nothing
 // sorts, and no pass allocates: histograms and scan scratch live in 25 KB of shared memory.
+// A row with log-probabilities first (step 0, on the raw logits) copies the row into its
+// workspace slot if the steps above will rewrite it, takes the maximum, sums exp(l - max) in
+// double (the CPU's logsumexp), and finds its top n with the same radix selection over order keys
+// (count 1 per token; the tokens tied at the boundary are taken lowest id first); the n entries
+// are sorted by one thread. The sampled token's log-probability is written with the token.
 #include <curand_kernel.h>
 
 #include <algorithm>
@@ -56,6 +61,10 @@ struct Smem {
   u64 mass[kMaxBins];      // per-digit mass (or count) of the selection pass
   uint32_t cnt[kMaxBins];  // per-digit count (mass selections only)
   u64 warp_u64[kWarps];
+  double warp_f64[kWarps];
+  float top_v[kMaxSamplingLogprobs];  // the top log-probability tokens (step 0)
+  int32_t top_i[kMaxSamplingLogprobs];
+  int32_t top_count;
   float warp_f[kWarps];
   int32_t warp_i[kWarps];
   // Broadcast slots, each written by one thread between two barriers.
@@ -98,6 +107,20 @@ __device__ u64 block_excl_scan(u64 x, u64* total, Smem& s) {
 __device__ u64 block_sum(u64 x, Smem& s) {
   u64 total;
   block_excl_scan(x, &total, s);
+  return total;
+}
+
+__device__ double block_sum_f64(double x, Smem& s) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    x += __shfl_xor_sync(kFull, x, off);
+  if (lane == 0) s.warp_f64[threadIdx.x >> 5] = x;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kWarps; ++w)
+    total += s.warp_f64[w];  // the same order in every thread
+  __syncthreads();
   return total;
 }
 
@@ -159,6 +182,10 @@ __device__ __forceinline__ uint32_t order_key(float v) {
 }
 __device__ __forceinline__ float key_value(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) != 0 ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ float sanitized(float v) {
+  return v == v ? v : neg_inf();
 }
 
 __device__ __forceinline__ u64 fixed_mass(float w) {
@@ -294,6 +321,100 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   float* const logits = p.logits + static_cast<int64_t>(row) * vocab;
   const int tid = static_cast<int>(threadIdx.x);
 
+  // 0. Log-probabilities from the raw row. lse stays +inf when no finite distribution exists
+  // (every logit -inf or NaN, or one +inf): the CPU's logprob_of gives -inf then.
+  const bool want_lp = prm.logprobs >= 0 && p.out_logprob != nullptr;
+  const float* raw = logits;  // the raw row, for the sampled token's log-probability
+  double lse = 0.0;
+  bool lse_finite = false;
+  if (want_lp) {
+    float* copy = nullptr;
+    if (prm.logprob_slot >= 0 && prm.logprob_slot < p.logprob_copies) {
+      copy = static_cast<float*>(p.workspace) + static_cast<int64_t>(prm.logprob_slot) * vocab;
+      raw = copy;
+    } else if (sampling_rewrites_row(prm, p.hist_starts != nullptr)) {
+      raw = nullptr;  // the caller broke the contract: NaN, not a wrong number
+    }
+    float lmax = neg_inf();
+#pragma unroll 4
+    for (int32_t i = tid; i < vocab; i += kThreads) {
+      const float l = logits[i];
+      if (copy != nullptr) copy[i] = l;
+      lmax = fmaxf(lmax, sanitized(l));
+    }
+    const float vmax = block_max(lmax, s);
+    lse_finite = vmax > neg_inf() && vmax < pos_inf();
+    if (lse_finite) {
+      double sum = 0.0;
+      for (int32_t i = tid; i < vocab; i += kThreads)
+        sum += exp(static_cast<double>(sanitized(logits[i])) - static_cast<double>(vmax));
+      lse = static_cast<double>(vmax) + log(block_sum_f64(sum, s));
+    }
+    const int32_t n = min(prm.logprobs, min(kMaxSamplingLogprobs, vocab));
+    if (n > 0) {
+      auto item = [&](int32_t i, uint32_t* key) -> u64 {
+        *key = order_key(sanitized(logits[i]));
+        return 1;
+      };
+      const Selection sel = select_desc<true>(
+          vocab, item, [n](u64) { return static_cast<u64>(n); }, s);
+      // Of the tokens at the boundary key, the lowest ids fill what is left.
+      const u64 m = sel.need - sel.above;
+      int32_t tie_last = INT_MAX;
+      if (m < sel.count) {
+        auto tied = [&](int32_t i) -> u64 {
+          return order_key(sanitized(logits[i])) == sel.key ? 1ull : 0ull;
+        };
+        tie_last = find_crossing(
+            vocab, tied, [m](u64) { return m; }, s);
+      }
+      if (tid == 0) s.top_count = 0;
+      __syncthreads();
+      for (int32_t i = tid; i < vocab; i += kThreads) {
+        const float v = sanitized(logits[i]);
+        const uint32_t key = order_key(v);
+        if (key > sel.key || (key == sel.key && i <= tie_last)) {
+          const int32_t at = atomicAdd(&s.top_count, 1);
+          s.top_v[at] = v;
+          s.top_i[at] = i;
+        }
+      }
+      __syncthreads();
+      if (tid == 0) {
+        // Insertion sort of n <= 20 entries, most likely first.
+        for (int32_t a = 1; a < n; ++a) {
+          const float v = s.top_v[a];
+          const int32_t id = s.top_i[a];
+          int32_t b = a - 1;
+          for (; b >= 0 && better(v, id, s.top_v[b], s.top_i[b]); --b) {
+            s.top_v[b + 1] = s.top_v[b];
+            s.top_i[b + 1] = s.top_i[b];
+          }
+          s.top_v[b + 1] = v;
+          s.top_i[b + 1] = id;
+        }
+        const int64_t base = static_cast<int64_t>(row) * kMaxSamplingLogprobs;
+        for (int32_t a = 0; a < n; ++a) {
+          p.out_top_ids[base + a] = s.top_i[a];
+          p.out_top_logprobs[base + a] =
+              lse_finite ? static_cast<float>(static_cast<double>(s.top_v[a]) - lse) : neg_inf();
+        }
+      }
+      __syncthreads();  // the steps below reuse the scratch; the raw copy is complete
+    }
+  }
+  // Thread 0 writes the row's token (and its log-probability from the raw row).
+  auto finish = [&](int32_t token) {
+    if (tid != 0) return;
+    p.out_tokens[row] = token;
+    if (want_lp) {
+      p.out_logprob[row] =
+          raw == nullptr ? __int_as_float(0x7fc00000)
+          : lse_finite   ? static_cast<float>(static_cast<double>(sanitized(raw[token])) - lse)
+                         : neg_inf();
+    }
+  };
+
   // 1. Penalties, exactly Sampler::apply_penalties (history ids are distinct, so no two threads
   // touch one logit). Repetition over prompt-or-output tokens, then frequency and presence over
   // output tokens, as two roundings like the CPU's two `-=`.
@@ -344,8 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
         bi = i;
       }
     }
-    const int32_t best = block_argmax(bv, bi, s);
-    if (tid == 0) p.out_tokens[row] = best;
+    finish(block_argmax(bv, bi, s));
     return;
   }
 
@@ -377,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   ncand = block_sum(ncand, s);
   nposinf = block_sum(nposinf, s);
   if (ncand == 0) {
-    if (tid == 0) p.out_tokens[row] = 0;
+    finish(0);
     return;
   }
   // The barriers above ordered every thread's logits writes before the reads below.
@@ -470,23 +590,29 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
     const u64 r = static_cast<u64>(ceil(static_cast<double>(u) * static_cast<double>(total)));
     return r < 1 ? 1ull : (r > total ? total : r);
   };
-  const int32_t token = find_crossing(vocab, kept_mass, need_of_draw, s);
-  if (tid == 0) p.out_tokens[row] = token;
+  finish(find_crossing(vocab, kept_mass, need_of_draw, s));
 }
 
 }  // namespace
 
-int64_t sampling_workspace_bytes(int32_t /*rows*/, int32_t /*vocab*/) {
-  return 0;
+int64_t sampling_workspace_bytes(int32_t /*rows*/, int32_t vocab, int32_t logprob_copies) {
+  return static_cast<int64_t>(std::max(logprob_copies, 0)) * std::max(vocab, 0) *
+         static_cast<int64_t>(sizeof(float));
 }
 
 cudaError_t launch_sampling(const SamplingLaunch& launch, cudaStream_t stream) {
   if (launch.rows == 0) return cudaSuccess;
   if (launch.rows < 0 || launch.vocab < 1 || launch.vocab > kMaxSamplingVocab ||
       launch.logits == nullptr || launch.params == nullptr || launch.out_tokens == nullptr ||
-      launch.workspace_bytes < sampling_workspace_bytes(launch.rows, launch.vocab)) {
+      launch.logprob_copies < 0 ||
+      launch.workspace_bytes <
+          sampling_workspace_bytes(launch.rows, launch.vocab, launch.logprob_copies) ||
+      (launch.workspace_bytes > 0 && launch.workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
+  const int lp_outputs = (launch.out_logprob != nullptr) + (launch.out_top_ids != nullptr) +
+                         (launch.out_top_logprobs != nullptr);
+  if (lp_outputs != 0 && lp_outputs != 3) return cudaErrorInvalidValue;
   if (launch.hist_starts != nullptr &&
       (launch.hist_ids == nullptr || launch.hist_output_counts == nullptr ||
        launch.hist_in_prompt == nullptr)) {

@@ -37,6 +37,7 @@
 #include "engine/model/safetensors.h"
 #include "engine/model/weight_store.h"
 #include "engine/runtime/step_builder.h"
+#include "engine/sampling/sampler.h"
 
 namespace fs = std::filesystem;
 using namespace pmkv;
@@ -575,6 +576,89 @@ TEST_CASE("cuda backend: steps run ahead (launch_sample, token_src) sample forwa
   CHECK(ahead.kv.pool_stats().demotions_total > 0);
   for (Runner* r : {&sync, &ahead}) {
     for (int q = 1; q < kSeqs; ++q)
+      r->kv.release(kv::SeqId(q));
+    CHECK(r->kv.pool().num_used() == 0);
+  }
+}
+
+TEST_CASE("cuda backend: log-probabilities sampled on the device are the host logits' (Sampler)",
+          "[cuda_backend]") {
+  // Two backends in lockstep on the same steps: one samples on the device with log-probabilities
+  // (none, the token's, 5 or 20 top entries; greedy, warm and penalized rows: the latter two read
+  // the kernel's raw copy), the other returns the logits to the host, where Sampler computes the
+  // same log-probabilities of the device's tokens. Decode steps replay graphs; a 4-bit budget.
+  const std::string model = GENERATE(as<std::string>{}, "llama_gqa_d64", "mistral_swa_d128");
+  const fs::path dir = fixture(model);
+  const ModelConfig cfg = parse_model_config(dir / "config.json");
+  const WeightStore w = WeightStore::open(dir);
+  kv::KvCacheConfig kc;
+  kc.window_tokens = 16;
+  kc.uniform_bits = 4;
+  kc.uniform_max_len = 256;
+  Runner dev(cfg, w, Device::kCuda, kc, 4096), host(cfg, w, Device::kCuda, kc, 4096);
+  SamplingParams greedy, warm, penalized;
+  greedy.temperature = 0;
+  warm.temperature = 0.8f;
+  warm.top_p = 0.9f;
+  penalized.temperature = 0;
+  penalized.repetition_penalty = 1.3f;
+  penalized.presence_penalty = 0.4f;
+  constexpr int kSeqs = 4, kSteps = 48;
+  const SamplingParams* params[kSeqs] = {&greedy, &warm, &penalized, &warm};
+  const int32_t asks[kSeqs] = {20, 5, 0, -1};
+  std::mt19937 rng(7);
+  std::vector<std::vector<int32_t>> seq(kSeqs);  // prompt, then the sampled tokens
+  std::vector<size_t> prompt_len(kSeqs);
+  for (int q = 0; q < kSeqs; ++q) {
+    seq[q].resize(10 + 7 * q);
+    for (auto& t : seq[q])
+      t = static_cast<int32_t>(rng() % cfg.vocab_size);
+    prompt_len[q] = seq[q].size();
+  }
+  int checked = 0, top_checked = 0;
+  for (int t = 0; t < kSteps; ++t) {
+    std::vector<SeqChunk> chunks;
+    std::vector<DeviceSampling> rows;
+    for (int q = 0; q < kSeqs; ++q) {
+      const std::span<const int32_t> all = seq[q];
+      chunks.push_back({kv::SeqId(q), t == 0 ? all : all.last(1), SeqChunk::Logits::kLast});
+      DeviceSampling d{params[q], 500u + q, all.size() - prompt_len[q], all.first(prompt_len[q]),
+                       all.subspan(prompt_len[q])};
+      d.logprobs = asks[q];
+      rows.push_back(d);
+    }
+    auto bd = build_step(dev.kv, chunks);
+    REQUIRE(bd.has_value());
+    std::vector<int32_t> toks(kSeqs);
+    std::vector<TokenLogprobs> lps(kSeqs);
+    dev.backend->forward_sample(*bd, rows, toks, lps);
+    dev.kv.end_step();
+    const std::vector<float> logits = host.step(chunks);
+    for (int q = 0; q < kSeqs; ++q) {
+      INFO(model << " step " << t << " sequence " << q);
+      const std::span<const float> row(logits.data() + size_t(q) * cfg.vocab_size,
+                                       size_t(cfg.vocab_size));
+      if (asks[q] < 0) {
+        CHECK(lps[q].top.empty());
+      } else {
+        CHECK(lps[q].logprob == Approx(Sampler::token_logprob(row, toks[q])).margin(1e-6));
+        const auto top = Sampler::top_logprobs(row, asks[q]);
+        REQUIRE(lps[q].top.size() == top.size());
+        for (size_t j = 0; j < top.size(); ++j) {
+          CHECK(lps[q].top[j].first == top[j].first);
+          CHECK(lps[q].top[j].second == Approx(top[j].second).margin(1e-6));
+          ++top_checked;
+        }
+        if (params[q] == &greedy) CHECK(lps[q].top.at(0).first == toks[q]);
+        ++checked;
+      }
+      seq[q].push_back(toks[q]);
+    }
+  }
+  CHECK(checked == 3 * kSteps);
+  CHECK(top_checked == 25 * kSteps);
+  for (Runner* r : {&dev, &host}) {
+    for (int q = 0; q < kSeqs; ++q)
       r->kv.release(kv::SeqId(q));
     CHECK(r->kv.pool().num_used() == 0);
   }

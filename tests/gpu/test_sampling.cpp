@@ -1,6 +1,7 @@
 // Sampling kernel against the CPU Sampler (engine/sampling/sampler.cpp) on fresh random logits:
 // the rewritten logits (penalties, temperature), greedy tokens, the kept set of every sampled
-// token, the distribution of draws over many Philox offsets, determinism and row independence.
+// token, the distribution of draws over many Philox offsets, determinism and row independence,
+// and the log-probabilities (raw logits) against Sampler::token_logprob / top_logprobs.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -25,9 +26,11 @@ using namespace pmkv;
 using gputest::DeviceBuffer;
 
 // The backend uploads one SamplingRow per row as is; the layout is part of the interface.
-static_assert(sizeof(kernels::SamplingRow) == 48);
-static_assert(offsetof(kernels::SamplingRow, seed) == 32);
-static_assert(offsetof(kernels::SamplingRow, offset) == 40);
+static_assert(sizeof(kernels::SamplingRow) == 56);
+static_assert(offsetof(kernels::SamplingRow, logprobs) == 28);
+static_assert(offsetof(kernels::SamplingRow, logprob_slot) == 32);
+static_assert(offsetof(kernels::SamplingRow, seed) == 40);
+static_assert(offsetof(kernels::SamplingRow, offset) == 48);
 
 namespace {
 
@@ -51,6 +54,8 @@ struct Batch {
   // Steps run ahead: each row's last output token stays out of the CSR and comes through
   // hist_last_row instead (rows without output: -1).
   bool last_on_device = false;
+  // Log-probabilities per row (-1: none); empty: the launch passes no output buffers.
+  std::vector<int32_t> logprobs;
 
   int32_t rows() const { return static_cast<int32_t>(params.size()); }
   std::span<const float> row(int32_t r) const {
@@ -83,6 +88,9 @@ kernels::SamplingRow to_row(const SamplingParams& p, uint64_t seed, uint64_t off
 struct GpuOut {
   std::vector<int32_t> tokens;
   std::vector<float> logits;
+  std::vector<float> logprob;       // [rows] (poison where not written)
+  std::vector<int32_t> top_ids;     // [rows * kMaxSamplingLogprobs]
+  std::vector<float> top_logprobs;  // [rows * kMaxSamplingLogprobs]
 };
 
 // Uploads the batch (fresh logits: the kernel rewrites them), poisons the output, launches and
@@ -95,8 +103,14 @@ GpuOut run_gpu(const Batch& b) {
   std::vector<int32_t> counts;
   std::vector<uint8_t> in_prompt;
   std::vector<int32_t> last_rows(rows, -1), step_tokens = {7};  // (never empty)
+  int32_t copies = 0;
   for (int32_t r = 0; r < rows; ++r) {
     prm[r] = to_row(b.params[r], b.seeds[r], b.offsets[r]);
+    prm[r].logprobs = b.logprobs.empty() ? -1 : b.logprobs[r];
+    prm[r].logprob_slot = -1;
+    if (prm[r].logprobs >= 0 && kernels::sampling_rewrites_row(prm[r], b.pass_history)) {
+      prm[r].logprob_slot = copies++;
+    }
     std::map<int32_t, std::pair<int32_t, uint8_t>> distinct;  // id -> (output count, in prompt)
     for (int32_t id : b.hist[r].prompt)
       distinct[id].second = 1;
@@ -134,7 +148,13 @@ GpuOut run_gpu(const Batch& b) {
   CUDA_REQUIRE(d_counts.upload(counts));
   CUDA_REQUIRE(d_in_prompt.upload(in_prompt));
   CUDA_REQUIRE(d_out.poison());  // -1 everywhere: a row the kernel skips shows up
-  const int64_t ws_bytes = kernels::sampling_workspace_bytes(rows, b.vocab);
+  const int64_t ws_bytes = kernels::sampling_workspace_bytes(rows, b.vocab, copies);
+  const size_t top_n = static_cast<size_t>(rows) * kernels::kMaxSamplingLogprobs;
+  DeviceBuffer<float> d_lp(static_cast<size_t>(rows)), d_top_lp(top_n);
+  DeviceBuffer<int32_t> d_top_ids(top_n);
+  CUDA_REQUIRE(d_lp.poison());
+  CUDA_REQUIRE(d_top_lp.poison());
+  CUDA_REQUIRE(d_top_ids.poison());
   DeviceBuffer<uint8_t> d_ws(static_cast<size_t>(std::max<int64_t>(ws_bytes, 1)));
   CUDA_REQUIRE(d_ws.poison());
 
@@ -154,12 +174,21 @@ GpuOut run_gpu(const Batch& b) {
     }
   }
   l.out_tokens = d_out.get();
+  if (!b.logprobs.empty()) {
+    l.out_logprob = d_lp.get();
+    l.out_top_ids = d_top_ids.get();
+    l.out_top_logprobs = d_top_lp.get();
+    l.logprob_copies = copies;
+  }
   l.workspace = d_ws.get();
   l.workspace_bytes = ws_bytes;
   CUDA_REQUIRE_LAUNCH(kernels::launch_sampling(l, nullptr));
   GpuOut out;
   CUDA_REQUIRE(d_out.download(out.tokens));
   CUDA_REQUIRE(d_logits.download(out.logits));
+  CUDA_REQUIRE(d_lp.download(out.logprob));
+  CUDA_REQUIRE(d_top_ids.download(out.top_ids));
+  CUDA_REQUIRE(d_top_lp.download(out.top_logprobs));
   return out;
 }
 
@@ -585,6 +614,77 @@ TEST_CASE("gpu sampling: a newest token kept out of the history (steps run ahead
   WARN("rows whose kept-out token repeats an output token: " << repeated << ", new: " << fresh);
   CHECK(repeated > 0);
   CHECK(fresh > 0);
+}
+
+TEST_CASE("gpu sampling: log-probabilities come from the raw logits like the CPU Sampler's",
+          "[gpu][sampling]") {
+  // Rows ask for none, the token's only, or up to 20 top entries, on rows that the launch
+  // rewrites (penalties, temperature: those read a raw copy) and rows it does not; asking
+  // changes no token and no rewritten logit. Every value is within 2 ulps of the CPU's (both
+  // take logsumexp in double; only the order of its sum differs) and the top ids are the CPU's,
+  // ties lowest id first.
+  std::mt19937 rng(gputest::test_seed("sampling_logprobs"));
+  const int32_t vocabs[] = {1, 7, 33, 4099, 131072};
+  const int32_t asks[] = {-1, 0, 1, 3, 5, kernels::kMaxSamplingLogprobs};
+  constexpr int32_t kTop = kernels::kMaxSamplingLogprobs;
+  int copies = 0, rows_checked = 0, top_checked = 0;
+  for (const int32_t vocab : vocabs) {
+    for (int bi = 0; bi < 3; ++bi) {
+      Batch b;
+      b.vocab = vocab;
+      const int32_t rows = vocab >= 100000 ? 12 : 32;
+      for (int32_t r = 0; r < rows; ++r) {
+        const std::vector<float> l = random_logits(vocab, rng);
+        const SamplingParams p = random_params(vocab, rng);
+        b.add_row(l, p, (static_cast<uint64_t>(rng()) << 32) | rng(), rng() % 100000,
+                  random_history(l, rng));
+        b.logprobs.push_back(asks[rng() % std::size(asks)]);
+      }
+      const bool any_penalty = std::any_of(b.params.begin(), b.params.end(), has_penalty);
+      b.pass_history = any_penalty || rng() % 2 != 0;
+      b.last_on_device = bi == 2;  // also with steps run ahead
+      INFO("vocab " << vocab << " batch " << bi);
+      Batch plain = b;
+      plain.logprobs.clear();
+      const GpuOut gpu = run_gpu(b);
+      const GpuOut ref = run_gpu(plain);
+      CHECK(gpu.tokens == ref.tokens);
+      CHECK(std::memcmp(gpu.logits.data(), ref.logits.data(), gpu.logits.size() * 4) == 0);
+      for (int32_t r = 0; r < rows; ++r) {
+        INFO("row " << r << " logprobs " << b.logprobs[r] << " temperature "
+                    << b.params[r].temperature);
+        const std::span<const float> raw = b.row(r);
+        const int32_t n = b.logprobs[r];
+        const size_t base = static_cast<size_t>(r) * kTop;
+        if (n < 0) {
+          CHECK(std::isnan(gpu.logprob[r]));  // poison: not written
+          for (int32_t j = 0; j < kTop; ++j)
+            CHECK(gpu.top_ids[base + j] == -1);
+          continue;
+        }
+        ++rows_checked;
+        kernels::SamplingRow k = to_row(b.params[r], 0, 0);
+        copies += kernels::sampling_rewrites_row(k, b.pass_history) ? 1 : 0;
+        const float want = Sampler::token_logprob(raw, gpu.tokens[r]);
+        INFO("token " << gpu.tokens[r] << " gpu " << gpu.logprob[r] << " cpu " << want);
+        CHECK(ulps(gpu.logprob[r], want) <= 2);
+        const auto top = Sampler::top_logprobs(raw, n);
+        REQUIRE(top.size() == static_cast<size_t>(std::min(n, vocab)));
+        for (size_t j = 0; j < top.size(); ++j) {
+          INFO("top " << j);
+          CHECK(gpu.top_ids[base + j] == top[j].first);
+          CHECK(ulps(gpu.top_logprobs[base + j], top[j].second) <= 2);
+          ++top_checked;
+        }
+        for (size_t j = top.size(); j < static_cast<size_t>(kTop); ++j)
+          CHECK(gpu.top_ids[base + j] == -1);
+      }
+    }
+  }
+  std::printf("gpu sampling logprobs: %d rows (%d from a raw copy), %d top entries checked\n",
+              rows_checked, copies, top_checked);
+  CHECK(copies > 0);
+  CHECK(copies < rows_checked);
 }
 
 TEST_CASE("gpu sampling: draws over many offsets follow the kept-set distribution",

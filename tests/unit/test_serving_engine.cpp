@@ -3,12 +3,14 @@
 // deadlines, both admission modes, preemption by recompute, the floor action, shutdown.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <thread>
 
+#include "engine/backend/backend.h"
 #include "engine/runtime/local_model.h"
 #include "engine/serving/serving_engine.h"
 
@@ -160,18 +162,22 @@ TEST_CASE("serving: 64 concurrent greedy requests equal the offline Generator",
 TEST_CASE("serving: steps run ahead give what steps one at a time give", "[serving][engine]") {
   // Greedy requests that stop early on a stop token (their extra step's token is thrown away)
   // and plain ones; then also some with penalties (the backend counts the token in flight in
-  // their history); then also one with logprobs (steps of its own, logits on the host: while it
-  // is queued or running nothing runs ahead).
-  const int variant = GENERATE(0, 1, 2);
-  const bool penalties = variant >= 1, logprobs = variant == 2;
-  INFO("penalties " << penalties << ", logprobs " << logprobs);
+  // their history); then also some with logprobs (the backend returns them with the tokens);
+  // then one with more logprobs than the backend returns (steps of its own, logits on the host:
+  // while it is queued or running nothing runs ahead).
+  const int variant = GENERATE(0, 1, 2, 3);
+  const bool penalties = variant >= 1, logprobs = variant >= 2, host_logprobs = variant == 3;
+  INFO("penalties " << penalties << ", logprobs " << logprobs << ", host " << host_logprobs);
   std::vector<EngineRequest> reqs;
   for (int i = 0; i < 20; ++i) {
     EngineRequest r = request(prompt_of(i + 3), 8 + (i * 5) % 30);
     if (penalties && i % 5 == 2) r.params.repetition_penalty = 1.3f;
     if (penalties && i % 7 == 3) r.params.frequency_penalty = 0.5f;
     if (penalties && i % 6 == 4) r.params.presence_penalty = 0.4f;
-    if (logprobs && i == 9) r.logprobs = 2;
+    if (logprobs && i % 4 == 1) r.logprobs = 2;  // some of them stop early (below)
+    if (logprobs && i == 6) r.logprobs = 0;
+    if (logprobs && i == 10) r.logprobs = kMaxDeviceLogprobs;
+    if (host_logprobs && i == 9) r.logprobs = kMaxDeviceLogprobs + 5;
     reqs.push_back(r);
   }
   // Every fourth request stops at a token of its own greedy output.
@@ -214,8 +220,18 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
     CHECK(b.completion_tokens == static_cast<int32_t>(b.ids.size()));
     REQUIRE(b.events.size() == a.events.size());
     for (size_t t = 0; t < a.events.size(); ++t) {
-      CHECK(b.events[t].logprob.has_value() == a.events[t].logprob.has_value());
-      if (a.events[t].logprob) CHECK(*b.events[t].logprob == Approx(*a.events[t].logprob));
+      for (const Outcome* o : std::initializer_list<const Outcome*>{&b, &got["drain"][i]}) {
+        const TokenEvent &x = a.events[t], &y = o->events[t];
+        REQUIRE(y.logprob.has_value() == x.logprob.has_value());
+        CHECK(x.logprob.has_value() == (reqs[i].logprobs >= 0));
+        if (x.logprob) CHECK(*y.logprob == Approx(*x.logprob));
+        REQUIRE(y.top_logprobs.size() == x.top_logprobs.size());
+        CHECK(x.top_logprobs.size() == static_cast<size_t>(std::max(reqs[i].logprobs, 0)));
+        for (size_t j = 0; j < x.top_logprobs.size(); ++j) {
+          CHECK(y.top_logprobs[j].first == x.top_logprobs[j].first);
+          CHECK(y.top_logprobs[j].second == Approx(x.top_logprobs[j].second));
+        }
+      }
     }
     stopped_early += a.finish == FinishReason::kStop ? 1 : 0;
     const size_t n = std::min(a.ids.size(), full[i].size());
@@ -231,9 +247,11 @@ TEST_CASE("serving: steps run ahead give what steps one at a time give", "[servi
   CHECK_FALSE(stats["off"].async_steps);
   CHECK(stats["on"].async_steps);
   CHECK(stats["off"].discarded_tokens_total == 0);
-  // Each request that stopped early had its next token in flight already (so the penalties ran
-  // ahead too: a step processed first would have ended it before the next was planned).
-  if (!logprobs) CHECK(stats["on"].discarded_tokens_total == 5);
+  // Each request that stopped early had its next token in flight already (so the penalties and
+  // the log-probabilities ran ahead too: a step processed first would have ended it before the
+  // next was planned). The request with too many log-probabilities made steps wait.
+  if (!host_logprobs) CHECK(stats["on"].discarded_tokens_total == 5);
+  if (host_logprobs) CHECK(stats["on"].discarded_tokens_total < 5);
 }
 
 TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",

@@ -201,9 +201,9 @@ void CpuBackend::forward(const StepBatch& b, std::span<float> logits) {
 }
 
 void CpuBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampling> rows,
-                                std::span<int32_t> tokens) {
+                                std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) {
   const size_t R = b.logit_rows.size(), V = static_cast<size_t>(cfg_.vocab_size);
-  if (rows.size() != R || tokens.size() != R) {
+  if (rows.size() != R || tokens.size() != R || (!logprobs.empty() && logprobs.size() != R)) {
     throw std::invalid_argument("CpuBackend::forward_sample: one sampling row per logit row");
   }
   sample_logits_.resize(R * V);
@@ -228,7 +228,21 @@ void CpuBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampli
       with_last.push_back(b.token_ids[d.last_token_row]);
       output = with_last;
     }
-    tokens[r] = sampler.sample(std::span(sample_logits_).subspan(r * V, V), d.prompt_ids, output);
+    const std::span<float> row = std::span(sample_logits_).subspan(r * V, V);
+    const bool want = !logprobs.empty() && d.logprobs >= 0;
+    if (want) {
+      if (d.logprobs > kMaxDeviceLogprobs) {
+        throw std::invalid_argument("forward_sample: more than " +
+                                    std::to_string(kMaxDeviceLogprobs) + " logprobs");
+      }
+      raw_.assign(row.begin(), row.end());  // sample() rewrites the row
+    }
+    tokens[r] = sampler.sample(row, d.prompt_ids, output);
+    if (!logprobs.empty()) logprobs[r] = {};
+    if (want) {
+      logprobs[r].logprob = Sampler::token_logprob(raw_, tokens[r]);
+      if (d.logprobs > 0) logprobs[r].top = Sampler::top_logprobs(raw_, d.logprobs);
+    }
   }
 }
 

@@ -31,8 +31,10 @@ class CpuBackend final : public Backend {
   // row's (seed, sampled) pair, so the tokens do not depend on what ran before (the contract of
   // DeviceSampling). The engine uses it when asked to run steps ahead (engine.async_steps: on);
   // by default it samples the CPU backend's logits itself.
+  // Log-probabilities come from the raw row through Sampler::token_logprob and top_logprobs.
+  using Backend::forward_sample;
   void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
-                      std::span<int32_t> tokens) override;
+                      std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) override;
 
   int64_t kv_pool_bytes() const override { return static_cast<int64_t>(kv_pool_.size()); }
   int64_t weight_bytes() const override;
@@ -76,6 +78,7 @@ class CpuBackend final : public Backend {
   std::vector<std::byte> kv_pool_;  // [num_pages * page_bytes_]
   AttentionProbe probe_;
   std::vector<float> sample_logits_;  // forward_sample's logits
+  std::vector<float> raw_;            // forward_sample's raw row (log-probabilities)
 };
 
 }  // namespace pmkv

@@ -197,6 +197,8 @@ struct CudaBackend::Impl {
     int slot = 0;
     int32_t rows = 0;
     size_t out_offset = 0;  // the tokens' place in sample_staging[slot]
+    // Rows' DeviceSampling::logprobs (empty when no row asked); their values follow the tokens.
+    std::vector<int32_t> logprobs;
   };
   std::deque<InFlight> in_flight;
   int next_slot = 0;
@@ -212,6 +214,7 @@ struct CudaBackend::Impl {
   cuda::PinnedMemory src_staging;
   DeviceMemory src_dev;
   DeviceMemory sample_inputs, sample_ws;
+  DeviceMemory sample_logprobs;  // [R] sampled token's, [R x 20] top ids, [R x 20] top values
   DeviceMemory prefill_ws, decode_ws;
   kernels::DecodePlan decode_plan;
   CudaMemoryPlan memory;
@@ -1363,15 +1366,15 @@ void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {
 }
 
 void CudaBackend::forward_sample(const StepBatch& b, std::span<const DeviceSampling> rows,
-                                 std::span<int32_t> tokens) {
+                                 std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) {
   if (!impl_->in_flight.empty()) {
     throw std::logic_error("CudaBackend::forward_sample: steps in flight (wait_sampled first)");
   }
-  if (tokens.size() != rows.size()) {
+  if (tokens.size() != rows.size() || (!logprobs.empty() && logprobs.size() != rows.size())) {
     throw std::invalid_argument("CudaBackend::forward_sample: one token per sampling row");
   }
   launch_sample(b, rows);
-  wait_sampled(tokens);
+  wait_sampled(tokens, logprobs);
 }
 
 void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampling> rows) {
@@ -1389,13 +1392,33 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   PenaltyHistory& hist = m.penalty_history;
   hist.reset(static_cast<int32_t>(V));
   bool any_penalty = false, any_last = false;
+  std::vector<int32_t> want_logprobs;
   for (int64_t r = 0; r < R; ++r) {
     const DeviceSampling& d = rows[r];
     if (d.params == nullptr) throw std::invalid_argument("forward_sample: row without params");
+    if (d.logprobs > kMaxDeviceLogprobs) {
+      throw std::invalid_argument("launch_sample: more than " + std::to_string(kMaxDeviceLogprobs) +
+                                  " logprobs");
+    }
     const SamplingParams& p = *d.params;
-    params[r] = {
-        p.temperature,       p.top_k, p.top_p, p.min_p,  p.repetition_penalty, p.presence_penalty,
-        p.frequency_penalty, 0,       d.seed,  d.sampled};
+    kernels::SamplingRow& k = params[r];
+    k = {};
+    k.temperature = p.temperature;
+    k.top_k = p.top_k;
+    k.top_p = p.top_p;
+    k.min_p = p.min_p;
+    k.repetition_penalty = p.repetition_penalty;
+    k.presence_penalty = p.presence_penalty;
+    k.frequency_penalty = p.frequency_penalty;
+    k.logprobs = -1;
+    k.logprob_slot = -1;
+    k.seed = d.seed;
+    k.offset = d.sampled;
+    if (d.logprobs >= 0) {
+      if (want_logprobs.empty()) want_logprobs.assign(R, -1);
+      want_logprobs[r] = d.logprobs;
+      k.logprobs = d.logprobs;
+    }
     const bool rep = p.repetition_penalty != 1.0f;
     const bool out_pen = rep || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
     hist.add_row(out_pen ? d.output_ids : std::span<const int32_t>{},
@@ -1409,6 +1432,13 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     }
     any_penalty = any_penalty || out_pen;
   }
+  // Rows whose logits the kernel rewrites keep a raw copy for their log-probabilities.
+  int32_t logprob_copies = 0;
+  for (kernels::SamplingRow& k : params) {
+    if (k.logprobs >= 0 && kernels::sampling_rewrites_row(k, any_penalty)) {
+      k.logprob_slot = logprob_copies++;
+    }
+  }
   run_step(b);
   Impl::InFlight f;
   f.slot = m.next_slot;
@@ -1421,8 +1451,10 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     const size_t o_prompt = pk.add(hist.in_prompt());
     const size_t o_last = pk.add(hist_last);
     const size_t bytes = pk.bytes().size();
+    const size_t lp_bytes =
+        want_logprobs.empty() ? 0 : static_cast<size_t>(R) * (1 + 2 * kMaxDeviceLogprobs) * 4;
     // This slot's previous step was waited for (at most two in flight), so its buffer is free.
-    staging.reserve(bytes + static_cast<size_t>(R) * 4);
+    staging.reserve(bytes + static_cast<size_t>(R) * 4 + lp_bytes);
     m.sample_inputs.reserve(bytes);
     if (R > m.sampled_capacity) {
       // Grows keeping this step's tokens (already gathered from by run_step's launches).
@@ -1449,7 +1481,16 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
       }
     }
     sl.out_tokens = m.sampled.as<int32_t>();
-    const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab);
+    static_assert(kMaxDeviceLogprobs == kernels::kMaxSamplingLogprobs);
+    if (lp_bytes > 0) {
+      m.sample_logprobs.reserve(lp_bytes);
+      float* lp = m.sample_logprobs.as<float>();
+      sl.out_logprob = lp;
+      sl.out_top_ids = reinterpret_cast<int32_t*>(lp + R);
+      sl.out_top_logprobs = lp + R + R * kMaxDeviceLogprobs;
+      sl.logprob_copies = logprob_copies;
+    }
+    const int64_t ws = kernels::sampling_workspace_bytes(sl.rows, sl.vocab, logprob_copies);
     m.sample_ws.reserve(static_cast<size_t>(std::max<int64_t>(ws, 1)));
     sl.workspace = m.sample_ws.as();
     sl.workspace_bytes = static_cast<int64_t>(m.sample_ws.bytes());
@@ -1457,6 +1498,12 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     f.out_offset = bytes;
     PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + bytes, sl.out_tokens,
                                     static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, m.s()));
+    if (lp_bytes > 0) {
+      PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + bytes + static_cast<size_t>(R) * 4,
+                                      m.sample_logprobs.as(), lp_bytes, cudaMemcpyDeviceToHost,
+                                      m.s()));
+      f.logprobs = std::move(want_logprobs);
+    }
   }
   m.sampled_rows = static_cast<int32_t>(R);
   m.mark(5);
@@ -1470,20 +1517,35 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   }
 }
 
-void CudaBackend::wait_sampled(std::span<int32_t> tokens) {
+void CudaBackend::wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) {
   Impl& m = *impl_;
   if (m.in_flight.empty()) throw std::logic_error("CudaBackend::wait_sampled: no step in flight");
   const Impl::InFlight f = m.in_flight.front();
-  if (static_cast<int64_t>(tokens.size()) != f.rows) {
+  if (static_cast<int64_t>(tokens.size()) != f.rows ||
+      (!logprobs.empty() && static_cast<int64_t>(logprobs.size()) != f.rows)) {
     throw std::invalid_argument("CudaBackend::wait_sampled: the step sampled " +
                                 std::to_string(f.rows) + " rows, the caller expects " +
                                 std::to_string(tokens.size()));
   }
   m.in_flight.pop_front();
   PMKV_CUDA_CHECK(cudaEventSynchronize(m.sampled_event[f.slot].get()));
-  if (f.rows > 0) {
-    std::memcpy(tokens.data(), m.sample_staging[f.slot].as<std::byte>() + f.out_offset,
-                static_cast<size_t>(f.rows) * 4);
+  const std::byte* out = m.sample_staging[f.slot].as<std::byte>() + f.out_offset;
+  if (f.rows > 0) std::memcpy(tokens.data(), out, static_cast<size_t>(f.rows) * 4);
+  const size_t R = static_cast<size_t>(f.rows);
+  for (size_t r = 0; r < logprobs.size(); ++r) {
+    TokenLogprobs& t = logprobs[r];
+    t = {};
+    const int32_t n = f.logprobs.empty() ? -1 : f.logprobs[r];
+    if (n < 0) continue;
+    auto at = [&](size_t i, auto v) {
+      std::memcpy(&v, out + (R + i) * 4, 4);
+      return v;
+    };
+    t.logprob = at(r, 0.0f);
+    for (int32_t j = 0; j < n; ++j) {
+      const size_t e = r * kMaxDeviceLogprobs + static_cast<size_t>(j);
+      t.top.emplace_back(at(R + e, int32_t{0}), at(R + R * kMaxDeviceLogprobs + e, 0.0f));
+    }
   }
 }
 

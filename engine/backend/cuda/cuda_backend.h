@@ -69,12 +69,15 @@ class CudaBackend final : public Backend {
   const ModelConfig& config() const override { return cfg_; }
   void forward(const StepBatch& batch, std::span<float> logits) override;
   bool samples_on_device() const override { return true; }
+  using Backend::forward_sample;
+  using Backend::wait_sampled;
   void forward_sample(const StepBatch& batch, std::span<const DeviceSampling> rows,
-                      std::span<int32_t> tokens) override;
+                      std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) override;
   // Steps in flight (Backend's contract): the sampled tokens stay on the device for the next
-  // step's token_src rows and come back through a pinned buffer per in-flight step.
+  // step's token_src rows and come back through a pinned buffer per in-flight step, with the
+  // log-probabilities the sampling kernel computed (kernels/sampling/sampling.h).
   void launch_sample(const StepBatch& batch, std::span<const DeviceSampling> rows) override;
-  void wait_sampled(std::span<int32_t> tokens) override;
+  void wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) override;
   void drop_in_flight() noexcept override;
   int64_t weight_bytes() const override;
   int64_t kv_pool_bytes() const override;

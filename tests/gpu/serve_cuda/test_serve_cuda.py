@@ -3,7 +3,7 @@ package; requests are raw HTTP like the integration tests' http_request). The mo
 reference model's shape and tokenizer (models/pmkv-ref: config.json, tokenizer.model) with random
 weights (model.load_format: dummy), because its 54 MB of weights cannot travel to the device
 machine with the binaries; every code path past the weights is the real one: tokenizer, chat
-template, scheduler, CUDA forward, device sampling (and host sampling for logprobs), streaming,
+template, scheduler, CUDA forward, device sampling (with logprobs), streaming,
 KV accounting, shutdown.
 
 Run by run.sh (ctest gpu_serve): PMKV_BIN = the pmkv binary, PMKV_SOURCE_DIR = the checkout.
@@ -98,14 +98,25 @@ def test_penalties_run_on_the_device(server):
     assert r["usage"]["completion_tokens"] == 16
 
 
-def test_logprobs_come_from_host_sampling(server):
+def test_logprobs_come_with_device_sampling(server):
     r = complete(server, logprobs=2)
     lp = r["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 16
-    assert all(len(t) >= 1 for t in lp["top_logprobs"])
-    # Greedy: the chosen token is the most likely one.
+    assert all(len(t) == 2 for t in lp["top_logprobs"])
+    # Greedy: the chosen token is the most likely one, and asking changes no token.
     for tok, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
-        assert tok == pytest.approx(max(top.values()), abs=1e-4)
+        assert tok == pytest.approx(max(top.values()), abs=1e-6)
+    assert r["choices"][0]["text"] == complete(server)["choices"][0]["text"]
+    # Seeded sampling draws the same tokens with and without log-probabilities (both sample on
+    # the device); the values are the raw logits' (pmkv_test_gpu_backend compares them by id).
+    fields = {"temperature": 1.0, "top_k": 40, "seed": 11, "presence_penalty": 0.3}
+    plain = complete(server, **fields)["choices"][0]["text"]
+    r = complete(server, logprobs=5, **fields)
+    assert r["choices"][0]["text"] == plain
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 16
+    for tok, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) >= 1 and -1e4 < tok <= max(top.values()) + 1e-6
 
 
 def test_streaming(server):
