@@ -6,7 +6,10 @@
 //     the number of candidates (logit > -inf); if the maximum is +inf, the candidates become
 //     the +inf tokens with logit 0 (the CPU's uniform distribution over them);
 //  4. top-k: radix selection (11 + 11 + 10 bits of an order-preserving key, shared-memory
-//     histograms of counts) of the k-th largest logit; kept: logit >= it;
+//     histograms of counts) of the k-th largest logit; kept: logit >= it. For k <= 1024 it runs
+//     over candidates (select_top): the k-th largest of the threads' maxima bounds it from
+//     below, one pass gathers the logits at or above that bound (usually a few times k) into
+//     shared memory, and the selection runs there;
 //  5. probabilities w = expf(logit - max) in [0, 1], as fixed-point integers m(w) = rn(w 2^40):
 //     sums are exact and independent of the order of the atomics, so a row is deterministic;
 //  6. top-p: the same radix selection over the bits of w (non-negative floats order as their
@@ -18,12 +21,15 @@
 //     the token is the first id whose inclusive prefix of kept mass reaches r (block scan over
 //     per-thread contiguous chunks, then one warp rescans the chunk that holds r).
 // The passes re-read the row (a 256K-token row is 1 MiB, L2 resident) and recompute w; nothing
-// sorts, and no pass allocates: histograms and scan scratch live in 25 KB of shared memory.
+// sorts, and no pass allocates: histograms, candidates and scan scratch live in 45 KB of shared
+// memory.
 // A row with log-probabilities first (step 0, on the raw logits) copies the row into its
 // workspace slot if the steps above will rewrite it, takes the maximum, sums exp(l - max) in
-// double (the CPU's logsumexp), and finds its top n with the same radix selection over order keys
-// (count 1 per token; the tokens tied at the boundary are taken lowest id first); the n entries
-// are sorted by one thread. The sampled token's log-probability is written with the token.
+// double (the CPU's logsumexp), and finds its top n with the same selection over order keys as
+// top-k (count 1 per token; the tokens tied at the boundary are taken lowest id first); the n
+// entries are sorted by one thread. The sampled token's log-probability is written with the token.
+// Cost per row of 128K logits on an H200 (bench_sampling, bench/RESULTS.md): greedy 12 us, top-k 50
+// 75 us, top-p 0.9 152 us, log-probabilities +40 us (the token's) or +77 us (top 5).
 #include <curand_kernel.h>
 
 #include <algorithm>
@@ -48,6 +54,8 @@ constexpr int kMaxBins = 2048;
 // Fixed point of probabilities: w in [0, 1] -> rn(w * 2^40). A row's total is at most
 // kMaxSamplingVocab * 2^40 = 2^62, so no sum overflows a u64.
 constexpr float kFixedScale = 1099511627776.0f;  // 2^40
+// Candidates of a top selection (select_top) kept in shared memory.
+constexpr int kMaxCands = 2048;
 static_assert(kThreads * 2 == kMaxBins, "the bin scan gives each thread two bins");
 
 __device__ __forceinline__ float neg_inf() {
@@ -58,8 +66,16 @@ __device__ __forceinline__ float pos_inf() {
 }
 
 struct Smem {
-  u64 mass[kMaxBins];      // per-digit mass (or count) of the selection pass
-  uint32_t cnt[kMaxBins];  // per-digit count (mass selections only)
+  // Per-digit mass of the selection pass as two 32-bit halves (hi:lo, the carries of lo counted
+  // into hi): shared-memory atomics are native at 32 bits, a 64-bit add is a compare-and-swap
+  // loop that contended bins make retry. Counting selections (kUnit) use lo alone.
+  uint32_t mass_lo[kMaxBins];
+  uint32_t mass_hi[kMaxBins];
+  uint32_t cnt[kMaxBins];         // per-digit count (mass selections only)
+  uint32_t thread_max[kThreads];  // select_top: each thread's largest key (0: none)
+  uint32_t cand_key[kMaxCands];   // select_top: the candidates' keys and ids
+  int32_t cand_id[kMaxCands];
+  int32_t num_cands;
   u64 warp_u64[kWarps];
   double warp_f64[kWarps];
   float top_v[kMaxSamplingLogprobs];  // the top log-probability tokens (step 0)
@@ -76,6 +92,8 @@ struct Smem {
   int32_t last_in_hist;  // the row's unseen newest token has a history entry (penalties)
   float uniform;
 };
+
+static_assert(sizeof(Smem) <= 48 * 1024, "static shared memory of one CTA");
 
 // ---- Block primitives. Each ends with a barrier so that its scratch can be reused at once. ----
 
@@ -208,7 +226,11 @@ struct Selection {
 // the items that match the digits chosen so far; the invariant 1 <= need - above <= amount of
 // the matching items holds after every pass, so exactly one bin is chosen. kCount also counts
 // the items per bin (the count of the final key is returned).
-template <bool kCount, class Item, class NeedOf>
+// kUnit: every amount is 0 or 1 (counting tokens). The lanes of a warp that hit one bin then add
+// once, their number (__match_any_sync): logits crowd into a few bins of the top digits, and
+// a shared-memory atomic serializes the lanes of a warp that share its address (the first
+// version, one atomic a lane, took 12.5 ms a row at 128K tokens on dummy weights).
+template <bool kCount, bool kUnit = false, class Item, class NeedOf>
 __device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& need_of, Smem& s) {
   uint32_t prefix = 0;
   u64 above = 0;
@@ -221,27 +243,53 @@ __device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& 
     const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
     const int nbins = 1 << width;
     for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
-      s.mass[b] = 0;
+      s.mass_lo[b] = 0;
+      s.mass_hi[b] = 0;
       if constexpr (kCount) s.cnt[b] = 0;
     }
     __syncthreads();
+    if constexpr (kUnit) {
+      // Warp-uniform trip count, so that every lane takes part in the match.
+      const int lane = threadIdx.x & 31;
 #pragma unroll 4
-    for (int32_t i = threadIdx.x; i < vocab; i += kThreads) {
-      uint32_t key = 0;
-      const u64 a = item(i, &key);
-      if (a == 0) continue;
-      if (pass > 0 && (key >> (shift + width)) != prefix) continue;
-      const uint32_t d = (key >> shift) & static_cast<uint32_t>(nbins - 1);
-      atomicAdd(&s.mass[d], a);
-      if constexpr (kCount) atomicAdd(&s.cnt[d], 1u);
+      for (int32_t b = 0; b < vocab; b += kThreads) {
+        const int32_t i = b + static_cast<int32_t>(threadIdx.x);
+        uint32_t key = 0;
+        const bool in =
+            i < vocab && item(i, &key) != 0 && (pass == 0 || (key >> (shift + width)) == prefix);
+        const int d = in ? static_cast<int>((key >> shift) & static_cast<uint32_t>(nbins - 1)) : -1;
+        const unsigned peers = __match_any_sync(kFull, d);
+        if (in && lane == __ffs(peers) - 1) {
+          const unsigned n = static_cast<unsigned>(__popc(peers));
+          atomicAdd(&s.mass_lo[d], n);  // at most kMaxSamplingVocab in all: no carry
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int32_t i = threadIdx.x; i < vocab; i += kThreads) {
+        uint32_t key = 0;
+        const u64 a = item(i, &key);
+        if (a == 0) continue;
+        if (pass > 0 && (key >> (shift + width)) != prefix) continue;
+        const uint32_t d = (key >> shift) & static_cast<uint32_t>(nbins - 1);
+        // Exact: every wrap of lo is seen by the add that made it, which carries one into hi.
+        const auto lo = static_cast<uint32_t>(a);
+        const uint32_t old = atomicAdd(&s.mass_lo[d], lo);
+        const uint32_t hi = static_cast<uint32_t>(a >> 32) + (old + lo < old ? 1u : 0u);
+        if (hi != 0) atomicAdd(&s.mass_hi[d], hi);
+        if constexpr (kCount) atomicAdd(&s.cnt[d], 1u);
+      }
     }
     __syncthreads();
     // Thread t looks at the bins of descending rank 2t and 2t + 1.
     const int r0 = 2 * static_cast<int>(threadIdx.x);
     const int b0 = nbins - 1 - r0;
     const int b1 = b0 - 1;
-    const u64 a0 = r0 < nbins ? s.mass[b0] : 0;
-    const u64 a1 = r0 + 1 < nbins ? s.mass[b1] : 0;
+    auto mass = [&](int b) {
+      return (static_cast<u64>(s.mass_hi[b]) << 32) | static_cast<u64>(s.mass_lo[b]);
+    };
+    const u64 a0 = r0 < nbins ? mass(b0) : 0;
+    const u64 a1 = r0 + 1 < nbins ? mass(b1) : 0;
     u64 total;
     const u64 excl = block_excl_scan(a0 + a1, &total, s);
     if (pass == 0) need = need_of(total);
@@ -256,11 +304,66 @@ __device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& 
     __syncthreads();
     const uint32_t bin = s.sel_bin;
     above += s.sel_above;
-    if constexpr (kCount) count = s.cnt[bin];
+    if constexpr (kCount) count = kUnit ? s.mass_lo[bin] : s.cnt[bin];
     prefix = (prefix << width) | bin;
     __syncthreads();  // the next pass clears the histograms and rewrites the slots
   }
   return {prefix, need, above, count};
+}
+
+// The `need` largest keys of a row (need >= 1 items must exist): select_desc<true, true>'s
+// result, usually without its three passes over the row. A bound first: the need-th largest of
+// the threads' largest keys (`my_max`, 0 when the thread saw no item; need <= kThreads) is at
+// most the row's need-th largest key, since need threads each hold an item at least that large.
+// One pass collects the items at or above it into shared memory (a few times need of them on a
+// model's logits), and the selection runs there. When the bound does not apply, or more than
+// kMaxCands items reach it (heavy ties), the selection runs over the row instead. *in_cands
+// says which: then s.cand_key / s.cand_id hold every item with a key >= the result's.
+template <class Item>
+__device__ Selection select_top(int32_t vocab, const Item& item, uint32_t my_max, uint32_t need,
+                                bool* in_cands, Smem& s) {
+  const int lane = threadIdx.x & 31;
+  auto need_fn = [need](u64) { return static_cast<u64>(need); };
+  *in_cands = false;
+  s.thread_max[threadIdx.x] = my_max;
+  const u64 holders = block_sum(my_max != 0 ? 1ull : 0ull, s);  // its barriers publish thread_max
+  if (need <= kThreads && holders >= need) {
+    auto bound_item = [&](int32_t t, uint32_t* key) -> u64 {
+      *key = s.thread_max[t];
+      return *key != 0 ? 1 : 0;
+    };
+    const uint32_t bound = select_desc<false, true>(kThreads, bound_item, need_fn, s).key;
+    if (threadIdx.x == 0) s.num_cands = 0;
+    __syncthreads();
+    // Warp-uniform trip count: one atomic a warp for its lanes' slots.
+    for (int32_t b = 0; b < vocab; b += kThreads) {
+      const int32_t i = b + static_cast<int32_t>(threadIdx.x);
+      uint32_t key = 0;
+      const bool take = i < vocab && item(i, &key) != 0 && key >= bound;
+      const unsigned mask = __ballot_sync(kFull, take);
+      if (mask == 0) continue;
+      int32_t base = 0;
+      if (lane == __ffs(mask) - 1) base = atomicAdd(&s.num_cands, __popc(mask));
+      base = __shfl_sync(kFull, base, __ffs(mask) - 1);
+      const int32_t at = base + __popc(mask & ((1u << lane) - 1u));
+      if (take && at < kMaxCands) {
+        s.cand_key[at] = key;
+        s.cand_id[at] = i;
+      }
+    }
+    __syncthreads();
+    const int32_t n = s.num_cands;
+    __syncthreads();
+    if (n <= kMaxCands) {  // else: too many ties at the bound
+      *in_cands = true;
+      auto cand_item = [&](int32_t j, uint32_t* key) -> u64 {
+        *key = s.cand_key[j];
+        return 1;
+      };
+      return select_desc<true, true>(n, cand_item, need_fn, s);
+    }
+  }
+  return select_desc<true, true>(vocab, item, need_fn, s);
 }
 
 // The smallest id i with amount(0) + ... + amount(i) >= need_of(total amount), need in
@@ -342,6 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
       if (copy != nullptr) copy[i] = l;
       lmax = fmaxf(lmax, sanitized(l));
     }
+    const uint32_t my_max = tid < vocab ? order_key(lmax) : 0u;
     const float vmax = block_max(lmax, s);
     lse_finite = vmax > neg_inf() && vmax < pos_inf();
     if (lse_finite) {
@@ -356,12 +460,21 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
         *key = order_key(sanitized(logits[i]));
         return 1;
       };
-      const Selection sel = select_desc<true>(
-          vocab, item, [n](u64) { return static_cast<u64>(n); }, s);
+      bool in_cands;
+      const Selection sel = select_top(vocab, item, my_max, static_cast<uint32_t>(n), &in_cands, s);
       // Of the tokens at the boundary key, the lowest ids fill what is left.
       const u64 m = sel.need - sel.above;
       int32_t tie_last = INT_MAX;
-      if (m < sel.count) {
+      if (m < sel.count && in_cands) {
+        // The m-th largest ~id among the candidates at the boundary: the m-th lowest id.
+        auto tied = [&](int32_t j, uint32_t* key) -> u64 {
+          *key = ~static_cast<uint32_t>(s.cand_id[j]);
+          return s.cand_key[j] == sel.key ? 1 : 0;
+        };
+        tie_last = static_cast<int32_t>(~select_desc<false, true>(
+                                             s.num_cands, tied, [m](u64) { return m; }, s)
+                                             .key);
+      } else if (m < sel.count) {
         auto tied = [&](int32_t i) -> u64 {
           return order_key(sanitized(logits[i])) == sel.key ? 1ull : 0ull;
         };
@@ -370,14 +483,19 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
       }
       if (tid == 0) s.top_count = 0;
       __syncthreads();
-      for (int32_t i = tid; i < vocab; i += kThreads) {
-        const float v = sanitized(logits[i]);
-        const uint32_t key = order_key(v);
+      auto offer = [&](uint32_t key, int32_t i) {
         if (key > sel.key || (key == sel.key && i <= tie_last)) {
           const int32_t at = atomicAdd(&s.top_count, 1);
-          s.top_v[at] = v;
+          s.top_v[at] = key_value(key);  // sanitized(logit), -0 as +0: the same difference
           s.top_i[at] = i;
         }
+      };
+      if (in_cands) {
+        for (int32_t j = tid; j < s.num_cands; j += kThreads)
+          offer(s.cand_key[j], s.cand_id[j]);
+      } else {
+        for (int32_t i = tid; i < vocab; i += kThreads)
+          offer(order_key(sanitized(logits[i])), i);
       }
       __syncthreads();
       if (tid == 0) {
@@ -524,8 +642,10 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
       *key = order_key(v);
       return 1;
     };
-    const Selection sel = select_desc<false>(
-        vocab, item, [k](u64) { return static_cast<u64>(k); }, s);
+    bool in_cands;
+    // lmax is this thread's largest candidate logit (-inf: none).
+    const Selection sel = select_top(vocab, item, lmax > neg_inf() ? order_key(lmax) : 0u,
+                                     static_cast<uint32_t>(k), &in_cands, s);
     kth = key_value(sel.key);
   }
 
