@@ -86,6 +86,7 @@ double copy_bandwidth_gbps() {
 }
 
 bool g_cuda_graphs = true;   // --cuda-graphs 0|1
+int32_t g_logprobs = -1;     // --logprobs N: every sampled row also returns N top log-probabilities
 bool g_async_steps = false;  // --async-steps 0|1: throughput steps run ahead (engine.async_steps)
 
 struct Setup {
@@ -135,28 +136,34 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// Runs one step of `chunks` with greedy sampling on the device (the engine's path: no logits
-// copied back); returns its wall time and each chunk's token in `tokens`.
-const SamplingParams& greedy_params() {
-  static const SamplingParams greedy = [] {
-    SamplingParams p;
-    p.temperature = 0;
-    return p;
-  }();
-  return greedy;
+// The sampling parameters of every row: greedy, unless --temperature / --top-k / --top-p say
+// otherwise (the draws are seeded per row and step, so the tokens are random but repeatable).
+SamplingParams g_sampling = [] {
+  SamplingParams p;
+  p.temperature = 0;
+  return p;
+}();
+
+// Runs one step of `chunks` with sampling on the device (the engine's path: no logits copied
+// back); returns its wall time and each chunk's token in `tokens`.
+const SamplingParams& sampling_params() {
+  return g_sampling;
 }
 
 double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t>& tokens) {
-  const SamplingParams& greedy = greedy_params();
+  const SamplingParams& params = sampling_params();
   const auto t0 = Clock::now();
   // One StepBatch reused from step to step, as the serving engine's scheduler does.
   if (!build_step(*e.kv, chunks, e.batch)) throw std::runtime_error("KV pool exhausted");
   const StepBatch* batch = &e.batch;
-  std::vector<DeviceSampling> rows(batch->logit_rows.size(), DeviceSampling{&greedy, 0, 0, {}, {}});
+  std::vector<DeviceSampling> rows(batch->logit_rows.size(), DeviceSampling{&params, 0, 0, {}, {}});
+  for (DeviceSampling& d : rows)
+    d.logprobs = g_logprobs;
   tokens.resize(rows.size());
+  std::vector<TokenLogprobs> logprobs(g_logprobs >= 0 ? rows.size() : 0);
   const auto t1 = Clock::now();
   g_build_seconds = std::chrono::duration<double>(t1 - t0).count();
-  e.backend->forward_sample(*batch, rows, tokens);
+  e.backend->forward_sample(*batch, rows, tokens, logprobs);
   g_forward_seconds = seconds_since(t1);
   e.kv->end_step();
   return seconds_since(t0);
@@ -169,9 +176,11 @@ double run_step(Engine& e, std::span<const SeqChunk> chunks, std::vector<int32_t
 // get each step's host parts.
 std::vector<double> run_steps_ahead(Engine& e, std::span<const SeqChunk> chunks, int32_t steps,
                                     std::vector<double>* build, std::vector<double>* prepare) {
-  const std::vector<DeviceSampling> rows(chunks.size(),
-                                         DeviceSampling{&greedy_params(), 0, 0, {}, {}});
+  std::vector<DeviceSampling> rows(chunks.size(), DeviceSampling{&sampling_params(), 0, 0, {}, {}});
+  for (DeviceSampling& d : rows)
+    d.logprobs = g_logprobs;
   std::vector<int32_t> src(chunks.size()), out(chunks.size());
+  std::vector<TokenLogprobs> logprobs(g_logprobs >= 0 ? chunks.size() : 0);
   for (size_t r = 0; r < src.size(); ++r)
     src[r] = static_cast<int32_t>(r);
   std::vector<double> t;
@@ -186,7 +195,7 @@ std::vector<double> run_steps_ahead(Engine& e, std::span<const SeqChunk> chunks,
       if (prepare) prepare->push_back(e.backend->last_prepare_seconds());
       e.kv->end_step();
     }
-    if (i > 0) e.backend->wait_sampled(out);
+    if (i > 0) e.backend->wait_sampled(out, logprobs);
     const auto now = Clock::now();
     if (i > 0) t.push_back(std::chrono::duration<double>(now - last).count());
     last = now;
@@ -518,6 +527,14 @@ int main(int argc, char** argv) {
       g_cuda_graphs = next() != "0";
     else if (a == "--async-steps")
       g_async_steps = next() != "0";
+    else if (a == "--logprobs")
+      g_logprobs = std::stoi(next());
+    else if (a == "--temperature")
+      g_sampling.temperature = std::stof(next());
+    else if (a == "--top-k")
+      g_sampling.top_k = std::stoi(next());
+    else if (a == "--top-p")
+      g_sampling.top_p = std::stof(next());
     else {
       std::fprintf(
           stderr,
@@ -525,6 +542,7 @@ int main(int argc, char** argv) {
           "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
           "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
           "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] [--async-steps 0|1] "
+          "[--logprobs N] [--temperature T] [--top-k K] [--top-p P] "
           "[--gemm-rows 1,16,64] [--out FILE]\n");
       return 2;
     }
@@ -561,6 +579,10 @@ int main(int argc, char** argv) {
                        {"load_format", dummy ? "dummy" : "safetensors"},
                        {"cuda_graphs_enabled", g_cuda_graphs},
                        {"async_steps", g_async_steps},
+                       {"logprobs", g_logprobs},
+                       {"temperature", g_sampling.temperature},
+                       {"top_k", g_sampling.top_k},
+                       {"top_p", g_sampling.top_p},
                        {"copy_bandwidth_gb_s", copy}};
     std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
     auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };
