@@ -350,6 +350,7 @@ bool ServingEngine::Impl::take_inbox() {
 }
 
 void ServingEngine::Impl::wait_for_work() {
+  const Clock::time_point t0 = Clock::now();
   std::unique_lock lock(mu);
   auto ready = [&] { return !inbox.empty() || new_budgets || stopping; };
   if (scheduler->empty()) {
@@ -357,6 +358,7 @@ void ServingEngine::Impl::wait_for_work() {
   } else {
     cv.wait_for(lock, std::chrono::milliseconds(2), ready);
   }
+  metrics.idle_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 bool ServingEngine::Impl::ends_stream(Sequence& s) {
@@ -430,10 +432,14 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
       const bool lp = fill_sampling_rows(plan, batch);
       device_tokens.resize(sampling_rows.size());
       device_logprobs.assign(lp ? sampling_rows.size() : 0, {});
+      const Clock::time_point t0 = Clock::now();
       backend->forward_sample(batch, sampling_rows, device_tokens, device_logprobs);
+      metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     } else {
       logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
+      const Clock::time_point t0 = Clock::now();
       backend->forward(batch, logits);
+      metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     }
   } catch (const std::exception& e) {
     scheduler->end_step();
@@ -514,7 +520,9 @@ void ServingEngine::Impl::process_pending() {
   device_tokens.assign(static_cast<size_t>(p.rows), 0);
   device_logprobs.assign(p.logprobs ? static_cast<size_t>(p.rows) : 0, {});
   try {
+    const Clock::time_point t0 = Clock::now();
     backend->wait_sampled(device_tokens, device_logprobs);
+    metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   } catch (const std::exception& e) {
     spdlog::error("engine: a step of {} requests failed: {}", p.plan.chunks.size(), e.what());
     pending = std::move(p);
@@ -648,6 +656,8 @@ void ServingEngine::Impl::publish(bool full) {
   st.steps_total = metrics.steps;
   st.async_steps = async;
   st.discarded_tokens_total = metrics.discarded_tokens;
+  st.device_wait_seconds_total = metrics.device_wait_seconds;
+  st.idle_seconds_total = metrics.idle_seconds;
   st.kv = kv_stats;
   st.time_to_first_token = metrics.time_to_first_token.snapshot();
   st.inter_token_latency = metrics.inter_token_latency.snapshot();

@@ -191,6 +191,8 @@ void fill_kv_stats(const EngineStats& s, v1::KvStats* out) {
   out->set_requests_waiting(s.requests_waiting);
   out->set_async_steps(s.async_steps);
   out->set_discarded_tokens_total(static_cast<int64_t>(s.discarded_tokens_total));
+  out->set_device_wait_seconds_total(s.device_wait_seconds_total);
+  out->set_idle_seconds_total(s.idle_seconds_total);
 }
 
 }  // namespace pmkv::rpc

@@ -175,6 +175,7 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
                  "pmkv_kv_pool_pages_total", "pmkv_kv_demotions_total", "pmkv_preemptions_total",
                  "pmkv_prompt_tokens_total", "pmkv_generation_tokens_total",
                  "pmkv_engine_async_steps", "pmkv_discarded_tokens_total",
+                 "pmkv_engine_device_wait_seconds_total", "pmkv_engine_idle_seconds_total",
                  "pmkv_time_to_first_token_seconds_count", "pmkv_inter_token_latency_seconds_sum",
                  "pmkv_request_latency_seconds_bucket{le=\"+Inf\"}"]:
         assert name in m, name
@@ -184,6 +185,9 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
     assert m["pmkv_engine_async_steps"] == (1 if ASYNC_STEPS else 0)
     assert m["pmkv_generation_tokens_total"] >= 3
     assert m["pmkv_time_to_first_token_seconds_count"] >= 1
+    # The engine thread waited for the device (the steps above) and for work (between requests).
+    assert m["pmkv_engine_device_wait_seconds_total"] > 0
+    assert m["pmkv_engine_idle_seconds_total"] > 0
 
 
 def test_64_concurrent_streams(server, model):
