@@ -93,8 +93,13 @@ async def run(args):
     return results, wall
 
 
+ENGINE_COUNTERS = ("pmkv_engine_device_wait_seconds_total", "pmkv_engine_idle_seconds_total",
+                   "pmkv_steps_total")
+
+
 def server_histograms(base_url):
-    """{name: (sum, count)} of the server's latency histograms (pmkv /metrics), or {}."""
+    """{name: (sum, count)} of the server's latency histograms (pmkv /metrics), plus the engine
+    thread's time counters and the step count as {name: (value, 0)}, or {}."""
     root = base_url.rstrip("/").removesuffix("/v1")
     try:
         with urllib.request.urlopen(root + "/metrics", timeout=10) as r:
@@ -107,13 +112,28 @@ def server_histograms(base_url):
             name, _, value = line.partition(" ")
             if name.startswith("pmkv_") and name.endswith("_seconds" + suffix):
                 out.setdefault(name[: -len(suffix)], [0.0, 0.0])[slot] = float(value)
+        name, _, value = line.partition(" ")
+        if name in ENGINE_COUNTERS:
+            out[name] = [float(value), 0.0]
+    out["wall"] = [time.perf_counter(), 0.0]
     return out
 
 
 def server_means(before, after):
     """Mean of each histogram over the run, in ms (what the server itself measured)."""
     out = {}
+    if all(k in before and k in after for k in ENGINE_COUNTERS):
+        # Shares of the engine thread's wall time over the run; the rest is host work.
+        wall = after["wall"][0] - before["wall"][0]
+        wait, idle, steps = (after[k][0] - before[k][0] for k in ENGINE_COUNTERS)
+        out["server_device_wait_share"] = round(wait / wall, 3)
+        out["server_idle_share"] = round(idle / wall, 3)
+        out["server_host_share"] = round(1 - (wait + idle) / wall, 3)
+        if steps > 0:
+            out["server_ms_per_step"] = round(1e3 * wall / steps, 3)
     for name, (s1, c1) in after.items():
+        if name in ENGINE_COUNTERS or name == "wall":
+            continue
         s0, c0 = before.get(name, (0.0, 0.0))
         if c1 > c0:
             short = name.removeprefix("pmkv_").removesuffix("_seconds")

@@ -87,7 +87,8 @@ struct ServingEngine::Impl {
   void abandon_in_flight(const StepPlan* also, const std::string& why);
   bool ends_stream(Sequence& s);  // a sequence's stream ended outside a step (cancel, deadline)
   void publish(bool full);
-  void wait_for_work();
+  void wait_for_work();  // wait_for_inbox(), timed as idle
+  void wait_for_inbox();
 
   // Fixed after construction.
   EngineOptions options;
@@ -138,6 +139,9 @@ struct ServingEngine::Impl {
   // The stats seam (stats_mu).
   mutable std::mutex stats_mu;
   EngineStats snapshot;
+  // While the engine thread waits for work: since when (stats() adds the time so far, so that
+  // the idle counter moves during a long wait and never steps back).
+  std::optional<Clock::time_point> idle_since;
 
   std::mutex thread_mu;  // start() / shutdown()
   std::thread thread;
@@ -351,6 +355,19 @@ bool ServingEngine::Impl::take_inbox() {
 
 void ServingEngine::Impl::wait_for_work() {
   const Clock::time_point t0 = Clock::now();
+  {
+    std::lock_guard lock(stats_mu);
+    idle_since = t0;
+  }
+  wait_for_inbox();
+  const double idle = std::chrono::duration<double>(Clock::now() - t0).count();
+  metrics.idle_seconds += idle;
+  std::lock_guard lock(stats_mu);
+  idle_since.reset();
+  snapshot.idle_seconds_total += idle;  // what publish() would write: the counter never drops
+}
+
+void ServingEngine::Impl::wait_for_inbox() {
   std::unique_lock lock(mu);
   auto ready = [&] { return !inbox.empty() || new_budgets || stopping; };
   if (scheduler->empty()) {
@@ -358,7 +375,6 @@ void ServingEngine::Impl::wait_for_work() {
   } else {
     cv.wait_for(lock, std::chrono::milliseconds(2), ready);
   }
-  metrics.idle_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 bool ServingEngine::Impl::ends_stream(Sequence& s) {
@@ -725,6 +741,10 @@ EngineStats ServingEngine::stats() const {
   {
     std::lock_guard lock(impl_->stats_mu);
     st = impl_->snapshot;
+    if (impl_->idle_since) {
+      st.idle_seconds_total +=
+          std::chrono::duration<double>(Clock::now() - *impl_->idle_since).count();
+    }
   }
   std::lock_guard lock(impl_->mu);
   st.requests_waiting += static_cast<int32_t>(impl_->inbox.size());
