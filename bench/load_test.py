@@ -51,7 +51,7 @@ async def one_request(client, args, index):
     usage = None
     stream = await client.completions.create(
         model=args.model, prompt=prompt_of(args), max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=index, stream=True,
+        temperature=args.temperature, top_p=args.top_p, seed=index, stream=True,
         presence_penalty=args.presence_penalty,
         logprobs=args.logprobs if args.logprobs >= 0 else None,
         stream_options={"include_usage": True},
@@ -149,7 +149,7 @@ def report(results, wall, args):
     return {
         "concurrency": args.concurrency, "requests": len(results), "max_tokens": args.max_tokens,
         "prompt": args.prompt if not args.prompt_ids else f"{args.prompt_ids} token ids",
-        "model": args.model, "temperature": args.temperature,
+        "model": args.model, "temperature": args.temperature, "top_p": args.top_p,
         "presence_penalty": args.presence_penalty, "logprobs": args.logprobs,
         "wall_s": round(wall, 3),
         "generated_tokens": tokens,
@@ -175,6 +175,7 @@ def main():
     p.add_argument("--prompt-ids", type=int, default=0,
                    help="send a prompt of this many token ids instead (models without a tokenizer)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--logprobs", type=int, default=-1,
                    help="top log-probabilities per token (0: the token's only; -1: none)")
