@@ -78,6 +78,10 @@ class Backend {
   void wait_sampled(std::span<int32_t> tokens) { wait_sampled(tokens, {}); }
   // Forgets the steps in flight after an error (waits for the device first; throws nothing).
   virtual void drop_in_flight() noexcept;
+  // Time the calling thread has spent blocked on a device (a step's uploads, tokens or logits)
+  // since construction. 0 for a backend that computes on the calling thread (the CPU backend:
+  // its forward is host work).
+  virtual double device_wait_seconds() const { return 0.0; }
   // Memory the backend holds for the weights and for the KV pool (start-up log, metrics).
   virtual int64_t weight_bytes() const = 0;
   virtual int64_t kv_pool_bytes() const = 0;

@@ -51,9 +51,8 @@ struct EngineMetrics {
   uint64_t generation_tokens = 0;
   uint64_t steps = 0;
   uint64_t discarded_tokens = 0;  // sampled for sequences that had ended (steps run ahead)
-  // Where the engine thread's time goes: blocked on the device (a step's tokens or logits) and
-  // waiting for work; the rest is host work (scheduling, page tables, launches, outputs).
-  double device_wait_seconds = 0;
+  // The engine thread's time waiting for work (its time blocked on the device is the backend's
+  // Backend::device_wait_seconds()); the rest is host work.
   double idle_seconds = 0;
 };
 

@@ -448,14 +448,10 @@ void ServingEngine::Impl::run_plan(StepPlan& plan) {
       const bool lp = fill_sampling_rows(plan, batch);
       device_tokens.resize(sampling_rows.size());
       device_logprobs.assign(lp ? sampling_rows.size() : 0, {});
-      const Clock::time_point t0 = Clock::now();
       backend->forward_sample(batch, sampling_rows, device_tokens, device_logprobs);
-      metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     } else {
       logits.resize(batch.logit_rows.size() * static_cast<size_t>(model.config.vocab_size));
-      const Clock::time_point t0 = Clock::now();
       backend->forward(batch, logits);
-      metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     }
   } catch (const std::exception& e) {
     scheduler->end_step();
@@ -536,9 +532,7 @@ void ServingEngine::Impl::process_pending() {
   device_tokens.assign(static_cast<size_t>(p.rows), 0);
   device_logprobs.assign(p.logprobs ? static_cast<size_t>(p.rows) : 0, {});
   try {
-    const Clock::time_point t0 = Clock::now();
     backend->wait_sampled(device_tokens, device_logprobs);
-    metrics.device_wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   } catch (const std::exception& e) {
     spdlog::error("engine: a step of {} requests failed: {}", p.plan.chunks.size(), e.what());
     pending = std::move(p);
@@ -672,7 +666,7 @@ void ServingEngine::Impl::publish(bool full) {
   st.steps_total = metrics.steps;
   st.async_steps = async;
   st.discarded_tokens_total = metrics.discarded_tokens;
-  st.device_wait_seconds_total = metrics.device_wait_seconds;
+  st.device_wait_seconds_total = backend->device_wait_seconds();
   st.idle_seconds_total = metrics.idle_seconds;
   st.kv = kv_stats;
   st.time_to_first_token = metrics.time_to_first_token.snapshot();

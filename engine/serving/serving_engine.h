@@ -71,8 +71,8 @@ struct EngineStats {
   // computed for sequences that had already ended (one each at most).
   bool async_steps = false;
   uint64_t discarded_tokens_total = 0;
-  // The engine thread's time blocked on the device (steps run ahead: waiting for a step's
-  // tokens; one at a time: the whole backend call, its preparation included) and with no work.
+  // The engine thread's time blocked on the device (Backend::device_wait_seconds(): 0 on the CPU
+  // backend, whose forward is host work) and with no work.
   double device_wait_seconds_total = 0;
   double idle_seconds_total = 0;
   kv::KvPoolStats kv;

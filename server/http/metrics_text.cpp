@@ -118,9 +118,8 @@ std::string format_metrics(const EngineStats& s, const HttpCounters& http) {
           "1 when the engine launches a step before reading the previous one's tokens.");
   w.counter("pmkv_discarded_tokens_total", static_cast<double>(s.discarded_tokens_total),
             "Tokens computed for sequences that had ended while their step was in flight.");
-  w.counter(
-      "pmkv_engine_device_wait_seconds_total", s.device_wait_seconds_total,
-      "Engine-thread time blocked on the device (with async steps off: whole backend calls).");
+  w.counter("pmkv_engine_device_wait_seconds_total", s.device_wait_seconds_total,
+            "Engine-thread time blocked on the device (0 on the CPU backend).");
   w.counter("pmkv_engine_idle_seconds_total", s.idle_seconds_total,
             "Engine-thread time with nothing to run.");
   write_kv(w, s.kv);

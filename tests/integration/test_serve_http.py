@@ -185,8 +185,9 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
     assert m["pmkv_engine_async_steps"] == (1 if ASYNC_STEPS else 0)
     assert m["pmkv_generation_tokens_total"] >= 3
     assert m["pmkv_time_to_first_token_seconds_count"] >= 1
-    # The engine thread waited for the device (the steps above) and for work (between requests).
-    assert m["pmkv_engine_device_wait_seconds_total"] > 0
+    # The engine thread waited for work (between requests); the CPU backend's forward is host
+    # work, not a wait on a device (the CUDA server suite checks a wait there).
+    assert m["pmkv_engine_device_wait_seconds_total"] == 0
     assert m["pmkv_engine_idle_seconds_total"] > 0
 
 

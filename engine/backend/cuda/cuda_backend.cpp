@@ -206,6 +206,18 @@ struct CudaBackend::Impl {
   cuda::Event sampled_event[2];
   cuda::Event uploads_done;
   bool uploads_recorded = false;
+  double device_wait_s = 0;  // device_wait_seconds(): time in the synchronizations of steps
+  // Blocks until `e` (a step's event) completes, timed as a device wait.
+  void wait_event(cudaEvent_t e) {
+    const auto t0 = std::chrono::steady_clock::now();
+    PMKV_CUDA_CHECK(cudaEventSynchronize(e));
+    device_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  void wait_stream() {
+    const auto t0 = std::chrono::steady_clock::now();
+    PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
+    device_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
   DeviceMemory sampled;            // int32 [sampled_capacity]
   int32_t* step_tokens = nullptr;  // the latest run_step's input token ids on the device
   PenaltyHistory penalty_history;  // the sampling rows' histories, rebuilt every step
@@ -1051,8 +1063,11 @@ const CudaGraphCounters& CudaBackend::graph_counters() const {
 double CudaBackend::last_prepare_seconds() const {
   return impl_->last_prepare_seconds;
 }
+double CudaBackend::device_wait_seconds() const {
+  return impl_->device_wait_s;
+}
 void CudaBackend::synchronize() {
-  PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->s()));
+  impl_->wait_stream();
 }
 
 void CudaBackend::run_step(const StepBatch& b) {
@@ -1085,7 +1100,7 @@ void CudaBackend::run_step(const StepBatch& b) {
   // The engine thread may not be the thread that built the backend.
   PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
   // A step in flight may not have read its inputs out of the staging buffers yet.
-  if (m.uploads_recorded) PMKV_CUDA_CHECK(cudaEventSynchronize(m.uploads_done.get()));
+  if (m.uploads_recorded) m.wait_event(m.uploads_done.get());
 
   // -- Host side: flatten the step into arrays.
   std::vector<int32_t> cached_starts(S + 1, 0);
@@ -1358,7 +1373,7 @@ void CudaBackend::forward(const StepBatch& b, std::span<float> logits_out) {
                                     cudaMemcpyDeviceToHost, m.s()));
   }
   m.mark(5);
-  PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+  m.wait_stream();
   m.end_timing();
   if (R > 0) {
     std::memcpy(logits_out.data(), m.logits_host.as(), static_cast<size_t>(R * V) * sizeof(float));
@@ -1528,7 +1543,7 @@ void CudaBackend::wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprob
                                 std::to_string(tokens.size()));
   }
   m.in_flight.pop_front();
-  PMKV_CUDA_CHECK(cudaEventSynchronize(m.sampled_event[f.slot].get()));
+  m.wait_event(m.sampled_event[f.slot].get());
   const std::byte* out = m.sample_staging[f.slot].as<std::byte>() + f.out_offset;
   if (f.rows > 0) std::memcpy(tokens.data(), out, static_cast<size_t>(f.rows) * 4);
   const size_t R = static_cast<size_t>(f.rows);

@@ -81,6 +81,7 @@ class CudaBackend final : public Backend {
   void drop_in_flight() noexcept override;
   int64_t weight_bytes() const override;
   int64_t kv_pool_bytes() const override;
+  double device_wait_seconds() const override;
 
   const CudaMemoryPlan& memory_plan() const;
   const CudaGraphCounters& graph_counters() const;

@@ -77,6 +77,14 @@ def test_runs_on_the_gpu(server):
     assert "(bf16, cuda)" in log, log[-3000:]
 
 
+def test_metrics_show_the_device_waits(server):
+    complete(server)
+    m = integ.metrics(server.base_url)
+    # The engine thread blocked on the GPU for the steps' tokens, and idled between requests.
+    assert m["pmkv_engine_device_wait_seconds_total"] > 0
+    assert m["pmkv_engine_idle_seconds_total"] > 0
+
+
 def test_greedy_completion_is_deterministic(server):
     a = complete(server)
     b = complete(server)
