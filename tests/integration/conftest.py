@@ -49,6 +49,8 @@ TEST_MODEL = os.environ.get("PMKV_TEST_MODEL")
 SERVE_EXTRA = tuple(shlex.split(os.environ.get("PMKV_TEST_SERVE_ARGS", "")))
 # Whether a sequence's logits are the same bits alone and in any batch (the CPU backend's are).
 BATCH_INVARIANT = "engine.device=cuda" not in " ".join(SERVE_EXTRA)
+# Whether the server runs on the CUDA backend (its engine thread then blocks on the device).
+ON_CUDA = "engine.device=cuda" in " ".join(SERVE_EXTRA)
 # Whether the server runs its steps ahead (engine.async_steps: on, or auto with the CUDA backend).
 ASYNC_STEPS = ("engine.async_steps=on" in " ".join(SERVE_EXTRA) or
                ("engine.device=cuda" in " ".join(SERVE_EXTRA) and
