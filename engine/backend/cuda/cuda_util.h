@@ -4,6 +4,7 @@
 // backend's .cpp files include it, never the engine's public headers.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -54,10 +55,13 @@ class DeviceMemory {
     PMKV_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
     bytes_ = bytes;
   }
-  // Grows to at least `bytes` (contents are not kept). Returns true when it reallocated.
+  // Grows to at least `bytes` (contents are not kept), by at least half its size: a buffer that
+  // grows a little every step (page tables, penalty histories) then reallocates O(log) times,
+  // not every step (cudaFree synchronizes the device, stalling the steps in flight). Returns
+  // true when it reallocated.
   bool reserve(size_t bytes) {
     if (bytes <= bytes_) return false;
-    allocate(bytes);
+    allocate(std::max(bytes, bytes_ + bytes_ / 2));
     return true;
   }
   template <class T = void>
@@ -83,8 +87,10 @@ class PinnedMemory {
   PinnedMemory(const PinnedMemory&) = delete;
   PinnedMemory& operator=(const PinnedMemory&) = delete;
   ~PinnedMemory() { release(); }
+  // Grows like DeviceMemory::reserve (a pinned allocation costs far more than a step's work).
   void reserve(size_t bytes) {
     if (bytes <= bytes_) return;
+    bytes = std::max(bytes, bytes_ + bytes_ / 2);
     release();
     PMKV_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
     bytes_ = bytes;
