@@ -9,7 +9,8 @@
 //     histograms of counts) of the k-th largest logit; kept: logit >= it. For k <= 1024 it runs
 //     over candidates (select_top): the k-th largest of the threads' maxima bounds it from
 //     below, one pass gathers the logits at or above that bound (usually a few times k) into
-//     shared memory, and the selection runs there;
+//     shared memory, and the selection runs there; steps 5-8 then run over those candidates
+//     sorted by id (bitonic), the same entries in the same order as over the row;
 //  5. probabilities w = expf(logit - max) in [0, 1], as fixed-point integers m(w) = rn(w 2^40):
 //     sums are exact and independent of the order of the atomics, so a row is deterministic;
 //  6. top-p: the same radix selection over the bits of w (non-negative floats order as their
@@ -29,7 +30,8 @@
 // top-k (count 1 per token; the tokens tied at the boundary are taken lowest id first); the n
 // entries are sorted by one thread. The sampled token's log-probability is written with the token.
 // Cost per row of 128K logits on an H200 (bench_sampling, bench/RESULTS.md): greedy 12 us, top-k 50
-// 75 us, top-p 0.9 152 us, log-probabilities +40 us (the token's) or +77 us (top 5).
+// 56 us, top-k 50 + top-p 0.95 72 us, top-p 0.9 alone 152 us, log-probabilities +40 us (the
+// token's) or +77 us (top 5).
 #include <curand_kernel.h>
 
 #include <algorithm>
@@ -366,6 +368,37 @@ __device__ Selection select_top(int32_t vocab, const Item& item, uint32_t my_max
   return select_desc<true, true>(vocab, item, need_fn, s);
 }
 
+// Sorts the n select_top candidates by id, ascending (bitonic over the next power of two, the
+// padding after them; ids are distinct).
+__device__ void sort_cands_by_id(int32_t n, Smem& s) {
+  int32_t size = 1;
+  while (size < n)
+    size <<= 1;
+  for (int32_t i = n + static_cast<int32_t>(threadIdx.x); i < size; i += kThreads) {
+    s.cand_id[i] = INT_MAX;
+    s.cand_key[i] = 0;
+  }
+  __syncthreads();
+  for (int32_t k = 2; k <= size; k <<= 1) {
+    for (int32_t j = k >> 1; j > 0; j >>= 1) {
+      for (int32_t i = static_cast<int32_t>(threadIdx.x); i < size; i += kThreads) {
+        const int32_t p = i ^ j;
+        if (p <= i) continue;
+        const bool ascending = (i & k) == 0;
+        const int32_t a = s.cand_id[i], b = s.cand_id[p];
+        if ((a > b) == ascending) {
+          s.cand_id[i] = b;
+          s.cand_id[p] = a;
+          const uint32_t t = s.cand_key[i];
+          s.cand_key[i] = s.cand_key[p];
+          s.cand_key[p] = t;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // The smallest id i with amount(0) + ... + amount(i) >= need_of(total amount), need in
 // [1, total]. Thread t sums a contiguous chunk of ids, a block scan finds the chunk that
 // holds the crossing, and warp 0 rescans that chunk 32 ids at a time. amount must give the same
@@ -635,6 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   // candidate is 0, so top-k keeps them all.
   float kth = neg_inf();
   const int32_t k = prm.top_k;
+  bool in_cands = false;  // every top-k survivor is in s.cand_key / s.cand_id
   if (!inf_mode && k > 0 && static_cast<u64>(k) < ncand) {
     auto item = [&](int32_t i, uint32_t* key) -> u64 {
       const float v = value(i);
@@ -642,75 +676,86 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
       *key = order_key(v);
       return 1;
     };
-    bool in_cands;
     // lmax is this thread's largest candidate logit (-inf: none).
     const Selection sel = select_top(vocab, item, lmax > neg_inf() ? order_key(lmax) : 0u,
                                      static_cast<uint32_t>(k), &in_cands, s);
     kth = key_value(sel.key);
   }
 
-  // 5. Probabilities of the top-k survivors; 0 (and no key) for the others.
-  auto weight = [&](int32_t i, float* w) -> bool {
-    const float v = value(i);
-    if (!(v > neg_inf()) || v < kth) return false;
-    *w = expf(__fsub_rn(v, vmax));
-    return true;
-  };
-
-  // 6. top-p: tau and, for the tokens tied at tau, the last id kept.
+  // 5-8 over a domain of n entries in id order: the row (entry = id), or the top-k candidates
+  // sorted by id. val(j) is the entry's logit as the filters see it, id_of(j) its token.
   const bool use_p = prm.top_p < 1.0f;
-  uint32_t tau = 0;
-  int32_t tie_last = INT_MAX;
-  if (use_p) {
-    // Tokens whose mass rounds to 0 never reach the boundary (the total is carried by the
-    // others and target < total), so they are no items and end up dropped.
-    auto item = [&](int32_t i, uint32_t* key) -> u64 {
+  const float min_p = prm.min_p;
+  const float u = s.uniform;  // written before the barriers of step 3
+  auto filter_and_draw = [&](int32_t n, const auto& val, const auto& id_of) -> int32_t {
+    // 5. Probabilities of the top-k survivors; 0 (and no key) for the others.
+    auto weight = [&](int32_t j, float* w) -> bool {
+      const float v = val(j);
+      if (!(v > neg_inf()) || v < kth) return false;
+      *w = expf(__fsub_rn(v, vmax));
+      return true;
+    };
+    // 6. top-p: tau and, for the entries tied at tau, the last one kept.
+    uint32_t tau = 0;
+    int32_t tie_last = INT_MAX;
+    if (use_p) {
+      // Tokens whose mass rounds to 0 never reach the boundary (the total is carried by the
+      // others and target < total), so they are no items and end up dropped.
+      auto item = [&](int32_t j, uint32_t* key) -> u64 {
+        float w;
+        if (!weight(j, &w)) return 0;
+        *key = __float_as_uint(w);
+        return fixed_mass(w);
+      };
+      const float top_p = prm.top_p;
+      // The CPU keeps the head while its mass is < top_p * total; in integers: mass >= ceil().
+      auto need_of = [top_p](u64 total) {
+        const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
+        const u64 need = static_cast<u64>(t);
+        return need < 1 ? 1ull : (need > total ? total : need);
+      };
+      const Selection sel = select_desc<true>(n, item, need_of, s);
+      tau = sel.key;
+      const u64 unit = fixed_mass(__uint_as_float(tau));  // > 0: tau's bin had mass
+      // Tied entries (id ascending) needed after the mass above tau: 1 <= m <= sel.count.
+      const u64 m = (sel.need - sel.above + unit - 1) / unit;
+      if (m < sel.count) {
+        auto tied = [&](int32_t j) -> u64 {
+          float w;
+          return weight(j, &w) && __float_as_uint(w) == tau ? 1ull : 0ull;
+        };
+        tie_last = find_crossing(
+            n, tied, [m](u64) { return m; }, s);
+      }
+    }
+    // 7-8. min-p and the draw over what is kept, in id order.
+    auto kept_mass = [&](int32_t j) -> u64 {
       float w;
-      if (!weight(i, &w)) return 0;
-      *key = __float_as_uint(w);
+      if (!weight(j, &w)) return 0;
+      if (use_p) {
+        const uint32_t key = __float_as_uint(w);
+        if (key < tau || (key == tau && j > tie_last)) return 0;
+      }
+      if (min_p > 0.0f && w < min_p) return 0;
       return fixed_mass(w);
     };
-    const float top_p = prm.top_p;
-    // The CPU keeps the head while its mass is < top_p * total; in integers: mass >= ceil().
-    auto need_of = [top_p](u64 total) {
-      const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
-      const u64 need = static_cast<u64>(t);
-      return need < 1 ? 1ull : (need > total ? total : need);
+    auto need_of_draw = [u](u64 total) {
+      // total >= 2^40: the top token (w = 1) survives every filter.
+      const u64 r = static_cast<u64>(ceil(static_cast<double>(u) * static_cast<double>(total)));
+      return r < 1 ? 1ull : (r > total ? total : r);
     };
-    const Selection sel = select_desc<true>(vocab, item, need_of, s);
-    tau = sel.key;
-    const u64 unit = fixed_mass(__uint_as_float(tau));  // > 0: tau's bin had mass
-    // Tied tokens (id ascending) needed after the mass above tau: 1 <= m <= sel.count.
-    const u64 m = (sel.need - sel.above + unit - 1) / unit;
-    if (m < sel.count) {
-      auto tied = [&](int32_t i) -> u64 {
-        float w;
-        return weight(i, &w) && __float_as_uint(w) == tau ? 1ull : 0ull;
-      };
-      tie_last = find_crossing(
-          vocab, tied, [m](u64) { return m; }, s);
-    }
+    return id_of(find_crossing(n, kept_mass, need_of_draw, s));
+  };
+  if (in_cands) {
+    // Every survivor is a candidate (their keys reach the bound, which is <= kth): filter and
+    // draw there, the same entries in the same order, without three more passes over the row.
+    sort_cands_by_id(s.num_cands, s);
+    finish(filter_and_draw(
+        s.num_cands, [&](int32_t j) { return key_value(s.cand_key[j]); },
+        [&](int32_t j) { return s.cand_id[j]; }));
+  } else {
+    finish(filter_and_draw(vocab, value, [](int32_t i) { return i; }));
   }
-
-  // 7-8. min-p and the draw over what is kept, in id order.
-  const float min_p = prm.min_p;
-  auto kept_mass = [&](int32_t i) -> u64 {
-    float w;
-    if (!weight(i, &w)) return 0;
-    if (use_p) {
-      const uint32_t key = __float_as_uint(w);
-      if (key < tau || (key == tau && i > tie_last)) return 0;
-    }
-    if (min_p > 0.0f && w < min_p) return 0;
-    return fixed_mass(w);
-  };
-  const float u = s.uniform;  // written before the barriers of step 3
-  auto need_of_draw = [u](u64 total) {
-    // total >= 2^40: the top token (w = 1) survives every filter.
-    const u64 r = static_cast<u64>(ceil(static_cast<double>(u) * static_cast<double>(total)));
-    return r < 1 ? 1ull : (r > total ? total : r);
-  };
-  finish(find_crossing(vocab, kept_mass, need_of_draw, s));
 }
 
 }  // namespace
