@@ -55,6 +55,7 @@ std::vector<Mode> modes() {
                             {"topk50", 1.0f, 50},
                             {"topp09", 1.0f, 0, 0.9f},
                             {"topk50+topp095", 0.8f, 50, 0.95f},
+                            {"t0.7+topp095", 0.7f, 0, 0.95f},
                             {"minp005", 1.0f, 0, 1.0f, 0.05f},
                             {"penalties", 0.0f, 0, 1.0f, 0.0f, true}};
   std::vector<Mode> out;

@@ -29,15 +29,19 @@
 // double (the CPU's logsumexp), and finds its top n with the same selection over order keys as
 // top-k (count 1 per token; the tokens tied at the boundary are taken lowest id first); the n
 // entries are sorted by one thread. The sampled token's log-probability is written with the token.
+// Top-p without top-k stops its selection over the row after the first digit when the tokens at
+// or above the boundary's digit fit in shared memory (a peaked distribution's nucleus), gathers
+// them, and runs the rest among them like top-k's candidates.
 // Cost per row of 128K logits on an H200 (bench_sampling, bench/RESULTS.md): greedy 12 us, top-k 50
-// 56 us, top-k 50 + top-p 0.95 72 us, top-p 0.9 alone 152 us, log-probabilities +40 us (the
-// token's) or +77 us (top 5).
+// 56 us, top-k 50 + top-p 0.95 72 us, top-p 0.9 alone 106 us (peaked logits) to 152 us (a flat
+// nucleus of thousands of tokens), log-probabilities +40 us (the token's) or +77 us (top 5).
 #include <curand_kernel.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/sampling/sampling.h"
 
@@ -87,6 +91,7 @@ struct Smem {
   int32_t warp_i[kWarps];
   // Broadcast slots, each written by one thread between two barriers.
   u64 sel_above;
+  u64 sel_count_ge;
   u64 cross_base;
   uint32_t sel_bin;
   int32_t cross_owner;
@@ -219,7 +224,13 @@ struct Selection {
   u64 need;        // what was asked for
   u64 above;       // amount of the items with a larger key
   uint32_t count;  // items with exactly this key (when counted)
+  // The caller's stop_after_top (select_desc) ended the selection after its first digit: `key`
+  // holds that digit (the top 11 bits), `above` the amount of the digits above it.
+  bool stopped = false;
 };
+
+// select_desc's default: never stop after the first digit (the check is compiled out).
+struct NeverStop {};
 
 // Descending radix selection over the items i in [0, vocab): item(i, &key) returns the item's
 // amount (0: not an item) and sets its key. Finds the key K with
@@ -228,12 +239,16 @@ struct Selection {
 // the items that match the digits chosen so far; the invariant 1 <= need - above <= amount of
 // the matching items holds after every pass, so exactly one bin is chosen. kCount also counts
 // the items per bin (the count of the final key is returned).
+// stop_after_top(digit, n) (kCount only) runs after the first pass with the chosen top digit and
+// the number of items whose top digit is that one or larger; returning true ends the selection
+// there (Selection::stopped), for a caller that finishes over those items itself.
 // kUnit: every amount is 0 or 1 (counting tokens). The lanes of a warp that hit one bin then add
 // once, their number (__match_any_sync): logits crowd into a few bins of the top digits, and
 // a shared-memory atomic serializes the lanes of a warp that share its address (the first
 // version, one atomic a lane, took 12.5 ms a row at 128K tokens on dummy weights).
-template <bool kCount, bool kUnit = false, class Item, class NeedOf>
-__device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& need_of, Smem& s) {
+template <bool kCount, bool kUnit = false, class Item, class NeedOf, class StopAfterTop = NeverStop>
+__device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& need_of, Smem& s,
+                                 const StopAfterTop& stop_after_top = {}) {
   uint32_t prefix = 0;
   u64 above = 0;
   u64 need = 0;
@@ -306,6 +321,21 @@ __device__ Selection select_desc(int32_t vocab, const Item& item, const NeedOf& 
     __syncthreads();
     const uint32_t bin = s.sel_bin;
     above += s.sel_above;
+    if constexpr (kCount && !kUnit && !std::is_same_v<StopAfterTop, NeverStop>) {
+      if (pass == 0) {
+        // Items whose top digit is `bin` or larger: the counts scanned in the same order.
+        const u64 c0 = r0 < nbins ? s.cnt[b0] : 0;
+        const u64 c1 = r0 + 1 < nbins ? s.cnt[b1] : 0;
+        u64 ctotal;
+        const u64 cexcl = block_excl_scan(c0 + c1, &ctotal, s);
+        if (static_cast<int>(bin) == b0 && r0 < nbins) s.sel_count_ge = cexcl + c0;
+        if (static_cast<int>(bin) == b1 && r0 + 1 < nbins) s.sel_count_ge = cexcl + c0 + c1;
+        __syncthreads();
+        const u64 count_ge = s.sel_count_ge;
+        __syncthreads();
+        if (stop_after_top(bin, count_ge)) return {bin, need, above, 0, true};
+      }
+    }
     if constexpr (kCount) count = kUnit ? s.mass_lo[bin] : s.cnt[bin];
     prefix = (prefix << width) | bin;
     __syncthreads();  // the next pass clears the histograms and rewrites the slots
@@ -687,7 +717,16 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   const bool use_p = prm.top_p < 1.0f;
   const float min_p = prm.min_p;
   const float u = s.uniform;  // written before the barriers of step 3
-  auto filter_and_draw = [&](int32_t n, const auto& val, const auto& id_of) -> int32_t {
+  // The CPU keeps the head while its mass is < top_p * total; in integers: mass >= ceil().
+  auto top_p_need_of = [top_p = prm.top_p](u64 total) {
+    const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
+    const u64 need = static_cast<u64>(t);
+    return need < 1 ? 1ull : (need > total ? total : need);
+  };
+  // top_p_sel: the domain's top-p selection when the caller ran it already; top_p_need: the
+  // top-p target when the domain holds only part of the row's mass (the row's need), else 0.
+  auto filter_and_draw = [&](int32_t n, const auto& val, const auto& id_of,
+                             const Selection* top_p_sel, u64 top_p_need) -> int32_t {
     // 5. Probabilities of the top-k survivors; 0 (and no key) for the others.
     auto weight = [&](int32_t j, float* w) -> bool {
       const float v = val(j);
@@ -707,14 +746,13 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
         *key = __float_as_uint(w);
         return fixed_mass(w);
       };
-      const float top_p = prm.top_p;
-      // The CPU keeps the head while its mass is < top_p * total; in integers: mass >= ceil().
-      auto need_of = [top_p](u64 total) {
-        const double t = ceil(static_cast<double>(top_p) * static_cast<double>(total));
-        const u64 need = static_cast<u64>(t);
-        return need < 1 ? 1ull : (need > total ? total : need);
-      };
-      const Selection sel = select_desc<true>(n, item, need_of, s);
+      const Selection sel =
+          top_p_sel != nullptr
+              ? *top_p_sel
+              : select_desc<true>(
+                    n, item,
+                    [&](u64 total) { return top_p_need != 0 ? top_p_need : top_p_need_of(total); },
+                    s);
       tau = sel.key;
       const u64 unit = fixed_mass(__uint_as_float(tau));  // > 0: tau's bin had mass
       // Tied entries (id ascending) needed after the mass above tau: 1 <= m <= sel.count.
@@ -746,16 +784,58 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
     };
     return id_of(find_crossing(n, kept_mass, need_of_draw, s));
   };
+  auto cand_val = [&](int32_t j) { return key_value(s.cand_key[j]); };
+  auto cand_id = [&](int32_t j) { return s.cand_id[j]; };
   if (in_cands) {
     // Every survivor is a candidate (their keys reach the bound, which is <= kth): filter and
     // draw there, the same entries in the same order, without three more passes over the row.
     sort_cands_by_id(s.num_cands, s);
-    finish(filter_and_draw(
-        s.num_cands, [&](int32_t j) { return key_value(s.cand_key[j]); },
-        [&](int32_t j) { return s.cand_id[j]; }));
-  } else {
-    finish(filter_and_draw(vocab, value, [](int32_t i) { return i; }));
+    finish(filter_and_draw(s.num_cands, cand_val, cand_id, nullptr, 0));
+    return;
   }
+  auto row_id = [](int32_t i) { return i; };
+  if (!use_p) {
+    finish(filter_and_draw(vocab, value, row_id, nullptr, 0));
+    return;
+  }
+  // Top-p over the row: its selection's first pass finds the top digit of the boundary
+  // probability. When the tokens at or above that digit fit (a model's nucleus usually does),
+  // they are gathered and the rest runs among them (the row's need as the target: they hold at
+  // least that much); otherwise the selection goes on over the row.
+  auto row_item = [&](int32_t i, uint32_t* key) -> u64 {
+    const float v = value(i);
+    if (!(v > neg_inf()) || v < kth) return 0;
+    const float w = expf(__fsub_rn(v, vmax));
+    *key = __float_as_uint(w);
+    return fixed_mass(w);
+  };
+  const Selection sel = select_desc<true>(vocab, row_item, top_p_need_of, s,
+                                          [](uint32_t, u64 n) { return n <= kMaxCands; });
+  if (!sel.stopped) {
+    finish(filter_and_draw(vocab, value, row_id, &sel, 0));
+    return;
+  }
+  if (tid == 0) s.num_cands = 0;
+  __syncthreads();
+  const int lane = tid & 31;
+  for (int32_t b = 0; b < vocab; b += kThreads) {  // warp-uniform: one atomic a warp
+    const int32_t i = b + tid;
+    uint32_t key = 0;
+    const bool take = i < vocab && row_item(i, &key) != 0 && (key >> 21) >= sel.key;
+    const unsigned mask = __ballot_sync(kFull, take);
+    if (mask == 0) continue;
+    int32_t base = 0;
+    if (lane == __ffs(mask) - 1) base = atomicAdd(&s.num_cands, __popc(mask));
+    base = __shfl_sync(kFull, base, __ffs(mask) - 1);
+    if (take) {
+      const int32_t at = base + __popc(mask & ((1u << lane) - 1u));  // < kMaxCands: counted
+      s.cand_key[at] = order_key(value(i));
+      s.cand_id[at] = i;
+    }
+  }
+  __syncthreads();
+  sort_cands_by_id(s.num_cands, s);
+  finish(filter_and_draw(s.num_cands, cand_val, cand_id, nullptr, sel.need));
 }
 
 }  // namespace
