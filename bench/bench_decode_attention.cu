@@ -1,7 +1,9 @@
 // Decode attention benchmark: times launch_decode (the split kernel, which merges too; the plan is
 // built and uploaded once, outside the timing) over uniform-bit page tables with shuffled page ids,
 // with CUDA events around every launch (median of many), rotating over enough copies of the inputs
-// that the L2 cache cannot hold them. Prints one JSON object per point (JSON lines).
+// that the L2 cache cannot hold them. Prints one JSON object per point (JSON lines). Each point
+// also times its read floor (read_floor_us): a plain kernel reading the point's KV bytes once,
+// contiguously, timed the same way, the fastest any decode kernel over those bytes could be here.
 //
 //   bench_decode_attention [--bits 16,8,4,2] [--batch 1,16,64] [--ctx 1024,4096,16384,65536]
 //                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 32]
@@ -81,6 +83,30 @@ __global__ void fill_params(uint8_t* pool, int64_t page_bytes, int64_t num_pages
                      1e-3f + static_cast<float>(r & 0xFFFF) * 1e-7f,
                      static_cast<float>(r >> 16) / 65536.0f - 0.5f);
   }
+}
+
+// The read floor: streams `bytes` (a multiple of 16) from p with 16-byte loads, four in flight
+// per thread, and keeps the XOR of everything read (stored only if it matches a value it never
+// takes, so the loads cannot be dropped). Timed the way the decode launches are, this is what
+// any kernel that reads a point's KV bytes once costs, fixed launch cost included.
+__global__ void __launch_bounds__(512) read_floor(const uint4* p, int64_t n16, uint32_t* sink) {
+  uint32_t x = 0;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    uint4 v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      v[k] = __ldcs(p + i + k * stride);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      x ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = __ldcs(p + i);
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9e3779b9u) *sink = x;
 }
 
 double median(std::vector<float> v) {
@@ -341,6 +367,36 @@ int main(int argc, char** argv) {
             std::fclose(f);
           }
 #endif
+          // The read floor of this point: its KV bytes, contiguous, from the same rotation of
+          // pool copies, timed like the launches above (median of the same number of reps); the
+          // fastest of three grid sizes (1, 2 and 4 CTAs of 512 threads an SM).
+          double floor_us = 0;
+          {
+            uint32_t* sink = nullptr;
+            CHECK(cudaMalloc(&sink, 4));
+            const int64_t n16 = kv_bytes / 16;
+            for (const int per_sm : {1, 2, 4}) {
+              const int grid = prop.multiProcessorCount * per_sm;
+              auto read_once = [&](int r) {
+                read_floor<<<grid, 512>>>(
+                    reinterpret_cast<const uint4*>(pool + r * pages * page_bytes), n16, sink);
+              };
+              for (int r = 0; r < std::max(3, rot); ++r)
+                read_once(r % rot);
+              std::vector<float> fms(reps);
+              for (int i = 0; i < reps; ++i) {
+                CHECK(cudaEventRecord(e0));
+                read_once(i % rot);
+                CHECK(cudaEventRecord(e1));
+                CHECK(cudaEventSynchronize(e1));
+                CHECK(cudaEventElapsedTime(&fms[i], e0, e1));
+              }
+              CHECK(cudaGetLastError());
+              const double us = median(fms) * 1e3;
+              floor_us = floor_us == 0 ? us : std::min(floor_us, us);
+            }
+            CHECK(cudaFree(sink));
+          }
           std::sort(ms.begin(), ms.end());
           const double t_us = ms[reps / 2] * 1e3;
           const double gbps = bytes / (t_us * 1e-6) / 1e9;
@@ -356,11 +412,12 @@ int main(int argc, char** argv) {
               "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
               "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
               "\"min_item_kib\": %d, \"ctas_per_sm\": %d, \"page_order\": \"%s\", "
-              "\"device\": \"%s\"}\n",
+              "\"read_floor_us\": %.3f, \"fraction_of_read_floor\": %.4f, \"device\": \"%s\"}\n",
               bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
               ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
               gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, min_item_kb,
-              ctas_per_sm, shuffle_pages ? "shuffled" : "sequential", prop.name);
+              ctas_per_sm, shuffle_pages ? "shuffled" : "sequential", floor_us, floor_us / t_us,
+              prop.name);
           std::fflush(out);
           CHECK(cudaFree(ws));
           CHECK(cudaFree(q));

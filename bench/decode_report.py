@@ -33,6 +33,8 @@ def main():
         if "time_us" in r and p.get("time_us"):
             r["speedup_vs_peer"] = p["time_us"] / r["time_us"]
             r["peer_fraction_of_copy_bandwidth"] = p["effective_gbps"] / r["copy_gbps"]
+            if r.get("read_floor_us"):  # the speedup a kernel at the read floor would have
+                r["speedup_ceiling_vs_peer"] = p["time_us"] / r["read_floor_us"]
         name = f"decode_attention_{r['bits']}b_B{r['batch']}_T{r['context']}.json"
         with open(os.path.join(a.out_dir, name), "w") as f:
             json.dump(r, f, indent=1)
@@ -41,18 +43,22 @@ def main():
     lines = [f"Device: {rows[0].get('device', '?') if rows else '?'}; copy bandwidth "
              f"{copy:.0f} GB/s (read + write); commit {a.commit}", "",
              "| bits | batch | context | time (us) | GB/s | of copy BW | SDPA bf16 (us) | "
-             "SDPA of copy BW | speedup vs SDPA |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "SDPA of copy BW | speedup vs SDPA | read floor (us) | ceiling vs SDPA |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "time_us" not in r:
-            lines.append(f"| {r['bits']} | {r['batch']} | {r['context']} | skipped | | | | | |")
+            lines.append(f"| {r['bits']} | {r['batch']} | {r['context']} | skipped | | | | | | | |")
             continue
         pt = r.get("peer_time_us")
+        fl = r.get("read_floor_us")
+        ceil = r.get("speedup_ceiling_vs_peer")
         lines.append(
             f"| {r['bits']} | {r['batch']} | {r['context']} | {r['time_us']:.1f} | "
             f"{r['effective_gbps']:.0f} | {100 * r['fraction_of_copy_bandwidth']:.0f}% | "
             + (f"{pt:.1f} | {100 * r['peer_fraction_of_copy_bandwidth']:.0f}% | "
-               f"{r['speedup_vs_peer']:.2f}x |" if pt else "n/a | | |"))
+               f"{r['speedup_vs_peer']:.2f}x |" if pt else "n/a | | |")
+            + (f" {fl:.1f} |" if fl else " n/a |")
+            + (f" {ceil:.2f}x |" if ceil else " n/a |"))
     with open(os.path.join(a.out_dir, "decode_attention.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

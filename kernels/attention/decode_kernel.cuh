@@ -88,6 +88,29 @@ inline constexpr int kMaxStages = 16;
 #ifndef PMKV_DECODE_LOWBIT_CTAS_PER_SM
 #define PMKV_DECODE_LOWBIT_CTAS_PER_SM 3
 #endif
+// Pairs of 2/4-bit tiles run software-pipelined (kPipelinePairs): a step scores the next pair's
+// tokens (its K phase) while it finishes the current one's softmax and V phase, so a warp has two
+// independent chains to issue from where it waited on the softmax's dependent steps. Measured on
+// the H200 (bench/RESULTS.md, twenty-second session): 1-3% faster at batch >= 16 and 16K-64K
+// tokens, 1-2% slower at batch 1 (the first pair's K phase waits alone), with the next K phase
+// after the max vote (PMKV_DECODE_NEXT_AT 1; 0, before the scores, was slower at batch 1) and 6
+// stages at 4 bits (8, to keep as many tiles in flight as before the pipeline, gained nothing).
+// Build-time knobs for A/B runs: PMKV_DECODE_PIPELINE (0 or 1), PMKV_DECODE_NEXT_AT,
+// PMKV_DECODE_STAGES4 / PMKV_DECODE_STAGES2 (ring stages per warp).
+#ifndef PMKV_DECODE_PIPELINE
+#define PMKV_DECODE_PIPELINE 1
+#endif
+#ifndef PMKV_DECODE_STAGES4
+#define PMKV_DECODE_STAGES4 6
+#endif
+#ifndef PMKV_DECODE_STAGES2
+#define PMKV_DECODE_STAGES2 8
+#endif
+#ifndef PMKV_DECODE_NEXT_AT
+#define PMKV_DECODE_NEXT_AT 1
+#endif
+inline constexpr bool kPipelinePairs = PMKV_DECODE_PIPELINE != 0;
+
 template <int kBits>
 struct BitsConfig {
   static constexpr int kWarps = decode_warps(kBits);  // see decode.h
@@ -101,7 +124,10 @@ struct BitsConfig {
   // Launch bounds for groups of 5-8 query heads (two column tiles): 3 CTAs of 4 warps (168
   // registers), or one of 8.
   static constexpr int kCtasPerSmWide = kWarps == 8 ? 1 : 3;
-  static constexpr int kStages = kBits == 16 ? 3 : kBits == 8 ? 3 : kBits == 4 ? 6 : 8;
+  static constexpr int kStages = kBits == 16  ? 3
+                                 : kBits == 8 ? 3
+                                 : kBits == 4 ? PMKV_DECODE_STAGES4
+                                              : PMKV_DECODE_STAGES2;
 };
 
 template <int kBits, int kD>
@@ -760,36 +786,56 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
   }
 }
 
+// The K phase of a pair (2/4 bits, groups of at most 4 query heads; see compute_tile): the lane's
+// 4 raw dots, value i: tile i / 2 (st, st2), token row gid + 8 (i % 2), head tig.
+template <int kBits, int kD>
+__device__ __forceinline__ void pair_dots(const uint8_t* st, const uint8_t* st2,
+                                          const uint32_t (&aq)[kQSteps<kBits, kD>][4],
+                                          const LaneOffsets<Tile<kBits, kD>>& lo,
+                                          float (&dots)[4]) {
+  constexpr int kG = kSwapGroups<kBits>;
+  int c[2][kG][4];
+  k_phase_swap<kBits, kD>(st, aq, lo, c[0]);
+  k_phase_swap<kBits, kD>(st2, aq, lo, c[1]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int(&ct)[kG][4] = c[i / 2];
+    const int r = 2 * (i % 2);
+    int d = ct[0][r] * 256 + ct[0][r + 1];
+    if constexpr (kG == 2) d = d * kGroupFactor<kBits, 2> + ct[1][r] * 256 + ct[1][r + 1];
+    dots[i] = __int2float_rn(d);
+  }
+}
+
+struct NoNext {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 // One step: K phase, online softmax, V phase, over one tile (st) or, kPair, two (st and st2).
 // Pairs (2/4 bits, groups of at most 4 query heads) run the swapped K phase (k_phase_swap): lane
 // (gid, tig) scores head tig on token rows gid and gid + 8 of both tiles, so every lane's softmax
 // work is useful; the 8 lanes of a head share its running max and add their sums at the end.
+// Pairs take their dots from the caller (pair_dots: pair_dots_in), and run `next` inside the step
+// (the software pipeline's K phase of the following pair, see kPipelinePairs; a no-op otherwise).
 // valid_mask / valid_mask2: the visible tokens of st / st2.
-template <int kBits, int kD, bool kQLo, int kCols, bool kPair>
+template <int kBits, int kD, bool kQLo, int kCols, bool kPair, class Next = NoNext>
 __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* st2,
                                              const uint32_t (&aq)[kQSteps<kBits, kD>][4],
                                              float qsum, float kcorr, float scale_log2,
                                              uint32_t valid_mask, uint32_t valid_mask2,
                                              const LaneOffsets<Tile<kBits, kD>>& lo, int gid,
-                                             int tig, Acc<kD, kCols>& acc) {
+                                             int tig, Acc<kD, kCols>& acc,
+                                             const float (&pair_dots_in)[4], Next next = {}) {
   using Tr = Tile<kBits, kD>;
   static_assert(!kPair || (kCols == 1 && kRaw<kBits>), "pairs: 2/4 bits, groups of at most 4");
   constexpr bool kSwap = kPair;  // pairs run the swapped K phase
   // dots[i]: the lane's 4 raw dots, value i = 2j + e of n-tile j (see below).
   float dots[4];
   if constexpr (kSwap) {  // value i: tile i / 2, token row gid + 8 (i % 2), head tig
-    constexpr int kG = kSwapGroups<kBits>;
-    int c[2][kG][4];
-    k_phase_swap<kBits, kD>(st, aq, lo, c[0]);
-    k_phase_swap<kBits, kD>(st2, aq, lo, c[1]);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int(&ct)[kG][4] = c[i / 2];
-      const int r = 2 * (i % 2);
-      int d = ct[0][r] * 256 + ct[0][r + 1];
-      if constexpr (kG == 2) d = d * kGroupFactor<kBits, 2> + ct[1][r] * 256 + ct[1][r + 1];
-      dots[i] = __int2float_rn(d);
-    }
+    for (int i = 0; i < 4; ++i)
+      dots[i] = pair_dots_in[i];
+    if constexpr (PMKV_DECODE_NEXT_AT == 0) next();
   } else if constexpr (kRaw<kBits>) {
     int si[2][4];
     k_phase_int<kBits, kD>(st, aq, lo, si);
@@ -882,6 +928,7 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
       if constexpr (kPair) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
       move_max(fmaxf(acc.m, tmax));
     }
+    if constexpr (kSwap && PMKV_DECODE_NEXT_AT == 1) next();
     exps();
   } else {
     // fp16 P' (see kVHalf): the reference acc.m is a running max of s + log2(v_scale), moved
@@ -1347,20 +1394,59 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
   auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
   int slot_c = 0, slot_p = kSlots - 1;
-  for (int k = 0; k < n_my; k += kStep) {
-    if (issued < n_my) issue_slot(slot_p);
-    cp_async_commit();
-    cp_async_wait<kSlots - 1>();
-    __syncwarp();
-    trace_time(p, 3, threadIdx.x == 0 && k == 0);
-    const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-    const uint32_t valid_mask = visible(meta[slot_c * kStep]);
-    const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
-    compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
-                                                valid_mask, valid_mask2, offs, gid, tig, acc);
-    __syncwarp();
-    slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
-    slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
+  if constexpr (kPair && kPipelinePairs) {
+    // Software pipeline (kPipelinePairs): step i finishes pair i with the dots that step i - 1
+    // computed, and computes pair i + 1's. So it waits for the ring's slots i and i + 1, and it
+    // refills slot i - 1 (emptied by step i - 1): kSlots >= 3 keeps those three apart. Past the
+    // range's end the "next" slot holds stale tiles, whose dots are never used.
+    static_assert(kSlots >= 3, "the pipeline reads two slots while a third is refilled");
+    float dots[4];
+    if (n_my > 0) {
+      cp_async_wait<kSlots - 2>();  // slot 0
+      __syncwarp();
+      trace_time(p, 3, threadIdx.x == 0);
+      pair_dots<kBits, kD>(ring, ring + Tr::kStage, aq, offs, dots);
+    }
+    for (int k = 0; k < n_my; k += kStep) {
+      if (issued < n_my) issue_slot(slot_p);
+      cp_async_commit();
+      cp_async_wait<kSlots - 2>();  // slots c and c + 1
+      __syncwarp();
+      const int slot_n = slot_c + 1 == kSlots ? 0 : slot_c + 1;
+      const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
+      const uint8_t* sn = ring + slot_n * kStep * Tr::kStage;
+      const uint32_t valid_mask = visible(meta[slot_c * kStep]);
+      const uint32_t valid_mask2 = visible(meta[slot_c * kStep + 1]);
+      float next_dots[4];
+      compute_tile<kBits, kD, kQLo, kCols, kPair>(
+          st, st + Tr::kStage, aq, qsum, kcorr, score_scale, valid_mask, valid_mask2, offs, gid,
+          tig, acc, dots, [&] { pair_dots<kBits, kD>(sn, sn + Tr::kStage, aq, offs, next_dots); });
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dots[i] = next_dots[i];
+      __syncwarp();
+      slot_c = slot_n;
+      slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
+    }
+  } else {
+    for (int k = 0; k < n_my; k += kStep) {
+      if (issued < n_my) issue_slot(slot_p);
+      cp_async_commit();
+      cp_async_wait<kSlots - 1>();
+      __syncwarp();
+      trace_time(p, 3, threadIdx.x == 0 && k == 0);
+      const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
+      const uint32_t valid_mask = visible(meta[slot_c * kStep]);
+      const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
+      float dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // pairs: the K phase of this step
+      if constexpr (kPair) pair_dots<kBits, kD>(st, st + Tr::kStage, aq, offs, dots);
+      compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
+                                                  valid_mask, valid_mask2, offs, gid, tig, acc,
+                                                  dots);
+      __syncwarp();
+      slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
+      slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
+    }
   }
   cp_async_wait<0>();
   trace_time(p, warp < 4 ? 4 + warp : 7 + warp, lane == 0);
