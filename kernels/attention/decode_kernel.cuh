@@ -154,8 +154,17 @@ struct Tile {
 };
 
 // Chunk c of token row t lives at chunk c ^ swz(t): spreads a warp's reads over the banks.
+// The rows that share a 128-byte line of the page (two 64-byte rows at 4 bits) take the same XOR:
+// a warp's cp.async of one line into two differently permuted rows went to L2 as more, smaller
+// requests, and the 4-bit loop's copies alone ran at ~80% of a plain read of the same bytes
+// (9-17% slower than now at batch >= 16 and 16K-64K tokens; bench/RESULTS.md, twenty-second
+// session). At 4 bits, rows 2m and 2m + 1 take (m & 1) * 2: the V phase's 8-byte reads of rows
+// t and t + 2 (one bank half) stay apart, and the K phase's reads cover whole lines. The 2-bit
+// rows (four a line) measured the same with and without their swizzle; 8 and 16 bits have one or
+// two lines a row.
 template <class Tr>
 __device__ __forceinline__ int swz(int t) {
+  if constexpr (Tr::kChunks == 4) return ((t >> 1) & 1) << 1;
   return Tr::kChunks > 1 ? (t & (Tr::kChunks - 1)) : 0;
 }
 
@@ -1439,10 +1448,17 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       const uint32_t valid_mask = visible(meta[slot_c * kStep]);
       const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
       float dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // pairs: the K phase of this step
+#ifndef PMKV_DECODE_COPY_ONLY
       if constexpr (kPair) pair_dots<kBits, kD>(st, st + Tr::kStage, aq, offs, dots);
       compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
                                                   valid_mask, valid_mask2, offs, gid, tig, acc,
                                                   dots);
+#else
+      // The copy-only probe (a build-time knob with PMKV_DECODE_PIPELINE=0, never in a normal
+      // build; its outputs are wrong): the ring moves every tile and nothing is computed, which
+      // times the memory side of the loop alone (bench/RESULTS.md, twenty-second session).
+      acc.l += static_cast<float>(valid_mask + valid_mask2) + dots[0];
+#endif
       __syncwarp();
       slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
       slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
