@@ -1403,29 +1403,34 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
   auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
   int slot_c = 0, slot_p = kSlots - 1;
-  if constexpr (kPair && kPipelinePairs) {
-    // Software pipeline (kPipelinePairs): step i finishes pair i with the dots that step i - 1
-    // computed, and computes pair i + 1's. So it waits for the ring's slots i and i + 1, and it
-    // refills slot i - 1 (emptied by step i - 1): kSlots >= 3 keeps those three apart. Past the
-    // range's end the "next" slot holds stale tiles, whose dots are never used.
-    static_assert(kSlots >= 3, "the pipeline reads two slots while a third is refilled");
-    float dots[4];
+  // Software pipeline (pairs, kPipelinePairs): step i finishes pair i with the dots that step
+  // i - 1 computed, and computes pair i + 1's. So it waits for the ring's slots i and i + 1, and
+  // it refills slot i - 1 (emptied by step i - 1): kSlots >= 3 keeps those three apart. Past the
+  // range's end the "next" slot holds stale tiles, whose dots are never used.
+  constexpr bool kPipe = kPair && kPipelinePairs;
+  static_assert(!kPipe || kSlots >= 3, "the pipeline reads two slots while a third is refilled");
+  float dots[4];  // the pipeline's: the K phase of the pair the next step finishes
+  if constexpr (kPipe) {
     if (n_my > 0) {
       cp_async_wait<kSlots - 2>();  // slot 0
       __syncwarp();
       trace_time(p, 3, threadIdx.x == 0);
       pair_dots<kBits, kD>(ring, ring + Tr::kStage, aq, offs, dots);
     }
-    for (int k = 0; k < n_my; k += kStep) {
-      if (issued < n_my) issue_slot(slot_p);
-      cp_async_commit();
-      cp_async_wait<kSlots - 2>();  // slots c and c + 1
-      __syncwarp();
-      const int slot_n = slot_c + 1 == kSlots ? 0 : slot_c + 1;
-      const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
+  }
+  for (int k = 0; k < n_my; k += kStep) {
+    if (issued < n_my) issue_slot(slot_p);
+    cp_async_commit();
+    cp_async_wait<kPipe ? kSlots - 2 : kSlots - 1>();  // slot c (pipeline: and c + 1)
+    __syncwarp();
+    if constexpr (!kPipe) trace_time(p, 3, threadIdx.x == 0 && k == 0);
+    // The next slot (the pipeline reads it now; the others step to it at the end).
+    const int slot_n = slot_c + 1 == kSlots ? 0 : slot_c + 1;
+    const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
+    const uint32_t valid_mask = visible(meta[slot_c * kStep]);
+    const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
+    if constexpr (kPipe) {
       const uint8_t* sn = ring + slot_n * kStep * Tr::kStage;
-      const uint32_t valid_mask = visible(meta[slot_c * kStep]);
-      const uint32_t valid_mask2 = visible(meta[slot_c * kStep + 1]);
       float next_dots[4];
       compute_tile<kBits, kD, kQLo, kCols, kPair>(
           st, st + Tr::kStage, aq, qsum, kcorr, score_scale, valid_mask, valid_mask2, offs, gid,
@@ -1433,36 +1438,25 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         dots[i] = next_dots[i];
-      __syncwarp();
-      slot_c = slot_n;
-      slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
-    }
-  } else {
-    for (int k = 0; k < n_my; k += kStep) {
-      if (issued < n_my) issue_slot(slot_p);
-      cp_async_commit();
-      cp_async_wait<kSlots - 1>();
-      __syncwarp();
-      trace_time(p, 3, threadIdx.x == 0 && k == 0);
-      const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-      const uint32_t valid_mask = visible(meta[slot_c * kStep]);
-      const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
-      float dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // pairs: the K phase of this step
+    } else {
+      float step_dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // pairs: the K phase of this step
 #ifndef PMKV_DECODE_COPY_ONLY
-      if constexpr (kPair) pair_dots<kBits, kD>(st, st + Tr::kStage, aq, offs, dots);
+      if constexpr (kPair) pair_dots<kBits, kD>(st, st + Tr::kStage, aq, offs, step_dots);
       compute_tile<kBits, kD, kQLo, kCols, kPair>(st, st + Tr::kStage, aq, qsum, kcorr, score_scale,
                                                   valid_mask, valid_mask2, offs, gid, tig, acc,
-                                                  dots);
+                                                  step_dots);
 #else
       // The copy-only probe (a build-time knob with PMKV_DECODE_PIPELINE=0, never in a normal
       // build; its outputs are wrong): the ring moves every tile and nothing is computed, which
       // times the memory side of the loop alone (bench/RESULTS.md, twenty-second session).
-      acc.l += static_cast<float>(valid_mask + valid_mask2) + dots[0];
+      acc.l += static_cast<float>(valid_mask + valid_mask2) + step_dots[0];
 #endif
-      __syncwarp();
-      slot_c = slot_c + 1 == kSlots ? 0 : slot_c + 1;
-      slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
     }
+    __syncwarp();
+    // Without the pipeline, slot_n is dead until here and recomputed: kept live across the
+    // tile it changed the code ptxas makes for those kernels.
+    slot_c = kPipe ? slot_n : (slot_c + 1 == kSlots ? 0 : slot_c + 1);
+    slot_p = slot_p + 1 == kSlots ? 0 : slot_p + 1;
   }
   cp_async_wait<0>();
   trace_time(p, warp < 4 ? 4 + warp : 7 + warp, lane == 0);
