@@ -1,9 +1,10 @@
 // The skinny GEMM (kernels/gemm/skinny_gemm.h) over one decode token's weight stream of a
 // Llama-shaped model: for each layer qkv, o, gate_up and down (distinct weights, so nothing is
 // read from L2 twice), then lm_head, captured in one CUDA graph and replayed. Compares the register
-// kernel with the bulk kernel (sm_90; its full and compact footprints) at the m given, against the
-// device-to-device copy bandwidth and a plain read-only stream over the same bytes (the ceiling a
-// weight-streaming kernel can reach). Also each shape alone (32 launches of it in a graph).
+// kernel with the bulk kernel (sm_90; its full and compact footprints, split by whole tiles and by
+// units) at the m given, against the device-to-device copy bandwidth and a plain read-only stream
+// over the same bytes (the ceiling a weight-streaming kernel can reach). Also each shape alone (32
+// launches of it in a graph).
 //
 // Usage: bench_skinny_gemm [--rows 1,2,4,8] [--layers 32] [--hidden 4096] [--intermediate 14336]
 //                          [--heads 32] [--kv-heads 8] [--head-dim 128] [--vocab 128256]
@@ -199,10 +200,16 @@ int main(int argc, char** argv) {
                      ", \"token_weight_gb\": " + std::to_string(bytes / 1e9) + ", \"points\": [";
   bool first = true;
   for (const int64_t m : parse_list(rows)) {
-    // register, bulk, and the bulk kernel's compact footprint (SkinnyGemmParams::compact).
-    for (const int variant : {0, 1, 2}) {
+    // register, bulk, and the bulk kernel's compact footprint (SkinnyGemmParams::compact), each
+    // bulk one split by whole tiles (the default) and by units (stream-K,
+    // SkinnyGemmParams::stream_k).
+    for (const int variant : {0, 1, 2, 3, 4}) {
       const bool bulk = variant >= 1;
-      const char* kname = variant == 0 ? "register" : variant == 1 ? "bulk" : "compact";
+      const char* kname = variant == 0   ? "register"
+                          : variant == 1 ? "bulk"
+                          : variant == 2 ? "compact"
+                          : variant == 3 ? "bulk_sk"
+                                         : "compact_sk";
       if (bulk && !hopper) continue;
       auto gemm = [&](const uint16_t* w, const Shape& sh) {
         kernels::SkinnyGemmParams p;
@@ -216,7 +223,8 @@ int main(int argc, char** argv) {
         p.bulk = bulk;
         p.workspace = ws;
         p.workspace_bytes = ws_bytes;
-        p.compact = variant == 2;
+        p.compact = variant == 2 || variant == 4;
+        p.stream_k = variant >= 3;
         CK(kernels::launch_skinny_gemm(p, s));
       };
       const double ms = graph_ms([&] {

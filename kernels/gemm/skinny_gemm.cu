@@ -319,6 +319,7 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   if (smem > kMaxBlockSmem) return cudaErrorInvalidValue;
   const int64_t units = bulk_tiles(p.n) * (p.k / KU);
   const int64_t ctas = std::min<int64_t>(units, p.num_sms > 0 ? p.num_sms : 132);
+  const int by_tiles = !p.stream_k && bulk_tiles(p.n) >= ctas ? 1 : 0;  // see bulk_gemm::Split
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(bulk_gemm::kThreads);
@@ -330,7 +331,7 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   float* partials = bulk_partials(p);
   return cudaLaunchKernelEx(&cfg, kernel, p.a, p.w, static_cast<OutT*>(p.d), static_cast<int>(p.m),
                             static_cast<int>(p.n), static_cast<int>(p.k), counters, partials,
-                            p.gate_bias, p.add_norm);
+                            p.gate_bias, p.add_norm, by_tiles);
 }
 
 template <int NT, int KU, bool kCompact>

@@ -94,6 +94,12 @@ struct SkinnyGemmParams {
   // whether they fit.
   bool add_residual = false;
   bool norm_input = false;
+  // The bulk kernel shares a launch's work out by whole row tiles when it has at least as many
+  // tiles as CTAs, so that no CTA ends waiting on another's partial sums; true forces the split by
+  // units (stream-K: every CTA the same bytes, tiles split between CTAs fixed up through the
+  // workspace), which launches with fewer tiles than CTAs always take. Results differ by rounding
+  // in the tiles stream-K splits (both deterministic).
+  bool stream_k = false;
 };
 
 // Workspace of the bulk kernel for outputs of up to max_n columns: tile counters and the fused

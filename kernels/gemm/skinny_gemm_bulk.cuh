@@ -1,5 +1,5 @@
 #pragma once
-// Bulk-copy, stream-K variant of the skinny GEMM (kernels/gemm/skinny_gemm.h), for m <= 8 and
+// Bulk-copy variant of the skinny GEMM (kernels/gemm/skinny_gemm.h), for m <= 8 and
 // k % 1024 == 0 on Hopper (sm_90+). Included by skinny_gemm.cu only.
 //
 // Why. The register-load kernel keeps each thread's 16-byte loads in flight itself, 256-512 bytes
@@ -12,14 +12,24 @@
 // 3,817 GB/s over the same token (a development probe, bench/RESULTS.md), so a unit is 16 rows x
 // KU columns with KU = 2048 (k % 2048 == 0) or 1024.
 //
-// Work decomposition (stream-K). A unit is one row tile (16 RT rows of w) x KU columns of k, one
-// ring stage. The units are ordered tile-major (a tile's units along k are consecutive) and CTA c
-// of G takes units [floor(c U / G), floor((c + 1) U / G)): every CTA streams the same number of
-// bytes to within one unit. A tile whose units all belong to one CTA is stored directly; a tile
-// split between CTAs gets one partial per contributing CTA in a workspace (slot 0: the CTA's first
-// tile, slot 1: its last), and the last contributor to arrive (an atomic counter per tile, reset
-// by that contributor) adds the partials in CTA order and stores the tile. The result is therefore
-// deterministic for a given G (bit-identical run to run), like the register kernel's.
+// Work decomposition. A unit is one row tile (16 RT rows of w) x KU columns of k, one ring stage.
+// The units are ordered tile-major (a tile's units along k are consecutive), and CTA c of G takes
+// a contiguous range of them (Split):
+// - by tiles (the default when there are at least as many tiles as CTAs): whole tiles, [floor(c T
+//   / G), floor((c + 1) T / G)) of the T tiles. No tile is split, so no CTA ends waiting on
+//   another's partial sums (fence, atomic, the partials read back from L2). The CTAs' bytes differ
+//   by up to one tile (at Llama-3-8B shapes the largest is 3.1% above the mean), which did not
+//   show: the DRAM, not an SM, sets the pace, and the CTAs still streaming take the bandwidth of
+//   those done. Measured on the H200 against stream-K (bench/RESULTS.md, twenty-third session): a
+//   batch-1 token's GEMMs 4.01 -> 3.68 ms (95% of copy bandwidth; the stream alone, no
+//   arithmetic, 3.66), at m = 8 4.31 -> 4.04, the batch-1 token end to end 4.71 -> 4.36 ms.
+// - by units (stream-K; SkinnyGemmParams::stream_k, and launches with fewer tiles than CTAs):
+//   [floor(c U / G), floor((c + 1) U / G)), every CTA the same bytes to within one unit. A tile
+//   split between CTAs gets one partial per contributing CTA in a workspace (slot 0: the CTA's
+//   first tile, slot 1: its last), and the last contributor to arrive (an atomic counter per
+//   tile, reset by that contributor) adds the partials in CTA order and stores the tile.
+// Either way the result is deterministic for a given G and split (bit-identical run to run), like
+// the register kernel's; the two splits differ in the rounding of the tiles stream-K splits.
 //
 // Consumer mapping. In a stage, warp w takes the 32-column blocks w, w + 8, ... of the unit, with
 // the register kernel's fragment layout (lane (g, t): rows g and g + 8, physical columns
@@ -145,13 +155,18 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
   return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
-// First unit of CTA c (of G) over U units, and the CTA owning unit u.
-__device__ __forceinline__ int64_t unit_begin(int64_t c, int64_t units, int64_t ctas) {
-  return c * units / ctas;
-}
-__device__ __forceinline__ int64_t unit_owner(int64_t u, int64_t units, int64_t ctas) {
-  return ((u + 1) * ctas - 1) / units;
-}
+// How a launch's `units` (tiles x ku) are shared out over its G CTAs (see the file comment): CTA
+// c takes units [begin(c), begin(c + 1)), and owner(u) is the CTA whose range holds unit u.
+struct Split {
+  int64_t units, ku, G;
+  bool by_tiles;
+  __device__ __forceinline__ int64_t begin(int64_t c) const {
+    return by_tiles ? c * (units / ku) / G * ku : c * units / G;
+  }
+  __device__ __forceinline__ int64_t owner(int64_t u) const {
+    return by_tiles ? ((u / ku + 1) * G - 1) / (units / ku) : ((u + 1) * G - 1) / units;
+  }
+};
 
 // The shared-memory carve-up of a CTA: the ring's stages, the warps' partial sums, a tile's final
 // sums, the ring's mbarriers and a flag word.
@@ -228,18 +243,17 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
                                         const uint16_t* __restrict__ a, OutT* __restrict__ d, int m,
                                         int n, int k, int* __restrict__ counters,
                                         float* __restrict__ partials,
-                                        const float* __restrict__ gate_bias, int64_t cta, int64_t G,
-                                        int& i, int warp, int lane,
+                                        const float* __restrict__ gate_bias, int64_t cta,
+                                        const Split& split, int& i, int warp, int lane,
                                         const AddRmsNormParams& norm = {}) {
   using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
   constexpr int kSlots = RT * NT * 4;
   float* const red = sm.red;
   float* const fin = sm.fin;
-  const int64_t ku = k / KU;  // units per tile
-  const int64_t units = (n + kRows - 1) / kRows * ku;
-  const int64_t u0 = unit_begin(cta, units, G);
-  const int64_t u1 = unit_begin(cta + 1, units, G);
+  const int64_t ku = split.ku;  // units per tile
+  const int64_t u0 = split.begin(cta);
+  const int64_t u1 = split.begin(cta + 1);
   const int g = lane >> 2, t = lane & 3;
   const uint4* ap[NT];
 #pragma unroll
@@ -323,8 +337,8 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
     }
     bool done = whole;
     if (!whole) {
-      const int64_t c_first = unit_owner(tile * ku, units, G);
-      const int64_t c_last = unit_owner(tile * ku + ku - 1, units, G);
+      const int64_t c_first = split.owner(tile * ku);
+      const int64_t c_last = split.owner(tile * ku + ku - 1);
       __threadfence();
       named_sync(1, kConsumers * 32);
       if (ct == 0) {
@@ -340,7 +354,7 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
         for (int o = ct; o < kSlots * 32; o += kConsumers * 32) {
           float sum = 0.0f;
           for (int64_t cc = c_first; cc <= c_last; ++cc) {
-            const int ps = unit_begin(cc, units, G) / ku == tile ? 0 : 1;
+            const int ps = split.begin(cc) / ku == tile ? 0 : 1;
             sum += __ldcg(&partials[(cc * 2 + ps) * Ge::kPartialFloats + o]);
           }
           fin[o] = sum;
@@ -491,6 +505,7 @@ __device__ __forceinline__ void norm_prologue(const AddRmsNormParams& norm, cons
 }
 
 // Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
+// by_tiles: the split by whole tiles (Split; the launcher sets it only when tiles >= G).
 // kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
 // the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
 template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact,
@@ -498,7 +513,8 @@ template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCom
 __global__ void __launch_bounds__(kThreads, 1)
     bulk_gemm_kernel(const uint16_t* a, const uint16_t* __restrict__ w, OutT* __restrict__ d, int m,
                      int n, int k, int* __restrict__ counters, float* __restrict__ partials,
-                     const float* __restrict__ gate_bias, const AddRmsNormParams norm) {
+                     const float* __restrict__ gate_bias, const AddRmsNormParams norm,
+                     const int by_tiles) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the launcher takes this path only on sm_90 and newer
 #else
@@ -507,16 +523,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t G = gridDim.x;
+  const int64_t tiles =
+      (n + Geometry<RT, KU, kCompact>::kRows - 1) / Geometry<RT, KU, kCompact>::kRows;
+  const Split split{tiles * (k / KU), k / KU, G, by_tiles != 0};
   sm.init();
   __syncthreads();
   pdl_trigger();
 
   int i = 0;
   if (warp == kConsumers) {
-    const int64_t units =
-        (n + Geometry<RT, KU, kCompact>::kRows - 1) / Geometry<RT, KU, kCompact>::kRows * (k / KU);
-    produce(sm, w, n, k, unit_begin(blockIdx.x, units, G),
-            unit_begin(int64_t{blockIdx.x} + 1, units, G), i, lane);
+    produce(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i, lane);
     return;
   }
   if constexpr (kSplit == kSplitNorm) {
@@ -530,11 +546,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
   }
   consume<NT, RT, KU, OutT, kGated, kCompact, kSplit>(
-      sm, a, d, m, n, k, counters, partials, gate_bias, blockIdx.x, G, i, warp, lane, norm);
+      sm, a, d, m, n, k, counters, partials, gate_bias, blockIdx.x, split, i, warp, lane, norm);
   if constexpr (kNormV != 0) {
     // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
-    const int64_t tiles =
-        (n + Geometry<RT, KU, kCompact>::kRows - 1) / Geometry<RT, KU, kCompact>::kRows;
     if (arrive_last(sm, &counters[tiles], G)) norm_tail<kNormV>(sm, norm, m, warp, lane);
   }
 #endif

@@ -48,7 +48,8 @@ struct Case {
   bool pdl_stream = false;
   // The bulk kernel (sm_90+): a workspace is given and the case must take that path.
   bool bulk = false;
-  bool compact = false;  // the bulk kernel's compact footprint (SkinnyGemmParams::compact)
+  bool compact = false;   // the bulk kernel's compact footprint (SkinnyGemmParams::compact)
+  bool stream_k = false;  // the bulk kernel's split by units (SkinnyGemmParams::stream_k)
 };
 
 std::string describe(const Case& c) {
@@ -56,7 +57,7 @@ std::string describe(const Case& c) {
          (c.out == kernels::DType::kF32 ? " f32" : " bf16") +
          " warp_rows=" + std::to_string(c.warp_rows) + " k_split=" + std::to_string(c.k_split) +
          " num_sms=" + std::to_string(c.num_sms) + (c.bulk ? " bulk" : "") +
-         (c.compact ? " compact" : "");
+         (c.compact ? " compact" : "") + (c.stream_k ? " stream_k" : "");
 }
 
 std::vector<uint16_t> random_bf16(size_t count, std::mt19937& rng) {
@@ -100,6 +101,7 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   p.warp_rows = c.warp_rows;
   p.k_split = c.k_split;
   p.compact = c.compact;
+  p.stream_k = c.stream_k;
   DeviceBuffer<uint8_t> ws;
   const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(c.n);
   if (c.bulk) {
@@ -277,7 +279,9 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
   std::mt19937 rng(gputest::test_seed("skinny_gemm bulk"));
   // k: one 1024-unit, one 2048-unit, 3 x 1024, 7 x 2048 per tile; n: 1, partial tiles, many tiles;
   // num_sms: one CTA per unit or so (132), a few CTAs whose ranges end inside tiles (5), a tile
-  // shared by 3 CTAs (40 over 19 tiles x 7 units).
+  // shared by 3 CTAs (40 over 19 tiles x 7 units). Each split by whole tiles where a launch has at
+  // least as many tiles as CTAs (5 CTAs; n = 1000 at 40; n <= 37, one unit a tile) and by units
+  // (stream_k, and every other launch).
   for (const kernels::DType out : {kernels::DType::kF32, kernels::DType::kBF16})
     for (const int64_t m : {1, 2, 5, 8})
       for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 1024},
@@ -287,7 +291,8 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
                                  {1000, 4096}})
         for (const int32_t sms : {132, 5, 40})
           for (const bool compact : {false, true})
-            run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true, compact}, rng);
+            for (const bool stream_k : {false, true})
+              run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true, compact, stream_k}, rng);
   // m > 8 takes the register kernel even with a workspace.
   {
     DeviceBuffer<uint16_t> a(9 * 1024), w(64 * 1024);
@@ -310,7 +315,8 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
   // Llama-3-8B's decode shapes at m = 1 after another kernel on a stream (PDL).
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{6144, 4096}, {4096, 14336}})
     for (const bool compact : {false, true})
-      run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true, compact}, rng);
+      for (const bool stream_k : {false, true})
+        run_case({1, n, k, kernels::DType::kF32, 0, 0, 132, true, true, compact, stream_k}, rng);
 }
 
 // Under programmatic dependent launch the bulk kernel streams weights before the kernel before it
@@ -355,8 +361,8 @@ TEST_CASE("skinny gemm: the bulk kernel reads a only after the kernel before it 
 TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
   if (!bulk_capable()) return;
   const uint32_t seed = gputest::test_seed("skinny_gemm bulk determinism");
-  for (const int32_t sms : {132, 40}) {
-    const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true, sms == 40};
+  for (const int32_t sms : {132, 40, 19}) {
+    const Case c{8, 300, 14336, kernels::DType::kF32, 0, 0, sms, false, true, sms == 40, sms != 19};
     std::mt19937 r1(seed), r2(seed);
     const std::vector<uint8_t> first = run_case(c, r1);
     const std::vector<uint8_t> second = run_case(c, r2);
@@ -367,8 +373,9 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
   // several tile segments per CTA: a missing proxy fence between the consumers' reads and the
   // next copy into the stage showed up here as 5-100% of launches differing from the first.
   std::mt19937 rng(seed);
-  for (const int variant : {0, 1, 2, 3}) {  // plain / gated x full / compact footprint
+  for (const int variant : {0, 1, 2, 3, 4, 5, 6, 7}) {  // plain / gated x full / compact x split
     const bool gated = (variant & 1) != 0, compact = (variant & 2) != 0;
+    const bool stream_k = (variant & 4) != 0;
     const int64_t m = 8, n = 4096, k = 4096;
     const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
     const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
@@ -383,6 +390,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
                     m, n, k, 132, ws);
     p.gated = gated;
     p.compact = compact;
+    p.stream_k = stream_k;
     std::vector<uint8_t> first, cur;
     int differing = 0;
     for (int r = 0; r < 60; ++r) {
@@ -390,7 +398,7 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
       CUDA_REQUIRE(d.download(r == 0 ? first : cur));
       if (r > 0 && cur != first) ++differing;
     }
-    INFO("gated " << gated << " compact " << compact);
+    INFO("gated " << gated << " compact " << compact << " stream_k " << stream_k);
     CHECK(differing == 0);
   }
 }
@@ -719,7 +727,8 @@ struct DecoderGemms {
   }
 
   std::vector<kernels::SkinnyGemmParams> products(int32_t sms, bool compact,
-                                                  DeviceBuffer<uint8_t>& ws) {
+                                                  DeviceBuffer<uint8_t>& ws,
+                                                  bool stream_k = false) {
     const auto norm = [&](const float* b, const float* g) {
       return kernels::AddRmsNormParams{
           x.get(), delta.get(), b, g, 1e-5f, static_cast<int32_t>(m), static_cast<int32_t>(H),
@@ -741,8 +750,10 @@ struct DecoderGemms {
     ps.push_back(down);
     ps.push_back(
         bulk_params(h.get(), wqkv.get(), qkv.get(), kernels::DType::kF32, m, QKV, H, sms, ws));
-    for (kernels::SkinnyGemmParams& p : ps)
+    for (kernels::SkinnyGemmParams& p : ps) {
       p.compact = compact;
+      p.stream_k = stream_k;
+    }
     return ps;
   }
 
@@ -778,47 +789,49 @@ TEST_CASE("skinny gemm: bulk products of different widths share one workspace",
   // The CUDA backend runs a layer's products over one workspace sized for its widest output.
   // Regression: each launch put its split tiles' partials right after its own tile counters, so
   // the o projection's partials overwrote gate/up counters, and those split gate/up tiles were
-  // never stored.
+  // never stored. (Split by units, the products split tiles; by whole tiles, the default at these
+  // shapes, they do not: both are run.)
   if (!bulk_capable()) return;
   std::mt19937 rng(gputest::test_seed("skinny_gemm shared workspace"));
   for (const int64_t m : {1, 4})
-    for (const bool compact : {false, true}) {
-      INFO("m=" << m << " compact=" << compact);
-      DecoderGemms L(m, rng);
-      // Reference: each product on a workspace of its own, in order.
-      std::vector<std::vector<uint8_t>> want;
-      {
-        DeviceBuffer<uint8_t> unused(16);
-        for (kernels::SkinnyGemmParams p : L.products(132, compact, unused)) {
-          DeviceBuffer<uint8_t> own(
-              static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(p.n, 132)));
-          CUDA_REQUIRE(own.poison());
-          CUDA_REQUIRE(cudaMemset(own.get(), 0,
-                                  static_cast<size_t>(kernels::skinny_gemm_counter_bytes(p.n))));
-          p.workspace = own.get();
-          p.workspace_bytes = static_cast<int64_t>(own.size());
-          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
-          want.push_back(L.state());
+    for (const bool compact : {false, true})
+      for (const bool stream_k : {true, false}) {
+        INFO("m=" << m << " compact=" << compact << " stream_k=" << stream_k);
+        DecoderGemms L(m, rng);
+        // Reference: each product on a workspace of its own, in order.
+        std::vector<std::vector<uint8_t>> want;
+        {
+          DeviceBuffer<uint8_t> unused(16);
+          for (kernels::SkinnyGemmParams p : L.products(132, compact, unused, stream_k)) {
+            DeviceBuffer<uint8_t> own(
+                static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(p.n, 132)));
+            CUDA_REQUIRE(own.poison());
+            CUDA_REQUIRE(cudaMemset(own.get(), 0,
+                                    static_cast<size_t>(kernels::skinny_gemm_counter_bytes(p.n))));
+            p.workspace = own.get();
+            p.workspace_bytes = static_cast<int64_t>(own.size());
+            CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+            want.push_back(L.state());
+          }
+        }
+        // One workspace for every width up to 2^22 (as GemmRunner's), twice around the layer.
+        const int64_t max_n = int64_t{1} << 22;
+        DeviceBuffer<uint8_t> ws(
+            static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, 132)));
+        CUDA_REQUIRE(ws.poison());
+        const auto counters = static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n));
+        CUDA_REQUIRE(cudaMemset(ws.get(), 0, counters));
+        for (int round = 0; round < 2; ++round) {
+          L.reset();
+          const std::vector<kernels::SkinnyGemmParams> ps = L.products(132, compact, ws, stream_k);
+          for (size_t i = 0; i < ps.size(); ++i) {
+            INFO("round " << round << ", product " << i);
+            CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(ps[i], nullptr));
+            REQUIRE(L.state() == want[i]);
+          }
+          REQUIRE(zero_bytes(ws, counters));
         }
       }
-      // One workspace for every width up to 2^22 (as GemmRunner's), twice around the layer.
-      const int64_t max_n = int64_t{1} << 22;
-      DeviceBuffer<uint8_t> ws(
-          static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, 132)));
-      CUDA_REQUIRE(ws.poison());
-      const auto counters = static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n));
-      CUDA_REQUIRE(cudaMemset(ws.get(), 0, counters));
-      for (int round = 0; round < 2; ++round) {
-        L.reset();
-        const std::vector<kernels::SkinnyGemmParams> ps = L.products(132, compact, ws);
-        for (size_t i = 0; i < ps.size(); ++i) {
-          INFO("round " << round << ", product " << i);
-          CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(ps[i], nullptr));
-          REQUIRE(L.state() == want[i]);
-        }
-        REQUIRE(zero_bytes(ws, counters));
-      }
-    }
 }
 
 TEST_CASE("skinny gemm: the split residual add + norm equals the fused tail, byte for byte",
@@ -832,71 +845,72 @@ TEST_CASE("skinny gemm: the split residual add + norm equals the fused tail, byt
   cudaStream_t stream = nullptr;
   CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   for (const bool compact : {false, true})
-    for (const int32_t sms : {132, 57}) {
-      INFO("compact=" << compact << " sms=" << sms);
-      DecoderGemms L(1, rng);
-      const int64_t max_n = int64_t{1} << 22;
-      DeviceBuffer<uint8_t> ws(
-          static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, sms)));
-      CUDA_REQUIRE(
-          cudaMemset(ws.get(), 0, static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n))));
-      std::vector<std::vector<uint8_t>> want, got;
-      for (kernels::SkinnyGemmParams p : L.products(sms, compact, ws)) {
-        CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, stream));
-        CUDA_REQUIRE(cudaStreamSynchronize(stream));
-        want.push_back(L.state());
-      }
-      for (int round = 0; round < 2; ++round) {
-        L.reset();
-        std::vector<kernels::SkinnyGemmParams> ps = L.products(sms, compact, ws);
-        // o and down: add only; gate/up and qkv: the norm of the product before (its weight).
-        for (const size_t i : {size_t{0}, size_t{2}}) {
-          kernels::SkinnyGemmParams& add = ps[i];
-          kernels::SkinnyGemmParams& nin = ps[i + 1];
-          nin.norm_input = true;
-          nin.add_norm = add.add_norm;
-          nin.add_norm.delta = nullptr;
-          nin.add_norm.bias = nullptr;
-          nin.add_norm.dim = static_cast<int32_t>(nin.k);
-          nin.a = L.act.get();  // not read: a wrong row would show in act / qkv
-          add.fuse_add_norm = false;
-          add.add_residual = true;
-        }
-        got.clear();
-        for (const kernels::SkinnyGemmParams& p : ps) {
+    for (const int32_t sms : {132, 57})
+      for (const bool stream_k : {false, true}) {
+        INFO("compact=" << compact << " sms=" << sms << " stream_k=" << stream_k);
+        DecoderGemms L(1, rng);
+        const int64_t max_n = int64_t{1} << 22;
+        DeviceBuffer<uint8_t> ws(
+            static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(max_n, sms)));
+        CUDA_REQUIRE(cudaMemset(ws.get(), 0,
+                                static_cast<size_t>(kernels::skinny_gemm_counter_bytes(max_n))));
+        std::vector<std::vector<uint8_t>> want, got;
+        for (kernels::SkinnyGemmParams p : L.products(sms, compact, ws, stream_k)) {
           CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, stream));
           CUDA_REQUIRE(cudaStreamSynchronize(stream));
-          got.push_back(L.state());
+          want.push_back(L.state());
         }
-        INFO("round " << round);
-        CHECK(got[1] == want[1]);
-        CHECK(got[3] == want[3]);
-        if (round == 1) {  // bulk products with split parameters the kernel cannot honour
-          const auto rejected = [](kernels::SkinnyGemmParams q) {
-            return kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue;
-          };
-          kernels::SkinnyGemmParams q = ps[1];
-          q.m = 2;  // the prologue normalizes one row
-          CHECK(rejected(q));
-          q = ps[1];
-          q.add_norm.x = nullptr;
-          CHECK(rejected(q));
-          q = ps[1];
-          q.add_norm.weight = q.add_norm.weight + 1;  // 4-byte aligned only
-          CHECK(rejected(q));
-          q = ps[1];
-          q.fuse_add_norm = true;
-          CHECK(rejected(q));
-          q = ps[0];
-          q.gated = true;  // the residual add takes plain fp32 products
-          q.out = kernels::DType::kBF16;
-          CHECK(rejected(q));
-          q = ps[0];
-          q.norm_input = true;  // not both in one launch
-          CHECK(rejected(q));
-          CUDA_REQUIRE(cudaGetLastError());
+        for (int round = 0; round < 2; ++round) {
+          L.reset();
+          std::vector<kernels::SkinnyGemmParams> ps = L.products(sms, compact, ws, stream_k);
+          // o and down: add only; gate/up and qkv: the norm of the product before (its weight).
+          for (const size_t i : {size_t{0}, size_t{2}}) {
+            kernels::SkinnyGemmParams& add = ps[i];
+            kernels::SkinnyGemmParams& nin = ps[i + 1];
+            nin.norm_input = true;
+            nin.add_norm = add.add_norm;
+            nin.add_norm.delta = nullptr;
+            nin.add_norm.bias = nullptr;
+            nin.add_norm.dim = static_cast<int32_t>(nin.k);
+            nin.a = L.act.get();  // not read: a wrong row would show in act / qkv
+            add.fuse_add_norm = false;
+            add.add_residual = true;
+          }
+          got.clear();
+          for (const kernels::SkinnyGemmParams& p : ps) {
+            CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, stream));
+            CUDA_REQUIRE(cudaStreamSynchronize(stream));
+            got.push_back(L.state());
+          }
+          INFO("round " << round);
+          CHECK(got[1] == want[1]);
+          CHECK(got[3] == want[3]);
+          if (round == 1) {  // bulk products with split parameters the kernel cannot honour
+            const auto rejected = [](kernels::SkinnyGemmParams q) {
+              return kernels::launch_skinny_gemm(q, nullptr) == cudaErrorInvalidValue;
+            };
+            kernels::SkinnyGemmParams q = ps[1];
+            q.m = 2;  // the prologue normalizes one row
+            CHECK(rejected(q));
+            q = ps[1];
+            q.add_norm.x = nullptr;
+            CHECK(rejected(q));
+            q = ps[1];
+            q.add_norm.weight = q.add_norm.weight + 1;  // 4-byte aligned only
+            CHECK(rejected(q));
+            q = ps[1];
+            q.fuse_add_norm = true;
+            CHECK(rejected(q));
+            q = ps[0];
+            q.gated = true;  // the residual add takes plain fp32 products
+            q.out = kernels::DType::kBF16;
+            CHECK(rejected(q));
+            q = ps[0];
+            q.norm_input = true;  // not both in one launch
+            CHECK(rejected(q));
+            CUDA_REQUIRE(cudaGetLastError());
+          }
         }
       }
-    }
   CUDA_REQUIRE(cudaStreamDestroy(stream));
 }

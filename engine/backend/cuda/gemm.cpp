@@ -69,6 +69,9 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_COMPACT_GEMM=1: the decoder layers' GEMMs take the compact footprint at m = 1 (A/B).
   const char* compact = std::getenv("PMKV_COMPACT_GEMM");
   compact_layers_ = compact != nullptr && std::strcmp(compact, "0") != 0;
+  // PMKV_BULK_STREAM_K=1: the bulk kernel splits by units (stream-K) instead of whole tiles (A/B).
+  const char* stream_k = std::getenv("PMKV_BULK_STREAM_K");
+  bulk_stream_k_ = stream_k != nullptr && std::strcmp(stream_k, "0") != 0;
   // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
   // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
   // PMKV_SKINNY_BULK=0 turns it off (A/B).
@@ -146,6 +149,7 @@ kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w
   sp.workspace = skinny_ws_.as();
   sp.workspace_bytes = static_cast<int64_t>(skinny_ws_.bytes());
   sp.compact = fp == GemmFootprint::kCompact;
+  sp.stream_k = bulk_stream_k_;
   return sp;
 }
 

@@ -116,6 +116,7 @@ class GemmRunner {
   bool skinny_wide_ = false;
   bool fuse_norm_ = true;
   bool compact_layers_ = false;
+  bool bulk_stream_k_ = false;
   bool split_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
