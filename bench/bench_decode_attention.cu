@@ -25,33 +25,13 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/attention/decode.h"
 #include "kernels/kv_page_layout.h"
 
 namespace {
 
 using namespace pmkv;
-
-#define CHECK(expr)                                                        \
-  do {                                                                     \
-    const cudaError_t e_ = (expr);                                         \
-    if (e_ != cudaSuccess) {                                               \
-      std::fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorString(e_));                                \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
-
-std::vector<int> parse_list(const char* s) {
-  std::vector<int> v;
-  for (const char* p = s; *p != 0;) {
-    v.push_back(std::atoi(p));
-    while (*p != 0 && *p != ',')
-      ++p;
-    if (*p == ',') ++p;
-  }
-  return v;
-}
 
 __device__ uint32_t mix(uint64_t x) {
   x ^= x >> 33;
@@ -117,24 +97,24 @@ double median(std::vector<float> v) {
 double copy_bandwidth_gbps() {
   const size_t bytes = size_t{2} << 30;  // 2 GiB, read + written
   void *a = nullptr, *b = nullptr;
-  CHECK(cudaMalloc(&a, bytes));
-  CHECK(cudaMalloc(&b, bytes));
-  CHECK(cudaMemset(a, 1, bytes));
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
   cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
   std::vector<float> ms;
   for (int i = 0; i < 12; ++i) {
-    CHECK(cudaEventRecord(e0));
-    CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
+    CK(cudaEventRecord(e0));
+    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
     float t = 0;
-    CHECK(cudaEventElapsedTime(&t, e0, e1));
+    CK(cudaEventElapsedTime(&t, e0, e1));
     if (i >= 2) ms.push_back(t);
   }
-  CHECK(cudaFree(a));
-  CHECK(cudaFree(b));
+  CK(cudaFree(a));
+  CK(cudaFree(b));
   return 2.0 * bytes / (median(ms) * 1e-3) / 1e9;
 }
 
@@ -153,11 +133,11 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--bits")
-      bits_list = parse_list(argv[i + 1]);
+      bits_list = bench::parse_list<int>(argv[i + 1]);
     else if (a == "--batch")
-      batches = parse_list(argv[i + 1]);
+      batches = bench::parse_list<int>(argv[i + 1]);
     else if (a == "--ctx")
-      contexts = parse_list(argv[i + 1]);
+      contexts = bench::parse_list<int>(argv[i + 1]);
     else if (a == "--kv-heads")
       kv_heads = std::atoi(argv[i + 1]);
     else if (a == "--group")
@@ -169,7 +149,7 @@ int main(int argc, char** argv) {
     else if (a == "--out")
       out_path = argv[i + 1];
     else if (a == "--min-item-kb")
-      min_item_kbs = parse_list(argv[i + 1]);
+      min_item_kbs = bench::parse_list<int>(argv[i + 1]);
     else if (a == "--ctas-per-sm")
       ctas_per_sm = std::atoi(argv[i + 1]);
     else if (a == "--min-time-ms")
@@ -189,7 +169,7 @@ int main(int argc, char** argv) {
   FILE* out = out_path.empty() ? stdout : std::fopen(out_path.c_str(), "w");
   if (out == nullptr) return 2;
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CK(cudaGetDeviceProperties(&prop, 0));
   const double copy_gbps = copy_bandwidth_gbps();
   std::fprintf(stderr, "device %s, %d SMs, L2 %d MiB, copy bandwidth %.0f GB/s (read+write)\n",
                prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbps);
@@ -199,8 +179,8 @@ int main(int argc, char** argv) {
   const int heads = kv_heads * group;
   const int64_t l2_rotation_bytes = int64_t{4} * prop.l2CacheSize;
   cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
   std::mt19937 rng(12345);
 
   for (const int bits : bits_list) {
@@ -217,7 +197,7 @@ int main(int argc, char** argv) {
             std::clamp<int64_t>((l2_rotation_bytes + kv_bytes - 1) / kv_bytes, 1, 1024));
         const int64_t pool_pages = pages * rot;
         size_t free_b = 0, total_b = 0;
-        CHECK(cudaMemGetInfo(&free_b, &total_b));
+        CK(cudaMemGetInfo(&free_b, &total_b));
         const double pool_gb = double(pool_pages) * page_bytes / 1e9;
         std::fprintf(stderr, "bits %2d batch %2d ctx %6d: pool %.2f GB x%d ... ", bits, batch, ctx,
                      pool_gb, rot);
@@ -230,14 +210,14 @@ int main(int argc, char** argv) {
           continue;
         }
         uint8_t* pool = nullptr;
-        CHECK(cudaMalloc(&pool, pool_pages * page_bytes));
+        CK(cudaMalloc(&pool, pool_pages * page_bytes));
         fill_random<<<4096, 256>>>(reinterpret_cast<uint32_t*>(pool), pool_pages * page_bytes / 4,
                                    rng());
-        CHECK(cudaGetLastError());
+        CK(cudaGetLastError());
         const kv::PageLayout L = kv::page_layout(g, bits);
         fill_params<<<4096, 256>>>(pool, page_bytes, pool_pages, bits, L.k_params,
                                    int64_t{2} * L.tokens * L.heads, rng());
-        CHECK(cudaGetLastError());
+        CK(cudaGetLastError());
 
         // Page tables: rot copies with disjoint, shuffled page ids (a pool after churn; or, with
         // --page-order sequential, each sequence's pages in pool order); the same shape.
@@ -251,10 +231,10 @@ int main(int argc, char** argv) {
           page_tokens[(s + 1) * pps - 1] = ctx - (pps - 1) * T;
         int32_t* ids = nullptr;
         int32_t* tok = nullptr;
-        CHECK(cudaMalloc(&ids, pool_pages * 4));
-        CHECK(cudaMalloc(&tok, pages * 4));
-        CHECK(cudaMemcpy(ids, perm.data(), pool_pages * 4, cudaMemcpyHostToDevice));
-        CHECK(cudaMemcpy(tok, page_tokens.data(), pages * 4, cudaMemcpyHostToDevice));
+        CK(cudaMalloc(&ids, pool_pages * 4));
+        CK(cudaMalloc(&tok, pages * 4));
+        CK(cudaMemcpy(ids, perm.data(), pool_pages * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(tok, page_tokens.data(), pages * 4, cudaMemcpyHostToDevice));
 
         for (const int min_item_kb : min_item_kbs) {
           kernels::DecodePlanConfig cfg;
@@ -270,17 +250,17 @@ int main(int argc, char** argv) {
           kernels::DecodePlan plan;
           kernels::plan_decode(cfg, {&table, 1}, &plan);
           void* ws = nullptr;
-          CHECK(cudaMalloc(&ws, plan.workspace_bytes));
-          CHECK(kernels::upload_decode_plan(plan, ws, plan.workspace_bytes, nullptr));
+          CK(cudaMalloc(&ws, plan.workspace_bytes));
+          CK(kernels::upload_decode_plan(plan, ws, plan.workspace_bytes, nullptr));
 
           std::vector<__nv_bfloat16> hq(size_t(batch) * heads * head_dim * rot);
           std::normal_distribution<float> dist(0.0f, 1.0f);
           for (auto& x : hq)
             x = __float2bfloat16(dist(rng));
           __nv_bfloat16 *q = nullptr, *o = nullptr;
-          CHECK(cudaMalloc(&q, hq.size() * 2));
-          CHECK(cudaMalloc(&o, hq.size() * 2));
-          CHECK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+          CK(cudaMalloc(&q, hq.size() * 2));
+          CK(cudaMalloc(&o, hq.size() * 2));
+          CK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
 
           kernels::DecodeParams p;
           p.pool = pool;
@@ -298,33 +278,33 @@ int main(int argc, char** argv) {
             p.page_ids = ids + int64_t{r} * pages;
             p.q = q + int64_t{r} * batch * heads * head_dim;
             p.out = o + int64_t{r} * batch * heads * head_dim;
-            CHECK(kernels::launch_decode(p, nullptr));
+            CK(kernels::launch_decode(p, nullptr));
           };
           for (int r = 0; r < std::max(3, rot); ++r)
             launch(r % rot);  // warm-up
-          CHECK(cudaDeviceSynchronize());
-          CHECK(cudaEventRecord(e0));
+          CK(cudaDeviceSynchronize());
+          CK(cudaEventRecord(e0));
           launch(0);
-          CHECK(cudaEventRecord(e1));
-          CHECK(cudaEventSynchronize(e1));
+          CK(cudaEventRecord(e1));
+          CK(cudaEventSynchronize(e1));
           float once = 0;
-          CHECK(cudaEventElapsedTime(&once, e0, e1));
+          CK(cudaEventElapsedTime(&once, e0, e1));
           const int reps =
               static_cast<int>(std::clamp(min_time_ms / std::max(once, 1e-3f), 30.0, 500.0));
           std::vector<cudaEvent_t> ev(2 * reps);
           for (auto& e : ev)
-            CHECK(cudaEventCreate(&e));
+            CK(cudaEventCreate(&e));
           for (int i = 0; i < reps; ++i) {
-            CHECK(cudaEventRecord(ev[2 * i]));
+            CK(cudaEventRecord(ev[2 * i]));
             launch(i % rot);
-            CHECK(cudaEventRecord(ev[2 * i + 1]));
+            CK(cudaEventRecord(ev[2 * i + 1]));
           }
-          CHECK(cudaDeviceSynchronize());
+          CK(cudaDeviceSynchronize());
           std::vector<float> ms(reps);
           for (int i = 0; i < reps; ++i)
-            CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+            CK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
           for (auto& e : ev)
-            CHECK(cudaEventDestroy(e));
+            CK(cudaEventDestroy(e));
 #ifdef PMKV_DECODE_TRACE
           // The CTA-timeline probe: the last of a dozen back-to-back launches, one line per CTA
           // (row, SM, then slots 1-9 in ns after the earliest entry, -1 when unset, item, tiles).
@@ -332,16 +312,16 @@ int main(int argc, char** argv) {
             constexpr size_t kRows = 65536;
             constexpr int kS = kernels::kDecodeTraceSlots;
             uint64_t* tr = nullptr;
-            CHECK(cudaMalloc(&tr, kRows * kS * 8));
-            CHECK(cudaMemset(tr, 0, kRows * kS * 8));
+            CK(cudaMalloc(&tr, kRows * kS * 8));
+            CK(cudaMemset(tr, 0, kRows * kS * 8));
             kernels::set_decode_trace(tr);
             for (int i = 0; i < 12; ++i)
               launch(i % rot);
-            CHECK(cudaDeviceSynchronize());
+            CK(cudaDeviceSynchronize());
             kernels::set_decode_trace(nullptr);
             std::vector<uint64_t> h(kRows * kS);
-            CHECK(cudaMemcpy(h.data(), tr, h.size() * 8, cudaMemcpyDeviceToHost));
-            CHECK(cudaFree(tr));
+            CK(cudaMemcpy(h.data(), tr, h.size() * 8, cudaMemcpyDeviceToHost));
+            CK(cudaFree(tr));
             const char* dir = std::getenv("PMKV_TRACE_DIR");
             char name[512];
             std::snprintf(name, sizeof name, "%s/trace_b%d_B%d_T%d_m%d.txt", dir ? dir : ".", bits,
@@ -373,7 +353,7 @@ int main(int argc, char** argv) {
           double floor_us = 0;
           {
             uint32_t* sink = nullptr;
-            CHECK(cudaMalloc(&sink, 4));
+            CK(cudaMalloc(&sink, 4));
             const int64_t n16 = kv_bytes / 16;
             for (const int per_sm : {1, 2, 4}) {
               const int grid = prop.multiProcessorCount * per_sm;
@@ -385,17 +365,17 @@ int main(int argc, char** argv) {
                 read_once(r % rot);
               std::vector<float> fms(reps);
               for (int i = 0; i < reps; ++i) {
-                CHECK(cudaEventRecord(e0));
+                CK(cudaEventRecord(e0));
                 read_once(i % rot);
-                CHECK(cudaEventRecord(e1));
-                CHECK(cudaEventSynchronize(e1));
-                CHECK(cudaEventElapsedTime(&fms[i], e0, e1));
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                CK(cudaEventElapsedTime(&fms[i], e0, e1));
               }
-              CHECK(cudaGetLastError());
+              CK(cudaGetLastError());
               const double us = median(fms) * 1e3;
               floor_us = floor_us == 0 ? us : std::min(floor_us, us);
             }
-            CHECK(cudaFree(sink));
+            CK(cudaFree(sink));
           }
           std::sort(ms.begin(), ms.end());
           const double t_us = ms[reps / 2] * 1e3;
@@ -419,13 +399,13 @@ int main(int argc, char** argv) {
               ctas_per_sm, shuffle_pages ? "shuffled" : "sequential", floor_us, floor_us / t_us,
               prop.name);
           std::fflush(out);
-          CHECK(cudaFree(ws));
-          CHECK(cudaFree(q));
-          CHECK(cudaFree(o));
+          CK(cudaFree(ws));
+          CK(cudaFree(q));
+          CK(cudaFree(o));
         }
-        CHECK(cudaFree(pool));
-        CHECK(cudaFree(ids));
-        CHECK(cudaFree(tok));
+        CK(cudaFree(pool));
+        CK(cudaFree(ids));
+        CK(cudaFree(tok));
       }
     }
   }

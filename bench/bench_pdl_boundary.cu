@@ -26,16 +26,9 @@
 #include <string>
 #include <vector>
 
-namespace {
+#include "bench/bench_common.cuh"
 
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+namespace {
 
 enum Mode { kPlain = 0, kPdl = 1, kFlag = 2 };
 constexpr int kThreads = 128;
@@ -118,28 +111,28 @@ int main(int argc, char** argv) {
     }
   }
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CK(cudaGetDeviceProperties(&prop, 0));
   if (ctas <= 0) ctas = prop.multiProcessorCount;
   const size_t n = static_cast<size_t>(ctas) * kThreads;
   float* buf[2];
   for (auto& b : buf) {
-    CHECK(cudaMalloc(&b, n * sizeof(float)));
-    CHECK(cudaMemset(b, 0, n * sizeof(float)));
+    CK(cudaMalloc(&b, n * sizeof(float)));
+    CK(cudaMemset(b, 0, n * sizeof(float)));
   }
   unsigned* counts;
-  CHECK(cudaMalloc(&counts, kernels * sizeof(unsigned)));
+  CK(cudaMalloc(&counts, kernels * sizeof(unsigned)));
   unsigned long long* stamps;
   const size_t stamp_count = static_cast<size_t>(kernels) * ctas * 2;
-  CHECK(cudaMalloc(&stamps, stamp_count * sizeof(unsigned long long)));
+  CK(cudaMalloc(&stamps, stamp_count * sizeof(unsigned long long)));
   cudaStream_t s;
-  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   std::printf("%s, %d SMs: %d kernels of %d CTAs, %d ns of work each, %d replays\n", prop.name,
               prop.multiProcessorCount, kernels, ctas, work_ns, replays);
 
   for (int mode : {kPlain, kPdl, kFlag}) {
     cudaGraph_t graph;
-    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    CHECK(cudaMemsetAsync(counts, 0, kernels * sizeof(unsigned), s));
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CK(cudaMemsetAsync(counts, 0, kernels * sizeof(unsigned), s));
     for (int k = 0; k < kernels; ++k) {
       Args a{buf[k % 2],
              buf[(k + 1) % 2],
@@ -159,34 +152,34 @@ int main(int argc, char** argv) {
         cfg.attrs = &attr;
         cfg.numAttrs = 1;
       }
-      CHECK(cudaLaunchKernelEx(&cfg, step_kernel, a));
+      CK(cudaLaunchKernelEx(&cfg, step_kernel, a));
     }
-    CHECK(cudaStreamEndCapture(s, &graph));
+    CK(cudaStreamEndCapture(s, &graph));
     cudaGraphExec_t exec;
-    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
     for (int w = 0; w < 3; ++w)
-      CHECK(cudaGraphLaunch(exec, s));
-    CHECK(cudaStreamSynchronize(s));
+      CK(cudaGraphLaunch(exec, s));
+    CK(cudaStreamSynchronize(s));
     cudaEvent_t e0, e1;
-    CHECK(cudaEventCreate(&e0));
-    CHECK(cudaEventCreate(&e1));
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
     std::vector<double> per_kernel;
     for (int r = 0; r < replays; ++r) {
-      CHECK(cudaEventRecord(e0, s));
-      CHECK(cudaGraphLaunch(exec, s));
-      CHECK(cudaEventRecord(e1, s));
-      CHECK(cudaEventSynchronize(e1));
+      CK(cudaEventRecord(e0, s));
+      CK(cudaGraphLaunch(exec, s));
+      CK(cudaEventRecord(e1, s));
+      CK(cudaEventSynchronize(e1));
       float ms = 0;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      CK(cudaEventElapsedTime(&ms, e0, e1));
       per_kernel.push_back(1e3 * ms / kernels);
     }
     // The last replay's stamps.
     std::vector<unsigned long long> st(stamp_count);
-    CHECK(cudaMemcpy(st.data(), stamps, stamp_count * sizeof(unsigned long long),
-                     cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(st.data(), stamps, stamp_count * sizeof(unsigned long long),
+                  cudaMemcpyDeviceToHost));
     // The data chain must have run: every element went through `kernels` increments per replay.
     std::vector<float> out(n);
-    CHECK(cudaMemcpy(out.data(), buf[kernels % 2], n * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(out.data(), buf[kernels % 2], n * sizeof(float), cudaMemcpyDeviceToHost));
     std::vector<double> gap, span;
     for (int k = 1; k < kernels; ++k) {
       unsigned long long prev_done = 0, first_past = ~0ull, last_done = 0;
@@ -204,8 +197,8 @@ int main(int argc, char** argv) {
         "to last done %.3f us (medians over kernels); out[0] = %.0f\n",
         names[mode], median(per_kernel), *std::min_element(per_kernel.begin(), per_kernel.end()),
         median(gap), median(span), out[0]);
-    CHECK(cudaGraphExecDestroy(exec));
-    CHECK(cudaGraphDestroy(graph));
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
   }
   return 0;
 }

@@ -22,18 +22,10 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/sampling/sampling.h"
 
 namespace {
-
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 using pmkv::kernels::SamplingLaunch;
 using pmkv::kernels::SamplingRow;
@@ -72,19 +64,10 @@ std::vector<Mode> modes() {
   return out;
 }
 
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    v.push_back(std::stoll(item));
-  return v;
-}
-
 template <class T>
 T* device_alloc(size_t n) {
   T* p = nullptr;
-  CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+  CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
   return p;
 }
 
@@ -123,8 +106,8 @@ int main(int argc, char** argv) {
     }
   }
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  const std::vector<int64_t> row_counts = parse_list(rows_list);
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const std::vector<int64_t> row_counts = pmkv::bench::parse_list(rows_list);
   const int64_t max_rows = *std::max_element(row_counts.begin(), row_counts.end());
   const size_t n = static_cast<size_t>(max_rows) * vocab;
 
@@ -135,7 +118,7 @@ int main(int argc, char** argv) {
     x = normal(rng);
   float* pristine = device_alloc<float>(n);
   float* logits = device_alloc<float>(n);
-  CHECK(cudaMemcpy(pristine, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(pristine, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
 
   // Penalty history: 32 distinct ids a row, half in the prompt, counts 1-3.
   constexpr int kHist = 32;
@@ -154,10 +137,10 @@ int main(int argc, char** argv) {
   int32_t* d_ids = device_alloc<int32_t>(ids.size());
   int32_t* d_counts = device_alloc<int32_t>(counts.size());
   uint8_t* d_in_prompt = device_alloc<uint8_t>(in_prompt.size());
-  CHECK(cudaMemcpy(d_starts, starts.data(), starts.size() * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(d_counts, counts.data(), counts.size() * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(d_in_prompt, in_prompt.data(), in_prompt.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_starts, starts.data(), starts.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_counts, counts.data(), counts.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_in_prompt, in_prompt.data(), in_prompt.size(), cudaMemcpyHostToDevice));
   SamplingRow* d_params = device_alloc<SamplingRow>(max_rows);
   int32_t* d_tokens = device_alloc<int32_t>(max_rows);
   const size_t top = static_cast<size_t>(max_rows) * pmkv::kernels::kMaxSamplingLogprobs;
@@ -169,18 +152,18 @@ int main(int argc, char** argv) {
 
   // Device-to-device copy bandwidth (read + write), the floor's unit.
   cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
   auto time_ms = [&](auto&& body) {
     body();  // warm-up
-    CHECK(cudaDeviceSynchronize());
-    CHECK(cudaEventRecord(e0));
+    CK(cudaDeviceSynchronize());
+    CK(cudaEventRecord(e0));
     for (int it = 0; it < iters; ++it)
       body();
-    CHECK(cudaEventRecord(e1));
-    CHECK(cudaEventSynchronize(e1));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
     float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaEventElapsedTime(&ms, e0, e1));
     return static_cast<double>(ms) / iters;
   };
 
@@ -194,7 +177,7 @@ int main(int argc, char** argv) {
   for (const int64_t rows : row_counts) {
     const size_t bytes = static_cast<size_t>(rows) * vocab * sizeof(float);
     const double copy_ms =
-        time_ms([&] { CHECK(cudaMemcpyAsync(logits, pristine, bytes, cudaMemcpyDeviceToDevice)); });
+        time_ms([&] { CK(cudaMemcpyAsync(logits, pristine, bytes, cudaMemcpyDeviceToDevice)); });
     // The copy moves 2 x bytes; reading the logits once is half of it at copy bandwidth.
     const double floor_us = copy_ms * 1e3 / 2.0;
     for (const Mode& m : modes()) {
@@ -219,8 +202,8 @@ int main(int argc, char** argv) {
         k.seed = 1000 + static_cast<uint64_t>(r);
         k.offset = 7;
       }
-      CHECK(cudaMemcpy(d_params, prm.data(), prm.size() * sizeof(SamplingRow),
-                       cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(d_params, prm.data(), prm.size() * sizeof(SamplingRow),
+                    cudaMemcpyHostToDevice));
       SamplingLaunch l;
       l.logits = logits;
       l.rows = static_cast<int32_t>(rows);
@@ -240,8 +223,8 @@ int main(int argc, char** argv) {
       l.workspace = d_ws;
       l.workspace_bytes = pmkv::kernels::sampling_workspace_bytes(l.rows, vocab, copies);
       const double total_ms = time_ms([&] {
-        CHECK(cudaMemcpyAsync(logits, pristine, bytes, cudaMemcpyDeviceToDevice));
-        CHECK(pmkv::kernels::launch_sampling(l, nullptr));
+        CK(cudaMemcpyAsync(logits, pristine, bytes, cudaMemcpyDeviceToDevice));
+        CK(pmkv::kernels::launch_sampling(l, nullptr));
       });
       const double us = (total_ms - copy_ms) * 1e3;
       std::printf("%-18s %5lld %10.1f %10.1f %10.1f\n", m.name.c_str(),

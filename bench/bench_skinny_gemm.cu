@@ -18,31 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/gemm/skinny_gemm.h"
 
 using namespace pmkv;
 
 namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-#define CK(x) check((x), #x)
-
-__global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu) |
-                                 ((h >> 16) & 0x8000u));  // |x| in [2^-7, 2^-6)
-  }
-}
 
 // Read-only stream: 8 independent 16-byte loads in flight per thread, grid-stride.
 __global__ void read_stream(const uint4* p, int64_t n16, uint32_t* sink) {
@@ -67,78 +48,41 @@ __global__ void read_stream(const uint4* p, int64_t n16, uint32_t* sink) {
   if (x == 0x9E3779B9u) *sink = x;  // never true in practice; keeps the loads
 }
 
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> out;
-  size_t at = 0;
-  while (at < s.size()) {
-    const size_t comma = s.find(',', at);
-    out.push_back(std::stoll(s.substr(at, comma - at)));
-    at = comma == std::string::npos ? s.size() : comma + 1;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string rows = "1,2,4,8";
-  int64_t L = 32, H = 4096, I = 14336, NH = 32, NKV = 8, D = 128, V = 128256;
+  bench::LlamaShapes model;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
-    if (a == "--rows")
+    if (a == "--rows") {
       rows = v;
-    else if (a == "--layers")
-      L = std::stoll(v);
-    else if (a == "--hidden")
-      H = std::stoll(v);
-    else if (a == "--intermediate")
-      I = std::stoll(v);
-    else if (a == "--heads")
-      NH = std::stoll(v);
-    else if (a == "--kv-heads")
-      NKV = std::stoll(v);
-    else if (a == "--head-dim")
-      D = std::stoll(v);
-    else if (a == "--vocab")
-      V = std::stoll(v);
-    else {
+    } else if (!model.parse(a, v)) {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
+  const int64_t L = model.layers, H = model.hidden, I = model.intermediate, V = model.vocab;
+  const int64_t q_width = model.heads * model.head_dim;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
   const bool hopper = prop.major >= 9;
-  struct Shape {
-    const char* name;
-    int64_t n, k;
-  };
-  const Shape shapes[4] = {
-      {"qkv", (NH + 2 * NKV) * D, H}, {"o", H, NH * D}, {"gate_up", 2 * I, H}, {"down", H, I}};
-  const Shape head{"lm_head", V, H};
-  int64_t total = head.n * head.k;
-  for (const Shape& s : shapes)
-    total += L * s.n * s.k;
-  uint16_t* wbase = nullptr;
-  CK(cudaMalloc(&wbase, static_cast<size_t>(total) * 2));
-  fill_bf16<<<4096, 256>>>(wbase, total, 0x9E3779B9u);
-  std::vector<const uint16_t*> W[4];
-  int64_t off = 0;
-  for (int64_t l = 0; l < L; ++l)
-    for (int j = 0; j < 4; ++j) {
-      W[j].push_back(wbase + off);
-      off += shapes[j].n * shapes[j].k;
-    }
-  const uint16_t* Wh = wbase + off;
-  const int64_t max_k = std::max(H, std::max(I, NH * D));
+  using Shape = bench::LlamaShapes::Shape;
+  const auto shapes = model.layer();
+  const Shape head = model.head();
+  const int64_t total = model.total_elements();
+  const bench::TokenWeights tw = bench::alloc_token_weights(model);
+  const std::vector<const uint16_t*>* W = tw.layer;
+  const uint16_t* Wh = tw.head;
+  const int64_t max_k = std::max(H, std::max(I, q_width));
   uint16_t* a = nullptr;
   float* d = nullptr;
   uint32_t* sink = nullptr;
   CK(cudaMalloc(&a, 16 * max_k * 2));
   CK(cudaMalloc(&d, static_cast<size_t>(16 * std::max(V, 2 * I)) * 4));
   CK(cudaMalloc(&sink, 4));
-  fill_bf16<<<64, 256>>>(a, 16 * max_k, 7u);
+  bench::fill_bf16<<<64, 256>>>(a, 16 * max_k, 7u);
   const int64_t ws_bytes = kernels::skinny_gemm_workspace_bytes(std::max(V, 2 * I), sms);
   void* ws = nullptr;
   CK(cudaMalloc(&ws, static_cast<size_t>(ws_bytes)));
@@ -174,7 +118,8 @@ int main(int argc, char** argv) {
   const double copy_gbps = 2.0 * cb / (copy_ms * 1e-3) / 1e9;
   const double read_ms = elapsed_ms(
       [&] {
-        read_stream<<<sms * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(wbase), total / 8, sink);
+        read_stream<<<sms * 8, 512, 0, s>>>(reinterpret_cast<const uint4*>(W[0][0]), total / 8,
+                                            sink);
       },
       3);
   const double bytes = 2.0 * total;
@@ -199,7 +144,7 @@ int main(int argc, char** argv) {
                      ", \"read_gb_s\": " + std::to_string(read_gbps) +
                      ", \"token_weight_gb\": " + std::to_string(bytes / 1e9) + ", \"points\": [";
   bool first = true;
-  for (const int64_t m : parse_list(rows)) {
+  for (const int64_t m : bench::parse_list(rows)) {
     // register, bulk, and the bulk kernel's compact footprint (SkinnyGemmParams::compact), each
     // bulk one split by whole tiles (the default) and by units (stream-K,
     // SkinnyGemmParams::stream_k).

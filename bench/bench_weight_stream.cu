@@ -31,17 +31,10 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/gemm/bulk_copy.cuh"
 
 namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-#define CK(x) check((x), #x)
 
 constexpr int kRows = 16;
 constexpr int kKU = 2048;                 // columns per unit (k % 2048 == 0 here)
@@ -154,66 +147,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-__global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu));
-  }
-}
-
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> out;
-  size_t at = 0;
-  while (at < s.size()) {
-    const size_t comma = s.find(',', at);
-    out.push_back(std::stoll(s.substr(at, comma - at)));
-    at = comma == std::string::npos ? s.size() : comma + 1;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t L = 32, H = 4096, I = 14336, NH = 32, NKV = 8, D = 128, V = 128256;
+  pmkv::bench::LlamaShapes model;
   std::string chunks = "1,2,4";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
-    if (a == "--layers")
-      L = std::stoll(v);
-    else if (a == "--hidden")
-      H = std::stoll(v);
-    else if (a == "--intermediate")
-      I = std::stoll(v);
-    else if (a == "--heads")
-      NH = std::stoll(v);
-    else if (a == "--kv-heads")
-      NKV = std::stoll(v);
-    else if (a == "--head-dim")
-      D = std::stoll(v);
-    else if (a == "--vocab")
-      V = std::stoll(v);
-    else if (a == "--chunks")
+    if (a == "--chunks") {
       chunks = v;
-    else {
+    } else if (!model.parse(a, v)) {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
+  const int64_t L = model.layers;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
-  struct Shape {
-    const char* name;
-    int64_t n, k;
-  };
-  const Shape shapes[5] = {{"qkv", (NH + 2 * NKV) * D, H},
-                           {"o", H, NH * D},
-                           {"gate_up", 2 * I, H},
-                           {"down", H, I},
-                           {"lm_head", V, H}};
+  using Shape = pmkv::bench::LlamaShapes::Shape;
+  const auto layer = model.layer();
+  const Shape shapes[5] = {layer[0], layer[1], layer[2], layer[3], model.head()};
   for (const Shape& sh : shapes) {
     if (sh.k % kKU != 0) {
       std::fprintf(stderr, "%s: k %lld is not a multiple of %d\n", sh.name,
@@ -221,20 +175,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  int64_t total = shapes[4].n * shapes[4].k;
-  for (int j = 0; j < 4; ++j)
-    total += L * shapes[j].n * shapes[j].k;
-  uint16_t* wbase = nullptr;
-  CK(cudaMalloc(&wbase, static_cast<size_t>(total) * 2));
-  fill_bf16<<<4096, 256>>>(wbase, total, 0x9E3779B9u);
-  std::vector<const uint16_t*> W[4];
-  int64_t off = 0;
-  for (int64_t l = 0; l < L; ++l)
-    for (int j = 0; j < 4; ++j) {
-      W[j].push_back(wbase + off);
-      off += shapes[j].n * shapes[j].k;
-    }
-  const uint16_t* Wh = wbase + off;
+  const int64_t total = model.total_elements();
+  const pmkv::bench::TokenWeights tw = pmkv::bench::alloc_token_weights(model);
+  const std::vector<const uint16_t*>* W = tw.layer;
+  const uint16_t* Wh = tw.head;
   int* claim = nullptr;
   uint64_t* ends = nullptr;
   uint32_t* sink = nullptr;
@@ -280,7 +224,7 @@ int main(int argc, char** argv) {
     return best;
   };
   std::vector<int> modes{0};
-  for (const int64_t c : parse_list(chunks))
+  for (const int64_t c : pmkv::bench::parse_list(chunks))
     modes.push_back(static_cast<int>(c));
   std::fprintf(stderr, "%s, %d SMs; token weights %.3f GB\n", prop.name, sms, 2.0 * total / 1e9);
   std::string json = "{\"device\": \"" + std::string(prop.name) +

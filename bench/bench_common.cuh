@@ -1,0 +1,120 @@
+#pragma once
+// Boilerplate shared by the CUDA benchmarks (bench/*.cu, one translation unit each): a CUDA error
+// check that exits with the failing expression, comma-separated number lists, a deterministic
+// bf16 fill, and the weight shapes of one Llama decoder token.
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace pmkv::bench {
+
+inline void check_cuda(cudaError_t e, const char* expr, const char* file, int line) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s:%d: %s -> %s\n", file, line, expr, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+// "1,4,16" -> {1, 4, 16}.
+template <class T = int64_t>
+std::vector<T> parse_list(const std::string& s) {
+  std::vector<T> out;
+  size_t at = 0;
+  while (at < s.size()) {
+    const size_t comma = s.find(',', at);
+    out.push_back(static_cast<T>(std::stoll(s.substr(at, comma - at))));
+    at = comma == std::string::npos ? s.size() : comma + 1;
+  }
+  return out;
+}
+
+namespace {
+
+// Deterministic bf16 values with |x| in [2^-7, 2^-6) and random signs (a grid-stride fill).
+__global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu) | ((h >> 16) & 0x8000u));
+  }
+}
+
+}  // namespace
+
+// The weight matrices [n, k] of one Llama decoder token: per layer qkv, o, gate_up (fused) and
+// down, then lm_head. Defaults: Llama-3-8B.
+struct LlamaShapes {
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  int64_t layers = 32, hidden = 4096, intermediate = 14336, heads = 32, kv_heads = 8,
+          head_dim = 128, vocab = 128256;
+
+  // Takes `--layers`, `--hidden`, `--intermediate`, `--heads`, `--kv-heads`, `--head-dim`,
+  // `--vocab`; false for any other option.
+  bool parse(const std::string& option, const std::string& value) {
+    int64_t* fields[] = {&layers, &hidden, &intermediate, &heads, &kv_heads, &head_dim, &vocab};
+    const char* names[] = {"--layers",   "--hidden",   "--intermediate", "--heads",
+                           "--kv-heads", "--head-dim", "--vocab"};
+    for (int i = 0; i < 7; ++i) {
+      if (option == names[i]) {
+        *fields[i] = std::stoll(value);
+        return true;
+      }
+    }
+    return false;
+  }
+  std::array<Shape, 4> layer() const {
+    return {Shape{"qkv", (heads + 2 * kv_heads) * head_dim, hidden},
+            Shape{"o", hidden, heads * head_dim}, Shape{"gate_up", 2 * intermediate, hidden},
+            Shape{"down", hidden, intermediate}};
+  }
+  Shape head() const { return {"lm_head", vocab, hidden}; }
+  // Elements of every weight a token reads.
+  int64_t total_elements() const {
+    int64_t total = head().n * head().k;
+    for (const Shape& s : layer())
+      total += layers * s.n * s.k;
+    return total;
+  }
+};
+
+// One token's weights in device memory (never freed: a benchmark's lifetime), filled with
+// fill_bf16: the layers' matrices back to back (layer[j][l]: matrix j of layer l, in
+// LlamaShapes::layer() order), then lm_head. Distinct weights, so a token reads nothing from L2
+// twice.
+struct TokenWeights {
+  std::vector<const uint16_t*> layer[4];
+  const uint16_t* head = nullptr;
+};
+
+inline TokenWeights alloc_token_weights(const LlamaShapes& model) {
+  const int64_t total = model.total_elements();
+  uint16_t* base = nullptr;
+  check_cuda(cudaMalloc(&base, static_cast<size_t>(total) * 2), "cudaMalloc", __FILE__, __LINE__);
+  fill_bf16<<<4096, 256>>>(base, total, 0x9E3779B9u);
+  check_cuda(cudaGetLastError(), "fill_bf16", __FILE__, __LINE__);
+  TokenWeights w;
+  const auto shapes = model.layer();
+  int64_t off = 0;
+  for (int64_t l = 0; l < model.layers; ++l)
+    for (int j = 0; j < 4; ++j) {
+      w.layer[j].push_back(base + off);
+      off += shapes[j].n * shapes[j].k;
+    }
+  w.head = base + off;
+  return w;
+}
+
+}  // namespace pmkv::bench
+
+#define CK(x) ::pmkv::bench::check_cuda((x), #x, __FILE__, __LINE__)
