@@ -10,10 +10,11 @@
 // Two kernels. The register kernel (any k % 8 == 0) keeps each thread's weight loads in flight in
 // registers and splits k across the warps of one CTA, never across CTAs. The bulk kernel (sm_90+,
 // m <= 8, k % 1024 == 0, a workspace given; kernels/gemm/skinny_gemm_bulk.cuh) streams the weights
-// into shared memory with cp.async.bulk, one CTA per SM, and splits the work evenly across CTAs
-// (stream-K, with a fixed-order fix-up of split tiles through the workspace); it reads the weights
-// 10-20% faster at m = 1 on an H200. Both are deterministic (bit-identical run to run for a given
-// configuration and SM count).
+// into shared memory with cp.async.bulk, one CTA per SM, each CTA a contiguous range of whole row
+// tiles (or, with stream_k or fewer tiles than CTAs, of units, with a fixed-order fix-up of split
+// tiles through the workspace); a batch-1 token's GEMMs took 3.68 ms on an H200 (95% of copy
+// bandwidth) against the register kernel's 4.56 (bench/RESULTS.md, twenty-third session). Both are
+// deterministic (bit-identical run to run for a given configuration and SM count).
 //
 // The launcher only enqueues one kernel on `stream` (no host sync, no allocation, no device
 // attribute queries; graph-capturable) and returns the launch error, or cudaErrorInvalidValue for
@@ -28,8 +29,11 @@
 namespace pmkv::kernels {
 
 inline constexpr int64_t kSkinnyGemmMaxM = 16;
-// The bulk kernel takes m <= 8 (one 8-column tile of a): at m = 12 and 16 it was 10-30% slower
-// than the register kernel on an H200 (its consumers become the bottleneck), at m <= 8 faster.
+// The bulk kernel takes m <= 8 (one 8-column tile of a). With stream-K, two tiles (m = 12, 16)
+// were 10-30% slower than the register kernel on an H200. Split by whole tiles, on the compact
+// footprint's units, they ran a token's GEMMs faster (m = 16: 4.36 against 4.57 ms), but batch
+// 12-16 decode steps moved 0-2%: the wide products stay on cuBLASLt there and down got slower.
+// So they are not built (bench/RESULTS.md, twenty-third session).
 inline constexpr int64_t kSkinnyGemmBulkMaxM = 8;
 
 struct SkinnyGemmParams {

@@ -74,7 +74,8 @@ inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for th
 // shared memory and ~100 registers a thread, so that one CTA of it fits on an SM beside one CTA of
 // the kernel before it (a 16-bit decode-attention CTA: ~102 KB, 220 registers x 128 threads).
 // The launch asks for kCompactSmemRequest, which two such CTAs together exceed (228 KB an SM on
-// sm_90, 1 KB of it reserved per CTA): one CTA of the grid per SM still, as stream-K assumes.
+// sm_90, 1 KB of it reserved per CTA): one CTA of the grid per SM still, as the split of the work
+// assumes.
 inline constexpr int kCompactRingBudget = 100 * 1024;
 inline constexpr int kCompactSmemRequest = 116 * 1024;
 static_assert(kConsumers * 32 == rmsnorm_detail::kNormThreads,

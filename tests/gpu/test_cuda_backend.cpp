@@ -792,10 +792,11 @@ namespace {
 // gate/up projection (n = 2 I = 16384) is wide enough for cuBLASLt at m = 9..16
 // (GemmRunner::kSkinnyWideMinN): written as config.json + model.safetensors (bf16) into `dir`.
 // Weights uniform with variance 1 / fan_in, so activations stay O(1) through the layers. Hidden
-// 2048: at batch 1 on 132 SMs every product then splits tiles between CTAs (stream-K), so their
-// partials go through the workspace the products share (at hidden 1024 the o projection had 64
-// units and split none, and a bug that let its partials overwrite gate/up's tile counters went
-// unseen; kernels/gemm/skinny_gemm.cu, bulk_partials).
+// 2048: at batch 1 on 132 SMs the down projection (128 tiles of 4 units) has fewer tiles than
+// CTAs, so it splits tiles between CTAs (stream-K) and its partials go through the workspace the
+// products share, beside products that take whole tiles (a bug once let the o projection's
+// partials overwrite gate/up's tile counters; kernels/gemm/skinny_gemm.cu, bulk_partials; the
+// kernel test "bulk products of different widths share one workspace" runs both splits).
 void write_bulk_model(const fs::path& dir) {
   const int64_t H = 2048, I = 8192, V = 512, L = 2, NH = 16, NKV = 4, D = 128;
   fs::create_directories(dir);
