@@ -1,9 +1,7 @@
 // IncrementalDetokenizer: every chunk is valid UTF-8 and the chunks add up to Tokenizer::decode of
 // the whole sequence, for real text and for random id sequences heavy in byte pieces.
-#include <unistd.h>
 #include <catch2/catch.hpp>
 
-#include <atomic>
 #include <filesystem>
 #include <random>
 #include <stdexcept>
@@ -13,6 +11,7 @@
 #include "engine/common/error.h"
 #include "engine/tokenizer/detokenizer.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "tests/unit/tokenizer_test_util.h"
 
 namespace fs = std::filesystem;
 using pmkv::IncrementalDetokenizer;
@@ -22,29 +21,13 @@ using Ids = std::vector<int32_t>;
 
 namespace {
 
-const fs::path kLlama2Model = fs::path(PMKV_SHARED_DIR) / "models/llama2-tokenizer/tokenizer.model";
-const fs::path kTok512Model = fs::path(PMKV_SHARED_DIR) / "models/stories260K/tok512.model";
-
-#define REQUIRE_MODEL(path)                                  \
-  do {                                                       \
-    if (!fs::exists(path)) {                                 \
-      WARN("skipped: " << (path).string() << " is missing"); \
-      return;                                                \
-    }                                                        \
-  } while (false)
+using pmkv::testing::kLlama2Model;
+using pmkv::testing::kTok512Model;
 
 // Loads a tokenizer from a temporary directory holding only a copy of `model`.
 Tokenizer load_tokenizer(const fs::path& model) {
-  static std::atomic<int> counter{0};
-  const fs::path dir =
-      fs::temp_directory_path() /
-      ("pmkv_detok_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  fs::copy_file(model, dir / "tokenizer.model");
-  Tokenizer tok = Tokenizer::load(dir);
-  fs::remove_all(dir);
-  return tok;
+  const pmkv::testing::TempModelDir dir(model);
+  return Tokenizer::load(dir.path());
 }
 
 // Strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF, no truncated sequences.

@@ -1,17 +1,15 @@
 // Tokenizer: sentencepiece encode/decode against reference ids from the PyPI sentencepiece
 // (0.2.0, /work/main/.venv), and BOS/EOS/config resolution from temporary model directories.
-#include <unistd.h>
 #include <catch2/catch.hpp>
 
-#include <atomic>
 #include <filesystem>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/common/error.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "tests/unit/tokenizer_test_util.h"
 
 namespace fs = std::filesystem;
 using pmkv::InvalidArgument;
@@ -21,45 +19,9 @@ using Ids = std::vector<int32_t>;
 
 namespace {
 
-const fs::path kLlama2Model = fs::path(PMKV_SHARED_DIR) / "models/llama2-tokenizer/tokenizer.model";
-const fs::path kTok512Model = fs::path(PMKV_SHARED_DIR) / "models/stories260K/tok512.model";
-
-// Catch2 v2 has no SKIP: warn and leave the test case when the shared models are missing.
-#define REQUIRE_MODEL(path)                                  \
-  do {                                                       \
-    if (!fs::exists(path)) {                                 \
-      WARN("skipped: " << (path).string() << " is missing"); \
-      return;                                                \
-    }                                                        \
-  } while (false)
-
-// A fresh directory under the system temp dir, removed with everything in it at scope exit.
-class TempModelDir {
- public:
-  explicit TempModelDir(const fs::path& sp_model = kLlama2Model) {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("pmkv_tok_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-    if (!sp_model.empty()) fs::copy_file(sp_model, path_ / "tokenizer.model");
-  }
-  ~TempModelDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempModelDir(const TempModelDir&) = delete;
-  TempModelDir& operator=(const TempModelDir&) = delete;
-
-  void write(const std::string& name, const std::string& content) const {
-    std::ofstream out(path_ / name, std::ios::binary);
-    out << content;
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using pmkv::testing::kLlama2Model;
+using pmkv::testing::kTok512Model;
+using pmkv::testing::TempModelDir;
 
 std::string load_error_message(const fs::path& dir) {
   try {
