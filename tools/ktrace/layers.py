@@ -30,20 +30,25 @@ def main():
         ev.append((int(start), int(end), name))
     ev.sort()
     steps = [i for i, e in enumerate(ev) if kind(e[2]) == "embed"]
-    pattern = ["gemm", "rope", "attn", "gemm", "gemm", "gemm"]
-    names = ["qkv", "rope", "attn", "o", "gate_up", "down"]
+    # A layer's kernels in order; a kind absent from a step (RoPE fused away, say) is left out.
+    full = [("gemm", "qkv"), ("rope", "rope"), ("attn", "attn"), ("gemm", "o"),
+            ("gemm", "gate_up"), ("gemm", "down")]
     res = collections.defaultdict(list)
     for s in range(first, min(last + 1, len(steps) - 1)):
         seq = [e for e in ev[steps[s]:steps[s + 1]] if kind(e[2]) in ("gemm", "rope", "attn")]
+        present = {kind(e[2]) for e in seq}
+        pattern = [k for k, _ in full if k in present]
+        names = [n for k, n in full if k in present]
+        P = len(pattern)
         layers, i = [], 0
-        while i + 6 <= len(seq):
-            if [kind(e[2]) for e in seq[i:i + 6]] == pattern:
-                layers.append(seq[i:i + 6])
-                i += 6
+        while i + P <= len(seq):
+            if [kind(e[2]) for e in seq[i:i + P]] == pattern:
+                layers.append(seq[i:i + P])
+                i += P
             else:
                 i += 1
         for j in range(1, len(layers) - 1):  # whole layers with a layer before them
-            ends = [layers[j - 1][5][1]] + [e[1] for e in layers[j]]
+            ends = [layers[j - 1][-1][1]] + [e[1] for e in layers[j]]
             for k, n in enumerate(names):
                 res[n].append((ends[k + 1] - ends[k]) / 1e3)
             res["layer"].append((ends[-1] - ends[0]) / 1e3)
