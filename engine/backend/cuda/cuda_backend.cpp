@@ -169,6 +169,7 @@ struct CudaBackend::Impl {
   std::unique_ptr<cuda::GemmRunner> gemm;
 
   DeviceMemory embed, lm_head, final_norm, inv_freq;
+  const void* head_weights() const { return lm_head.bytes() > 0 ? lm_head.as() : embed.as(); }
   std::vector<Layer> layers;
   // Row order of every layer's w_gate_up: interleaved by 8 when the intermediate size allows
   // (the SwiGLU can then run in the skinny GEMM's epilogue), stacked otherwise.
@@ -188,11 +189,15 @@ struct CudaBackend::Impl {
   cuda::PinnedMemory staging;
   DeviceMemory inputs;
   cuda::PinnedMemory plan_staging;  // the decode plan's tables
-  // Steps in flight (launch_sample). The staging buffers above and the graph ones below are
-  // rewritten by the next run_step: `uploads_done` (recorded after a step's last upload) is
-  // waited for first. Sampling inputs and the tokens coming back use one pinned buffer per
-  // in-flight step (`slot`); `sampled` holds the latest step's tokens on the device, read by the
-  // next step's token_src gather before its own sampling overwrites them (stream order).
+  // Steps in flight (launch_sample). The eager staging buffers above are rewritten by the next
+  // eager run_step: `uploads_done` (recorded after an eager step's uploads) is waited for first.
+  // Graph steps and the sampling use one set of buffers per in-flight step (`slot`, alternating):
+  // a step's set was last used by the step before the one in flight, which the host has waited
+  // for (at most two in flight), so its uploads go out at launch on `upload_stream`, overlapping
+  // the step in flight, and the main stream only waits for their event (`uploaded`). The
+  // sampled tokens come back on `readback_stream`. `sampled` holds the latest step's tokens on the
+  // device, read by the next step's token_src gather before its own sampling overwrites them
+  // (stream order; that sampling also waits for the readback of the tokens it overwrites).
   struct InFlight {
     int slot = 0;
     int32_t rows = 0;
@@ -203,7 +208,11 @@ struct CudaBackend::Impl {
   std::deque<InFlight> in_flight;
   int next_slot = 0;
   cuda::PinnedMemory sample_staging[2];
-  cuda::Event sampled_event[2];
+  cuda::Event sampled_event[2];    // a slot's tokens are in sample_staging (readback stream)
+  cuda::Event sample_uploaded[2];  // a slot's sampling inputs are on the device (upload stream)
+  cuda::Event uploaded[2];         // a slot's graph inputs are on the device (upload stream)
+  cuda::Event sampling_done;       // the latest sampling kernel ran (main stream)
+  std::unique_ptr<cuda::Stream> upload_stream, readback_stream;
   cuda::Event uploads_done;
   bool uploads_recorded = false;
   double device_wait_s = 0;  // device_wait_seconds(): time in the synchronizations of steps
@@ -225,7 +234,7 @@ struct CudaBackend::Impl {
   int32_t sampled_rows = 0;  // rows the latest launched step sampled (0: none on the device)
   cuda::PinnedMemory src_staging;
   DeviceMemory src_dev;
-  DeviceMemory sample_inputs, sample_ws;
+  DeviceMemory sample_inputs[2], sample_ws;
   DeviceMemory sample_logprobs;  // [R] sampled token's, [R x 20] top ids, [R x 20] top values
   DeviceMemory prefill_ws, decode_ws;
   kernels::DecodePlan decode_plan;
@@ -242,15 +251,21 @@ struct CudaBackend::Impl {
   std::vector<int32_t> h_page_ids, h_page_bits, h_page_tokens, h_w_page, h_w_bits, h_w_slot;
   std::vector<kv::RequantOp> h_requants;
   std::vector<kv::DemoteOp> h_demotes;
-  // Fixed-layout inputs of graph steps (offsets in bytes; arrays sized by the capacities).
+  // Fixed-layout inputs of graph steps (offsets in bytes; arrays sized by the capacities), one
+  // set per slot (see in_flight): the graphs of a slot bake in its set's pointers.
   struct GraphInputs {
     int32_t rows = 0, pages = 0, requants = 0, demotes = 0;  // capacities
-    size_t tok = 0, pos = 0, w_page = 0, w_bits = 0, w_slot = 0, logit_rows = 0, op_ranges = 0;
-    size_t page_ids = 0, page_tokens = 0, requant_ops = 0, demote_ops = 0, bytes = 0;
-  } gin;
-  DeviceMemory graph_inputs, graph_ws;
-  cuda::PinnedMemory graph_staging, graph_plan_staging;
-  kernels::DecodeWorkspaceLayout graph_layout;
+    size_t tok = 0, pos = 0, src = 0, w_page = 0, w_bits = 0, w_slot = 0, logit_rows = 0;
+    size_t op_ranges = 0, page_ids = 0, page_tokens = 0, requant_ops = 0, demote_ops = 0;
+    size_t bytes = 0;
+  };
+  struct GraphSet {
+    GraphInputs gin;
+    DeviceMemory inputs, ws;  // the fixed-layout arrays; the decode plan's workspace
+    cuda::PinnedMemory staging, plan_staging;
+    kernels::DecodeWorkspaceLayout layout;
+  };
+  std::array<GraphSet, 2> graph_sets;
 
   bool graphs_enabled() const { return options.cuda_graphs && !timer.enabled; }
   // The batch bucket a decode step of `seqs` sequences runs in (1, 2, 4, 8, 16, 24, ...), 0 when
@@ -267,18 +282,24 @@ struct CudaBackend::Impl {
     graph_seen.clear();
     ++graph_counters.drops;
   }
-  uint64_t graph_key(const StepArgs& a) const {
-    // rows (<= 512: 10 bits), log2 + 1 of each launch size (0: none; 5 bits each), flags.
+  uint64_t graph_key(const StepArgs& a, int slot) const {
+    // rows (<= 512: 10 bits), log2 + 1 of each launch size (0: none; 5 bits each), flags, the
+    // input set.
     auto size_code = [](int32_t n) -> uint64_t { return n > 0 ? std::bit_width(uint32_t(n)) : 0; };
     uint64_t key = static_cast<uint64_t>(a.rows);
     for (int b = 0; b < 4; ++b)
       key |= size_code(a.split_ctas[b]) << (10 + 5 * b);
-    return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36;
+    return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36 |
+           static_cast<uint64_t>(slot) << 40;
   }
-  // Grows the fixed-layout graph inputs (dropping every graph) when a step has more pages or ops.
-  void reserve_graph_inputs(int32_t pages, int32_t requants, int32_t demotes);
-  void upload_graph_inputs(const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
-                           const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
+  // Grows slot `slot`'s fixed-layout graph inputs (dropping every graph) when a step has more
+  // pages or ops.
+  void reserve_graph_inputs(int slot, int32_t pages, int32_t requants, int32_t demotes);
+  // Packs a graph step's inputs into slot `slot`'s staging buffers, copies them on the upload
+  // stream and makes the main stream wait for them.
+  void upload_graph_inputs(int slot, const StepBatch& b, int64_t rows,
+                           const std::vector<int32_t>& w_page, const std::vector<int32_t>& w_bits,
+                           const std::vector<int32_t>& w_slot,
                            const std::vector<kv::RequantOp>& requants,
                            const std::vector<kv::DemoteOp>& demotes,
                            const std::vector<OpRun>& requant_runs,
@@ -516,8 +537,10 @@ void CudaBackend::Impl::load_dummy() {
   PMKV_CUDA_CHECK(cudaStreamSynchronize(s()));
 }
 
-void CudaBackend::Impl::reserve_graph_inputs(int32_t P, int32_t NR, int32_t ND) {
+void CudaBackend::Impl::reserve_graph_inputs(int slot, int32_t P, int32_t NR, int32_t ND) {
   const int64_t L = cfg.num_layers;
+  GraphSet& set = graph_sets[slot];
+  const GraphInputs& gin = set.gin;
   // Grow the fixed layouts when this step does not fit (every graph bakes their pointers in).
   if (gin.bytes == 0 || P > gin.pages || NR > gin.requants || ND > gin.demotes) {
     drop_graphs("graph inputs grow");
@@ -535,6 +558,7 @@ void CudaBackend::Impl::reserve_graph_inputs(int32_t P, int32_t NR, int32_t ND) 
     const size_t row_ints = static_cast<size_t>(g.rows) * 4;
     g.tok = take(row_ints);
     g.pos = take(row_ints);
+    g.src = take(row_ints);
     g.w_page = take(row_ints * L);
     g.w_bits = take(row_ints * L);
     g.w_slot = take(row_ints * L);
@@ -545,20 +569,23 @@ void CudaBackend::Impl::reserve_graph_inputs(int32_t P, int32_t NR, int32_t ND) 
     g.requant_ops = take(static_cast<size_t>(g.requants) * sizeof(kv::RequantOp));
     g.demote_ops = take(static_cast<size_t>(g.demotes) * sizeof(kv::DemoteOp));
     g.bytes = at;
-    gin = g;
-    graph_inputs.allocate(gin.bytes);
-    graph_staging.reserve(gin.bytes);
+    set.gin = g;
+    set.inputs.allocate(g.bytes);
+    set.staging.reserve(g.bytes);
   }
 }
 
 void CudaBackend::Impl::upload_graph_inputs(
-    const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
+    int slot, const StepBatch& b, int64_t rows, const std::vector<int32_t>& w_page,
     const std::vector<int32_t>& w_bits, const std::vector<int32_t>& w_slot,
     const std::vector<kv::RequantOp>& requants, const std::vector<kv::DemoteOp>& demotes,
     const std::vector<OpRun>& requant_runs, const std::vector<std::vector<OpRun>>& demote_runs,
     StepArgs* a) {
   const int64_t L = cfg.num_layers;
   const size_t P = b.pages.size();
+  GraphSet& set = graph_sets[slot];
+  const GraphInputs& gin = set.gin;
+  kernels::DecodeWorkspaceLayout& graph_layout = set.layout;
   kernels::DecodeCapacity need = kernels::decode_plan_sizes(decode_plan);
   if (graph_layout.total_bytes == 0 || !graph_layout.capacity.holds(need)) {
     drop_graphs("decode plan workspace grows");
@@ -571,12 +598,12 @@ void CudaBackend::Impl::upload_graph_inputs(
     cap.layer_items = std::max({need.layer_items, 2 * old.layer_items, 256});
     graph_layout = kernels::decode_workspace_layout(cap, decode_plan.num_kv_heads,
                                                     decode_plan.group, decode_plan.head_dim);
-    graph_ws.allocate(static_cast<size_t>(graph_layout.total_bytes));
-    graph_plan_staging.reserve(static_cast<size_t>(graph_layout.tables_bytes));
+    set.ws.allocate(static_cast<size_t>(graph_layout.total_bytes));
+    set.plan_staging.reserve(static_cast<size_t>(graph_layout.tables_bytes));
   }
 
   // Pack into the pinned staging buffer at the fixed offsets; padding rows as run_step says.
-  std::byte* st = graph_staging.as<std::byte>();
+  std::byte* st = set.staging.as<std::byte>();
   auto put = [&](size_t off, const void* src, size_t bytes) {
     if (bytes > 0) std::memcpy(st + off, src, bytes);
   };
@@ -586,6 +613,7 @@ void CudaBackend::Impl::upload_graph_inputs(
   std::fill(rowv.begin(), rowv.end(), 0);
   std::copy(b.positions.begin(), b.positions.end(), rowv.begin());
   put(gin.pos, rowv.data(), rowv.size() * 4);
+  if (!b.token_src.empty()) put(gin.src, b.token_src.data(), b.token_src.size() * 4);
   std::fill(rowv.begin(), rowv.end(), 0);
   std::copy(b.logit_rows.begin(), b.logit_rows.end(), rowv.begin());
   put(gin.logit_rows, rowv.data(), rowv.size() * 4);
@@ -610,11 +638,13 @@ void CudaBackend::Impl::upload_graph_inputs(
   // (page ids and token counts are already in the staging buffer: run_step wrote them there)
   put(gin.requant_ops, requants.data(), requants.size() * sizeof(kv::RequantOp));
   put(gin.demote_ops, demotes.data(), demotes.size() * sizeof(kv::DemoteOp));
-  // Copies of the used parts only (the capacities can be far larger than a step).
-  std::byte* dv = graph_inputs.as<std::byte>();
+  // Copies of the used parts only (the capacities can be far larger than a step), on the upload
+  // stream: the step in flight uses the other set.
+  cudaStream_t up = upload_stream->get();
+  std::byte* dv = set.inputs.as<std::byte>();
   auto copy = [&](size_t off, size_t bytes) {
     if (bytes == 0) return;
-    PMKV_CUDA_CHECK(cudaMemcpyAsync(dv + off, st + off, bytes, cudaMemcpyHostToDevice, s()));
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(dv + off, st + off, bytes, cudaMemcpyHostToDevice, up));
   };
   copy(0, gin.page_ids);  // the row arrays and op ranges
   copy(gin.page_ids, P * 4);
@@ -622,12 +652,12 @@ void CudaBackend::Impl::upload_graph_inputs(
   copy(gin.requant_ops, requants.size() * sizeof(kv::RequantOp));
   copy(gin.demote_ops, demotes.size() * sizeof(kv::DemoteOp));
 
-  std::byte* ps = graph_plan_staging.as<std::byte>();
+  std::byte* ps = set.plan_staging.as<std::byte>();
   kernels::pack_decode_plan(decode_plan, graph_layout, ps);
-  std::byte* pw = graph_ws.as<std::byte>();
+  std::byte* pw = set.ws.as<std::byte>();
   auto copy_plan = [&](int64_t off, size_t bytes) {
     if (bytes == 0) return;
-    PMKV_CUDA_CHECK(cudaMemcpyAsync(pw + off, ps + off, bytes, cudaMemcpyHostToDevice, s()));
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(pw + off, ps + off, bytes, cudaMemcpyHostToDevice, up));
   };
   copy_plan(graph_layout.layers_offset,
             decode_plan.layers.size() * sizeof(kernels::DecodeLayerPlan));
@@ -638,6 +668,8 @@ void CudaBackend::Impl::upload_graph_inputs(
   // The merge counters: zero as packed; the kernels leave them zero, this keeps a step from
   // inheriting a count an aborted one left behind.
   copy_plan(graph_layout.counters_offset, static_cast<size_t>(graph_layout.counters_bytes));
+  PMKV_CUDA_CHECK(cudaEventRecord(uploaded[slot].get(), up));
+  PMKV_CUDA_CHECK(cudaStreamWaitEvent(s(), uploaded[slot].get()));
 
   auto dev = [&](size_t off) { return reinterpret_cast<const int32_t*>(dv + off); };
   a->tok = dev(gin.tok);
@@ -653,7 +685,7 @@ void CudaBackend::Impl::upload_graph_inputs(
   a->op_ranges = dev(gin.op_ranges);
   a->has_requant = has_requant;
   a->waves = waves;
-  a->decode_ws = graph_ws.as();
+  a->decode_ws = set.ws.as();
   a->fixed_layout = true;
   a->layout = graph_layout;
   // Launch sizes: per bit-width, the most items any layer has of it, rounded up to a power of two
@@ -760,6 +792,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
   const float eps = static_cast<float>(cfg.rms_norm_eps);
   // The layer's GEMMs' footprint (GemmRunner::layer_footprint: full unless PMKV_COMPACT_GEMM=1).
   const cuda::GemmFootprint fp = gemm->layer_footprint(N);
+  const cuda::GemmFootprint fp_o = fp, fp_gu = fp, fp_down = fp;
   // At one row the residual add + norm after the o and down projections is split (GemmRunner::
   // split_norm): those products add to x as their tiles complete, the products after them (gate/up,
   // the next qkv) normalize x in their prologues. Every product involved must take the bulk kernel.
@@ -868,34 +901,34 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     // o projection, its residual add and the MLP norm.
     const kernels::AddRmsNormParams mlp_in = norm_of(Ly.mlp_norm);
     if (split) {
-      gemm->run_add(attn.as(), Ly.wo.as(), deltap, N, H, qw, xp, Ly.bo.as<float>(), fp);
+      gemm->run_add(attn.as(), Ly.wo.as(), deltap, N, H, qw, xp, Ly.bo.as<float>(), fp_o);
     } else {
       gemm->run_add_norm(attn.as(), Ly.wo.as(), deltap, N, H, qw,
                          {xp, deltap, Ly.bo.as<float>(), Ly.mlp_norm.as<float>(), eps,
                           static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
-                         fp);
+                         fp_o);
     }
     // Decode at m <= 8 on sm_90: the SwiGLU in the GEMM's epilogue (one launch, no gu round
     // trip); otherwise the GEMM into gu, then the activation kernel.
     if (gate_up_layout != kernels::GateUpLayout::kInterleaved8 ||
-        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H, fp,
-                         split ? &mlp_in : nullptr)) {
-      gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H, fp);
+        !gemm->run_gated(hp, Ly.w_gate_up.as(), act.as(), Ly.b_gate_up.as<float>(), N, 2 * I, H,
+                         fp_gu, split ? &mlp_in : nullptr)) {
+      gemm->run(hp, Ly.w_gate_up.as(), gu.as(), GemmOut::kBF16, N, 2 * I, H, fp_gu);
       PMKV_CUDA_CHECK(kernels::launch_silu_mul(gu.as<uint16_t>(), Ly.b_gate_up.as<float>(),
                                                static_cast<int32_t>(N), static_cast<int32_t>(I),
                                                act.as<uint16_t>(), s(), gate_up_layout));
     }
     if (l + 1 < L && split) {
       // Down projection and its residual add; the next qkv GEMM does the attention norm.
-      gemm->run_add(act.as(), Ly.w_down.as(), deltap, N, H, I, xp, Ly.b_down.as<float>(), fp);
+      gemm->run_add(act.as(), Ly.w_down.as(), deltap, N, H, I, xp, Ly.b_down.as<float>(), fp_down);
     } else if (l + 1 < L) {
       // Down projection, its residual add and the next layer's attention norm.
       gemm->run_add_norm(act.as(), Ly.w_down.as(), deltap, N, H, I,
                          {xp, deltap, Ly.b_down.as<float>(), layers[l + 1].attn_norm.as<float>(),
                           eps, static_cast<int32_t>(N), static_cast<int32_t>(H), nullptr, hp},
-                         fp);
+                         fp_down);
     } else {  // the last residual add comes with the final norm below
-      gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I, fp);
+      gemm->run(act.as(), Ly.w_down.as(), deltap, GemmOut::kF32, N, H, I, fp_down);
     }
     mark(4);
   }
@@ -906,8 +939,7 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
         {xp, deltap, layers.back().b_down.as<float>(), final_norm.as<float>(), eps,
          static_cast<int32_t>(R), static_cast<int32_t>(H), a.logit_row_ids, hf.as<uint16_t>()},
         s()));
-    const void* head = lm_head.bytes() > 0 ? lm_head.as() : embed.as();
-    gemm->run(hf.as(), head, logits.as(), GemmOut::kF32, R, V, H);
+    gemm->run(hf.as(), head_weights(), logits.as(), GemmOut::kF32, R, V, H);
   }
 }
 
@@ -982,6 +1014,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   m.memory.device_name = prop.name;
   m.memory.device_total_bytes = static_cast<int64_t>(prop.totalGlobalMem);
   m.stream = std::make_unique<cuda::Stream>();
+  m.upload_stream = std::make_unique<cuda::Stream>();
+  m.readback_stream = std::make_unique<cuda::Stream>();
   m.fork_event = std::make_unique<cuda::Event>();
   for (size_t i = 0; i < m.side_streams.size(); ++i) {
     m.side_streams[i] = std::make_unique<cuda::Stream>();
@@ -1037,6 +1071,8 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
 
 CudaBackend::~CudaBackend() {
   if (impl_ && impl_->stream) cudaStreamSynchronize(impl_->s());
+  if (impl_ && impl_->upload_stream) cudaStreamSynchronize(impl_->upload_stream->get());
+  if (impl_ && impl_->readback_stream) cudaStreamSynchronize(impl_->readback_stream->get());
 }
 
 int CudaBackend::device_count() {
@@ -1068,6 +1104,8 @@ double CudaBackend::device_wait_seconds() const {
 }
 void CudaBackend::synchronize() {
   impl_->wait_stream();
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->upload_stream->get()));
+  PMKV_CUDA_CHECK(cudaStreamSynchronize(impl_->readback_stream->get()));
 }
 
 void CudaBackend::run_step(const StepBatch& b) {
@@ -1099,8 +1137,8 @@ void CudaBackend::run_step(const StepBatch& b) {
   }
   // The engine thread may not be the thread that built the backend.
   PMKV_CUDA_CHECK(cudaSetDevice(m.options.device));
-  // A step in flight may not have read its inputs out of the staging buffers yet.
-  if (m.uploads_recorded) m.wait_event(m.uploads_done.get());
+  // A graph step's input set (see Impl::in_flight).
+  const int slot = m.next_slot;
 
   // -- Host side: flatten the step into arrays.
   std::vector<int32_t> cached_starts(S + 1, 0);
@@ -1158,10 +1196,11 @@ void CudaBackend::run_step(const StepBatch& b) {
   int32_t* ids_out = nullptr;
   int32_t* tokens_out = nullptr;
   if (graph) {
-    m.reserve_graph_inputs(static_cast<int32_t>(P), static_cast<int32_t>(requants.size()),
+    m.reserve_graph_inputs(slot, static_cast<int32_t>(P), static_cast<int32_t>(requants.size()),
                            static_cast<int32_t>(demotes.size()));
-    ids_out = reinterpret_cast<int32_t*>(m.graph_staging.as<std::byte>() + m.gin.page_ids);
-    tokens_out = reinterpret_cast<int32_t*>(m.graph_staging.as<std::byte>() + m.gin.page_tokens);
+    const Impl::GraphSet& set = m.graph_sets[slot];
+    ids_out = reinterpret_cast<int32_t*>(set.staging.as<std::byte>() + set.gin.page_ids);
+    tokens_out = reinterpret_cast<int32_t*>(set.staging.as<std::byte>() + set.gin.page_tokens);
   } else {
     page_ids.resize(P);
     page_tokens.resize(P);
@@ -1230,12 +1269,17 @@ void CudaBackend::run_step(const StepBatch& b) {
   a.num_seqs = S;
   a.max_rows = max_rows;
   a.total_cached = cached_starts[S];
-  int32_t* tok_dev = nullptr;  // the step's token ids on the device (token_src gather target)
+  int32_t* tok_dev = nullptr;        // the step's token ids on the device (token_src gather target)
+  const int32_t* src_dev = nullptr;  // the step's token_src on the device
   if (graph) {
-    m.upload_graph_inputs(b, rows, w_page, w_bits, w_slot, requants, demotes, requant_runs,
+    m.upload_graph_inputs(slot, b, rows, w_page, w_bits, w_slot, requants, demotes, requant_runs,
                           demote_runs, &a);
-    tok_dev = reinterpret_cast<int32_t*>(m.graph_inputs.as<std::byte>() + m.gin.tok);
+    const Impl::GraphSet& set = m.graph_sets[slot];
+    tok_dev = reinterpret_cast<int32_t*>(set.inputs.as<std::byte>() + set.gin.tok);
+    src_dev = reinterpret_cast<const int32_t*>(set.inputs.as<std::byte>() + set.gin.src);
   } else {
+    // A step in flight may not have read its inputs out of the eager staging buffers yet.
+    if (m.uploads_recorded) m.wait_event(m.uploads_done.get());
     Packer& pk = m.packer;
     pk.clear();
     const size_t o_tok = pk.add(b.token_ids), o_pos = pk.add(b.positions);
@@ -1299,17 +1343,23 @@ void CudaBackend::run_step(const StepBatch& b) {
 
   m.step_tokens = tok_dev;
   if (gather && N > 0) {
-    // Rows whose token the previous step sampled on the device: copied in before the layers.
-    m.src_staging.reserve(static_cast<size_t>(N) * 4);
-    m.src_dev.reserve(static_cast<size_t>(N) * 4);
-    std::memcpy(m.src_staging.as(), b.token_src.data(), static_cast<size_t>(N) * 4);
-    PMKV_CUDA_CHECK(cudaMemcpyAsync(m.src_dev.as(), m.src_staging.as(), static_cast<size_t>(N) * 4,
-                                    cudaMemcpyHostToDevice, m.s()));
-    PMKV_CUDA_CHECK(kernels::launch_gather_sampled(
-        tok_dev, m.src_dev.as<int32_t>(), m.sampled.as<int32_t>(), static_cast<int32_t>(N), m.s()));
+    // Rows whose token the previous step sampled on the device: copied in before the layers (a
+    // graph step's token_src came with its inputs).
+    if (!graph) {
+      m.src_staging.reserve(static_cast<size_t>(N) * 4);
+      m.src_dev.reserve(static_cast<size_t>(N) * 4);
+      std::memcpy(m.src_staging.as(), b.token_src.data(), static_cast<size_t>(N) * 4);
+      PMKV_CUDA_CHECK(cudaMemcpyAsync(m.src_dev.as(), m.src_staging.as(),
+                                      static_cast<size_t>(N) * 4, cudaMemcpyHostToDevice, m.s()));
+      src_dev = m.src_dev.as<int32_t>();
+    }
+    PMKV_CUDA_CHECK(kernels::launch_gather_sampled(tok_dev, src_dev, m.sampled.as<int32_t>(),
+                                                   static_cast<int32_t>(N), m.s()));
   }
-  PMKV_CUDA_CHECK(cudaEventRecord(m.uploads_done.get(), m.s()));
-  m.uploads_recorded = true;
+  if (!graph) {
+    PMKV_CUDA_CHECK(cudaEventRecord(m.uploads_done.get(), m.s()));
+    m.uploads_recorded = true;
+  }
   m.last_prepare_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_prepare).count();
   if (N == 0) {  // a demotion-only step (the scheduler's overcommit path)
@@ -1324,7 +1374,7 @@ void CudaBackend::run_step(const StepBatch& b) {
   // The graph of this shape: replayed when captured; captured on its second use (the first runs
   // the same launches eagerly, which also does every lazy set-up: cuBLASLt heuristics, kernel
   // attributes).
-  const uint64_t key = m.graph_key(a);
+  const uint64_t key = m.graph_key(a, slot);
   if (auto it = m.graphs.find(key); it != m.graphs.end()) {
     ++m.graph_counters.replays;
     PMKV_CUDA_CHECK(cudaGraphLaunch(it->second.get(), m.s()));
@@ -1454,32 +1504,41 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
       k.logprob_slot = logprob_copies++;
     }
   }
-  run_step(b);
   Impl::InFlight f;
   f.slot = m.next_slot;
   f.rows = static_cast<int32_t>(R);
   cuda::PinnedMemory& staging = m.sample_staging[f.slot];
+  DeviceMemory& inputs = m.sample_inputs[f.slot];
+  Packer pk;
+  size_t o_params = 0, o_starts = 0, o_ids = 0, o_counts = 0, o_prompt = 0, o_last = 0;
+  const size_t lp_bytes =
+      want_logprobs.empty() ? 0 : static_cast<size_t>(R) * (1 + 2 * kMaxDeviceLogprobs) * 4;
   if (R > 0) {
-    Packer pk;
-    const size_t o_params = pk.add(params), o_starts = pk.add(hist.starts());
-    const size_t o_ids = pk.add(hist.ids()), o_counts = pk.add(hist.output_counts());
-    const size_t o_prompt = pk.add(hist.in_prompt());
-    const size_t o_last = pk.add(hist_last);
+    // The sampling inputs go out first, on the upload stream, and arrive while the layers run.
+    // This slot's previous step was waited for (at most two in flight), so its buffers are free.
+    o_params = pk.add(params);
+    o_starts = pk.add(hist.starts());
+    o_ids = pk.add(hist.ids());
+    o_counts = pk.add(hist.output_counts());
+    o_prompt = pk.add(hist.in_prompt());
+    o_last = pk.add(hist_last);
     const size_t bytes = pk.bytes().size();
-    const size_t lp_bytes =
-        want_logprobs.empty() ? 0 : static_cast<size_t>(R) * (1 + 2 * kMaxDeviceLogprobs) * 4;
-    // This slot's previous step was waited for (at most two in flight), so its buffer is free.
     staging.reserve(bytes + static_cast<size_t>(R) * 4 + lp_bytes);
-    m.sample_inputs.reserve(bytes);
+    inputs.reserve(bytes);
+    std::memcpy(staging.as(), pk.bytes().data(), bytes);
+    cudaStream_t up = m.upload_stream->get();
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(inputs.as(), staging.as(), bytes, cudaMemcpyHostToDevice, up));
+    PMKV_CUDA_CHECK(cudaEventRecord(m.sample_uploaded[f.slot].get(), up));
+  }
+  run_step(b);
+  if (R > 0) {
+    const size_t bytes = pk.bytes().size();
     if (R > m.sampled_capacity) {
       // Grows keeping this step's tokens (already gathered from by run_step's launches).
       m.sampled_capacity = static_cast<int32_t>(std::max<int64_t>(R, 2 * m.sampled_capacity));
       m.sampled.allocate(static_cast<size_t>(m.sampled_capacity) * 4);
     }
-    std::memcpy(staging.as(), pk.bytes().data(), bytes);
-    PMKV_CUDA_CHECK(
-        cudaMemcpyAsync(m.sample_inputs.as(), staging.as(), bytes, cudaMemcpyHostToDevice, m.s()));
-    std::byte* base = m.sample_inputs.as<std::byte>();
+    std::byte* base = inputs.as<std::byte>();
     kernels::SamplingLaunch sl;
     sl.logits = m.logits.as<float>();
     sl.rows = static_cast<int32_t>(R);
@@ -1509,25 +1568,36 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     m.sample_ws.reserve(static_cast<size_t>(std::max<int64_t>(ws, 1)));
     sl.workspace = m.sample_ws.as();
     sl.workspace_bytes = static_cast<int64_t>(m.sample_ws.bytes());
+    // The inputs are on the device, and the previous step's tokens (and log-probabilities)
+    // were read back before this sampling overwrites them.
+    PMKV_CUDA_CHECK(cudaStreamWaitEvent(m.s(), m.sample_uploaded[f.slot].get()));
+    PMKV_CUDA_CHECK(cudaStreamWaitEvent(m.s(), m.sampled_event[f.slot ^ 1].get()));
     PMKV_CUDA_CHECK(kernels::launch_sampling(sl, m.s()));
     f.out_offset = bytes;
-    PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + bytes, sl.out_tokens,
-                                    static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, m.s()));
-    if (lp_bytes > 0) {
-      PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + bytes + static_cast<size_t>(R) * 4,
-                                      m.sample_logprobs.as(), lp_bytes, cudaMemcpyDeviceToHost,
-                                      m.s()));
-      f.logprobs = std::move(want_logprobs);
-    }
   }
   m.sampled_rows = static_cast<int32_t>(R);
   m.mark(5);
-  PMKV_CUDA_CHECK(cudaEventRecord(m.sampled_event[f.slot].get(), m.s()));
+  // The tokens come back on the readback stream, so that the next step's layers need not wait
+  // for the copy.
+  cudaStream_t rb = m.readback_stream->get();
+  PMKV_CUDA_CHECK(cudaEventRecord(m.sampling_done.get(), m.s()));
+  PMKV_CUDA_CHECK(cudaStreamWaitEvent(rb, m.sampling_done.get()));
+  if (R > 0) {
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(staging.as<std::byte>() + f.out_offset, m.sampled.as<int32_t>(),
+                                    static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, rb));
+    if (lp_bytes > 0) {
+      PMKV_CUDA_CHECK(
+          cudaMemcpyAsync(staging.as<std::byte>() + f.out_offset + static_cast<size_t>(R) * 4,
+                          m.sample_logprobs.as(), lp_bytes, cudaMemcpyDeviceToHost, rb));
+      f.logprobs = std::move(want_logprobs);
+    }
+  }
+  PMKV_CUDA_CHECK(cudaEventRecord(m.sampled_event[f.slot].get(), rb));
   m.in_flight.push_back(f);
   m.next_slot ^= 1;
   if (m.timer.enabled) {
     // The phase timer reads one step's events at a time.
-    PMKV_CUDA_CHECK(cudaStreamSynchronize(m.s()));
+    PMKV_CUDA_CHECK(cudaStreamSynchronize(rb));
     m.end_timing();
   }
 }
@@ -1567,6 +1637,8 @@ void CudaBackend::wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprob
 void CudaBackend::drop_in_flight() noexcept {
   Impl& m = *impl_;
   cudaStreamSynchronize(m.s());
+  cudaStreamSynchronize(m.upload_stream->get());
+  cudaStreamSynchronize(m.readback_stream->get());
   m.in_flight.clear();
   m.sampled_rows = 0;
 }

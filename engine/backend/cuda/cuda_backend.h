@@ -75,7 +75,10 @@ class CudaBackend final : public Backend {
                       std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) override;
   // Steps in flight (Backend's contract): the sampled tokens stay on the device for the next
   // step's token_src rows and come back through a pinned buffer per in-flight step, with the
-  // log-probabilities the sampling kernel computed (kernels/sampling/sampling.h).
+  // log-probabilities the sampling kernel computed (kernels/sampling/sampling.h). A decode step's
+  // inputs (graph steps: page tables, decode plan, token_src, sampling rows) go to the device on a
+  // copy stream while the step in flight runs, into a buffer set of their own per in-flight step,
+  // and the tokens come back on another: between two steps the GPU runs only the token gather.
   void launch_sample(const StepBatch& batch, std::span<const DeviceSampling> rows) override;
   void wait_sampled(std::span<int32_t> tokens, std::span<TokenLogprobs> logprobs) override;
   void drop_in_flight() noexcept override;
@@ -96,7 +99,8 @@ class CudaBackend final : public Backend {
 
  private:
   // Enqueues the whole step (inputs upload, token_src gather, layers, logits into the device
-  // buffer); no sync, except waiting for the previous step's uploads to leave the staging buffers.
+  // buffer); no sync, except, for an eager step, waiting for the previous eager step's uploads to
+  // leave the staging buffers.
   void run_step(const StepBatch& batch);
 
   struct Impl;
