@@ -790,9 +790,12 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
                                             static_cast<int32_t>(N), static_cast<int32_t>(H), xp,
                                             s()));
   const float eps = static_cast<float>(cfg.rms_norm_eps);
-  // The layer's GEMMs' footprint (GemmRunner::layer_footprint: full unless PMKV_COMPACT_GEMM=1).
-  const cuda::GemmFootprint fp = gemm->layer_footprint(N);
-  const cuda::GemmFootprint fp_o = fp, fp_gu = fp, fp_down = fp;
+  // The layer's GEMMs' footprints (GemmRunner::layer_footprint).
+  using Product = cuda::GemmRunner::LayerProduct;
+  const cuda::GemmFootprint fp = gemm->layer_footprint(N, Product::kQkv);
+  const cuda::GemmFootprint fp_o = gemm->layer_footprint(N, Product::kO);
+  const cuda::GemmFootprint fp_gu = gemm->layer_footprint(N, Product::kGateUp);
+  const cuda::GemmFootprint fp_down = gemm->layer_footprint(N, Product::kDown);
   // At one row the residual add + norm after the o and down projections is split (GemmRunner::
   // split_norm): those products add to x as their tiles complete, the products after them (gate/up,
   // the next qkv) normalize x in their prologues. Every product involved must take the bulk kernel.

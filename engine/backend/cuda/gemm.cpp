@@ -66,9 +66,10 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_SPLIT_NORM=0: split_norm() says no; the fused tail stays (A/B measurements).
   const char* split = std::getenv("PMKV_SPLIT_NORM");
   split_norm_ = split == nullptr || std::strcmp(split, "0") != 0;
-  // PMKV_COMPACT_GEMM=1: the decoder layers' GEMMs take the compact footprint at m = 1 (A/B).
-  const char* compact = std::getenv("PMKV_COMPACT_GEMM");
-  compact_layers_ = compact != nullptr && std::strcmp(compact, "0") != 0;
+  // PMKV_COMPACT_GEMM=0|1: see layer_footprint (A/B).
+  if (const char* compact = std::getenv("PMKV_COMPACT_GEMM"); compact != nullptr) {
+    compact_override_ = std::strcmp(compact, "0") != 0 ? 1 : 0;
+  }
   // PMKV_BULK_STREAM_K=1: the bulk kernel splits by units (stream-K) instead of whole tiles (A/B).
   const char* stream_k = std::getenv("PMKV_BULK_STREAM_K");
   bulk_stream_k_ = stream_k != nullptr && std::strcmp(stream_k, "0") != 0;

@@ -71,15 +71,23 @@ class GemmRunner {
   void run_add_norm(const void* a, const void* w, float* d, int64_t m, int64_t n, int64_t k,
                     const kernels::AddRmsNormParams& norm, GemmFootprint fp = GemmFootprint::kFull);
 
-  // The footprint for a decoder layer's GEMMs (qkv, o, gate/up, down) at m rows: full by default.
-  // Compact at m == 1 made a batch-1 token 1.3% faster when it came (eleventh session); since the
-  // split norm and the decode kernel's shorter tail it is ~1% slower (seventeenth session: 4.723
-  // against 4.770 ms a token with 766aad7's build, 4.692 against 4.729 with the new ones; a
-  // compact o projection beside batch-1 attention slows the attention's tiles ~2x). At m = 4 and 8
-  // it was never measured better. PMKV_COMPACT_GEMM=1 (read once, in the constructor) takes it at
-  // m == 1, for comparisons.
-  GemmFootprint layer_footprint(int64_t m) const {
-    return compact_layers_ && m == 1 ? GemmFootprint::kCompact : GemmFootprint::kFull;
+  // The footprint for a decoder layer's product `p` at m rows (PMKV_COMPACT_GEMM, read once in
+  // the constructor, overrides it for comparisons: 1 = compact for every product at m == 1, 0 =
+  // full everywhere).
+  // - m = 2..8: the gate/up projection compact, the others full. On an H200, batch 2-8 x 4K decode
+  //   steps ran 0.8-3.6% faster with it (16 and 2 bits, three interleaved rounds; bench/RESULTS.md,
+  //   twenty-fourth session). Compact qkv and o as well were slower at 16 bits (+0.5 to +1.8% at
+  //   batch 2 and 4): a compact CTA beside the decode attention that surrounds them slows it.
+  // - m = 1: full. Compact made a batch-1 token 1.3% faster when it came (eleventh session); since
+  //   the split norm and the decode kernel's shorter tail it is ~1% slower (seventeenth session;
+  //   a compact o projection beside batch-1 attention slows the attention's tiles ~2x).
+  enum class LayerProduct { kQkv, kO, kGateUp, kDown };
+  GemmFootprint layer_footprint(int64_t m, LayerProduct p) const {
+    if (compact_override_ >= 0) {
+      return compact_override_ == 1 && m == 1 ? GemmFootprint::kCompact : GemmFootprint::kFull;
+    }
+    return p == LayerProduct::kGateUp && m >= 2 && m <= 8 ? GemmFootprint::kCompact
+                                                          : GemmFootprint::kFull;
   }
 
   // Whether run() with these operands takes the skinny GEMM's bulk kernel.
@@ -115,7 +123,7 @@ class GemmRunner {
   bool skinny_pdl_ = true;
   bool skinny_wide_ = false;
   bool fuse_norm_ = true;
-  bool compact_layers_ = false;
+  int compact_override_ = -1;  // PMKV_COMPACT_GEMM: -1 unset, 0 or 1
   bool bulk_stream_k_ = false;
   bool split_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
