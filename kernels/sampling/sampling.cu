@@ -634,18 +634,36 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(const SamplingLau
   }
 
   // 2. Greedy: argmax with NaN as -inf; (-inf, lowest id) when nothing is finite, i.e. token 0.
+  // One CTA streams the row: with 4-byte loads (8 in flight a thread) a 128K-token row took
+  // ~12 us, the latency of too few bytes in flight; 16-byte loads over the row's aligned body
+  // carry 4x as many (bench/RESULTS.md, twenty-fourth session). The argmax does not depend on
+  // which thread sees which token.
   if (prm.temperature < 1e-5f) {
     float bv = neg_inf();
     int32_t bi = INT_MAX;
-#pragma unroll 8
-    for (int32_t i = tid; i < vocab; i += kThreads) {
-      const float l = logits[i];
+    auto visit = [&](float l, int32_t i) {
       const float v = l == l ? l : neg_inf();
       if (better(v, i, bv, bi)) {
         bv = v;
         bi = i;
       }
+    };
+    const int32_t head =
+        min(vocab, static_cast<int32_t>((16 - reinterpret_cast<uintptr_t>(logits) % 16) % 16 / 4));
+    const int32_t n4 = (vocab - head) / 4;
+    if (tid < head) visit(logits[tid], tid);
+    const float4* body = reinterpret_cast<const float4*>(logits + head);
+#pragma unroll 8
+    for (int32_t j = tid; j < n4; j += kThreads) {
+      const float4 q = body[j];
+      const int32_t i = head + 4 * j;
+      visit(q.x, i);
+      visit(q.y, i + 1);
+      visit(q.z, i + 2);
+      visit(q.w, i + 3);
     }
+    for (int32_t i = head + 4 * n4 + tid; i < vocab; i += kThreads)
+      visit(logits[i], i);
     finish(block_argmax(bv, bi, s));
     return;
   }
