@@ -329,9 +329,14 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   request_pdl(cfg, attr, p.pdl);
   auto* counters = static_cast<int*>(p.workspace);
   float* partials = bulk_partials(p);
+  bulk_gemm::Claim claim;
+  if (p.claim && by_tiles != 0) {  // after the tile counters and the fused norm's
+    claim.ctr = counters + bulk_tiles(p.n) + 1;
+    claim.done = claim.ctr + 1;
+  }
   return cudaLaunchKernelEx(&cfg, kernel, p.a, p.w, static_cast<OutT*>(p.d), static_cast<int>(p.m),
                             static_cast<int>(p.n), static_cast<int>(p.k), counters, partials,
-                            p.gate_bias, p.add_norm, by_tiles);
+                            p.gate_bias, p.add_norm, by_tiles, claim);
 }
 
 template <int NT, int KU, bool kCompact>
@@ -367,7 +372,8 @@ cudaError_t launch_bulk(const SkinnyGemmParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t skinny_gemm_counter_bytes(int64_t max_n) {
-  return ((bulk_tiles(max_n) + 1) * 4 + 255) / 256 * 256;  // + the fused norm's counter
+  // + the fused norm's counter and the claimed tiles' two
+  return ((bulk_tiles(max_n) + 3) * 4 + 255) / 256 * 256;
 }
 
 int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms) {

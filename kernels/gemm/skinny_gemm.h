@@ -104,10 +104,17 @@ struct SkinnyGemmParams {
   // workspace), which launches with fewer tiles than CTAs always take. Results differ by rounding
   // in the tiles stream-K splits (both deterministic).
   bool stream_k = false;
+  // Claimed tiles (bulk kernel, where it splits by whole tiles; ignored elsewhere): the CTAs claim
+  // whole tiles from a counter in the workspace as they go instead of taking fixed ranges, so
+  // that CTAs on slower-streaming SMs take fewer (see skinny_gemm_bulk.cuh). Bit-identical to the
+  // fixed ranges. Its two counters follow the launch's tile counters and the fused norm's, and
+  // its producers use them before the PDL wait: the launch before it in the stream must not use
+  // the same workspace claiming or with more tiles (it may still be running).
+  bool claim = false;
 };
 
-// Workspace of the bulk kernel for outputs of up to max_n columns: tile counters and the fused
-// norm's counter, then two partial tiles per CTA.
+// Workspace of the bulk kernel for outputs of up to max_n columns: tile counters, the fused
+// norm's counter and the claimed tiles' two, then two partial tiles per CTA.
 int64_t skinny_gemm_counter_bytes(int64_t max_n);
 int64_t skinny_gemm_workspace_bytes(int64_t max_n, int32_t num_sms);
 

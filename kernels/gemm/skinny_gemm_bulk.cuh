@@ -28,8 +28,16 @@
 //   split between CTAs gets one partial per contributing CTA in a workspace (slot 0: the CTA's
 //   first tile, slot 1: its last), and the last contributor to arrive (an atomic counter per
 //   tile, reset by that contributor) adds the partials in CTA order and stores the tile.
+// - claimed (SkinnyGemmParams::claim, only where the split is by tiles): the producers claim
+//   kClaimTiles whole tiles at a time from a counter in the workspace as they go and tell the
+//   consumers each stage's unit (Smem::meta). Over lm_head (8,016 tiles, ~260 us) the fixed
+//   ranges' CTAs ended 104-116 us apart in bench_weight_stream: some SMs stream slower for that
+//   long; claimed chunks ended within a few us (bench/RESULTS.md, twenty-third and twenty-fourth
+//   sessions). Shorter products lost with it (the claims' latency, and early enders' bandwidth
+//   going to the others anyway).
 // Either way the result is deterministic for a given G and split (bit-identical run to run), like
-// the register kernel's; the two splits differ in the rounding of the tiles stream-K splits.
+// the register kernel's; the two splits differ in the rounding of the tiles stream-K splits, and
+// claimed tiles equal the split by tiles bit for bit (each tile is one CTA's, reduced alike).
 //
 // Consumer mapping. In a stage, warp w takes the 32-column blocks w, w + 8, ... of the unit, with
 // the register kernel's fragment layout (lane (g, t): rows g and g + 8, physical columns
@@ -96,8 +104,9 @@ struct Geometry {
   static constexpr int kPartialFloats = kRows * 16;  // a tile's partial sums, [16 cols][rows]
   static constexpr int kRedBytes = kConsumers * kSlots * 32 * 4;
   static constexpr int kFinBytes = kSlots * 32 * 4;  // a tile's final sums
+  // Rounded to 16 bytes: a norm_input launch keeps its bf16 row right after (16-byte reads).
   static constexpr int kSmemBytes =
-      kStages * kStageBytes + kRedBytes + kFinBytes + 2 * kStages * 8 + 16;
+      (kStages * kStageBytes + kRedBytes + kFinBytes + 3 * kStages * 8 + 16 + 15) / 16 * 16;
   static_assert(kStages >= 2 && KU % 256 == 0, "two stages at least");
   static_assert(kSmemBytes <= 227 * 1024, "a CTA's shared memory on sm_90");
   static_assert(!kCompact || kSmemBytes <= kCompactSmemRequest, "the compact request covers it");
@@ -142,7 +151,7 @@ struct Split {
 };
 
 // The shared-memory carve-up of a CTA: the ring's stages, the warps' partial sums, a tile's final
-// sums, the ring's mbarriers and a flag word.
+// sums, the ring's mbarriers, each stage's unit (claimed tiles) and a flag word.
 template <int RT, int KU, bool kCompact>
 struct Smem {
   using Ge = Geometry<RT, KU, kCompact>;
@@ -151,6 +160,7 @@ struct Smem {
   float* fin;
   uint64_t* full;
   uint64_t* empty;
+  int64_t* meta;  // claimed tiles: the unit a stage holds, -1 after the last
   int* flag;
   __device__ __forceinline__ explicit Smem(uint8_t* smem)
       : stages(smem),
@@ -159,7 +169,8 @@ struct Smem {
         full(reinterpret_cast<uint64_t*>(smem + Ge::kStages * Ge::kStageBytes + Ge::kRedBytes +
                                          Ge::kFinBytes)),
         empty(full + Ge::kStages),
-        flag(reinterpret_cast<int*>(empty + Ge::kStages)) {}
+        meta(reinterpret_cast<int64_t*>(empty + Ge::kStages)),
+        flag(reinterpret_cast<int*>(meta + Ge::kStages)) {}
   // Thread 0 initializes the ring's barriers; the caller then synchronizes the CTA.
   __device__ __forceinline__ void init() const {
     if (threadIdx.x == 0) {
@@ -172,18 +183,29 @@ struct Smem {
   }
 };
 
-// Producer warp: streams units [u0, u1) of w [n, k] into the ring; `i` counts the ring's stages
-// used so far. Lane r copies row r of each unit's tile (rows
-// past n repeat row n - 1: those outputs are never stored). Weights depend on no earlier kernel:
-// callers start this before pdl_wait().
+// Claimed tiles (SkinnyGemmParams::claim): the workspace's claim counter and the count of CTAs
+// past their last claim (the last resets both for the next launch); null: fixed ranges.
+struct Claim {
+  int* ctr = nullptr;
+  int* done = nullptr;
+};
+inline constexpr int kClaimTiles = 2;  // tiles a claim takes
+
+// Producer warp: streams units [u0, u1) of w [n, k] into the ring, or, claiming, chunks of
+// kClaimTiles whole tiles as it claims them and then a stage marked -1 (the end); `i` counts the
+// ring's stages used so far. Lane r copies row r of each unit's tile (rows past n repeat row
+// n - 1: those outputs are never stored). Weights depend on no earlier kernel: callers start
+// this before pdl_wait().
 template <int RT, int KU, bool kCompact>
 __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
                                         const uint16_t* __restrict__ w, int n, int k, int64_t u0,
-                                        int64_t u1, int& i, int lane) {
+                                        int64_t u1, int& i, int lane, const Claim& claim = {},
+                                        int64_t tiles = 0, int64_t G = 0) {
   using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages;
   const int64_t ku = k / KU;
-  for (int64_t u = u0; u < u1; ++u, ++i) {
+  // Waits for stage i to be free; with `mark`, records its unit for the consumers.
+  auto take_stage = [&](bool mark, int64_t u) {
     const int s = i % kStages;
     if (i >= kStages) mbar_wait(&sm.empty[s], ((i / kStages) - 1) & 1);
     // The consumers read the stage through the generic proxy, the copy writes it through the
@@ -191,6 +213,11 @@ __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
     // without it, 14-299 of 299 repeated launches at m = 8 differed from the first; with it,
     // none. The mbarrier's release/acquire orders only the generic proxy.)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if (mark && lane == 0) sm.meta[s] = u;  // published by the arrive's release
+    return s;
+  };
+  auto issue = [&](bool mark, int64_t u) {
+    const int s = take_stage(mark, u);
     if (lane == 0) mbar_arrive_expect_tx(&sm.full[s], kRows * KU * 2);
     __syncwarp();
     const int64_t tile = u / ku, kk = u % ku;
@@ -200,14 +227,43 @@ __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
       bulk_copy(sm.stages + s * Ge::kStageBytes + r * Ge::kRowStride, w + row * k + kk * KU, KU * 2,
                 &sm.full[s]);
     }
+    ++i;
+  };
+  if (claim.ctr == nullptr) {
+    for (int64_t u = u0; u < u1; ++u)
+      issue(false, u);
+    return;
   }
+  int c = lane == 0 ? atomicAdd(claim.ctr, 1) : 0;
+  c = __shfl_sync(0xffffffffu, c, 0);
+  for (;;) {
+    const int64_t t0 = int64_t{c} * kClaimTiles;
+    if (t0 >= tiles) break;
+    // The next claim goes out first: its latency hides behind this chunk's copies.
+    int next = lane == 0 ? atomicAdd(claim.ctr, 1) : 0;
+    const int64_t t1 = t0 + kClaimTiles < tiles ? t0 + kClaimTiles : tiles;
+    for (int64_t u = t0 * ku; u < t1 * ku; ++u)
+      issue(true, u);
+    c = __shfl_sync(0xffffffffu, next, 0);
+  }
+  const int s = take_stage(true, -1);  // the end: an arrival without bytes completes the stage
+  if (lane == 0) {
+    mbar_arrive(&sm.full[s]);
+    __threadfence();  // this CTA's claims before its count
+    if (atomicAdd(claim.done, 1) == static_cast<int>(G - 1)) {  // every CTA is past its claims
+      *claim.ctr = 0;
+      *claim.done = 0;
+    }
+  }
+  ++i;
 }
 
 inline constexpr int kSplitAdd = 1;
 inline constexpr int kSplitNorm = 2;
 
 // The 8 consumer warps: the products of units [u0, u1) of d [m, n] = a [m, k] * w [n, k]^T (CTA
-// `cta` of G), each tile's fix-up and its epilogue (see the file comment). `i` as in produce().
+// `cta` of G), or of the whole tiles the producer claims (each stage's unit in sm.meta, -1 at the
+// end), each tile's fix-up and its epilogue (see the file comment). `i` as in produce().
 // kSplit (see SkinnyGemmParams::add_residual, norm_input): 0; kSplitAdd: each stored column of d
 // is also added to the residual stream (norm.x += d + norm.bias); kSplitNorm: `a` is the row the
 // prologue normalized into shared memory (m == 1).
@@ -218,15 +274,15 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
                                         float* __restrict__ partials,
                                         const float* __restrict__ gate_bias, int64_t cta,
                                         const Split& split, int& i, int warp, int lane,
-                                        const AddRmsNormParams& norm = {}) {
+                                        const AddRmsNormParams& norm = {}, bool claiming = false) {
   using Ge = Geometry<RT, KU, kCompact>;
   constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kStageBytes = Ge::kStageBytes;
   constexpr int kSlots = RT * NT * 4;
   float* const red = sm.red;
   float* const fin = sm.fin;
   const int64_t ku = split.ku;  // units per tile
-  const int64_t u0 = split.begin(cta);
-  const int64_t u1 = split.begin(cta + 1);
+  const int64_t u0 = claiming ? 0 : split.begin(cta);
+  const int64_t u1 = claiming ? INT64_MAX : split.begin(cta + 1);
   const int g = lane >> 2, t = lane & 3;
   const uint4* ap[NT];
 #pragma unroll
@@ -254,16 +310,24 @@ __device__ __forceinline__ void consume(const Smem<RT, KU, kCompact>& sm,
                            : load_cached(ap[nt] + kk * (KU / 8) + 4 * kConsumers * j);
   };
   load_a(u0 % ku, an);  // in bounds even for an empty range (any kk < ku is)
-  for (int64_t u = u0; u < u1; ++u, ++i) {
+  for (int64_t done_units = 0;; ++done_units, ++i) {
     const int s = i % kStages;
-    const int64_t tile = u / ku, kk = u % ku;
+    int64_t u = u0 + done_units;  // claiming: the stage says (below)
+    if (u >= u1) break;
+    // Claimed tiles are whole, so their units' k offsets cycle 0 .. ku - 1 as a range's do.
+    const int64_t kk = claiming ? done_units % ku : u % ku;
 #pragma unroll
     for (int j = 0; j < kMine; ++j)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
         av[j][nt] = an[j][nt];
-    if (u + 1 < u1) load_a((u + 1) % ku, an);
+    if (claiming || u + 1 < u1) load_a((kk + 1) % ku, an);
     mbar_wait(&sm.full[s], (i / kStages) & 1);
+    if (claiming) {
+      u = sm.meta[s];
+      if (u < 0) break;
+    }
+    const int64_t tile = u / ku;
     uint4 wv[kMine][RT][2];
 #pragma unroll
     for (int j = 0; j < kMine; ++j) {
@@ -478,7 +542,8 @@ __device__ __forceinline__ void norm_prologue(const AddRmsNormParams& norm, cons
 }
 
 // Grid: G CTAs (G <= units), kThreads threads, Geometry::kLaunchSmemBytes of dynamic shared memory.
-// by_tiles: the split by whole tiles (Split; the launcher sets it only when tiles >= G).
+// by_tiles: the split by whole tiles (Split; the launcher sets it only when tiles >= G). claim:
+// whole tiles claimed as the CTAs go (SkinnyGemmParams::claim; only with by_tiles), or nulls.
 // kGated: the SwiGLU epilogue (see SkinnyGemmParams::gated); d is then [m, n / 2]. kNormV: 0, or
 // the tail's vector width (4 when rmsnorm_detail::add_rmsnorm_vec4(norm), else 1; d is norm.delta).
 template <int NT, int RT, int KU, class OutT, bool kGated, int kNormV, bool kCompact,
@@ -487,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     bulk_gemm_kernel(const uint16_t* a, const uint16_t* __restrict__ w, OutT* __restrict__ d, int m,
                      int n, int k, int* __restrict__ counters, float* __restrict__ partials,
                      const float* __restrict__ gate_bias, const AddRmsNormParams norm,
-                     const int by_tiles) {
+                     const int by_tiles, const Claim claim) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the launcher takes this path only on sm_90 and newer
 #else
@@ -505,7 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   int i = 0;
   if (warp == kConsumers) {
-    produce(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i, lane);
+    produce(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i, lane,
+            claim, tiles, G);
     return;
   }
   if constexpr (kSplit == kSplitNorm) {
@@ -518,8 +584,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     pdl_wait();  // `a`, `d`, the counters and partials belong to / follow the earlier kernels
   }
-  consume<NT, RT, KU, OutT, kGated, kCompact, kSplit>(
-      sm, a, d, m, n, k, counters, partials, gate_bias, blockIdx.x, split, i, warp, lane, norm);
+  consume<NT, RT, KU, OutT, kGated, kCompact, kSplit>(sm, a, d, m, n, k, counters, partials,
+                                                      gate_bias, blockIdx.x, split, i, warp, lane,
+                                                      norm, claim.ctr != nullptr);
   if constexpr (kNormV != 0) {
     // Every thread's stores of d (and of split tiles' partials) before its CTA is counted in.
     if (arrive_last(sm, &counters[tiles], G)) norm_tail<kNormV>(sm, norm, m, warp, lane);

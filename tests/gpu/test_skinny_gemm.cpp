@@ -50,6 +50,7 @@ struct Case {
   bool bulk = false;
   bool compact = false;   // the bulk kernel's compact footprint (SkinnyGemmParams::compact)
   bool stream_k = false;  // the bulk kernel's split by units (SkinnyGemmParams::stream_k)
+  bool claim = false;     // the bulk kernel's claimed tiles (SkinnyGemmParams::claim)
 };
 
 std::string describe(const Case& c) {
@@ -57,7 +58,8 @@ std::string describe(const Case& c) {
          (c.out == kernels::DType::kF32 ? " f32" : " bf16") +
          " warp_rows=" + std::to_string(c.warp_rows) + " k_split=" + std::to_string(c.k_split) +
          " num_sms=" + std::to_string(c.num_sms) + (c.bulk ? " bulk" : "") +
-         (c.compact ? " compact" : "") + (c.stream_k ? " stream_k" : "");
+         (c.compact ? " compact" : "") + (c.stream_k ? " stream_k" : "") +
+         (c.claim ? " claim" : "");
 }
 
 std::vector<uint16_t> random_bf16(size_t count, std::mt19937& rng) {
@@ -102,6 +104,7 @@ std::vector<uint8_t> run_case(const Case& c, std::mt19937& rng) {
   p.k_split = c.k_split;
   p.compact = c.compact;
   p.stream_k = c.stream_k;
+  p.claim = c.claim;
   DeviceBuffer<uint8_t> ws;
   const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(c.n);
   if (c.bulk) {
@@ -223,6 +226,13 @@ kernels::SkinnyGemmParams bulk_params(const uint16_t* a, const uint16_t* w, void
   return p;
 }
 
+bool zero_bytes(const DeviceBuffer<uint8_t>& b, size_t count) {
+  std::vector<uint8_t> v;
+  if (b.download(v) != cudaSuccess) return false;
+  return std::all_of(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(count),
+                     [](uint8_t c) { return c == 0; });
+}
+
 }  // namespace
 
 TEST_CASE("skinny gemm: fp32 and bf16 outputs match an fp64 reference over m, n, k",
@@ -281,7 +291,7 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
   // num_sms: one CTA per unit or so (132), a few CTAs whose ranges end inside tiles (5), a tile
   // shared by 3 CTAs (40 over 19 tiles x 7 units). Each split by whole tiles where a launch has at
   // least as many tiles as CTAs (5 CTAs; n = 1000 at 40; n <= 37, one unit a tile) and by units
-  // (stream_k, and every other launch).
+  // (stream_k, and every other launch); claimed tiles where the split is by tiles (else ignored).
   for (const kernels::DType out : {kernels::DType::kF32, kernels::DType::kBF16})
     for (const int64_t m : {1, 2, 5, 8})
       for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 1024},
@@ -291,8 +301,10 @@ TEST_CASE("skinny gemm: the bulk kernel over m, n, k and machine sizes that spli
                                  {1000, 4096}})
         for (const int32_t sms : {132, 5, 40})
           for (const bool compact : {false, true})
-            for (const bool stream_k : {false, true})
-              run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true, compact, stream_k}, rng);
+            for (const int split : {0, 1, 2})  // fixed ranges, stream_k, claimed
+              run_case({m, n, k, out, 0, 0, sms, (m + n) % 2 == 0, true, compact, split == 1,
+                        split == 2},
+                       rng);
   // m > 8 takes the register kernel even with a workspace.
   {
     DeviceBuffer<uint16_t> a(9 * 1024), w(64 * 1024);
@@ -356,6 +368,54 @@ TEST_CASE("skinny gemm: the bulk kernel reads a only after the kernel before it 
         CUDA_REQUIRE(d.download(got));
         REQUIRE(std::memcmp(got.data(), want.data(), want.size() * 4) == 0);
       }
+}
+
+// Claimed tiles (SkinnyGemmParams::claim): each tile is still reduced by one CTA alike, so the
+// output equals the fixed ranges' byte for byte, launch after launch (the last CTA resets the
+// claim counter for the next one; a counter left behind would leave the poisoned output); gated
+// and not, an odd number of tiles (a last claim of one tile), machine sizes of 132 and 40 CTAs.
+TEST_CASE("skinny gemm: claimed tiles equal the fixed ranges, launch after launch",
+          "[skinny_gemm][bulk]") {
+  if (!bulk_capable()) return;
+  std::mt19937 rng(gputest::test_seed("skinny_gemm claim"));
+  for (const int64_t m : {1, 8})
+    for (const auto& [n, k] :
+         {std::pair<int64_t, int64_t>{1008, 4096}, {20000, 2048}, {4112, 14336}})
+      for (const int32_t sms : {132, 40})
+        for (const bool compact : {false, true})
+          for (const bool gated : {false, true}) {
+            INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " compact=" << compact
+                      << " gated=" << gated);
+            const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
+            const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
+            DeviceBuffer<uint16_t> a, w;
+            CUDA_REQUIRE(a.upload(ha));
+            CUDA_REQUIRE(w.upload(hw));
+            DeviceBuffer<uint8_t> d(static_cast<size_t>(m * n * 4));
+            const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(n);
+            DeviceBuffer<uint8_t> ws(
+                static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
+            CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+            kernels::SkinnyGemmParams p =
+                bulk_params(a.get(), w.get(), d.get(),
+                            gated ? kernels::DType::kBF16 : kernels::DType::kF32, m, n, k, sms, ws);
+            p.gated = gated;
+            p.compact = compact;
+            CUDA_REQUIRE(d.poison());
+            CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+            std::vector<uint8_t> want, got;
+            CUDA_REQUIRE(d.download(want));
+            p.claim = true;
+            int differing = 0;
+            for (int r = 0; r < 8; ++r) {
+              CUDA_REQUIRE(d.poison());
+              CUDA_REQUIRE_LAUNCH(kernels::launch_skinny_gemm(p, nullptr));
+              CUDA_REQUIRE(d.download(got));
+              if (got != want) ++differing;
+            }
+            CHECK(differing == 0);
+            CHECK(zero_bytes(ws, static_cast<size_t>(counter_bytes)));
+          }
 }
 
 TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_gemm][bulk]") {
@@ -774,13 +834,6 @@ struct DecoderGemms {
     return out;
   }
 };
-
-bool zero_bytes(const DeviceBuffer<uint8_t>& b, size_t count) {
-  std::vector<uint8_t> v;
-  if (b.download(v) != cudaSuccess) return false;
-  return std::all_of(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(count),
-                     [](uint8_t c) { return c == 0; });
-}
 
 }  // namespace
 

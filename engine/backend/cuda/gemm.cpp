@@ -73,6 +73,8 @@ GemmRunner::GemmRunner(cudaStream_t stream, size_t workspace_bytes)
   // PMKV_BULK_STREAM_K=1: the bulk kernel splits by units (stream-K) instead of whole tiles (A/B).
   const char* stream_k = std::getenv("PMKV_BULK_STREAM_K");
   bulk_stream_k_ = stream_k != nullptr && std::strcmp(stream_k, "0") != 0;
+  const char* claim = std::getenv("PMKV_BULK_CLAIM");
+  bulk_claim_ = claim == nullptr || std::strcmp(claim, "0") != 0;
   // The skinny GEMM's bulk kernel (sm_90+ with ~208 KB of shared memory per block): its workspace
   // covers outputs of up to kBulkMaxN columns (larger ones take the register kernel).
   // PMKV_SKINNY_BULK=0 turns it off (A/B).
@@ -151,6 +153,7 @@ kernels::SkinnyGemmParams GemmRunner::skinny_params(const void* a, const void* w
   sp.workspace_bytes = static_cast<int64_t>(skinny_ws_.bytes());
   sp.compact = fp == GemmFootprint::kCompact;
   sp.stream_k = bulk_stream_k_;
+  sp.claim = bulk_claim_ && n >= kBulkClaimMinN;
   return sp;
 }
 

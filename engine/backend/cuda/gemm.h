@@ -90,6 +90,11 @@ class GemmRunner {
                                                           : GemmFootprint::kFull;
   }
 
+  // Bulk products of at least this many output columns claim their tiles as they go
+  // (kernels::SkinnyGemmParams::claim): lm_head (128K columns at Llama-3 shapes). PMKV_BULK_CLAIM=0
+  // (read once, in the constructor) keeps fixed ranges, for comparisons.
+  static constexpr int64_t kBulkClaimMinN = 65536;
+
   // Whether run() with these operands takes the skinny GEMM's bulk kernel.
   bool uses_bulk(const void* a, const void* w, const void* d, GemmOut out, int64_t m, int64_t n,
                  int64_t k) const;
@@ -125,6 +130,7 @@ class GemmRunner {
   bool fuse_norm_ = true;
   int compact_override_ = -1;  // PMKV_COMPACT_GEMM: -1 unset, 0 or 1
   bool bulk_stream_k_ = false;
+  bool bulk_claim_ = true;
   bool split_norm_ = true;
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
