@@ -233,6 +233,20 @@ bool zero_bytes(const DeviceBuffer<uint8_t>& b, size_t count) {
                      [](uint8_t c) { return c == 0; });
 }
 
+// A bulk product's device buffers: random bf16 a [m, k] and w [n, k], an output of m x n x 4
+// bytes (room for fp32) and a zeroed workspace for n columns on `sms` SMs.
+struct BulkOperands {
+  DeviceBuffer<uint16_t> a, w;
+  DeviceBuffer<uint8_t> d, ws;
+  BulkOperands(int64_t m, int64_t n, int64_t k, int32_t sms, std::mt19937& rng)
+      : d(static_cast<size_t>(m * n * 4)),
+        ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms))) {
+    CUDA_REQUIRE(a.upload(random_bf16(static_cast<size_t>(m * k), rng)));
+    CUDA_REQUIRE(w.upload(random_bf16(static_cast<size_t>(n * k), rng)));
+    CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+  }
+};
+
 }  // namespace
 
 TEST_CASE("skinny gemm: fp32 and bf16 outputs match an fp64 reference over m, n, k",
@@ -386,19 +400,11 @@ TEST_CASE("skinny gemm: claimed tiles equal the fixed ranges, launch after launc
           for (const bool gated : {false, true}) {
             INFO("m=" << m << " n=" << n << " k=" << k << " sms=" << sms << " compact=" << compact
                       << " gated=" << gated);
-            const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
-            const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
-            DeviceBuffer<uint16_t> a, w;
-            CUDA_REQUIRE(a.upload(ha));
-            CUDA_REQUIRE(w.upload(hw));
-            DeviceBuffer<uint8_t> d(static_cast<size_t>(m * n * 4));
-            const int64_t counter_bytes = kernels::skinny_gemm_counter_bytes(n);
-            DeviceBuffer<uint8_t> ws(
-                static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, sms)));
-            CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
-            kernels::SkinnyGemmParams p =
-                bulk_params(a.get(), w.get(), d.get(),
-                            gated ? kernels::DType::kBF16 : kernels::DType::kF32, m, n, k, sms, ws);
+            BulkOperands op(m, n, k, sms, rng);
+            DeviceBuffer<uint8_t>& d = op.d;
+            kernels::SkinnyGemmParams p = bulk_params(
+                op.a.get(), op.w.get(), d.get(),
+                gated ? kernels::DType::kBF16 : kernels::DType::kF32, m, n, k, sms, op.ws);
             p.gated = gated;
             p.compact = compact;
             CUDA_REQUIRE(d.poison());
@@ -414,7 +420,7 @@ TEST_CASE("skinny gemm: claimed tiles equal the fixed ranges, launch after launc
               if (got != want) ++differing;
             }
             CHECK(differing == 0);
-            CHECK(zero_bytes(ws, static_cast<size_t>(counter_bytes)));
+            CHECK(zero_bytes(op.ws, static_cast<size_t>(kernels::skinny_gemm_counter_bytes(n))));
           }
 }
 
@@ -437,17 +443,11 @@ TEST_CASE("skinny gemm: the bulk kernel is bit-identical run to run", "[skinny_g
     const bool gated = (variant & 1) != 0, compact = (variant & 2) != 0;
     const bool stream_k = (variant & 4) != 0;
     const int64_t m = 8, n = 4096, k = 4096;
-    const std::vector<uint16_t> ha = random_bf16(static_cast<size_t>(m * k), rng);
-    const std::vector<uint16_t> hw = random_bf16(static_cast<size_t>(n * k), rng);
-    DeviceBuffer<uint16_t> a, w;
-    CUDA_REQUIRE(a.upload(ha));
-    CUDA_REQUIRE(w.upload(hw));
-    DeviceBuffer<uint8_t> d(static_cast<size_t>(m * n * 4));
-    DeviceBuffer<uint8_t> ws(static_cast<size_t>(kernels::skinny_gemm_workspace_bytes(n, 132)));
-    CUDA_REQUIRE(cudaMemset(ws.get(), 0, ws.bytes()));
+    BulkOperands op(m, n, k, 132, rng);
+    DeviceBuffer<uint8_t>& d = op.d;
     kernels::SkinnyGemmParams p =
-        bulk_params(a.get(), w.get(), d.get(), gated ? kernels::DType::kBF16 : kernels::DType::kF32,
-                    m, n, k, 132, ws);
+        bulk_params(op.a.get(), op.w.get(), d.get(),
+                    gated ? kernels::DType::kBF16 : kernels::DType::kF32, m, n, k, 132, op.ws);
     p.gated = gated;
     p.compact = compact;
     p.stream_k = stream_k;

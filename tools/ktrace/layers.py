@@ -11,6 +11,8 @@ import collections
 import statistics
 import sys
 
+from ktrace_csv import int_arg, load
+
 
 def kind(name):
     for key, k in (("bulk_gemm_kernel", "gemm"), ("skinny_gemm", "gemm"), ("decode_split", "attn"),
@@ -21,14 +23,9 @@ def kind(name):
 
 
 def main():
-    path = sys.argv[1]
-    first = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    last = int(sys.argv[3]) if len(sys.argv) > 3 else 20
-    ev = []
-    for line in open(path):
-        start, end, _node, name = line.rstrip("\n").split(",", 3)
-        ev.append((int(start), int(end), name))
-    ev.sort()
+    first = int_arg(2, 5)
+    last = int_arg(3, 20)
+    ev = load(sys.argv[1])
     steps = [i for i, e in enumerate(ev) if kind(e[2]) == "embed"]
     # A layer's kernels in order; a kind absent from a step (RoPE fused away, say) is left out.
     full = [("gemm", "qkv"), ("rope", "rope"), ("attn", "attn"), ("gemm", "o"),
@@ -52,6 +49,9 @@ def main():
             for k, n in enumerate(names):
                 res[n].append((ends[k + 1] - ends[k]) / 1e3)
             res["layer"].append((ends[-1] - ends[0]) / 1e3)
+    if not res:
+        print("0 layers: no step matched a layer's kernel pattern")
+        return
     print(f"{len(res['layer'])} layers, median us after the previous kernel's end:")
     print(" ".join(f"{k} {statistics.median(v):.1f}" for k, v in res.items()))
 

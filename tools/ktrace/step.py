@@ -10,6 +10,8 @@ import collections
 import statistics
 import sys
 
+from ktrace_csv import int_arg, load
+
 
 def short(name):
     for key in ("bulk_gemm_kernel", "skinny_gemm", "decode_split", "rope_kv", "embedding",
@@ -20,16 +22,11 @@ def short(name):
 
 
 def main():
-    path = sys.argv[1]
-    first = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    last = int(sys.argv[3]) if len(sys.argv) > 3 else 20
-    head = int(sys.argv[4]) if len(sys.argv) > 4 else 4
-    tail = int(sys.argv[5]) if len(sys.argv) > 5 else 8
-    ev = []
-    for line in open(path):
-        start, end, _node, name = line.rstrip("\n").split(",", 3)
-        ev.append((int(start), int(end), name))
-    ev.sort()
+    first = int_arg(2, 5)
+    last = int_arg(3, 20)
+    head = int_arg(4, 4)
+    tail = int_arg(5, 8)
+    ev = load(sys.argv[1])
     steps = [i for i, e in enumerate(ev) if "embedding" in e[2]]
     period, idle, kernels = [], [], []
     pos = collections.defaultdict(list)
