@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+set -u
+W=$OUT/w; mkdir -p $W
+mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpubin/pk.txz
+source /tmp/g/pk/env.sh
+B=/tmp/g/pk/bench_cuda_backend
+M="--model bench/configs/llama3-8b --load-format dummy"
+/tmp/g/pk/pmkv_test_gpu_kernels "[skinny_gemm]" > $W/test_skinny.log 2>&1; echo "gpu skinny rc=$?" >> $W/summary.txt
+tail -2 $W/test_skinny.log >> $W/summary.txt
+python3 -m venv /tmp/venv && /tmp/venv/bin/pip install -q --no-index --find-links .whl -r .whl/requirements.txt > $W/pip.log 2>&1
+PMKV_BIN=/tmp/g/pk/pmkv PMKV_SOURCE_DIR=$PWD PMKV_PYTHON=/tmp/venv/bin/python timeout 120 bash tests/gpu/serve_cuda/run.sh > $W/serve.log 2>&1; echo "gpu_serve rc=$?" >> $W/summary.txt
+grep -E "passed|failed" $W/serve.log >> $W/summary.txt
+for r in 1 2; do
+  $B $M --scenarios batch1 --decode-steps 200 --async-steps 1 --out $W/b1_r$r.json > /dev/null 2>> $W/bench.log
+  echo "b1 r$r $(grep -o '"batch1_decode_ms_per_token":[^,]*' $W/b1_r$r.json) $(grep -o '"fraction_of_weight_floor":[^,]*' $W/b1_r$r.json)" >> $W/summary.txt
+done
+timeout 100 /tmp/g/pk/pmkv_test_gpu_backend > $W/test_backend.log 2>&1; echo "gpu_backend rc=$?" >> $W/summary.txt
+tail -2 $W/test_backend.log >> $W/summary.txt
+cd $OUT && tar czf run12.tgz w && rm -rf w
