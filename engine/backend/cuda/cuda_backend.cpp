@@ -1514,6 +1514,7 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   DeviceMemory& inputs = m.sample_inputs[f.slot];
   Packer pk;
   size_t o_params = 0, o_starts = 0, o_ids = 0, o_counts = 0, o_prompt = 0, o_last = 0;
+  size_t bytes = 0;  // the packed sampling inputs; the tokens come back after them
   const size_t lp_bytes =
       want_logprobs.empty() ? 0 : static_cast<size_t>(R) * (1 + 2 * kMaxDeviceLogprobs) * 4;
   if (R > 0) {
@@ -1525,7 +1526,7 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
     o_counts = pk.add(hist.output_counts());
     o_prompt = pk.add(hist.in_prompt());
     o_last = pk.add(hist_last);
-    const size_t bytes = pk.bytes().size();
+    bytes = pk.bytes().size();
     staging.reserve(bytes + static_cast<size_t>(R) * 4 + lp_bytes);
     inputs.reserve(bytes);
     std::memcpy(staging.as(), pk.bytes().data(), bytes);
@@ -1535,7 +1536,6 @@ void CudaBackend::launch_sample(const StepBatch& b, std::span<const DeviceSampli
   }
   run_step(b);
   if (R > 0) {
-    const size_t bytes = pk.bytes().size();
     if (R > m.sampled_capacity) {
       // Grows keeping this step's tokens (already gathered from by run_step's launches).
       m.sampled_capacity = static_cast<int32_t>(std::max<int64_t>(R, 2 * m.sampled_capacity));
