@@ -1,10 +1,15 @@
 #pragma once
-// Internal: the device primitives of a shared-memory ring fed by cp.async.bulk (sm_90+): mbarrier
-// init / arrive / wait and a 1-D bulk copy global -> shared whose completion the mbarrier counts in
-// bytes. Used by the bulk skinny GEMM (skinny_gemm_bulk.cuh) and bench/bench_weight_stream.cu.
+// Internal: the device primitives of a shared-memory ring whose stages an mbarrier tracks (sm_90+):
+// mbarrier init / arrive / wait; a 1-D bulk copy global -> shared whose completion the mbarrier
+// counts in bytes; and 16-byte cp.async copies (LDGSTS) whose completion a thread hands to the
+// mbarrier as one arrival. Used by the bulk skinny GEMM (skinny_gemm_bulk.cuh) and
+// bench/bench_weight_stream.cu.
 #include <cstdint>
 
 namespace pmkv::kernels::bulk_copy_detail {
+
+// L2 policy of weights read once: evict first (CUTLASS's CacheHintSm90::EVICT_FIRST).
+inline constexpr unsigned long long kEvictFirst = 0x12F0000000000000ull;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -39,8 +44,23 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
       "[%1], %2, [%3], %4;\n" ::"r"(smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(0x12F0000000000000ull)  // evict_first
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(kEvictFirst)
       : "memory");
+}
+
+// 16-byte copy global -> shared through L2 only (cp.async.cg), evict-first.
+__device__ __forceinline__ void cp_async16_evict_first(void* dst, const void* src) {
+  asm volatile(
+      "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
+      "l"(src), "l"(kEvictFirst)
+      : "memory");
+}
+// One arrival on `bar` once every cp.async this thread issued before has completed (its writes
+// then visible to the threads that observe the phase). .noinc: the arrival counts toward the
+// barrier's expected count, which must include it.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+               : "memory");
 }
 
 }  // namespace pmkv::kernels::bulk_copy_detail
