@@ -9,8 +9,8 @@
 //                wait for a stage and release it; one CTA an SM;
 //   claimC       the same, CTAs claiming C units at a time from a counter (plain launches only);
 //   strideC      the same, CTA c taking chunks c, c + G, ... of C units;
-//   producer_ldgsts  the same ring, the producer warp copying with 16-byte cp.async (the bulk
-//                GEMM's copies since the twenty-fifth session);
+//   producer_ldgsts  the same ring, the producer warp copying with 16-byte cp.async;
+//   producerP_ldgsts  the same with P = 2 or 4 producer warps;
 //   tma1k        KU 1024, 6 stages (the same ~200 KB ring, finer stages);
 //   tma1k_x2     KU 1024, 3 stages, two CTAs an SM;
 //   ldgsts       the ring fed by all 256 threads with 16-byte cp.async (KU 2048, 3 stages);
@@ -83,21 +83,23 @@ struct Units {
 // chunk 0: static split; chunk > 0: claim `chunk` units at a time from claim[0] (claim[1] counts
 // the CTAs done; the last resets both for the next launch); chunk < 0: chunks of -chunk units,
 // CTA c taking chunks c, c + G, ... ends: per-CTA end time, or null.
-template <int KU, int kStages>
+template <int KU, int kStages, int kProducers = 1>
 struct TmaRing {
   static constexpr int kRowStride = 2 * KU + 64;  // as the GEMM's footprints
   static constexpr int kStageBytes = kRows * kRowStride;
-  static constexpr int kThreads = (kConsumers + 1) * 32;
+  static constexpr int kThreads = (kConsumers + kProducers) * 32;
   static constexpr int kSmemBytes = kStages * kStageBytes + 3 * kStages * 8;
 };
 
-// kAsync: the producer warp copies with 16-byte cp.async instead (the bulk GEMM's default since
-// the twenty-fifth session), handing each lane's completion to the stage's mbarrier.
-template <int KU, int kStages, bool kAsync = false>
-__global__ void __launch_bounds__(TmaRing<KU, kStages>::kThreads)
+// kAsync: kProducers producer warps copy with 16-byte cp.async instead (warp p rows p, p + P, ...
+// of each unit), each lane handing its copies' completion to the stage's mbarrier; producer 0's
+// lane 0 arrives once more (it publishes the stage's unit). Static and strided splits only when
+// kProducers > 1.
+template <int KU, int kStages, bool kAsync = false, int kProducers = 1>
+__global__ void __launch_bounds__(TmaRing<KU, kStages, kProducers>::kThreads)
     tma_kernel(const uint16_t* __restrict__ w, int n, int k, int chunk, int* claim, uint64_t* ends,
                uint32_t* sink) {
-  using R = TmaRing<KU, kStages>;
+  using R = TmaRing<KU, kStages, kProducers>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * R::kStageBytes);
   uint64_t* empty = full + kStages;
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages>::kThreads)
   grid_trigger();
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], kAsync ? 33 : 1);
+      mbar_init(&full[s], kAsync ? 32 * kProducers + 1 : 1);
       mbar_init(&empty[s], kConsumers * 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -114,13 +116,14 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages>::kThreads)
   __syncthreads();
   const Units U(n, k, KU);
   const int64_t G = gridDim.x;
-  if (warp == kConsumers) {
+  if (warp >= kConsumers) {
+    const int pw = warp - kConsumers;  // producer warp
     int i = 0;
     auto stage_for = [&](int64_t u) {  // waits for a free stage, marks it with u
       const int s = i % kStages;
       if (i >= kStages) mbar_wait(&empty[s], ((i / kStages) - 1) & 1);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      if (lane == 0) meta[s] = u;
+      if (pw == 0 && lane == 0) meta[s] = u;
       __syncwarp();
       return s;
     };
@@ -129,17 +132,17 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages>::kThreads)
       const int64_t tile = u / U.ku, kk = u % U.ku;
       if constexpr (kAsync) {
 #pragma unroll 2
-        for (int r = 0; r < kRows; ++r) {
+        for (int r = pw; r < kRows; r += kProducers) {
           int64_t row = tile * kRows + r;
           row = row < n ? row : n - 1;
           const uint16_t* src = w + row * k + kk * KU + 8 * lane;
           uint8_t* dst = smem + s * R::kStageBytes + r * R::kRowStride + 16 * lane;
 #pragma unroll
           for (int c = 0; c < KU / 256; ++c)
-            cp_async16_evict_first(dst + 512 * c, src + 256 * c);
+            cp_async16(dst + 512 * c, src + 256 * c);
         }
         cp_async_mbar_arrive(&full[s]);
-        if (lane == 0) mbar_arrive(&full[s]);
+        if (pw == 0 && lane == 0) mbar_arrive(&full[s]);
       } else {
         if (lane == 0) mbar_arrive_expect_tx(&full[s], kRows * KU * 2);
         __syncwarp();
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages>::kThreads)
     }
     const int s = stage_for(-1);  // the end
     if (kAsync || lane == 0) mbar_arrive(&full[s]);
-    if (kAsync && lane == 0) mbar_arrive(&full[s]);
+    if (kAsync && pw == 0 && lane == 0) mbar_arrive(&full[s]);
     return;
   }
   grid_wait();
@@ -339,6 +342,8 @@ __global__ void read_kernel(const uint4* p, int64_t n16, uint64_t* ends, uint32_
 enum class Kind {
   kTma2k,
   kAsyncProducer,
+  kAsyncProducer2,
+  kAsyncProducer4,
   kTma1k,
   kTma1kX2,
   kLdgsts,
@@ -356,12 +361,17 @@ struct Mode {
 // "tma", "claim2", "stride4", "producer_ldgsts", "tma1k", "tma1k_x2", "ldgsts", "ldgsts1k_x2",
 // "ldg", "ldg_x2", "read"; false for anything else.
 bool parse_mode(const std::string& s, Mode* m) {
-  const std::pair<const char*, Kind> fixed[] = {
-      {"tma", Kind::kTma2k},        {"tma1k", Kind::kTma1k},
-      {"tma1k_x2", Kind::kTma1kX2}, {"producer_ldgsts", Kind::kAsyncProducer},
-      {"ldgsts", Kind::kLdgsts},    {"ldgsts1k_x2", Kind::kLdgsts1kX2},
-      {"ldg", Kind::kLdg},          {"ldg_x2", Kind::kLdgX2},
-      {"read", Kind::kRead}};
+  const std::pair<const char*, Kind> fixed[] = {{"tma", Kind::kTma2k},
+                                                {"tma1k", Kind::kTma1k},
+                                                {"tma1k_x2", Kind::kTma1kX2},
+                                                {"producer_ldgsts", Kind::kAsyncProducer},
+                                                {"producer2_ldgsts", Kind::kAsyncProducer2},
+                                                {"producer4_ldgsts", Kind::kAsyncProducer4},
+                                                {"ldgsts", Kind::kLdgsts},
+                                                {"ldgsts1k_x2", Kind::kLdgsts1kX2},
+                                                {"ldg", Kind::kLdg},
+                                                {"ldg_x2", Kind::kLdgX2},
+                                                {"read", Kind::kRead}};
   for (const auto& [name, kind] : fixed) {
     if (s == name) {
       *m = {s, kind, 0};
@@ -384,7 +394,7 @@ bool parse_mode(const std::string& s, Mode* m) {
 
 int main(int argc, char** argv) {
   pmkv::bench::LlamaShapes model;
-  std::string modes_arg = "tma,producer_ldgsts,ldgsts,read";
+  std::string modes_arg = "tma,producer_ldgsts,producer2_ldgsts,producer4_ldgsts,ldgsts,read";
   std::string pdl_arg = "0,1";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
@@ -438,6 +448,10 @@ int main(int argc, char** argv) {
                           TmaRing<2048, 3>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           TmaRing<2048, 3>::kSmemBytes));
+  CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          TmaRing<2048, 3>::kSmemBytes));
+  CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          TmaRing<2048, 3>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<1024, 6>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           TmaRing<1024, 6>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<1024, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -487,6 +501,14 @@ int main(int argc, char** argv) {
         break;
       case Kind::kAsyncProducer:
         launch_ex(tma_kernel<2048, 3, true>, G, TmaRing<2048, 3>::kThreads,
+                  TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
+        break;
+      case Kind::kAsyncProducer2:
+        launch_ex(tma_kernel<2048, 3, true, 2>, G, TmaRing<2048, 3, 2>::kThreads,
+                  TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
+        break;
+      case Kind::kAsyncProducer4:
+        launch_ex(tma_kernel<2048, 3, true, 4>, G, TmaRing<2048, 3, 4>::kThreads,
                   TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
         break;
       case Kind::kTma1k:
@@ -550,8 +572,18 @@ int main(int argc, char** argv) {
   const size_t copy_bytes = size_t{4} << 30;
   void* copy_dst = nullptr;
   CK(cudaMalloc(&copy_dst, copy_bytes));
-  const double copy_ms = graph_ms(
-      [&] { CK(cudaMemcpyAsync(copy_dst, W[0][0], copy_bytes, cudaMemcpyDeviceToDevice, s)); });
+  // Timed on the stream, not in a graph: a graph's memcpy node copied at ~2.7 TB/s (call 1 of the
+  // twenty-fifth session), a stream's cudaMemcpyAsync at bench_skinny_gemm's ~4.25.
+  double copy_ms = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    CK(cudaEventRecord(e0, s));
+    CK(cudaMemcpyAsync(copy_dst, W[0][0], copy_bytes, cudaMemcpyDeviceToDevice, s));
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    copy_ms = std::min(copy_ms, double(ms));
+  }
   CK(cudaFree(copy_dst));
   const double read_gbps = 2.0 * total / (read_ms * 1e-3) / 1e9;
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;

@@ -48,12 +48,12 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-// 16-byte copy global -> shared through L2 only (cp.async.cg), evict-first.
-__device__ __forceinline__ void cp_async16_evict_first(void* dst, const void* src) {
-  asm volatile(
-      "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
-      "l"(src), "l"(kEvictFirst)
-      : "memory");
+// 16-byte copy global -> shared through L2 only (cp.async.cg). No L2 cache hint: the policy
+// constant bulk_copy passes, and one made by createpolicy.fractional.L2::evict_first, both stopped
+// kernels with "illegal instruction" on an H200 when given to cp.async (twenty-fifth session).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
 }
 // One arrival on `bar` once every cp.async this thread issued before has completed (its writes
 // then visible to the threads that observe the phase). .noinc: the arrival counts toward the

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+set -u
+W=$OUT/w; mkdir -p $W
+mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpubin/pk.txz
+source /tmp/g/pk/env.sh
+G=/tmp/g/pk
+timeout 200 $G/pmkv_test_gpu_kernels "[skinny_gemm]" > $W/test_skinny.log 2>&1; echo "gpu skinny rc=$?" >> $W/summary.txt
+tail -3 $W/test_skinny.log >> $W/summary.txt
+$G/bench_weight_stream --modes tma,producer_ldgsts,ldgsts,read --pdl 1,0 > $W/ws.json 2> $W/ws.txt; echo "ws rc=$?" >> $W/summary.txt
+for r in 1 2; do
+  $G/old_bench_skinny_gemm --rows 1,8 > $W/bsg_old_r$r.json 2> $W/bsg_old_r$r.txt
+  $G/bench_skinny_gemm --rows 1,8 > $W/bsg_new_r$r.json 2> $W/bsg_new_r$r.txt
+done
+B=$G/bench_cuda_backend
+M="--model bench/configs/llama3-8b --load-format dummy"
+for r in 1 2 3; do
+  for t in 1 0; do
+    PMKV_GEMM_TMA=$t $B $M --scenarios batch1 --decode-steps 200 --async-steps 1 --out $W/b1_tma${t}_r$r.json > /dev/null 2>> $W/bench.log
+    echo "b1 tma=$t r$r $(grep -o '"batch1_decode_ms_per_token":[^,]*' $W/b1_tma${t}_r$r.json) $(grep -o '"fraction_of_weight_floor":[^,]*' $W/b1_tma${t}_r$r.json)" >> $W/summary.txt
+  done
+done
+for t in 1 0; do
+  PMKV_GEMM_TMA=$t $B $M --scenarios throughput --batches 2,8 --contexts 4096 --bits 16,2 --throughput-steps 24 --out $W/tp_tma${t}.json > /dev/null 2>> $W/bench.log
+done
+timeout 150 $G/pmkv_test_gpu_backend > $W/test_backend.log 2>&1; echo "gpu_backend rc=$?" >> $W/summary.txt
+tail -3 $W/test_backend.log >> $W/summary.txt
+cd $OUT && tar czf run2.tgz w && rm -rf w
