@@ -1,7 +1,7 @@
 #pragma once
 // Boilerplate shared by the CUDA benchmarks (bench/*.cu, one translation unit each): a CUDA error
 // check that exits with the failing expression, comma-separated number lists, a deterministic
-// bf16 fill, and the weight shapes of one Llama decoder token.
+// bf16 fill, a plain read stream, and the weight shapes of one Llama decoder token.
 #include <cuda_runtime.h>
 
 #include <array>
@@ -44,6 +44,41 @@ __global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
     h *= 0x5bd1e995u;
     h ^= h >> 15;
     p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu) | ((h >> 16) & 0x8000u));
+  }
+}
+
+// A plain read of n16 16-byte words, grid-stride, 8 independent loads in flight a thread (launch
+// 8 CTAs of 512 threads an SM): the fastest these benchmarks read a buffer. It lets the kernel
+// after it start at once under programmatic dependent launch. ends: each CTA's end
+// (%globaltimer, ns), or null.
+__global__ void read_stream(const uint4* p, int64_t n16, uint64_t* ends, uint32_t* sink) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+  uint32_t x = 0;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  for (; i + 7 * stride < n16; i += 8 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
+                   : "l"(p + i + u * stride));
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = p[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9E3779B9u) *sink = x;  // never true in practice; keeps the loads
+  if (ends != nullptr) {
+    __syncthreads();
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (threadIdx.x == 0) ends[blockIdx.x] = t;
   }
 }
 

@@ -309,35 +309,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// A plain read of n16 16-byte words, grid-stride, 8 loads in flight a thread (bench_skinny_gemm's
-// read_stream): the fastest this device reads these bytes.
-__global__ void read_kernel(const uint4* p, int64_t n16, uint64_t* ends, uint32_t* sink) {
-  grid_trigger();
-  uint32_t x = 0;
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  for (; i + 7 * stride < n16; i += 8 * stride) {
-    uint4 v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u)
-      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                   : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
-                   : "l"(p + i + u * stride));
-#pragma unroll
-    for (int u = 0; u < 8; ++u)
-      x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < n16; i += stride) {
-    const uint4 v = p[i];
-    x ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (x == 0x9E3779B9u) *sink = x;
-  if (ends != nullptr) {
-    __syncthreads();
-    if (threadIdx.x == 0) ends[blockIdx.x] = now_ns();
-  }
-}
-
 // A stream mode: how a launch of one [n, k] matrix is run.
 enum class Kind {
   kTma2k,
@@ -534,7 +505,7 @@ int main(int argc, char** argv) {
         launch_ex(ldg_kernel<1024>, G, 256, 0, pdl, w, n, k, e, sink);
         break;
       case Kind::kRead:
-        launch_ex(read_kernel, G, 512, 0, pdl, reinterpret_cast<const uint4*>(w),
+        launch_ex(pmkv::bench::read_stream, G, 512, 0, pdl, reinterpret_cast<const uint4*>(w),
                   int64_t{sh.n} * sh.k / 8, e, sink);
         break;
     }
@@ -566,8 +537,9 @@ int main(int argc, char** argv) {
   // The device's own rates over the same bytes: one plain read of the whole token, and a
   // device-to-device copy of 4 GB (read + write counted, as bench_skinny_gemm's copy bandwidth).
   const double read_ms = graph_ms([&] {
-    launch_ex(read_kernel, 8 * sms, 512, 0, false, reinterpret_cast<const uint4*>(W[0][0]),
-              total / 8, static_cast<uint64_t*>(nullptr), sink);
+    launch_ex(pmkv::bench::read_stream, 8 * sms, 512, 0, false,
+              reinterpret_cast<const uint4*>(W[0][0]), total / 8, static_cast<uint64_t*>(nullptr),
+              sink);
   });
   const size_t copy_bytes = size_t{4} << 30;
   void* copy_dst = nullptr;
