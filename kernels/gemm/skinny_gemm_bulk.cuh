@@ -11,6 +11,11 @@
 // The copies must be long: 512-byte rows ran at 1,632 GB/s, 2-KB rows at 3,776 and 4-KB rows at
 // 3,817 GB/s over the same token (a development probe, bench/RESULTS.md), so a unit is 16 rows x
 // KU columns with KU = 2048 (k % 2048 == 0) or 1024.
+// Other ways to fill the ring, measured and left (bench/RESULTS.md, twenty-fifth session): the
+// same ring filled by all 256 threads' 16-byte cp.async streamed a token's weights alone 3-6%
+// faster than these bulk copies, but in the GEMM its warps refill in lock step (a slot waits for
+// the slowest warp and for each tile's epilogue): 6-42% slower. The producer warp issuing
+// cp.async instead streamed like the bulk copies (2-4 producer warps: 1.2-1.3% faster alone).
 //
 // Work decomposition. A unit is one row tile (16 RT rows of w) x KU columns of k, one ring stage.
 // The units are ordered tile-major (a tile's units along k are consecutive), and CTA c of G takes
