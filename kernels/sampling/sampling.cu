@@ -36,7 +36,7 @@
 // (twenty-fifth session), temperature 40-55 us, top-k 50 56 us, top-k 50 + top-p 0.95 72 us,
 // top-p 0.9 alone 106 us (peaked logits) to 152 us (a flat nucleus of thousands of tokens),
 // log-probabilities +40 us (the token's) or +77 us (top 5). Temperature rows cut into slices of
-// a CTA each ran 14-19 us at 1-8 rows, but batch-1 decode lost 10-25 us a token end to end with
+// a CTA each ran 14-25 us at 1-8 rows, but batch-1 decode lost 10-25 us a token end to end with
 // them (bench/RESULTS.md, twenty-fifth session); not in this kernel.
 #include <curand_kernel.h>
 
