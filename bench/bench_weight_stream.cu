@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "bench/bench_common.cuh"
+#include "kernels/cp_async.cuh"
 #include "kernels/gemm/bulk_copy.cuh"
 #include "kernels/pdl.cuh"
 
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages, kProducers>::kThreads)
           uint8_t* dst = smem + s * R::kStageBytes + r * R::kRowStride + 16 * lane;
 #pragma unroll
           for (int c = 0; c < KU / 256; ++c)
-            cp_async16(dst + 512 * c, src + 256 * c);
+            pmkv::kernels::cp_async16(dst + 512 * c, src + 256 * c);
         }
         cp_async_mbar_arrive(&full[s]);
         if (pw == 0 && lane == 0) mbar_arrive(&full[s]);

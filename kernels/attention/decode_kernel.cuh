@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "kernels/attention/decode.h"
+#include "kernels/cp_async.cuh"
 #include "kernels/kv_page_layout.h"
 #include "kernels/pdl.cuh"
 
@@ -177,10 +178,7 @@ __device__ __forceinline__ int sigma(int k) {
 }
 
 // ---- small PTX wrappers --------------------------------------------------------------------
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
+using kernels::cp_async16;  // kernels/cp_async.cuh
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));

@@ -1,9 +1,9 @@
 #pragma once
 // Internal: the device primitives of a shared-memory ring whose stages an mbarrier tracks (sm_90+):
 // mbarrier init / arrive / wait; a 1-D bulk copy global -> shared whose completion the mbarrier
-// counts in bytes; and 16-byte cp.async copies (LDGSTS) whose completion a thread hands to the
-// mbarrier as one arrival. Used by the bulk skinny GEMM (skinny_gemm_bulk.cuh) and
-// bench/bench_weight_stream.cu.
+// counts in bytes; and the arrival through which a thread hands its cp.async copies'
+// (kernels/cp_async.cuh) completion to the mbarrier. Used by the bulk skinny GEMM
+// (skinny_gemm_bulk.cuh) and bench/bench_weight_stream.cu.
 #include <cstdint>
 
 namespace pmkv::kernels::bulk_copy_detail {
@@ -48,13 +48,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-// 16-byte copy global -> shared through L2 only (cp.async.cg). No L2 cache hint: the policy
-// constant bulk_copy passes, and one made by createpolicy.fractional.L2::evict_first, both stopped
-// kernels with "illegal instruction" on an H200 when given to cp.async (twenty-fifth session).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src)
-               : "memory");
-}
 // One arrival on `bar` once every cp.async this thread issued before has completed (its writes
 // then visible to the threads that observe the phase). .noinc: the arrival counts toward the
 // barrier's expected count, which must include it.
