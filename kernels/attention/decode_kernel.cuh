@@ -12,10 +12,10 @@
 //            the raw codes as u8, so S = 256 hi + lo = Q . code exactly (see load_q_int); groups
 //            of at most 4 run it swapped, codes as A and q as B (k_phase_swap)
 //   V phase: O^T[dim][col] += x[dim][token] P'[token][col]   A = V codes (m: dims, k: tokens; 2/4
-//            bits bf16 128 + c 2^pos, see small_raw; 8/16 bits code - mid), B = P' = p * v_scale
-//            split into bf16 hi and lo columns (see Acc)
+//            bits the bf16 subnormal c 2^pos 2^-133, see small_raw; 8/16 bits code - mid), B = P' =
+//            p * v_scale split into bf16 hi and lo columns (see Acc)
 // The scales and zeros enter in fp32: score = k_scale * (S - kcorr) - k_zero * sum(q),
-// out = (sum P' code - sum p v_zero) / sum p (the offsets of raw codes and mid subtracted).
+// out = (sum P' code - sum p v_zero) / sum p (mid subtracted; raw codes have no offset).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -98,6 +98,12 @@ inline constexpr int kMaxStages = 16;
 // stages at 4 bits (8, to keep as many tiles in flight as before the pipeline, gained nothing).
 // Once the 4-bit copies were fixed (swz below) the 4-bit kernel measured within -3% to +1% of no
 // pipeline at every point; the 2-bit one keeps its gain.
+// Pair steps whose two tiles are full and in one page issue them together (issue_full_pair);
+// PMKV_DECODE_FULL_PAIRS=0 issues every tile alone (A/B).
+#ifndef PMKV_DECODE_FULL_PAIRS
+#define PMKV_DECODE_FULL_PAIRS 1
+#endif
+inline constexpr bool kFullPairs = PMKV_DECODE_FULL_PAIRS != 0;
 // Build-time knobs for A/B runs: PMKV_DECODE_PIPELINE (0 or 1), PMKV_DECODE_NEXT_AT,
 // PMKV_DECODE_STAGES4 / PMKV_DECODE_STAGES2 (ring stages per warp).
 #ifndef PMKV_DECODE_PIPELINE
@@ -303,19 +309,20 @@ __device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, i
   return f16x2_bits(__hadd2(as_f16x2(x), __float2half2_rn(-1152.0f)));
 }
 
-// In the V phase, 2- and 4-bit codes enter the mma raw: code j (bits j*b .. j*b + b - 1) of both
-// 16-bit halves of x, b = 2 or 4, becomes the bf16x2 (128 + c * 2^pos) with one LOP3: 0x4300 | (c
-// << pos) after a shift that brings the code to bits pos .. pos + b - 1 <= 6 of its half. The
-// factor 2^pos and the offset 128 are taken out outside the hot loop: the V phase subtracts 128 *
-// sum(P') (an extra mma against ones) and scales by 2^-pos in the epilogue. (Their K phase runs on
-// int8 tensor cores instead, see k_phase_int.) The offset costs precision in proportion to
-// 128 / 2^pos (fp32 sums of the large offset cancel later), so codes sit high: pos 3 or 5 (2 bits)
-// and 3 (4 bits), at most 16x, with four shifts a word (left 3, right 1, 5, 9; bits a shift moves
-// across the halves are masked off). pos 0 (three shifts a word, 128x) failed the fp32 bound on
-// long runs of tokens (2.3e-4 relative L2 where 1e-4 is allowed).
+// In the V phase, 2- and 4-bit codes enter the mma raw, as bf16 subnormals: code j (bits j*b ..
+// j*b + b - 1) of both 16-bit halves of x, b = 2 or 4, becomes the bf16x2 (c 2^pos 2^-133) with
+// one shift and one AND: the shift brings the code to bits pos .. pos + b - 1 <= 6 of its half
+// (the mantissa; exponent and sign stay 0), the mask drops everything else (bits a shift moves
+// across the halves included). No offset to take out later: the tensor cores take subnormal bf16
+// inputs exactly, and the P' columns carry 2^kRawPScaleLog2 so that the products c P' 2^(pos -
+// 133 + 80) stay normal fp32 (P' down to 2^-73). The epilogue scales by 2^(53 - pos) (raw_unit).
+// Shifts a word: 2 bits, j = 3g .. 3g + 2 share shift 6g (pos 0, 2, 4): two; 4 bits, j = 0 at pos
+// 0 unshifted, j = 1..3 at pos 3 (shift 4j - 3): three. The previous form, bf16 128 + c 2^pos
+// (normal numbers, the offset 128 subtracted through an extra mma against ones), took four shifts
+// a word and needed pos >= 3 for precision (bench/RESULTS.md, twenty-sixth session).
 template <int kBits>
-__device__ __forceinline__ constexpr int small_shift(int j) {  // < 0: left
-  return kBits == 2 ? 2 * (j & ~1) - 3 : 4 * j - 3;
+__device__ __forceinline__ constexpr int small_shift(int j) {
+  return kBits == 2 ? 6 * (j / 3) : (j == 0 ? 0 : 4 * j - 3);
 }
 template <int kBits>
 __device__ __forceinline__ constexpr int small_pos(int j) {
@@ -325,11 +332,13 @@ template <int kBits>
 __device__ __forceinline__ uint32_t small_raw(uint32_t x, int j) {
   const int pos = small_pos<kBits>(j), sh = small_shift<kBits>(j);
   const uint32_t mask = (((1u << kBits) - 1u) << pos) * 0x00010001u;
-  return and_or(sh >= 0 ? x >> sh : x << -sh, mask, 0x43004300u);
+  return (x >> sh) & mask;
 }
-// 2^-pos as a float (pos <= 6).
-__device__ __forceinline__ constexpr float pow2_neg(int pos) {
-  return 1.0f / static_cast<float>(1 << pos);
+// P' = p * v_scale enters the raw V phase times 2^kRawPScaleLog2 (see small_raw).
+inline constexpr int kRawPScaleLog2 = 80;
+// What one unit of a raw V accumulator is worth, inverted: 2^(133 - kRawPScaleLog2 - pos).
+__device__ __forceinline__ constexpr float raw_unit(int pos) {
+  return static_cast<float>(1ull << (133 - kRawPScaleLog2 - pos));
 }
 // Raw codes (2 and 4 bits): see small_raw.
 template <int kBits>
@@ -337,7 +346,7 @@ inline constexpr bool kRaw = kBits <= 4;
 
 // ---- Code parts of the V phase (k_part below: the K phase of 8/16 bits). A b-bit code is the sum
 // of kParts(b) exact parts:
-//   2, 4 bits:  bf16 128 + c * 2^pos (raw, see small_raw);
+//   2, 4 bits:  the bf16 subnormal c 2^pos 2^-133 (raw, see small_raw);
 //   8 bits:     fp16 c - 128 (bytes_centered_f16: three instructions a register);
 //   16 bits:    fp16 high byte - 128 (its mma's P' columns carry the factor 256) and low byte -
 //               128 (mid 32896), one mma each.
@@ -554,12 +563,43 @@ __device__ __forceinline__ void issue_tile(uint8_t* st, const uint8_t* page,
   }
 }
 
+// Two full tiles of one page (tok0 and tok0 + kTile) into two consecutive stages (st, st +
+// kStage): what a pair step of 2/4 bits issues almost always (with 32-token pages a 2-bit page
+// holds 16 tiles, a 4-bit one 8). One set of addresses serves both tiles and nothing is predicated
+// on valid rows: ~47 instructions a pair where two issue_tile calls and their page checks took
+// ~85; the 2-bit kernel 5-9% faster at batch >= 16 (bench/RESULTS.md, twenty-sixth session).
+template <class Tr>
+__device__ __forceinline__ void issue_full_pair(uint8_t* st, const uint8_t* page,
+                                                const kv::PageLayout& L, const LaneOffsets<Tr>& lo,
+                                                int tok0) {
+  using LO = LaneOffsets<Tr>;
+  const uint8_t* kc = page + static_cast<int>(L.k_codes) + tok0 * Tr::kRow;
+  const uint8_t* vc = page + static_cast<int>(L.v_codes) + tok0 * Tr::kRow;
+  constexpr int kNext = kTile * Tr::kRow;  // the second tile's rows
+#pragma unroll
+  for (int i = 0; i < LO::kCopies; ++i) {
+    if (LO::kOps % 32 == 0 || lo.cp_row[i] < kTile) {
+      cp_async16(st + Tr::kKOff + lo.cp_dst[i], kc + lo.cp_src[i]);
+      cp_async16(st + Tr::kVOff + lo.cp_dst[i], vc + lo.cp_src[i]);
+      cp_async16(st + Tr::kStage + Tr::kKOff + lo.cp_dst[i], kc + lo.cp_src[i] + kNext);
+      cp_async16(st + Tr::kStage + Tr::kVOff + lo.cp_dst[i], vc + lo.cp_src[i] + kNext);
+    }
+  }
+  const uint8_t* par = page + lo.par_src + tok0 * Tr::kPar;
+  if constexpr (Tr::kPar == 8) {
+    cp_async8(st + lo.par_dst, par);
+    cp_async8(st + Tr::kStage + lo.par_dst, par + kTile * 8);
+  } else {
+    cp_async4(st + lo.par_dst, par);
+    cp_async4(st + Tr::kStage + lo.par_dst, par + kTile * 4);
+  }
+}
+
 // kCols = 1 (group <= 4): the V phase's 8 columns are the group's heads' hi parts (0-3) and lo
 // parts (4-7); kCols = 2 (group 5-8): two column tiles, heads' hi parts and lo parts.
 template <int kD, int kCols>
 struct Acc {
   float o[kD / 16][kCols][4];  // O^T accumulators: [m-tile of 16 dims][column tile][c0..c3]
-  float w[kCols][4];           // raw codes: sum P' per column (every row the same), see small_raw
   // Of the lane's K-phase row (head gid): max (log2 domain), sum p, and the zero term: sum p (vs *
   // mid - vz) for 8 and 16 bits, -sum p vz for raw codes.
   float m, l, z;
@@ -751,12 +791,6 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
       bp256[c][1] = f16x2_times256(bp[c][1]);
     }
   }
-  if constexpr (kRaw<kBits>) {  // sum P' per column: A = ones
-    const uint32_t ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
-#pragma unroll
-    for (int c = 0; c < kCols; ++c)
-      mma_bf16(acc.w[c], ones, bp[c][0], bp[c][1]);
-  }
   // Tokens a, b, c, d: sigma(2 tig), sigma(2 tig + 1), sigma(2 tig + 8), sigma(2 tig + 9).
   constexpr int kGroupBytes = LO::kVRead;
   constexpr int kGroups = LO::kVReads;
@@ -900,15 +934,6 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
         acc.o[mt][c][3] *= a1;
       }
     }
-    if constexpr (kRaw<kBits>) {
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        acc.w[c][0] *= a0;
-        acc.w[c][1] *= a1;
-        acc.w[c][2] *= a0;
-        acc.w[c][3] *= a1;
-      }
-    }
     acc.l *= alpha;
     acc.z *= alpha;
     acc.m = m_new;
@@ -920,7 +945,11 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       pe[i] = ex2(s[i] - acc.m);
-      pp[i] = pe[i] * (i % 2 ? vp[i / 2].z : vp[i / 2].x);
+      // Raw codes: P' 2^kRawPScaleLog2 (exact; see small_raw).
+      constexpr float kPScale = kRaw<kBits> ? static_cast<float>(1ull << kRawPScaleLog2 / 2) *
+                                                  static_cast<float>(1ull << kRawPScaleLog2 / 2)
+                                            : 1.0f;
+      pp[i] = pe[i] * ((i % 2 ? vp[i / 2].z : vp[i / 2].x) * kPScale);
     }
   };
   if constexpr (!kVHalf<kBits>) {
@@ -1302,9 +1331,6 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       acc.o[mt][c][0] = acc.o[mt][c][1] = acc.o[mt][c][2] = acc.o[mt][c][3] = 0.0f;
     }
   }
-#pragma unroll
-  for (int c = 0; c < kCols; ++c)
-    acc.w[c][0] = acc.w[c][1] = acc.w[c][2] = acc.w[c][3] = 0.0f;
   acc.m = -INFINITY;
   acc.l = 0.0f;
   acc.z = 0.0f;
@@ -1324,6 +1350,23 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // token (of this head) not yet asked for.
   constexpr int kPrefetchTiles = 16;
   int pf_end = 0;
+  // Steps to the range's next page (and past empty ones), and loads the one after it.
+  auto next_page = [&] {
+    tile = 0;
+    if constexpr (kBits == 16) pf_end = 0;
+    ++page;
+    ntok = next_tok;
+    pptr = p.pool + int64_t{next_id} * p.page_bytes;
+    while (ntok == 0 && page + 1 < it.page_end) {  // empty pages (rare)
+      ++page;
+      ntok = p.page_tokens[page];
+      pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
+    }
+    if (page + 1 < it.page_end) {
+      next_tok = p.page_tokens[page + 1];
+      next_id = p.page_ids[page + 1];
+    }
+  };
   auto issue_next = [&](int slot) {
     if (kBits == 16 && tile * kTile >= pf_end) {  // constant false for the other bit-widths
       pf_end = min(tile * kTile + kPrefetchTiles * kTile, (ntok + kTile - 1) & ~(kTile - 1));
@@ -1337,27 +1380,26 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile, nvalid);
     if (lane0) meta[slot] = nvalid | (lo << 8);
     lo = 0;
-    if (++tile * kTile >= ntok) {
-      tile = 0;
-      if constexpr (kBits == 16) pf_end = 0;
-      ++page;
-      ntok = next_tok;
-      pptr = p.pool + int64_t{next_id} * p.page_bytes;
-      while (ntok == 0 && page + 1 < it.page_end) {  // empty pages (rare)
-        ++page;
-        ntok = p.page_tokens[page];
-        pptr = p.pool + int64_t{p.page_ids[page]} * p.page_bytes;
-      }
-      if (page + 1 < it.page_end) {
-        next_tok = p.page_tokens[page + 1];
-        next_id = p.page_ids[page + 1];
-      }
-    }
+    if (++tile * kTile >= ntok) next_page();
   };
   // Issues the tiles of ring slot `slot` (kStep stages); past the range's end, pairs get empty
   // stages (no copies, zero params, 0 valid tokens) so the step's second tile is all masked.
   int issued = 0;
   auto issue_slot = [&](int slot) {
+    if constexpr (kPair && kFullPairs) {
+      if (issued + 2 <= n_my && (tile + 2) * kTile <= ntok) {  // two full tiles of this page
+        issue_full_pair<Tr>(ring + 2 * slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile);
+        if (lane0) {
+          meta[2 * slot] = kTile | (lo << 8);
+          meta[2 * slot + 1] = kTile;
+        }
+        lo = 0;
+        issued += 2;
+        tile += 2;
+        if (tile * kTile >= ntok) next_page();
+        return;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kStep; ++i) {
       const int stage = slot * kStep + i;
@@ -1499,9 +1541,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   for (int mt = 0; mt < kD / 16 && kSwap; ++mt) {  // columns 2 tig, 2 tig + 1: head tig hi, lo
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sc = pow2_neg(v_pos<kBits>(2 * mt + r));
-      const float v = (acc.o[mt][0][2 * r] - 128.0f * acc.w[0][2 * r]) * sc +
-                      (acc.o[mt][0][2 * r + 1] - 128.0f * acc.w[0][2 * r + 1]) * sc;
+      const float sc = raw_unit(v_pos<kBits>(2 * mt + r));
+      const float v = (acc.o[mt][0][2 * r] + acc.o[mt][0][2 * r + 1]) * sc;
       if (tig < G) sm_o[(warp * G + tig) * kD + gid * (kD / 8) + 2 * mt + r] = v;
     }
   }
@@ -1514,9 +1555,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         v[c] = acc.o[mt][c][i];
-        if constexpr (kRaw<kBits>) {  // (sum P' (128 + c 2^pos) - 128 sum P') 2^-pos
-          v[c] = (v[c] - 128.0f * acc.w[c][i]) * pow2_neg(v_pos<kBits>(2 * mt + (i >> 1)));
-        }
+        if constexpr (kRaw<kBits>) v[c] *= raw_unit(v_pos<kBits>(2 * mt + (i >> 1)));
       }
       float v0 = v[0];
       if constexpr (kCols == 1) {
