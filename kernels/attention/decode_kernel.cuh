@@ -518,15 +518,20 @@ struct LaneOffsets {
 
 // The {scale, zero} of two consecutive stage positions as {s0, z0, s1, z1}: one 16-byte read of
 // f32 pairs, or one 8-byte read of bf16 pairs (scale in the low half of each word, see
-// kv_page_layout.h), whose expansion to f32 is a shift and a mask.
-template <int kPar>
+// kv_page_layout.h), whose expansion to f32 is a shift and a mask. kScaleLog2 (bf16 pairs only):
+// the scales come out times 2^kScaleLog2, an exponent add folded into the shift's IMAD (exact:
+// the codec keeps every scale in [1e-5, 1e5], normal numbers; the zero params of masked rows turn
+// into 2^(kScaleLog2 - 127), which their p = 0 cancels).
+template <int kPar, int kScaleLog2 = 0>
 __device__ __forceinline__ float4 params4(const uint8_t* at) {
   if constexpr (kPar == 8) {
+    static_assert(kScaleLog2 == 0, "f32 params are read as they are");
     return *reinterpret_cast<const float4*>(at);
   } else {
+    constexpr uint32_t kExp = static_cast<uint32_t>(kScaleLog2) << 23;
     const uint2 w = *reinterpret_cast<const uint2*>(at);
-    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
-                       __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+    return make_float4(__uint_as_float((w.x << 16) + kExp), __uint_as_float(w.x & 0xffff0000u),
+                       __uint_as_float((w.y << 16) + kExp), __uint_as_float(w.y & 0xffff0000u));
   }
 }
 
@@ -900,8 +905,10 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   const uint8_t* par = st + lo.params;
   const uint8_t* par1 = kSwap ? st2 + lo.params : par + 8 * Tr::kPar;
   const float4 kp[2] = {params4<Tr::kPar>(par), params4<Tr::kPar>(par1)};
-  const float4 vp[2] = {params4<Tr::kPar>(par + kTile * Tr::kPar),
-                        params4<Tr::kPar>(par1 + kTile * Tr::kPar)};
+  // Raw codes: v_scale comes times 2^kRawPScaleLog2, as P' enters their V phase (small_raw).
+  constexpr int kVScaleLog2 = kRaw<kBits> ? kRawPScaleLog2 : 0;
+  const float4 vp[2] = {params4<Tr::kPar, kVScaleLog2>(par + kTile * Tr::kPar),
+                        params4<Tr::kPar, kVScaleLog2>(par1 + kTile * Tr::kPar)};
   float s[4];
   float tmax = -INFINITY;
 #pragma unroll
@@ -945,11 +952,7 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       pe[i] = ex2(s[i] - acc.m);
-      // Raw codes: P' 2^kRawPScaleLog2 (exact; see small_raw).
-      constexpr float kPScale = kRaw<kBits> ? static_cast<float>(1ull << kRawPScaleLog2 / 2) *
-                                                  static_cast<float>(1ull << kRawPScaleLog2 / 2)
-                                            : 1.0f;
-      pp[i] = pe[i] * ((i % 2 ? vp[i / 2].z : vp[i / 2].x) * kPScale);
+      pp[i] = pe[i] * (i % 2 ? vp[i / 2].z : vp[i / 2].x);  // raw codes: times 2^80
     }
   };
   if constexpr (!kVHalf<kBits>) {
@@ -1282,6 +1285,11 @@ __device__ __forceinline__ void merge_if_last(const KernelParams& p, const Decod
   if (threadIdx.x == 0) *counter = 0;
 }
 
+// The mask of a tile's visible tokens: [first, nvalid) (first > 0 only before the sliding window).
+__device__ __forceinline__ uint32_t visible_tokens(int nvalid, int first) {
+  return ((1u << nvalid) - 1u) & ~((1u << first) - 1u);
+}
+
 template <int kBits, int kD, typename TQ, int kCols>
 __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem* items,
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
@@ -1299,9 +1307,11 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   uint8_t* ring = smem + opaque(warp * Tr::kRingBytes);
 
   // This warp's contiguous tile range, located by the plan. Page info of the next page is loaded
-  // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's
-  // (valid tokens, first visible token) from shared memory, written when the tile was issued.
-  int* meta = reinterpret_cast<int*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
+  // one page ahead (its latency hides behind a tile's work); the consumer reads each tile's mask
+  // of visible tokens from shared memory, written when the tile was issued (a constant for full
+  // tiles: the consumer no longer builds it from counts, ~10 instructions a pair step).
+  uint32_t* meta =
+      reinterpret_cast<uint32_t*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
   const bool lane0 = opaque(lane) == 0;
   const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
   const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
@@ -1378,7 +1388,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
     const int nvalid = min(kTile, ntok - tile * kTile);
     issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile, nvalid);
-    if (lane0) meta[slot] = nvalid | (lo << 8);
+    if (lane0) meta[slot] = visible_tokens(nvalid, lo);
     lo = 0;
     if (++tile * kTile >= ntok) next_page();
   };
@@ -1390,8 +1400,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       if (issued + 2 <= n_my && (tile + 2) * kTile <= ntok) {  // two full tiles of this page
         issue_full_pair<Tr>(ring + 2 * slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile);
         if (lane0) {
-          meta[2 * slot] = kTile | (lo << 8);
-          meta[2 * slot + 1] = kTile;
+          meta[2 * slot] = visible_tokens(kTile, lo);
+          meta[2 * slot + 1] = visible_tokens(kTile, 0);
         }
         lo = 0;
         issued += 2;
@@ -1442,8 +1452,6 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   trace_time(p, 2, threadIdx.x == 0);
   if constexpr (!kCopiesFirst) issue_first_slots();
   trace_time(p, 17, threadIdx.x == 0 && !kCopiesFirst);
-  // Tokens [first, nvalid) of a tile are visible (first > 0 only before the sliding window).
-  auto visible = [](int m) { return ((1u << (m & 0xFF)) - 1u) & ~((1u << (m >> 8)) - 1u); };
   int slot_c = 0, slot_p = kSlots - 1;
   // Software pipeline (pairs, kPipelinePairs): step i finishes pair i with the dots that step
   // i - 1 computed, and computes pair i + 1's. So it waits for the ring's slots i and i + 1, and
@@ -1469,8 +1477,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     // The next slot (the pipeline reads it now; the others step to it at the end).
     const int slot_n = slot_c + 1 == kSlots ? 0 : slot_c + 1;
     const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-    const uint32_t valid_mask = visible(meta[slot_c * kStep]);
-    const uint32_t valid_mask2 = kPair ? visible(meta[slot_c * kStep + 1]) : 0u;
+    const uint32_t valid_mask = meta[slot_c * kStep];
+    const uint32_t valid_mask2 = kPair ? meta[slot_c * kStep + 1] : 0u;
     if constexpr (kPipe) {
       const uint8_t* sn = ring + slot_n * kStep * Tr::kStage;
       float next_dots[4];
