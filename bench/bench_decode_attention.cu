@@ -9,9 +9,12 @@
 //                          [--kv-heads 8] [--group 4] [--head-dim 128] [--tokens16 32]
 //                          [--out FILE.jsonl] [--min-time-ms 300] [--min-item-kb 16,64]
 //                          [--ctas-per-sm N] [--page-order shuffled|sequential]
+//                          [--dense auto|never|always]
 // (--min-item-kb: DecodePlanConfig::min_item_bytes in KiB, one point per value, for tuning the
 // plan; default the engine's. --ctas-per-sm: DecodePlanConfig::ctas_per_sm, the resident CTAs an
-// SM the plan counts for every bit-width; default 0, the kernels' own with the short-item rule.)
+// SM the plan counts for every bit-width; default 0, the kernels' own with the short-item rule.
+// --dense: DecodePlanConfig::dense, the 2/4-bit dense variant; the JSON's "dense" says whether the
+// point's launch took it.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -130,6 +133,7 @@ int main(int argc, char** argv) {
       static_cast<int>(kernels::DecodePlanConfig{}.min_item_bytes >> 10)};
   std::string out_path;
   bool shuffle_pages = true;
+  auto dense = kernels::DecodePlanConfig::Dense::kAuto;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--bits")
@@ -161,6 +165,14 @@ int main(int argc, char** argv) {
         return 2;
       }
       shuffle_pages = v == "shuffled";
+    } else if (a == "--dense") {
+      const std::string v = argv[i + 1];
+      using D = kernels::DecodePlanConfig::Dense;
+      if (v != "auto" && v != "never" && v != "always") {
+        std::fprintf(stderr, "--dense: auto, never or always, not %s\n", v.c_str());
+        return 2;
+      }
+      dense = v == "auto" ? D::kAuto : v == "never" ? D::kNever : D::kAlways;
     } else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -245,6 +257,7 @@ int main(int argc, char** argv) {
           cfg.num_sms = prop.multiProcessorCount;
           cfg.min_item_bytes = int64_t{min_item_kb} << 10;
           cfg.ctas_per_sm = ctas_per_sm;
+          cfg.dense = dense;
           const kernels::DecodeLayerTable table{batch, starts.data(), page_bits.data(),
                                                 page_tokens.data()};
           kernels::DecodePlan plan;
@@ -391,13 +404,13 @@ int main(int argc, char** argv) {
               "\"time_us_p10\": %.3f, \"time_us_p90\": %.3f, \"reps\": %d, \"rotation\": %d, "
               "\"bytes\": %lld, \"effective_gbps\": %.1f, \"copy_gbps\": %.1f, "
               "\"fraction_of_copy_bandwidth\": %.4f, \"items\": %d, \"merges\": %d, "
-              "\"min_item_kib\": %d, \"ctas_per_sm\": %d, \"page_order\": \"%s\", "
+              "\"min_item_kib\": %d, \"ctas_per_sm\": %d, \"dense\": %s, \"page_order\": \"%s\", "
               "\"read_floor_us\": %.3f, \"fraction_of_read_floor\": %.4f, \"device\": \"%s\"}\n",
               bits, batch, ctx, kv_heads, heads, head_dim, tokens16, t_us, ms[reps / 10] * 1e3,
               ms[reps * 9 / 10] * 1e3, reps, rot, static_cast<long long>(bytes), gbps, copy_gbps,
               gbps / copy_gbps, plan.layers[0].num_items, plan.layers[0].num_merges, min_item_kb,
-              ctas_per_sm, shuffle_pages ? "shuffled" : "sequential", floor_us, floor_us / t_us,
-              prop.name);
+              ctas_per_sm, plan.dense_mask != 0 ? "true" : "false",
+              shuffle_pages ? "shuffled" : "sequential", floor_us, floor_us / t_us, prop.name);
           std::fflush(out);
           CK(cudaFree(ws));
           CK(cudaFree(q));

@@ -23,6 +23,13 @@ int decode_ctas_per_sm(int bits) {
                      : BitsConfig<2>::kCtasPerSm;
 }
 
+int decode_dense_ctas_per_sm(int bits) {
+  using namespace decode_detail;
+  return bits == 4   ? BitsConfig<4>::kCtasPerSmDense
+         : bits == 2 ? BitsConfig<2>::kCtasPerSmDense
+                     : 0;
+}
+
 namespace {
 
 // One launch per bit-width with CTAs (16, 8, 4, 2 in turn).
@@ -33,11 +40,13 @@ cudaError_t launch_all_bits(const decode_detail::KernelParams& kp, bool q_f32,
                             cudaStream_t stream) {
   using decode_detail::launch_split;
   const auto on = [&](int b) { return v.split_ctas[b] > 0 && (mask >> b & 1u) != 0; };
+  const auto dense = [&](int b) { return (v.dense_mask >> b & 1u) != 0; };
+  const int32_t* n = v.split_ctas;
   cudaError_t e = cudaSuccess;
-  if (e == cudaSuccess && on(0)) e = launch_split<16, kD>(kp, q_f32, v.split_ctas[0], pdl, stream);
-  if (e == cudaSuccess && on(1)) e = launch_split<8, kD>(kp, q_f32, v.split_ctas[1], pdl, stream);
-  if (e == cudaSuccess && on(2)) e = launch_split<4, kD>(kp, q_f32, v.split_ctas[2], pdl, stream);
-  if (e == cudaSuccess && on(3)) e = launch_split<2, kD>(kp, q_f32, v.split_ctas[3], pdl, stream);
+  if (e == cudaSuccess && on(0)) e = launch_split<16, kD>(kp, q_f32, n[0], pdl, false, stream);
+  if (e == cudaSuccess && on(1)) e = launch_split<8, kD>(kp, q_f32, n[1], pdl, false, stream);
+  if (e == cudaSuccess && on(2)) e = launch_split<4, kD>(kp, q_f32, n[2], pdl, dense(2), stream);
+  if (e == cudaSuccess && on(3)) e = launch_split<2, kD>(kp, q_f32, n[3], pdl, dense(3), stream);
   return e;
 }
 

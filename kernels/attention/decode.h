@@ -93,8 +93,15 @@ struct DecodePlanConfig {
   int32_t sliding_window = 0;  // 0: none; else only the last `sliding_window` tokens are visible
   int32_t num_sms = 132;       // cudaDeviceProp::multiProcessorCount
   // Resident CTAs an SM the plan counts on; 0: decode_ctas_per_sm(bits) per bit-width, one fewer
-  // when the items come out short (decode_plan.cpp).
+  // when the items come out short (decode_plan.cpp), or the dense variant where it pays (below).
   int32_t ctas_per_sm = 0;
+  // The dense kernel variant of 2/4 bits (decode_dense_ctas_per_sm: 4 CTAs an SM, groups of at
+  // most 4): kAuto takes it for a launch whose sequences, one item each, fit one dense wave and
+  // not one of the default kernel, when that beats the default plan (decode_plan.cpp,
+  // dense_pays); kNever / kAlways (tests, benchmarks: every 2/4-bit launch, one item a run).
+  // Only with ctas_per_sm 0.
+  enum class Dense { kAuto, kNever, kAlways };
+  Dense dense = Dense::kAuto;
   int64_t min_item_bytes = 16 << 10;  // smallest item worth a CTA (KV bytes of one head)
   // What cutting a sequence into several items adds to a launch, in the plan's unit (KV bytes of
   // one head): the partial states, the fence and count, and the merging CTA's serial combine,
@@ -141,6 +148,9 @@ struct DecodePlan {
   int32_t group = 0;
   int32_t head_dim = 0;
   int32_t max_layer_items = 0;  // partial slots: max_layer_items * num_kv_heads
+  // Bit-widths (by decode_bits_index) whose launches take the dense variant: one set for the
+  // step's layers (a layer planned without it runs correctly on it; a graph keys on one mask).
+  uint32_t dense_mask = 0;
   int64_t workspace_bytes = 0;  // device workspace upload_decode_plan() needs
   int64_t partials_offset = 0;  // byte offset of the partial states in the workspace
 };
@@ -222,6 +232,7 @@ struct DecodeLayerView {
   const int32_t* bit_items = nullptr;       // every layer's per-bits item lists
   int32_t* merge_counters = nullptr;        // [merge entries * num_kv_heads], zero between launches
   int32_t split_ctas[4] = {};               // per decode_bits_index
+  uint32_t dense_mask = 0;                  // DecodePlan::dense_mask (a host value, like the sizes)
   float* partial_lse = nullptr;  // [layer items * num_kv_heads, group] log2-sum-exp of a partial
   float* partial_o = nullptr;    // [layer items * num_kv_heads, group, head_dim] normalized output
 };
@@ -230,7 +241,7 @@ struct DecodeLayerView {
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer);
 // Fixed launch sizes for a workspace laid out by `layout` (what a captured graph bakes in).
 DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
-                                  const int32_t (&split_ctas)[4]);
+                                  const int32_t (&split_ctas)[4], uint32_t dense_mask = 0);
 
 struct DecodeParams {
   const void* pool = nullptr;  // page p starts at pool + p * page_bytes (256-byte aligned)
@@ -261,6 +272,8 @@ struct DecodeParams {
 
 // Resident split-kernel CTAs per SM the kernel for `bits` was built for (its register budget).
 int decode_ctas_per_sm(int bits);
+// The same for the dense variant of `bits` (4 and 2 bits), 0 where there is none.
+int decode_dense_ctas_per_sm(int bits);
 
 // Runs the split kernel (one launch per bit-width present) on `stream`. Returns the first CUDA
 // error (launch configuration errors included); cudaErrorInvalidValue on unsupported shapes.

@@ -133,6 +133,13 @@ struct BitsConfig {
   // Launch bounds for groups of 5-8 query heads (two column tiles): 3 CTAs of 4 warps (168
   // registers), or one of 8.
   static constexpr int kCtasPerSmWide = kWarps == 8 ? 1 : 3;
+  // The dense variant of 2/4 bits (groups of at most 4): 4 CTAs an SM (128 registers). The SM's
+  // throughput is the same as with 3; what changes is how many of a launch's CTAs fit one wave
+  // (528 against 396 on 132 SMs). The plan picks it where one item a sequence fits a dense wave
+  // and not a 3-CTA one (decode_plan.cpp, dense_pays): batch 56-64 x 4K at 4 bits 13-17% faster,
+  // 64 x 16K 3.5-6% (bench/RESULTS.md, twenty-seventh session).
+  static constexpr bool kHasDense = kBits <= 4;
+  static constexpr int kCtasPerSmDense = 4;
   static constexpr int kStages = kBits == 16  ? 3
                                  : kBits == 8 ? 3
                                  : kBits == 4 ? PMKV_DECODE_STAGES4
@@ -143,8 +150,11 @@ template <int kBits, int kD>
 struct Tile {
   static constexpr int kRow = kD * kBits / 8;  // bytes of a code row (a multiple of 16)
   static constexpr int kChunks = kRow / 16;    // 16-byte chunks per row
-  static constexpr int kKBytes = kRow / 4;     // per lane and token in the K phase (kD/4 codes)
-  static constexpr int kVBytes = kRow / 8;     // per lane and token in the V phase (kD/8 codes)
+  // Row t + 8 of a stage sits 8 rows after row t (the same swizzle, see swz; not with 16 chunks):
+  // a lane's reads of rows r and r + 8 take one address and an immediate offset.
+  static constexpr bool kPlus8 = kChunks <= 8;
+  static constexpr int kKBytes = kRow / 4;  // per lane and token in the K phase (kD/4 codes)
+  static constexpr int kVBytes = kRow / 8;  // per lane and token in the V phase (kD/8 codes)
   // Bytes of a token's {scale, zero} in the page and in a stage: two f32, or two bf16 at 4 and 2
   // bits (kv_page_layout.h), expanded to f32 where they are read (params4).
   static constexpr int kPar = static_cast<int>(kv::param_bytes(kBits));
@@ -309,20 +319,23 @@ __device__ __forceinline__ uint32_t bytes_centered_f16(uint32_t a, uint32_t b, i
   return f16x2_bits(__hadd2(as_f16x2(x), __float2half2_rn(-1152.0f)));
 }
 
-// In the V phase, 2- and 4-bit codes enter the mma raw, as bf16 subnormals: code j (bits j*b ..
+// In the V phase, 2- and 4-bit codes enter the mma raw, as small bf16 numbers: code j (bits j*b ..
 // j*b + b - 1) of both 16-bit halves of x, b = 2 or 4, becomes the bf16x2 (c 2^pos 2^-133) with
-// one shift and one AND: the shift brings the code to bits pos .. pos + b - 1 <= 6 of its half
-// (the mantissa; exponent and sign stay 0), the mask drops everything else (bits a shift moves
-// across the halves included). No offset to take out later: the tensor cores take subnormal bf16
-// inputs exactly, and the P' columns carry 2^kRawPScaleLog2 so that the products c P' 2^(pos -
-// 133 + 80) stay normal fp32 (P' down to 2^-73). The epilogue scales by 2^(53 - pos) (raw_unit).
-// Shifts a word: 2 bits, j = 3g .. 3g + 2 share shift 6g (pos 0, 2, 4): two; 4 bits, j = 0 at pos
-// 0 unshifted, j = 1..3 at pos 3 (shift 4j - 3): three. The previous form, bf16 128 + c 2^pos
-// (normal numbers, the offset 128 subtracted through an extra mma against ones), took four shifts
-// a word and needed pos >= 3 for precision (bench/RESULTS.md, twenty-sixth session).
+// at most one shift and one AND: the shift brings the code to bits pos .. pos + b - 1 <= 7 of its
+// half, the mask drops everything else (bits a shift moves across the halves included). The bf16
+// bit patterns 0..255 are exactly the values n 2^-133 (0..127 subnormal, 128..255 the first normal
+// binade, 2^-126 (1 + m/128) = (128 + m) 2^-133), so a code may use bit 7, the exponent's lowest
+// bit. No offset to take out later: the tensor cores take subnormal bf16 inputs exactly, and the
+// P' columns carry 2^kRawPScaleLog2 so that the products c P' 2^(pos - 133 + 80) stay normal fp32
+// (P' down to 2^-73). The epilogue scales by 2^(53 - pos) (raw_unit).
+// Shifts a word: one, by 8 bits: 2 bits, j = 0..3 at pos 0, 2, 4, 6 and j = 4..7 shifted; 4 bits,
+// j = 0, 1 at pos 0, 4 and j = 2, 3 shifted. (Mantissa bits only, pos + b - 1 <= 6, took two
+// shifts a word at 2 bits and three at 4; before that, the bf16 128 + c 2^pos with its offset
+// taken out by an extra mma against ones took four: bench/RESULTS.md, twenty-sixth and
+// twenty-seventh sessions.)
 template <int kBits>
 __device__ __forceinline__ constexpr int small_shift(int j) {
-  return kBits == 2 ? 6 * (j / 3) : (j == 0 ? 0 : 4 * j - 3);
+  return kBits == 2 ? 8 * (j / 4) : 8 * (j / 2);
 }
 template <int kBits>
 __device__ __forceinline__ constexpr int small_pos(int j) {
@@ -632,7 +645,8 @@ __device__ __forceinline__ void load_k_words(const uint8_t* st, const LaneOffset
   for (int j = 0; j < 2; ++j) {
 #pragma unroll
     for (int i = 0; i < LO::kKReads; ++i)
-      lds_at<LO::kKRead>(st + lo.k[j][i], w[j] + i * (LO::kKRead / 4));
+      lds_at<LO::kKRead>(st + (Tr::kPlus8 && j == 1 ? lo.k[0][i] + 8 * Tr::kRow : lo.k[j][i]),
+                         w[j] + i * (LO::kKRead / 4));
   }
 }
 
@@ -806,8 +820,11 @@ __device__ __forceinline__ void v_phase(const uint8_t* st, const uint32_t (&bp)[
     uint32_t wa[kGroupWords], wb[kGroupWords], wc[kGroupWords], wd[kGroupWords];
     lds_at<kGroupBytes>(st + lo.v[g][0], wa);
     lds_at<kGroupBytes>(st + lo.v[g][1], wb);
-    lds_at<kGroupBytes>(st + lo.v[g][2], wc);
-    lds_at<kGroupBytes>(st + lo.v[g][3], wd);
+    // Rows sigma(2 tig + 8), sigma(2 tig + 9): 8 rows after the first two (sigma keeps bit 3).
+    constexpr int k8 = 8 * Tile<kBits, kD>::kRow;
+    constexpr bool kPlus8 = Tile<kBits, kD>::kPlus8;
+    lds_at<kGroupBytes>(st + (kPlus8 ? lo.v[g][0] + k8 : lo.v[g][2]), wc);
+    lds_at<kGroupBytes>(st + (kPlus8 ? lo.v[g][1] + k8 : lo.v[g][3]), wd);
 #pragma unroll
     for (int i = 0; i < kGroupCodes / 2; ++i) {
       const int mt = g * (kGroupCodes / 2) + i;
@@ -919,7 +936,9 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     // dot - kcorr = sum q code (2/4 bits: in units of 2^-E, kcorr = 0 and qsum = sum Q, see
     // load_q_int; 8/16 bits: see kKHalf).
     const float raw = fmaf(ksc, dots[i] - kcorr, -kz * qsum);
-    s[i] = valid ? raw * scale_log2 : -INFINITY;
+    // 2/4 bits keep the scores unscaled: the scale enters once in each exponent's FFMA (exps)
+    // and the max test, instead of a multiply a score.
+    s[i] = valid ? (kVHalf<kBits> ? raw * scale_log2 : raw) : -INFINITY;
     tmax = fmaxf(tmax, s[i]);
   }
   // Rescales the state to the running max m_new (>= acc.m) of the lane's head. acc.m is the same
@@ -951,13 +970,14 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
   auto exps = [&] {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      pe[i] = ex2(s[i] - acc.m);
+      pe[i] = ex2(kVHalf<kBits> ? s[i] - acc.m : fmaf(s[i], scale_log2, -acc.m));
       pp[i] = pe[i] * (i % 2 ? vp[i / 2].z : vp[i / 2].x);  // raw codes: times 2^80
     }
   };
   if constexpr (!kVHalf<kBits>) {
     // The running max moves only when a score passes it by more than kMaxSlack (log2 units): p
     // stays below 2^kMaxSlack, and most tiles skip the lanes' max reduction and the rescale.
+    tmax *= scale_log2;  // the scores are unscaled here (see s)
     if (__any_sync(0xffffffffu, tmax > acc.m + kMaxSlack)) {
       if constexpr (kSwap) {  // the 8 lanes of head tig
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
@@ -1003,10 +1023,12 @@ __device__ __forceinline__ void compute_tile(const uint8_t* st, const uint8_t* s
     // P' of (token row r, head tig) as the bf16x2 (hi, lo): row r, columns 2 tig and 2 tig + 1 of
     // an 8x8 matrix per 8 rows; transposed, the lane holds P' of rows 2 tig, 2 tig + 1 in column
     // gid: the V phase's B fragment (column 2h: head h's hi parts, 2h + 1: its lo parts).
+    // hi: P' truncated to bf16 (one AND), lo: the exact rest rounded to bf16, so P' = hi + lo
+    // to 2^-17 of P' (2^-18 with a rounded hi, one instruction more a value).
     uint32_t pk[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float h = __bfloat162float(__float2bfloat16_rn(pp[i]));
+      const float h = __uint_as_float(__float_as_uint(pp[i]) & 0xffff0000u);
       pk[i] = pack_bf16(h, pp[i] - h);
     }
     const uint32_t b1[1][2] = {{movmatrix_trans(pk[0]), movmatrix_trans(pk[1])}};
@@ -1647,10 +1669,12 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 // One launch per bit-width present. The layer's list of items of this bit-width is read from the
 // device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
 // which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
-template <int kBits, int kD, typename TQ, int kCols>
+// kDense: the dense variant's launch bounds (BitsConfig::kCtasPerSmDense), nothing else differs.
+template <int kBits, int kD, typename TQ, int kCols, bool kDense = false>
 __global__ void __launch_bounds__(BitsConfig<kBits>::kThreads,
-                                  kCols == 1 ? BitsConfig<kBits>::kCtasPerSm
-                                             : BitsConfig<kBits>::kCtasPerSmWide)
+                                  kDense       ? BitsConfig<kBits>::kCtasPerSmDense
+                                  : kCols == 1 ? BitsConfig<kBits>::kCtasPerSm
+                                               : BitsConfig<kBits>::kCtasPerSmWide)
     decode_split_kernel(const KernelParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   pdl_trigger();  // a following o projection may start streaming its weights

@@ -139,6 +139,12 @@ void split_run(const Run& run, int32_t n, const DecodeLayerTable& t,
 
 namespace {
 
+// One way to cut a launch's runs into items: the item size asked for, the wave model's time, the
+// CTAs, the largest item and what the merge adds (0: no run cut).
+struct Cut {
+  int64_t chunk, time, ctas, largest, merge;
+};
+
 // The item size (KV bytes of one head) for one launch's runs. A launch of C CTAs on R resident
 // slots takes about ceil(C / R) waves, each as long as its largest item plus a fixed cost (the
 // query load, the pipeline filling, the epilogue: about `overhead` bytes' worth, measured as 8
@@ -157,18 +163,15 @@ namespace {
 // wave at batch 1 x 4K, where 12-16 items were 14-19% faster than 20-33 (bench/RESULTS.md,
 // sixteenth session). One item for every run, and the longest run in n = 2..24 items, are
 // candidates too.
-int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
-                     int32_t kv_heads, int64_t resident, int64_t min_item, int64_t overhead,
-                     int64_t min_multiwave, int64_t merge_cost, int64_t merge_item_cost) {
-  if (run_bytes.empty()) return min_item;
+Cut choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<int32_t>& run_tiles,
+                 int32_t kv_heads, int64_t resident, int64_t min_item, int64_t overhead,
+                 int64_t min_multiwave, int64_t merge_cost, int64_t merge_item_cost) {
+  if (run_bytes.empty()) return Cut{min_item, 0, 0, 0, 0};
   int64_t total = 0, longest = 0;
   for (int64_t b : run_bytes) {
     total += b;
     longest = std::max(longest, b);
   }
-  struct Cut {
-    int64_t chunk, time, ctas, largest;
-  };
   // ceil(b / c) in double: exact for integers below 2^53 (a correctly rounded quotient of two
   // exact integers is an integer only when the division is exact), and 64-bit integer divisions
   // cost several times more; evaluate() runs ~24 times per launch over every run of a layer.
@@ -187,7 +190,7 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
     const int64_t ctas = items * kv_heads;
     const int64_t merge = most > 1 ? merge_cost + merge_item_cost * most : 0;
     return Cut{chunk, (ctas + resident - 1) / resident * (largest + overhead) + merge, ctas,
-               largest};
+               largest, merge};
   };
   Cut best = evaluate((total * kv_heads + resident - 1) / resident);
   const auto consider = [&](const Cut& c) {
@@ -213,7 +216,30 @@ int64_t choose_chunk(const std::vector<int64_t>& run_bytes, const std::vector<in
       consider(d);
     }
   }
-  return best.chunk;
+  return best;
+}
+
+// Whether a launch of `runs` runs (longest: the longest's bytes) is faster on the dense variant
+// with one item a run than on the default kernel cut as `cut` says. Measured on the H200 (bench/
+// RESULTS.md, twenty-seventh session): an SM streams 2/4-bit pages at one rate with 3 or 4 CTAs
+// resident, so what the dense variant changes is how many CTAs one wave holds. Where one item a
+// sequence fits a dense wave and not a default one (batch 56 / 64 x 8 KV heads on 132 SMs) it won
+// where the default plan cut the runs into several waves of items (64 x 16K: 3.5-6%) or ran one
+// item a run in 1.3 waves (56-64 x 4K at 4 bits: 13-17%), and lost where the default plan's items
+// spread evenly (56 x 16K). Both sides are timed as the busiest SM's load, ceil(CTAs / SMs)
+// items of the launch's largest (plus the fixed cost an item, plus the merge of a cut): a tie
+// (one item a run either way) goes dense, whose CTAs are all resident at once.
+bool dense_pays(int64_t runs, int64_t longest, const Cut& cut, int32_t kv_heads, int32_t num_sms,
+                int bits, int64_t overhead) {
+  const int64_t ctas = runs * kv_heads;
+  if (ctas <= int64_t{num_sms} * decode_ctas_per_sm(bits) ||
+      ctas > int64_t{num_sms} * decode_dense_ctas_per_sm(bits)) {
+    return false;
+  }
+  const auto load = [&](int64_t n, int64_t largest) {
+    return (n + num_sms - 1) / num_sms * (largest + overhead);
+  };
+  return load(ctas, longest) <= load(cut.ctas, cut.largest) + cut.merge;
 }
 
 // One layer's plan with layer-relative offsets (item_begin, merge_begin, bits_begin at 0).
@@ -222,6 +248,7 @@ struct LayerPart {
   std::vector<DecodeMergeItem> merges;
   std::vector<int32_t> bit_items;
   DecodeLayerPlan lp;
+  uint32_t dense_mask = 0;  // see DecodePlan::dense_mask
   std::exception_ptr error;
 };
 
@@ -282,7 +309,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
                           int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, 8 * tile_bytes,
                           128 * tile_bytes, cfg.merge_cost_bytes, cfg.merge_item_cost_bytes);
     };
-    chunk_of[b] = chunk_for(per_sm);
+    Cut cut = chunk_for(per_sm);
     // Short items: plan for one CTA an SM fewer than the kernel keeps resident (16 bits: 1 of 2;
     // 4 and 2 bits: 2 of 3; 8 bits run one 8-warp CTA an SM, decode.h). The wave model counts every
     // resident CTA as a full-speed slot, but co-resident CTAs share the SM's issue slots (2/4 bits
@@ -293,8 +320,21 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     // of 4 warps (the PMKV_DECODE_WARPS8=4 build), nearer the bandwidth bound, lost at 64 x 4K
     // (128-tile items, +6%) and won at 16 x 1K-4K (21-85 tiles): half the bound.
     const int64_t short_tiles = (16 >> b) == 8 ? 128 : 256;
-    if (cfg.ctas_per_sm == 0 && per_sm > 1 && chunk_of[b] < short_tiles * tile_bytes) {
-      chunk_of[b] = chunk_for(per_sm - 1);
+    if (cfg.ctas_per_sm == 0 && per_sm > 1 && cut.chunk < short_tiles * tile_bytes) {
+      cut = chunk_for(per_sm - 1);
+    }
+    chunk_of[b] = cut.chunk;
+    // The dense variant (DecodePlanConfig::dense): one item a run.
+    using Dense = DecodePlanConfig::Dense;
+    if (cfg.ctas_per_sm == 0 && cfg.group <= 4 && decode_dense_ctas_per_sm(16 >> b) > 0 &&
+        !bytes_of[b].empty() && cfg.dense != Dense::kNever) {
+      const int64_t longest = *std::max_element(bytes_of[b].begin(), bytes_of[b].end());
+      if (cfg.dense == Dense::kAlways ||
+          dense_pays(static_cast<int64_t>(bytes_of[b].size()), longest, cut, cfg.num_kv_heads,
+                     cfg.num_sms, 16 >> b, 8 * tile_bytes)) {
+        chunk_of[b] = longest;
+        out.dense_mask |= 1u << b;
+      }
     }
   }
   std::vector<DecodeWorkItem>& items = out.items;
@@ -404,7 +444,9 @@ void plan_decode(const DecodePlanConfig& cfg, std::span<const DecodeLayerTable> 
   plan->group = cfg.group;
   plan->head_dim = cfg.head_dim;
   plan->max_layer_items = 0;
+  plan->dense_mask = 0;
   for (const LayerPart& part : parts) {
+    plan->dense_mask |= part.dense_mask;
     DecodeLayerPlan lp = part.lp;
     lp.item_begin = static_cast<int32_t>(plan->items.size());
     lp.merge_begin = static_cast<int32_t>(plan->merges.size());
@@ -485,7 +527,7 @@ cudaError_t upload_decode_plan(const DecodePlan& plan, void* workspace, int64_t 
 }
 
 DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* workspace, int layer,
-                                  const int32_t (&split_ctas)[4]) {
+                                  const int32_t (&split_ctas)[4], uint32_t dense_mask) {
   check(layer >= 0 && layer < layout.capacity.layers, "layer out of range");
   auto* base = static_cast<char*>(workspace);
   DecodeLayerView v;
@@ -496,6 +538,7 @@ DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* wor
   v.merge_counters = reinterpret_cast<int32_t*>(base + layout.counters_offset);
   for (int b = 0; b < 4; ++b)
     v.split_ctas[b] = split_ctas[b];
+  v.dense_mask = dense_mask;
   v.partial_lse = reinterpret_cast<float*>(base + layout.partial_lse_offset);
   v.partial_o = reinterpret_cast<float*>(base + layout.partial_o_offset);
   return v;
@@ -503,7 +546,8 @@ DecodeLayerView decode_layer_view(const DecodeWorkspaceLayout& layout, void* wor
 
 DecodeLayerView decode_layer_view(const DecodePlan& plan, void* workspace, int layer) {
   const DecodeLayerPlan& lp = plan.layers.at(static_cast<size_t>(layer));
-  return decode_layer_view(decode_workspace_layout(plan), workspace, layer, lp.bits_count);
+  return decode_layer_view(decode_workspace_layout(plan), workspace, layer, lp.bits_count,
+                           plan.dense_mask);
 }
 
 }  // namespace pmkv::kernels

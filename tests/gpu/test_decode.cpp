@@ -130,6 +130,8 @@ struct Variant {
   // absolute score errors of ~10^-2 and the 1e-4 bound measures the test data, not the kernel:
   // 3.7e-3 on the H200, the CPU fp32 oracle 3.2e-5.)
   float q_scale = 1.0f;
+  // kAlways: every 2/4-bit launch on the dense variant (4 CTAs an SM, groups of at most 4).
+  kernels::DecodePlanConfig::Dense dense = kernels::DecodePlanConfig::Dense::kAuto;
 };
 
 }  // namespace
@@ -145,6 +147,10 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
       {DType::kF32, DType::kF32, 203, 132, 2048, "q f32, out f32, sliding window 203"},
       {DType::kBF16, DType::kF32, 40, 8, 16 << 10, "q bf16, out f32, sliding window 40"},
       {DType::kF32, DType::kF32, 0, 132, 2048, "q f32 x 4096, out f32", 4096.0f},
+      {DType::kF32, DType::kF32, 0, 132, 2048, "q f32, out f32, dense kernel", 1.0f,
+       kernels::DecodePlanConfig::Dense::kAlways},
+      {DType::kBF16, DType::kBF16, 203, 132, 2048, "q bf16, out bf16, dense, window 203", 1.0f,
+       kernels::DecodePlanConfig::Dense::kAlways},
   };
   double worst_f32 = 0, worst_bf16 = 0;
   for (const Shape& s : shapes) {
@@ -193,6 +199,7 @@ TEST_CASE("gpu decode attention: mixed-bit pages vs fp64 reference", "[gpu][atte
       cfg.sliding_window = var.window;
       cfg.num_sms = var.num_sms;
       cfg.min_item_bytes = var.min_item_bytes;
+      cfg.dense = var.dense;
       std::vector<kernels::DecodeLayerTable> tables;
       for (const Layer& L : layers) {
         tables.push_back({num_seqs, L.starts.data(), L.bits.data(), L.tokens.data()});
@@ -515,6 +522,82 @@ kernels::DecodeLayerPlan uniform_plan(const kv::PageGeometry& g, int bits, int b
   kernels::DecodePlan plan;
   kernels::plan_decode(cfg, {&t, 1}, &plan);
   return plan.layers[0];
+}
+
+// The plan of uniform_plan's layer, whole (its dense_mask too).
+template <class Adjust>
+kernels::DecodePlan uniform_full_plan(const kv::PageGeometry& g, int bits, int batch, int ctx,
+                                      Adjust&& adjust) {
+  const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
+  std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
+      page_tokens(size_t(batch) * pps, T);
+  for (int s = 0; s <= batch; ++s)
+    starts[s] = s * pps;
+  for (int s = 0; s < batch; ++s)
+    page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
+  kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
+  cfg.num_sms = 132;
+  adjust(cfg);
+  const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
+  kernels::DecodePlan plan;
+  kernels::plan_decode(cfg, {&t, 1}, &plan);
+  return plan;
+}
+
+TEST_CASE("decode plan: the dense variant where one item a sequence fits its wave only",
+          "[gpu][attention][host]") {
+  // Llama-3-8B's KV shape, 32-token pages, 132 SMs: 396 default slots, 528 dense ones at 2/4 bits.
+  const kv::PageGeometry g{8, 128, 32};
+  using Dense = kernels::DecodePlanConfig::Dense;
+  const auto plan_of = [&](int bits, int batch, int ctx, Dense d = Dense::kAuto, int group = 4,
+                           int ctas_per_sm = 0) {
+    return uniform_full_plan(g, bits, batch, ctx, [&](kernels::DecodePlanConfig& cfg) {
+      cfg.dense = d;
+      cfg.group = group;
+      cfg.ctas_per_sm = ctas_per_sm;
+    });
+  };
+  const auto dense_bit = [](int bits) { return 1u << kernels::decode_bits_index(bits); };
+  for (const int bits : {4, 2}) {
+    INFO("bits " << bits);
+    REQUIRE(kernels::decode_dense_ctas_per_sm(bits) == 4);
+    REQUIRE(kernels::decode_ctas_per_sm(bits) == 3);
+    // Measured faster dense (bench/RESULTS.md, twenty-seventh session): 56-64 x 4K, 64 x 16K and
+    // 64 x 64K, one item a sequence.
+    for (const auto& [batch, ctx] : {std::pair{56, 4096}, {64, 4096}, {64, 16384}, {64, 65536}}) {
+      INFO(batch << " x " << ctx);
+      const kernels::DecodePlan p = plan_of(bits, batch, ctx);
+      CHECK(p.dense_mask == dense_bit(bits));
+      CHECK(p.layers[0].num_items == batch);
+      CHECK(p.layers[0].num_merges == 0);
+    }
+    // Measured slower dense: one item a sequence fits a default wave (16-48), or does not fit a
+    // dense one (80, 96, 128), or the default plan's items spread evenly (56 x 16K).
+    for (const auto& [batch, ctx] : {std::pair{16, 4096},
+                                     {16, 16384},
+                                     {24, 4096},
+                                     {48, 16384},
+                                     {80, 4096},
+                                     {96, 16384},
+                                     {128, 16384},
+                                     {56, 16384}}) {
+      INFO(batch << " x " << ctx);
+      CHECK(plan_of(bits, batch, ctx).dense_mask == 0u);
+    }
+    // Never for groups of 5-8, an explicit ctas_per_sm, or Dense::kNever; always with kAlways,
+    // one item a run.
+    CHECK(plan_of(bits, 64, 4096, Dense::kAuto, 8).dense_mask == 0u);
+    CHECK(plan_of(bits, 64, 4096, Dense::kAuto, 4, 3).dense_mask == 0u);
+    CHECK(plan_of(bits, 64, 4096, Dense::kNever).dense_mask == 0u);
+    const kernels::DecodePlan always = plan_of(bits, 16, 65536, Dense::kAlways);
+    CHECK(always.dense_mask == dense_bit(bits));
+    CHECK(always.layers[0].num_items == 16);
+  }
+  // 16 and 8 bits have no dense variant.
+  for (const int bits : {16, 8}) {
+    CHECK(kernels::decode_dense_ctas_per_sm(bits) == 0);
+    CHECK(plan_of(bits, 64, 4096, Dense::kAlways).dense_mask == 0u);
+  }
 }
 
 TEST_CASE("decode plan: short items are planned for one resident CTA an SM fewer",

@@ -124,6 +124,7 @@ struct StepArgs {
   bool fixed_layout = false;
   kernels::DecodeWorkspaceLayout layout;
   int32_t split_ctas[4] = {};
+  uint32_t dense_mask = 0;  // kernels::DecodePlan::dense_mask: which launches take the dense kernel
 };
 
 }  // namespace
@@ -284,13 +285,13 @@ struct CudaBackend::Impl {
   }
   uint64_t graph_key(const StepArgs& a, int slot) const {
     // rows (<= 512: 10 bits), log2 + 1 of each launch size (0: none; 5 bits each), flags, the
-    // input set.
+    // input set, the launches on the dense kernel.
     auto size_code = [](int32_t n) -> uint64_t { return n > 0 ? std::bit_width(uint32_t(n)) : 0; };
     uint64_t key = static_cast<uint64_t>(a.rows);
     for (int b = 0; b < 4; ++b)
       key |= size_code(a.split_ctas[b]) << (10 + 5 * b);
     return key | uint64_t{a.has_requant} << 35 | static_cast<uint64_t>(a.waves) << 36 |
-           static_cast<uint64_t>(slot) << 40;
+           static_cast<uint64_t>(slot) << 40 | static_cast<uint64_t>(a.dense_mask) << 48;
   }
   // Grows slot `slot`'s fixed-layout graph inputs (dropping every graph) when a step has more
   // pages or ops.
@@ -704,6 +705,7 @@ void CudaBackend::Impl::upload_graph_inputs(
   }
   for (int bi = 0; bi < 4; ++bi)
     a->split_ctas[bi] = most[bi] > 0 ? pow2_at_least(most[bi]) : 0;
+  a->dense_mask = decode_plan.dense_mask;
 }
 
 void CudaBackend::Impl::launch_attention(const kernels::DecodeParams& dp) {
@@ -858,10 +860,10 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       dp.tokens16 = geometry.tokens16;
       dp.page_ids = a.page_ids;
       dp.page_tokens = a.page_tokens;
-      dp.plan =
-          a.fixed_layout
-              ? kernels::decode_layer_view(a.layout, a.decode_ws, static_cast<int>(l), a.split_ctas)
-              : kernels::decode_layer_view(decode_plan, a.decode_ws, static_cast<int>(l));
+      dp.plan = a.fixed_layout
+                    ? kernels::decode_layer_view(a.layout, a.decode_ws, static_cast<int>(l),
+                                                 a.split_ctas, a.dense_mask)
+                    : kernels::decode_layer_view(decode_plan, a.decode_ws, static_cast<int>(l));
       dp.q = q.as();
       dp.q_dtype = kernels::DType::kF32;
       dp.out = attn.as();

@@ -4,6 +4,6 @@
 namespace pmkv::kernels::decode_detail {
 
 template cudaError_t launch_split<16, 128>(const KernelParams& p, bool q_f32, int ctas, bool pdl,
-                                           cudaStream_t stream);
+                                           bool dense, cudaStream_t stream);
 
 }  // namespace pmkv::kernels::decode_detail
