@@ -291,39 +291,6 @@ TEST_CASE("cuda backend: progressive KV cache (16 -> 8 bits) matches the CPU bac
   CHECK(worst <= 2 * kLogitBound);
 }
 
-TEST_CASE("cuda backend: at 2 bits it loses what the CPU backend loses", "[cuda_backend]") {
-  // Entering at 8 bits and demoted down to 2: a 2-bit code step is range/3, so tiny K/V
-  // differences flip codes and GPU and CPU logits are not comparable value by value. What must
-  // hold: each backend's distance to its own 16-bit run is about the same (the quantization
-  // error), and far below what reading a wrong page or bit-width would give.
-  const std::string model = GENERATE(from_range(std::begin(kModels), std::end(kModels)));
-  const fs::path dir = fixture(model);
-  const ModelConfig cfg = parse_model_config(dir / "config.json");
-  const WeightStore w = WeightStore::open(dir);
-  const auto prompts = load_prompts(dir, cfg.vocab_size);
-  kv::KvCacheConfig kc;
-  kc.window_tokens = 16;
-  kc.init_bits = 8;
-  kc.policy = kv::DemotionPolicy::kOldestFirst;
-  kc.uniform_bits = 2;
-  kc.uniform_max_len = 96;
-  kv::KvCacheConfig k16;
-  k16.window_tokens = 16;
-  Runner gpu(cfg, w, Device::kCuda, kc, 4096), cpu(cfg, w, Device::kCpu, kc, 4096);
-  Runner gpu16(cfg, w, Device::kCuda, k16, 4096), cpu16(cfg, w, Device::kCpu, k16, 4096);
-  Runner* rs[] = {&gpu, &cpu, &gpu16, &cpu16};
-  int64_t demotions = 0;
-  const auto out = drive(rs, prompts, &demotions);
-  const double q_gpu = rms_diff(out[0], out[2]), q_cpu = rms_diff(out[1], out[3]);
-  const double cross16 = rms_diff(out[2], out[3]);
-  WARN(model << " 2-bit: rms |gpu - gpu16| " << q_gpu << ", rms |cpu - cpu16| " << q_cpu
-             << ", rms |gpu16 - cpu16| " << cross16 << ", " << demotions << " demotions");
-  CHECK(demotions > 0);
-  CHECK(q_cpu > 0);
-  CHECK(q_gpu <= 1.5 * q_cpu + 2 * cross16);
-  CHECK(q_gpu >= q_cpu / 1.5 - 2 * cross16);
-}
-
 namespace {
 
 // Sets an environment variable for the backends constructed while it lives (the CUDA backend
@@ -350,6 +317,50 @@ class ScopedEnv {
 };
 
 }  // namespace
+
+TEST_CASE("cuda backend: at 2 bits it loses what the CPU backend loses", "[cuda_backend]") {
+  // Entering at 8 bits and demoted down to 2: a 2-bit code step is range/3, so tiny K/V
+  // differences flip codes and GPU and CPU logits are not comparable value by value. What must
+  // hold: each backend's distance to its own 16-bit run is about the same (the quantization
+  // error), and far below what reading a wrong page or bit-width would give.
+  const std::string model = GENERATE(from_range(std::begin(kModels), std::end(kModels)));
+  const fs::path dir = fixture(model);
+  const ModelConfig cfg = parse_model_config(dir / "config.json");
+  const WeightStore w = WeightStore::open(dir);
+  const auto prompts = load_prompts(dir, cfg.vocab_size);
+  kv::KvCacheConfig kc;
+  kc.window_tokens = 16;
+  kc.init_bits = 8;
+  kc.policy = kv::DemotionPolicy::kOldestFirst;
+  kc.uniform_bits = 2;
+  kc.uniform_max_len = 96;
+  kv::KvCacheConfig k16;
+  k16.window_tokens = 16;
+  Runner gpu(cfg, w, Device::kCuda, kc, 4096), cpu(cfg, w, Device::kCpu, kc, 4096);
+  Runner gpu16(cfg, w, Device::kCuda, k16, 4096), cpu16(cfg, w, Device::kCpu, k16, 4096);
+  // The same 2-bit run with every 2/4-bit attention launch on the dense kernel variant (4 CTAs
+  // an SM; the plan takes it on its own only at ~50+ sequences x 8 KV heads).
+  std::optional<Runner> dense;
+  {
+    const ScopedEnv env("PMKV_DECODE_DENSE", "always");
+    dense.emplace(cfg, w, Device::kCuda, kc, 4096);
+  }
+  Runner* rs[] = {&gpu, &cpu, &gpu16, &cpu16, &*dense};
+  int64_t demotions = 0;
+  const auto out = drive(rs, prompts, &demotions);
+  const double q_gpu = rms_diff(out[0], out[2]), q_cpu = rms_diff(out[1], out[3]);
+  const double q_dense = rms_diff(out[4], out[2]);
+  const double cross16 = rms_diff(out[2], out[3]);
+  WARN(model << " 2-bit: rms |gpu - gpu16| " << q_gpu << ", rms |cpu - cpu16| " << q_cpu
+             << ", rms |dense - gpu16| " << q_dense << ", rms |gpu16 - cpu16| " << cross16 << ", "
+             << demotions << " demotions");
+  CHECK(demotions > 0);
+  CHECK(q_cpu > 0);
+  for (const double q : {q_gpu, q_dense}) {
+    CHECK(q <= 1.5 * q_cpu + 2 * cross16);
+    CHECK(q >= q_cpu / 1.5 - 2 * cross16);
+  }
+}
 
 TEST_CASE("cuda backend: attention launches per bit-width on parallel branches", "[cuda_backend]") {
   // Under a 4-bit budget (oldest_first, a 16-token window) a layer holds 16-, 8-, 4- and 2-bit

@@ -163,6 +163,9 @@ struct CudaBackend::Impl {
   // PMKV_DECODE_MIN_ITEM_KB: the decode plan's smallest item (DecodePlanConfig::min_item_bytes), an
   // A/B knob; 0 keeps the plan's default.
   int64_t decode_min_item_bytes = 0;
+  // PMKV_DECODE_DENSE=never|always: the decode plan's dense 2/4-bit variant
+  // (DecodePlanConfig::dense), an A/B and test knob; unset or auto: the plan decides.
+  kernels::DecodePlanConfig::Dense decode_dense = kernels::DecodePlanConfig::Dense::kAuto;
   std::unique_ptr<cuda::Stream> stream;
   std::array<std::unique_ptr<cuda::Stream>, 3> side_streams;  // a branch per extra bit-width
   std::unique_ptr<cuda::Event> fork_event;
@@ -1034,6 +1037,12 @@ CudaBackend::CudaBackend(const ModelConfig& config, const WeightStore* weights,
   if (const char* v = std::getenv("PMKV_DECODE_MIN_ITEM_KB"); v != nullptr) {
     m.decode_min_item_bytes = std::max<int64_t>(0, std::atoll(v)) * 1024;
   }
+  if (const char* v = std::getenv("PMKV_DECODE_DENSE"); v != nullptr) {
+    using Dense = kernels::DecodePlanConfig::Dense;
+    const std::string d = v;
+    if (d == "never") m.decode_dense = Dense::kNever;
+    if (d == "always") m.decode_dense = Dense::kAlways;
+  }
   if (const char* t = std::getenv("PMKV_CUDA_TIMING"); t != nullptr && std::string(t) == "1") {
     m.timer.enabled = true;
   }
@@ -1257,6 +1266,7 @@ void CudaBackend::run_step(const StepBatch& b) {
     pc.sliding_window = static_cast<int32_t>(cfg_.sliding_window.value_or(0));
     pc.num_sms = m.num_sms;
     if (m.decode_min_item_bytes > 0) pc.min_item_bytes = m.decode_min_item_bytes;
+    pc.dense = m.decode_dense;
     static const kernels::DecodeParallelFor omp_for = [](int n,
                                                          const std::function<void(int)>& body) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(8)
