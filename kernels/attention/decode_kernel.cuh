@@ -1334,6 +1334,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // tiles: the consumer no longer builds it from counts, ~10 instructions a pair step).
   uint32_t* meta =
       reinterpret_cast<uint32_t*>(smem + kWarps * Tr::kRingBytes) + opaque(warp * kMaxStages);
+  // 16 bits keep the old form, (valid tokens) | (first visible token) << 8, expanded by the
+  // consumer: with the mask its one-CTA-an-SM points (16 x 1K-4K) ran 3.4% slower, the loop's
+  // instruction count unchanged (bench/RESULTS.md, twenty-seventh session).
+  constexpr bool kMetaCounts = kBits == 16;
   const bool lane0 = opaque(lane) == 0;
   const DecodeWorkItem* itg = items + item;  // per-warp fields: read from global, not a
   const int n_my = itg->warp_tiles[warp];    // local copy (dynamic index -> stack)
@@ -1410,7 +1414,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     }
     const int nvalid = min(kTile, ntok - tile * kTile);
     issue_tile<Tr>(ring + slot * Tr::kStage, pptr, L, offs, head_tok0 + tile * kTile, nvalid);
-    if (lane0) meta[slot] = visible_tokens(nvalid, lo);
+    if (lane0) meta[slot] = kMetaCounts ? nvalid | (lo << 8) : visible_tokens(nvalid, lo);
     lo = 0;
     if (++tile * kTile >= ntok) next_page();
   };
@@ -1499,7 +1503,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
     // The next slot (the pipeline reads it now; the others step to it at the end).
     const int slot_n = slot_c + 1 == kSlots ? 0 : slot_c + 1;
     const uint8_t* st = ring + slot_c * kStep * Tr::kStage;
-    const uint32_t valid_mask = meta[slot_c * kStep];
+    const uint32_t valid_mask =
+        kMetaCounts ? visible_tokens(meta[slot_c * kStep] & 0xFF, meta[slot_c * kStep] >> 8)
+                    : meta[slot_c * kStep];
     const uint32_t valid_mask2 = kPair ? meta[slot_c * kStep + 1] : 0u;
     if constexpr (kPipe) {
       const uint8_t* sn = ring + slot_n * kStep * Tr::kStage;
