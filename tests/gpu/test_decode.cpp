@@ -9,6 +9,7 @@
 #include <numeric>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "engine/backend/cpu/paged_attention.h"
@@ -504,27 +505,8 @@ TEST_CASE("decode plan: a layer shaped like the one before takes its plan, byte 
 
 // The plan of one layer of `batch` sequences of `ctx` tokens, every page full (the last one of
 // each sequence partly) and of `bits` bits, on a 132-SM machine with Llama-3-8B's group of 4;
-// `adjust` may change the config (ctas_per_sm, merge_cost_bytes, ...).
-template <class Adjust>
-kernels::DecodeLayerPlan uniform_plan(const kv::PageGeometry& g, int bits, int batch, int ctx,
-                                      Adjust&& adjust) {
-  const int T = kv::tokens_per_page(g, bits), pps = (ctx + T - 1) / T;
-  std::vector<int32_t> starts(batch + 1), page_bits(size_t(batch) * pps, bits),
-      page_tokens(size_t(batch) * pps, T);
-  for (int s = 0; s <= batch; ++s)
-    starts[s] = s * pps;
-  for (int s = 0; s < batch; ++s)
-    page_tokens[size_t(s + 1) * pps - 1] = ctx - (pps - 1) * T;
-  kernels::DecodePlanConfig cfg{g.num_kv_heads, 4, g.head_dim, g.tokens16};
-  cfg.num_sms = 132;
-  adjust(cfg);
-  const kernels::DecodeLayerTable t{batch, starts.data(), page_bits.data(), page_tokens.data()};
-  kernels::DecodePlan plan;
-  kernels::plan_decode(cfg, {&t, 1}, &plan);
-  return plan.layers[0];
-}
-
-// The plan of uniform_plan's layer, whole (its dense_mask too).
+// `adjust` may change the config (ctas_per_sm, merge_cost_bytes, ...). The whole plan (its
+// dense_mask too); uniform_plan: its one layer.
 template <class Adjust>
 kernels::DecodePlan uniform_full_plan(const kv::PageGeometry& g, int bits, int batch, int ctx,
                                       Adjust&& adjust) {
@@ -542,6 +524,11 @@ kernels::DecodePlan uniform_full_plan(const kv::PageGeometry& g, int bits, int b
   kernels::DecodePlan plan;
   kernels::plan_decode(cfg, {&t, 1}, &plan);
   return plan;
+}
+template <class Adjust>
+kernels::DecodeLayerPlan uniform_plan(const kv::PageGeometry& g, int bits, int batch, int ctx,
+                                      Adjust&& adjust) {
+  return uniform_full_plan(g, bits, batch, ctx, std::forward<Adjust>(adjust)).layers[0];
 }
 
 TEST_CASE("decode plan: the dense variant where one item a sequence fits its wave only",
