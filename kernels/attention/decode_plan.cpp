@@ -304,9 +304,10 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
     const int per_sm = cfg.ctas_per_sm > 0 ? cfg.ctas_per_sm : decode_ctas_per_sm(16 >> b);
     const int64_t tile_bytes = int64_t{kDecodeTileTokens} * 2 *
                                (kv::row_bytes(cfg.head_dim, 16 >> b) + kv::param_bytes(16 >> b));
+    const int64_t item_cost = 8 * tile_bytes;  // an item's fixed cost (choose_chunk)
     const auto chunk_for = [&](int ctas_per_sm) {
       return choose_chunk(bytes_of[b], tiles_of_bits[b], cfg.num_kv_heads,
-                          int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, 8 * tile_bytes,
+                          int64_t{cfg.num_sms} * ctas_per_sm, cfg.min_item_bytes, item_cost,
                           128 * tile_bytes, cfg.merge_cost_bytes, cfg.merge_item_cost_bytes);
     };
     Cut cut = chunk_for(per_sm);
@@ -331,7 +332,7 @@ void plan_layer(const DecodePlanConfig& cfg, const DecodeLayerTable& t, LayerPar
       const int64_t longest = *std::max_element(bytes_of[b].begin(), bytes_of[b].end());
       if (cfg.dense == Dense::kAlways ||
           dense_pays(static_cast<int64_t>(bytes_of[b].size()), longest, cut, cfg.num_kv_heads,
-                     cfg.num_sms, 16 >> b, 8 * tile_bytes)) {
+                     cfg.num_sms, 16 >> b, item_cost)) {
         chunk_of[b] = longest;
         out.dense_mask |= 1u << b;
       }
