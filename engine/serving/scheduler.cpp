@@ -115,8 +115,13 @@ void Scheduler::admit(StepPlan& plan, int32_t& budget, int64_t& free) {
       continue;
     }
     if (guaranteed() && reserved_total_ + worst > pool) break;
+    // Overcommit keeps one page a layer free for each running sequence (this one included): room
+    // for their next pages. Without it a preempted sequence came straight back into the pages it
+    // had just freed and was preempted again at the next shortage, over and over.
+    const int64_t reserve =
+        guaranteed() ? 0 : static_cast<int64_t>(running_.size() + 1) * kv_.num_layers();
     const int32_t remaining = s.num_tokens() - s.num_computed;
-    const int32_t n = fit(s, std::min({remaining, config_.prefill_chunk, budget}), free);
+    const int32_t n = fit(s, std::min({remaining, config_.prefill_chunk, budget}), free - reserve);
     if (n == 0) break;
     free -= kv_.pages_needed(s.id, n);
     budget -= n;
@@ -138,7 +143,9 @@ StepPlan Scheduler::schedule() {
     int64_t free = kv_.pool().num_free();
     const int64_t starved = plan_running(plan, budget, free);
     if (starved == 0) {
-      admit(plan, budget, free);
+      // Nothing is admitted in a step that preempted (as vLLM's scheduler): the pages just freed
+      // are for the sequences that ran short, not for the waiting queue.
+      if (plan.num_preempted == 0) admit(plan, budget, free);
       return plan;
     }
     // Some running sequence cannot take even one token this step.

@@ -8,7 +8,9 @@
 //  2. running sequences still computing their prompt: a chunk of at most prefill_chunk tokens;
 //  3. admission, first come first served from the waiting queue (the head blocks the rest):
 //     guaranteed: only while the worst-case pages of every admitted sequence at its full length
-//     (prompt + max_tokens) fit the pool; overcommit: while the first chunk's pages are free.
+//     (prompt + max_tokens) fit the pool; overcommit: while the first chunk's pages are free with
+//     one page a layer to spare for every running sequence (the new one included), and never in
+//     a step that preempted (a preempted sequence would take back the pages it just freed).
 // A chunk that does not fit the free pages shrinks. A running sequence that cannot get even one
 // token is starved; then, overcommit: if demotion across sequences can free the pages, the plan
 // asks build() to demote (the pages come back after the step; the starved wait one step; when

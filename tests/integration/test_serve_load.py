@@ -1,5 +1,5 @@
 """`pmkv serve` under a mixed load that runs the KV cache's paths at once: a pool too small for the
-requests (admission overcommit: pressure demotions, sequences preempted and recomputed), clients
+requests (admission overcommit: demotions across sequences, preemption and recompute), clients
 that hang up mid-stream, n > 1, stop strings, penalties and seeds side by side; with a 16-bit cache,
 and with a 2-bit budget that demotes every chain and ends the long ones at the floor (finish reason
 "length"). Every request that was not abandoned must come back whole, no KV page may be left in
@@ -136,8 +136,8 @@ def run_mix(pmkv_bin, model_dir, *kv_args):
 
 
 def check_whole(mix, loaded, delta, after, log):
-    """Every request that was not hung up on came back whole; the load preempted, nothing failed,
-    every page came back."""
+    """Every request that was not hung up on came back whole, the pool ran (nearly) full, nothing
+    failed, every page came back."""
     hung_up = 0
     for (path, body, hang_up), result in zip(mix, loaded):
         if result is None:
@@ -152,8 +152,9 @@ def check_whole(mix, loaded, delta, after, log):
         assert 1 <= tokens <= body["max_tokens"] * body.get("n", 1), (body, tokens)
     assert hung_up > 0, "no client hung up: the mix does not test it"
     assert delta["pmkv_requests_cancelled_total"] >= 1, delta
-    assert delta["pmkv_preemptions_total"] > 0, ("the pool was not short: nothing preempted", delta)
-    assert after["pmkv_kv_pool_pages_peak"] == after["pmkv_kv_pool_pages_total"], after
+    # Overcommit keeps a page a layer free for each running sequence, so the pool's peak stops
+    # short of its size; the load fills the rest.
+    assert after["pmkv_kv_pool_pages_peak"] >= 0.9 * after["pmkv_kv_pool_pages_total"], after
     assert delta["pmkv_requests_failed_total"] == 0 and delta["pmkv_requests_rejected_total"] == 0
     assert "[error]" not in log and "[critical]" not in log, log[-4000:]
     assert after["pmkv_kv_pool_pages_used"] == 0  # (wait_for_idle_kv waited for it)
@@ -167,6 +168,7 @@ def test_overcommit_16bit_preemption_keeps_greedy_outputs(pmkv_bin, chatml_model
         pmkv_bin, chatml_model, "--set", "kv_cache.bit_ladder=[16]", "--set",
         "kv_cache.floor_bits=16")
     check_whole(mix, loaded, delta, after, log)
+    assert delta["pmkv_preemptions_total"] > 0, ("nothing preempted", delta)
     assert delta["pmkv_kv_demotions_total"] == 0, delta
     assert len(alone) >= 4, "the mix has too few greedy requests to compare"
     for k, ref in alone.items():
@@ -176,8 +178,8 @@ def test_overcommit_16bit_preemption_keeps_greedy_outputs(pmkv_bin, chatml_model
 
 
 def test_overcommit_2bit_budget_demotes_and_ends_chains_at_the_floor(pmkv_bin, chatml_model):
-    """A 2-bit budget under pool pressure: demotions (the budget's and the pressure's), preemption,
-    the floor action, hang-ups. Greedy outputs are not compared with their lone runs: a pressure
+    """A 2-bit budget under pool pressure: demotions (the budget's, and across sequences where the
+    pool runs short, before any preemption), the floor action, hang-ups. Greedy outputs are not compared with their lone runs: a pressure
     demotion, or a recompute that re-quantizes a preempted chain's pages from full-precision
     chunk attention, changes what later tokens attend to (engine/serving/README.md)."""
     mix, alone, loaded, delta, after, log = run_mix(pmkv_bin, chatml_model, *BUDGET)
