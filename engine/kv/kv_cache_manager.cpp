@@ -503,4 +503,27 @@ KvPoolStats KvCacheManager::pool_stats() const {
   return st;
 }
 
+int64_t chain_tokens_at_floor(const KvCacheConfig& config, const PageGeometry& geometry,
+                              int64_t budget_bytes, int64_t max_tokens) {
+  // The layer never holds more than its budget's pages after a step, plus one step's transient
+  // (a window page and the body pages of one flush), so this pool never runs short.
+  const int64_t budget_pages = budget_bytes / page_bytes(geometry);
+  const int64_t transient = 2 + ceil_div(config.window_tokens, tokens_per_page(geometry, 2)) +
+                            config.window_tokens / geometry.tokens16;
+  KvCacheManager m(1, geometry, static_cast<int32_t>(budget_pages + transient), config,
+                   {budget_bytes});
+  KvStepOps ops;
+  ops.layers.resize(1);
+  for (int64_t t = 0; t < max_tokens; ++t) {
+    ops.layers[0] = {};
+    const AppendStatus st = m.append(0, 1, &ops, nullptr);
+    m.end_step();
+    if (st == AppendStatus::kOverBudgetAtFloor) return t;
+    if (st == AppendStatus::kPoolExhausted) {
+      throw std::logic_error("chain_tokens_at_floor: the scratch pool ran short");
+    }
+  }
+  return max_tokens;
+}
+
 }  // namespace pmkv::kv

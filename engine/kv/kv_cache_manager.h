@@ -168,4 +168,11 @@ class KvCacheManager {
   int64_t flushes_total_ = 0;
 };
 
+// The tokens one (sequence, layer) holds under `budget_bytes` before append() reports
+// kOverBudgetAtFloor, found by appending one token at a time (as decode steps do) to a scratch
+// manager of one layer: the length at which the floor action ends a chain. `max_tokens` when the
+// budget holds that many. What an operator's budget means in tokens (the engine logs it).
+int64_t chain_tokens_at_floor(const KvCacheConfig& config, const PageGeometry& geometry,
+                              int64_t budget_bytes, int64_t max_tokens);
+
 }  // namespace pmkv::kv

@@ -10,7 +10,10 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+#include <span>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "engine/backend/backend_factory.h"
 #include "engine/runtime/local_model.h"
@@ -44,6 +47,37 @@ std::string directory_name(const std::filesystem::path& dir) {
 
 std::string mib(int64_t bytes) {
   return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
+}
+
+// What the budgets mean in tokens: the length past which the floor action ends a chain, in the
+// tightest layer (kv::chain_tokens_at_floor, once per distinct budget).
+void log_chain_limit(const kv::KvCacheConfig& config, const kv::PageGeometry& geometry,
+                     std::span<const int64_t> budgets, int64_t max_len) {
+  if (budgets.empty()) return;
+  int64_t tokens = max_len, layer = -1;
+  std::vector<std::pair<int64_t, int64_t>> seen;  // budget, tokens
+  for (size_t l = 0; l < budgets.size(); ++l) {
+    auto it = std::find_if(seen.begin(), seen.end(),
+                           [&](const auto& e) { return e.first == budgets[l]; });
+    if (it == seen.end()) {
+      seen.emplace_back(budgets[l],
+                        kv::chain_tokens_at_floor(config, geometry, budgets[l], max_len));
+      it = seen.end() - 1;
+    }
+    if (it->second < tokens) {
+      tokens = it->second;
+      layer = static_cast<int64_t>(l);
+    }
+  }
+  if (layer < 0) {
+    spdlog::info("engine: KV budgets hold a chain of max_model_len ({} tokens) in every layer",
+                 max_len);
+  } else {
+    spdlog::info(
+        "engine: KV budgets end a chain (finish reason length) once it passes {} tokens, with "
+        "every body page at the {}-bit floor (layer {}, the tightest); max_model_len {}",
+        tokens, config.floor_bits, layer, max_len);
+  }
 }
 
 }  // namespace
@@ -224,6 +258,7 @@ void ServingEngine::Impl::log_plan(int64_t full_length_pages) const {
       max_len, full_length_pages, num_pages / full_length_pages,
       options.scheduler.admission == SchedulerConfig::Admission::kGuaranteed ? "guaranteed"
                                                                              : "overcommit");
+  log_chain_limit(options.kv, g, budgets, max_len);
 }
 
 void ServingEngine::Impl::validate(const EngineRequest& r) const {
@@ -759,6 +794,7 @@ void ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
           " bytes) is smaller than one page (" + std::to_string(page) + " bytes)");
     }
   }
+  log_chain_limit(impl_->options.kv, impl_->kv->geometry(), per_layer_bytes, impl_->max_len);
   {
     std::lock_guard lock(impl_->mu);
     impl_->budgets = per_layer_bytes;

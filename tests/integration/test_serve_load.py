@@ -136,8 +136,8 @@ def run_mix(pmkv_bin, model_dir, *kv_args):
 
 
 def check_whole(mix, loaded, delta, after, log):
-    """Every request that was not hung up on came back whole, the pool ran (nearly) full, nothing
-    failed, every page came back."""
+    """Every request that was not hung up on came back whole, nothing failed, every page came
+    back."""
     hung_up = 0
     for (path, body, hang_up), result in zip(mix, loaded):
         if result is None:
@@ -152,9 +152,6 @@ def check_whole(mix, loaded, delta, after, log):
         assert 1 <= tokens <= body["max_tokens"] * body.get("n", 1), (body, tokens)
     assert hung_up > 0, "no client hung up: the mix does not test it"
     assert delta["pmkv_requests_cancelled_total"] >= 1, delta
-    # Overcommit keeps a page a layer free for each running sequence, so the pool's peak stops
-    # short of its size; the load fills the rest.
-    assert after["pmkv_kv_pool_pages_peak"] >= 0.9 * after["pmkv_kv_pool_pages_total"], after
     assert delta["pmkv_requests_failed_total"] == 0 and delta["pmkv_requests_rejected_total"] == 0
     assert "[error]" not in log and "[critical]" not in log, log[-4000:]
     assert after["pmkv_kv_pool_pages_used"] == 0  # (wait_for_idle_kv waited for it)
@@ -168,7 +165,7 @@ def test_overcommit_16bit_preemption_keeps_greedy_outputs(pmkv_bin, chatml_model
         pmkv_bin, chatml_model, "--set", "kv_cache.bit_ladder=[16]", "--set",
         "kv_cache.floor_bits=16")
     check_whole(mix, loaded, delta, after, log)
-    assert delta["pmkv_preemptions_total"] > 0, ("nothing preempted", delta)
+    assert delta["pmkv_preemptions_total"] > 0, ("the pool was not short: nothing preempted", delta)
     assert delta["pmkv_kv_demotions_total"] == 0, delta
     assert len(alone) >= 4, "the mix has too few greedy requests to compare"
     for k, ref in alone.items():
@@ -178,8 +175,8 @@ def test_overcommit_16bit_preemption_keeps_greedy_outputs(pmkv_bin, chatml_model
 
 
 def test_overcommit_2bit_budget_demotes_and_ends_chains_at_the_floor(pmkv_bin, chatml_model):
-    """A 2-bit budget under pool pressure: demotions (the budget's, and across sequences where the
-    pool runs short, before any preemption), the floor action, hang-ups. Greedy outputs are not compared with their lone runs: a pressure
+    """A 2-bit budget in a pool that is short for the mix: demotions (the budget's, and across
+    sequences when the pool runs short, which depends on timing), the floor action, hang-ups. Greedy outputs are not compared with their lone runs: a pressure
     demotion, or a recompute that re-quantizes a preempted chain's pages from full-precision
     chunk attention, changes what later tokens attend to (engine/serving/README.md)."""
     mix, alone, loaded, delta, after, log = run_mix(pmkv_bin, chatml_model, *BUDGET)
@@ -192,5 +189,9 @@ def test_overcommit_2bit_budget_demotes_and_ends_chains_at_the_floor(pmkv_bin, c
             assert all(reason == "length" for _, reason in choices), (body, choices)
             assert tokens < body["max_tokens"] * body.get("n", 1), (body, tokens)
     assert "KV budget exhausted at the floor bits" in log
+    # The start-up log says where the budget ends a chain: below the 400 tokens asked for.
+    m = re.search(r"KV budgets end a chain \(finish reason length\) once it passes (\d+) tokens",
+                  log)
+    assert m and int(m.group(1)) < 400, log[:3000]
     for k, ref in alone.items():  # alone, too, they end at the floor
         assert ref[0] == 200 and ref[1][0][1] in ("stop", "length")

@@ -167,6 +167,55 @@ TEST_CASE("kv manager: at the floor and still over budget is reported", "[kv][ma
   CHECK(m.pool().num_used() == 0);
 }
 
+TEST_CASE("kv manager: chain_tokens_at_floor is where the floor action ends a chain",
+          "[kv][manager]") {
+  KvCacheConfig c;
+  c.window_tokens = 32;
+  const PageGeometry g{2, 16, 32};  // 16-bit pages of 32 tokens, 2-bit pages of 256
+  const int64_t pb = page_bytes(g);
+  // Two pages: the sink's (1 token) and one window page (32 tokens); the 34th token needs a third.
+  CHECK(chain_tokens_at_floor(c, g, 2 * pb, 4096) == 33);
+  CHECK(chain_tokens_at_floor(c, g, 1000 * pb, 4096) == 4096);
+  // The same count as a manager appending one token at a time until the floor action, for both
+  // policies and a few floors and budgets.
+  for (DemotionPolicy policy : {DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst}) {
+    for (int floor : {16, 4, 2}) {
+      for (int64_t pages : {3, 5, 9, 17}) {
+        c.policy = policy;
+        c.floor_bits = floor;
+        KvCacheManager m(1, g, 400, c, {pages * pb});
+        int64_t held = 0;
+        for (; held < 4096; ++held) {
+          KvStepOps ops;
+          ops.layers.resize(1);
+          const AppendStatus st = m.append(1, 1, &ops, nullptr);
+          m.end_step();
+          if (st == AppendStatus::kOverBudgetAtFloor) break;
+        }
+        INFO("policy " << static_cast<int>(policy) << " floor " << floor << " pages " << pages);
+        CHECK(chain_tokens_at_floor(c, g, pages * pb, 4096) == held);
+        CHECK(held < 4096);
+      }
+    }
+  }
+  // engine/kv/README.md's example: uniform 2-bit at 256 tokens, a 128-token window: 6 pages
+  // (sink, 4 window pages, one 2-bit body page), and chains end at 481 tokens, not 256.
+  c.window_tokens = 128;
+  c.floor_bits = 2;
+  c.policy = DemotionPolicy::kBlock;
+  REQUIRE(pages_for_uniform(c, g, 256, 2) == 6);
+  CHECK(chain_tokens_at_floor(c, g, 6 * pb, 4096) == 481);
+  // A budget "equal to uniform b-bit memory at L tokens" lets a chain reach L (L a multiple of
+  // the window, so that the window is at its fullest there) whatever the ladder walks through.
+  for (int bits : {16, 8, 4, 2}) {
+    for (int64_t len : {256, 1024, 4096}) {
+      INFO("uniform " << bits << " bits at " << len << " tokens");
+      const int64_t budget = pages_for_uniform(c, g, len, bits) * pb;
+      CHECK(chain_tokens_at_floor(c, g, budget, 1 << 20) >= len);
+    }
+  }
+}
+
 TEST_CASE("kv manager: property test over random workloads, budgets and policies",
           "[kv][manager][property]") {
   const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
