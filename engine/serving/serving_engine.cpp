@@ -50,10 +50,11 @@ std::string mib(int64_t bytes) {
 }
 
 // What the budgets mean in tokens: the length past which the floor action ends a chain, in the
-// tightest layer (kv::chain_tokens_at_floor, once per distinct budget).
-void log_chain_limit(const kv::KvCacheConfig& config, const kv::PageGeometry& geometry,
-                     std::span<const int64_t> budgets, int64_t max_len) {
-  if (budgets.empty()) return;
+// tightest layer (kv::chain_tokens_at_floor, once per distinct budget), logged and returned
+// (max_len when every layer holds that many, 0 without budgets).
+int64_t chain_limit(const kv::KvCacheConfig& config, const kv::PageGeometry& geometry,
+                    std::span<const int64_t> budgets, int64_t max_len) {
+  if (budgets.empty()) return 0;
   int64_t tokens = max_len, layer = -1;
   std::vector<std::pair<int64_t, int64_t>> seen;  // budget, tokens
   for (size_t l = 0; l < budgets.size(); ++l) {
@@ -78,6 +79,7 @@ void log_chain_limit(const kv::KvCacheConfig& config, const kv::PageGeometry& ge
         "every body page at the {}-bit floor (layer {}, the tightest); max_model_len {}",
         tokens, config.floor_bits, layer, max_len);
   }
+  return tokens;
 }
 
 }  // namespace
@@ -157,6 +159,8 @@ struct ServingEngine::Impl {
   kv::KvPoolStats kv_stats;
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
+  int64_t chain_tokens = 0;  // EngineStats::budget_chain_tokens of the budgets in force
+  std::optional<int64_t> new_chain_tokens;  // with new_budgets
   std::string key_scales_source;
 
   // The submit seam (mu).
@@ -238,6 +242,7 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
                    : budgets.empty()      ? "none"
                                           : "uniform";
   log_plan(one);
+  chain_tokens = chain_limit(options.kv, kv->geometry(), budgets, max_len);
   publish(true);
 }
 
@@ -258,7 +263,6 @@ void ServingEngine::Impl::log_plan(int64_t full_length_pages) const {
       max_len, full_length_pages, num_pages / full_length_pages,
       options.scheduler.admission == SchedulerConfig::Admission::kGuaranteed ? "guaranteed"
                                                                              : "overcommit");
-  log_chain_limit(options.kv, g, budgets, max_len);
 }
 
 void ServingEngine::Impl::validate(const EngineRequest& r) const {
@@ -366,16 +370,19 @@ void ServingEngine::Impl::run() {
 bool ServingEngine::Impl::take_inbox() {
   std::deque<std::unique_ptr<Sequence>> in;
   std::optional<std::vector<int64_t>> b;
+  std::optional<int64_t> chain;
   bool stop = false;
   {
     std::lock_guard lock(mu);
     in.swap(inbox);
     b.swap(new_budgets);
+    chain.swap(new_chain_tokens);
     stop = stopping &&
            (Clock::now() >= grace_end || (inbox.empty() && scheduler->empty() && in.empty()));
   }
   if (b) {
     budgets_source = b->empty() ? "none" : "runtime";
+    chain_tokens = chain.value_or(0);
     scheduler->set_layer_budgets(std::move(*b));
     // The next snapshot refreshes the per-layer breakdown (budgets included): without this, a
     // partial publish could pair the new budgets_source with the old per-layer budgets.
@@ -708,6 +715,7 @@ void ServingEngine::Impl::publish(bool full) {
   st.inter_token_latency = metrics.inter_token_latency.snapshot();
   st.request_latency = metrics.request_latency.snapshot();
   st.budgets_source = budgets_source;
+  st.budget_chain_tokens = chain_tokens;
   st.key_scales_source = key_scales_source;
   std::lock_guard lock(stats_mu);
   snapshot = std::move(st);
@@ -780,7 +788,7 @@ EngineStats ServingEngine::stats() const {
   return st;
 }
 
-void ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
+int64_t ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
   const int32_t layers = static_cast<int32_t>(impl_->model.config.num_layers);
   const int64_t page = impl_->kv->page_bytes();
   if (!per_layer_bytes.empty() && static_cast<int32_t>(per_layer_bytes.size()) != layers) {
@@ -794,13 +802,16 @@ void ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
           " bytes) is smaller than one page (" + std::to_string(page) + " bytes)");
     }
   }
-  log_chain_limit(impl_->options.kv, impl_->kv->geometry(), per_layer_bytes, impl_->max_len);
+  const int64_t chain =
+      chain_limit(impl_->options.kv, impl_->kv->geometry(), per_layer_bytes, impl_->max_len);
   {
     std::lock_guard lock(impl_->mu);
     impl_->budgets = per_layer_bytes;
     impl_->new_budgets = std::move(per_layer_bytes);
+    impl_->new_chain_tokens = chain;
   }
   impl_->cv.notify_all();
+  return chain;
 }
 
 void ServingEngine::shutdown(std::chrono::milliseconds grace) {

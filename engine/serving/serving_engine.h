@@ -80,6 +80,9 @@ struct EngineStats {
   HistogramSnapshot inter_token_latency;
   HistogramSnapshot request_latency;
   std::string budgets_source;     // "none", "uniform", "file:PATH", "runtime"
+  // Where the budgets end a chain (finish reason length): kv::chain_tokens_at_floor of the
+  // tightest layer, max_model_len when every layer holds that many; 0 without budgets.
+  int64_t budget_chain_tokens = 0;
   std::string key_scales_source;  // "none" or "file:PATH" (kv_cache.key_scales, folded at load)
 };
 
@@ -115,8 +118,9 @@ class ServingEngine {
   // Thread-safe snapshot.
   EngineStats stats() const;
   // Thread-safe: new per-layer KV budgets (bytes per sequence and layer; empty = none), applied by
-  // the engine thread before its next step. InvalidArgument when malformed.
-  void update_budgets(std::vector<int64_t> per_layer_bytes);
+  // the engine thread before its next step. InvalidArgument when malformed. Returns where they
+  // end a chain (EngineStats::budget_chain_tokens).
+  int64_t update_budgets(std::vector<int64_t> per_layer_bytes);
   // Stops accepting requests (submit throws), lets running ones finish for up to `grace`, then
   // cancels what is left (end = kShutdown) and stops the engine thread. Idempotent.
   void shutdown(std::chrono::milliseconds grace);

@@ -185,6 +185,7 @@ void fill_kv_stats(const EngineStats& s, v1::KvStats* out) {
   out->set_flushes_total(kv.flushes_total);
   out->set_num_sequences(kv.num_sequences);
   out->set_budgets_source(s.budgets_source);
+  out->set_budget_chain_tokens(s.budget_chain_tokens);
   out->set_key_scales_source(s.key_scales_source);
   out->set_preemptions_total(static_cast<int64_t>(s.preemptions_total));
   out->set_requests_running(s.requests_running);

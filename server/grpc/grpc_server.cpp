@@ -83,7 +83,7 @@ class PmkvService final : public v1::Pmkv::Service {
       std::vector<int64_t> budgets = rpc::budgets_of(*req, model_);
       for (int64_t b : budgets)
         out->add_per_layer_bytes(b);
-      engine_.update_budgets(std::move(budgets));
+      out->set_budget_chain_tokens(engine_.update_budgets(std::move(budgets)));
     } catch (const InvalidArgument& e) {
       return Status(StatusCode::INVALID_ARGUMENT, e.what());
     }

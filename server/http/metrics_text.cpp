@@ -123,6 +123,9 @@ std::string format_metrics(const EngineStats& s, const HttpCounters& http) {
   w.counter("pmkv_engine_idle_seconds_total", s.idle_seconds_total,
             "Engine-thread time with nothing to run.");
   write_kv(w, s.kv);
+  w.gauge("pmkv_kv_budget_chain_tokens", static_cast<double>(s.budget_chain_tokens),
+          "Tokens past which the KV budgets end a chain (finish reason length) in the tightest "
+          "layer; max_model_len when every layer holds that many, 0 without budgets.");
   w.histogram("pmkv_time_to_first_token_seconds", s.time_to_first_token,
               "Time from submit to the first generated token.");
   w.histogram("pmkv_inter_token_latency_seconds", s.inter_token_latency,

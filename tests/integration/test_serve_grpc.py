@@ -159,11 +159,15 @@ def test_kv_stats_and_budgets(stub, pb, served, server):
     assert s.bytes_total == s.pages_total * s.page_bytes
     assert [b.bits for b in s.by_bits] == [16, 8, 4, 2]
     assert len(s.layers) == served["layers"] and s.budgets_source == "none"
-    assert s.key_scales_source == "none"
+    assert s.key_scales_source == "none" and s.budget_chain_tokens == 0
     r = stub.UpdateBudgets(m.UpdateBudgetsRequest(uniform_bytes=4 * s.page_bytes))
     assert list(r.per_layer_bytes) == [4 * s.page_bytes] * served["layers"]
+    # Four pages a layer: the sink's and three window pages, far from a full context.
+    assert 0 < r.budget_chain_tokens < served["context"]
     generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))  # a step applies it
     s = stub.GetKvStats(m.GetKvStatsRequest())
+    assert s.budget_chain_tokens == r.budget_chain_tokens
+    assert metrics(server.base_url)["pmkv_kv_budget_chain_tokens"] == r.budget_chain_tokens
     assert s.budgets_source == "runtime"
     assert all(layer.budget_bytes == 4 * s.page_bytes for layer in s.layers)
     with pytest.raises(grpc.RpcError) as e:
@@ -172,8 +176,10 @@ def test_kv_stats_and_budgets(stub, pb, served, server):
     with pytest.raises(grpc.RpcError) as e:
         stub.UpdateBudgets(m.UpdateBudgetsRequest())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert list(stub.UpdateBudgets(m.UpdateBudgetsRequest(clear=True)).per_layer_bytes) == []
+    r = stub.UpdateBudgets(m.UpdateBudgetsRequest(clear=True))
+    assert list(r.per_layer_bytes) == [] and r.budget_chain_tokens == 0
     generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))
+    assert stub.GetKvStats(m.GetKvStatsRequest()).budget_chain_tokens == 0
 
 
 def test_health(channel):

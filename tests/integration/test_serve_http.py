@@ -176,6 +176,7 @@ def test_health_and_metrics_parse_as_prometheus(server, client, model):
                  "pmkv_prompt_tokens_total", "pmkv_generation_tokens_total",
                  "pmkv_engine_async_steps", "pmkv_discarded_tokens_total",
                  "pmkv_engine_device_wait_seconds_total", "pmkv_engine_idle_seconds_total",
+                 "pmkv_kv_budget_chain_tokens",
                  "pmkv_time_to_first_token_seconds_count", "pmkv_inter_token_latency_seconds_sum",
                  "pmkv_request_latency_seconds_bucket{le=\"+Inf\"}"]:
         assert name in m, name

@@ -425,10 +425,13 @@ TEST_CASE("serving: submit validates; budgets update at run time", "[serving][en
   CHECK_THROWS_AS(e.update_budgets({1, 2}), InvalidArgument);
   CHECK_THROWS_AS(e.update_budgets({1, 2, 3}), InvalidArgument);
   e.start();
-  e.update_budgets({8 * 12288, 8 * 12288, 8 * 12288});
+  CHECK(settled(e).budget_chain_tokens == 0);  // no budgets
+  const int64_t chain = e.update_budgets({8 * 12288, 8 * 12288, 8 * 12288});
+  CHECK(chain > 20);
   const Outcome r = run_all(e, {request(prompt_of(6), 20)}).front();
   CHECK(r.ids.size() == 20);
   CHECK(settled(e).budgets_source == "runtime");
+  CHECK(settled(e).budget_chain_tokens == chain);
 }
 
 TEST_CASE("serving: submit_all queues all requests together or none", "[serving][engine]") {
