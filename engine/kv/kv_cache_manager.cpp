@@ -515,7 +515,8 @@ int64_t chain_tokens_at_floor(const KvCacheConfig& config, const PageGeometry& g
   KvStepOps ops;
   ops.layers.resize(1);
   for (int64_t t = 0; t < max_tokens; ++t) {
-    ops.layers[0] = {};
+    ops.layers[0].requant.clear();
+    ops.layers[0].demote_waves.clear();
     const AppendStatus st = m.append(0, 1, &ops, nullptr);
     m.end_step();
     if (st == AppendStatus::kOverBudgetAtFloor) return t;

@@ -160,14 +160,17 @@ struct ServingEngine::Impl {
   Clock::time_point kv_stats_at{};
   std::string budgets_source;
   int64_t chain_tokens = 0;  // EngineStats::budget_chain_tokens of the budgets in force
-  std::optional<int64_t> new_chain_tokens;  // with new_budgets
   std::string key_scales_source;
 
   // The submit seam (mu).
   mutable std::mutex mu;
   std::condition_variable cv;
   std::deque<std::unique_ptr<Sequence>> inbox;
-  std::optional<std::vector<int64_t>> new_budgets;
+  struct BudgetChange {
+    std::vector<int64_t> per_layer_bytes;  // empty: no budgets
+    int64_t chain_tokens = 0;              // what they mean in tokens (chain_limit)
+  };
+  std::optional<BudgetChange> new_budgets;
   std::vector<int64_t> budgets;  // the latest budgets, for submit()'s size check
   bool stopping = false;
   Clock::time_point grace_end{};
@@ -369,21 +372,19 @@ void ServingEngine::Impl::run() {
 
 bool ServingEngine::Impl::take_inbox() {
   std::deque<std::unique_ptr<Sequence>> in;
-  std::optional<std::vector<int64_t>> b;
-  std::optional<int64_t> chain;
+  std::optional<BudgetChange> b;
   bool stop = false;
   {
     std::lock_guard lock(mu);
     in.swap(inbox);
     b.swap(new_budgets);
-    chain.swap(new_chain_tokens);
     stop = stopping &&
            (Clock::now() >= grace_end || (inbox.empty() && scheduler->empty() && in.empty()));
   }
   if (b) {
-    budgets_source = b->empty() ? "none" : "runtime";
-    chain_tokens = chain.value_or(0);
-    scheduler->set_layer_budgets(std::move(*b));
+    budgets_source = b->per_layer_bytes.empty() ? "none" : "runtime";
+    chain_tokens = b->chain_tokens;
+    scheduler->set_layer_budgets(std::move(b->per_layer_bytes));
     // The next snapshot refreshes the per-layer breakdown (budgets included): without this, a
     // partial publish could pair the new budgets_source with the old per-layer budgets.
     kv_stats_at = Clock::time_point{};
@@ -807,8 +808,7 @@ int64_t ServingEngine::update_budgets(std::vector<int64_t> per_layer_bytes) {
   {
     std::lock_guard lock(impl_->mu);
     impl_->budgets = per_layer_bytes;
-    impl_->new_budgets = std::move(per_layer_bytes);
-    impl_->new_chain_tokens = chain;
+    impl_->new_budgets = Impl::BudgetChange{std::move(per_layer_bytes), chain};
   }
   impl_->cv.notify_all();
   return chain;
