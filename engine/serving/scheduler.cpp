@@ -115,11 +115,13 @@ void Scheduler::admit(StepPlan& plan, int32_t& budget, int64_t& free) {
       continue;
     }
     if (guaranteed() && reserved_total_ + worst > pool) break;
-    // Overcommit keeps one page a layer free for each running sequence (this one included): room
-    // for their next pages. Without it a preempted sequence came straight back into the pages it
-    // had just freed and was preempted again at the next shortage, over and over.
+    // Overcommit keeps headroom_ pages a layer free for each running sequence (this one
+    // included): room for their next pages. Without it a preempted sequence came straight back
+    // into the pages it had just freed and was preempted again at the next shortage, over and
+    // over; with a fixed page a layer, a pool that keeps running short still preempted ~4x more
+    // (bench/RESULTS.md, "Serving load").
     const int64_t reserve =
-        guaranteed() ? 0 : static_cast<int64_t>(running_.size() + 1) * kv_.num_layers();
+        guaranteed() ? 0 : static_cast<int64_t>(running_.size() + 1) * kv_.num_layers() * headroom_;
     const int32_t remaining = s.num_tokens() - s.num_computed;
     const int32_t n = fit(s, std::min({remaining, config_.prefill_chunk, budget}), free - reserve);
     if (n == 0) break;
@@ -137,6 +139,12 @@ void Scheduler::admit(StepPlan& plan, int32_t& budget, int64_t& free) {
 
 StepPlan Scheduler::schedule() {
   StepPlan plan;
+  // Overcommit's headroom: doubled by each preemption (below), halved after every 32 steps
+  // without one, between 1 and kMaxHeadroom pages a layer per running sequence.
+  if (++calm_steps_ >= 32) {
+    headroom_ = std::max(1, headroom_ / 2);
+    calm_steps_ = 0;
+  }
   for (;;) {
     plan.chunks.clear();
     int32_t budget = config_.max_step_tokens;
@@ -168,6 +176,8 @@ StepPlan Scheduler::schedule() {
     }
     preempt_newest();
     ++plan.num_preempted;
+    headroom_ = std::min(headroom_ * 2, kMaxHeadroom);
+    calm_steps_ = 0;
   }
 }
 

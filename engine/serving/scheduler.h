@@ -9,8 +9,9 @@
 //  3. admission, first come first served from the waiting queue (the head blocks the rest):
 //     guaranteed: only while the worst-case pages of every admitted sequence at its full length
 //     (prompt + max_tokens) fit the pool; overcommit: while the first chunk's pages are free with
-//     one page a layer to spare for every running sequence (the new one included), and never in
-//     a step that preempted (a preempted sequence would take back the pages it just freed).
+//     some pages a layer to spare for every running sequence (the new one included: 1, doubled by
+//     each preemption, halved after 32 steps without one), and never in a step that preempted (a
+//     preempted sequence would take back the pages it just freed).
 // A chunk that does not fit the free pages shrinks. A running sequence that cannot get even one
 // token is starved; then, overcommit: if demotion across sequences can free the pages, the plan
 // asks build() to demote (the pages come back after the step; the starved wait one step; when
@@ -122,6 +123,11 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order: the newest at the back
   int64_t reserved_total_ = 0;
   uint64_t preemptions_total_ = 0;
+  // Overcommit's admission headroom: pages a layer kept free for each running sequence, doubled
+  // by every preemption and halved after every 32 steps without one (admit()).
+  static constexpr int32_t kMaxHeadroom = 64;
+  int32_t headroom_ = 1;
+  int32_t calm_steps_ = 0;        // steps since the last preemption or headroom change
   std::vector<SeqChunk> chunks_;  // scratch of build()
   StepBatch batch_;               // what build() returns
 };
