@@ -73,6 +73,21 @@ struct Harness {
   }
 };
 
+// A 16-token window and no rung below 16 bits: pool pressure can only preempt.
+kv::KvCacheConfig sixteen_bits_only() {
+  kv::KvCacheConfig c;
+  c.window_tokens = 16;
+  c.bit_ladder = {16};
+  c.floor_bits = 16;
+  return c;
+}
+
+SchedulerConfig overcommit() {
+  SchedulerConfig s;
+  s.admission = SchedulerConfig::Admission::kOvercommit;
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("scheduler: decode first, prompt chunks, token and sequence limits", "[scheduler]") {
@@ -143,12 +158,8 @@ TEST_CASE("scheduler: a request that cannot fit the pool alone is rejected", "[s
 
 TEST_CASE("scheduler: overcommit preempts the newest by recompute when demotion cannot help",
           "[scheduler]") {
-  kv::KvCacheConfig c;
-  c.window_tokens = 16;
-  c.bit_ladder = {16};
-  c.floor_bits = 16;
-  SchedulerConfig s;
-  s.admission = SchedulerConfig::Admission::kOvercommit;
+  const kv::KvCacheConfig c = sixteen_bits_only();
+  const SchedulerConfig s = overcommit();
   Harness h(24, c, s);
   for (kv::SeqId id = 1; id <= 6; ++id)
     h.sched.add(make_seq(id, 8, 56));
@@ -260,12 +271,8 @@ TEST_CASE("scheduler: overcommit keeps more pages free after preemptions", "[sch
   // 20 long chains in a pool for about two: every admission beyond that ends in a preemption.
   // The headroom a running sequence gets doubles with each preemption and halves after 32 calm
   // steps, so the scheduler stops admitting into a pool that keeps running short.
-  kv::KvCacheConfig c;
-  c.window_tokens = 16;
-  c.bit_ladder = {16};
-  c.floor_bits = 16;
-  SchedulerConfig s;
-  s.admission = SchedulerConfig::Admission::kOvercommit;
+  const kv::KvCacheConfig c = sixteen_bits_only();
+  const SchedulerConfig s = overcommit();
   Harness h(60, c, s);
   for (kv::SeqId id = 1; id <= 20; ++id)
     h.sched.add(make_seq(id, 8, 200));
