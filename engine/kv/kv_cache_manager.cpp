@@ -117,7 +117,7 @@ int32_t KvCacheManager::layer_pages_needed(const Layer& L, int32_t n) const {
 }
 
 AppendStatus KvCacheManager::append(SeqId seq, int32_t n, KvStepOps* ops,
-                                    std::vector<std::vector<KvWrite>>* writes) {
+                                    std::vector<std::vector<KvWrite>>* writes, int32_t prompt_len) {
   if (n < 0) throw std::invalid_argument("KvCacheManager::append: negative token count");
   if (!can_append(seq, n)) return AppendStatus::kPoolExhausted;
   if (ops && static_cast<int32_t>(ops->layers.size()) != num_layers_) {
@@ -131,16 +131,17 @@ AppendStatus KvCacheManager::append(SeqId seq, int32_t n, KvStepOps* ops,
       L.body_bits = config_.policy == DemotionPolicy::kBlock ? config_.init_bits : 16;
     }
   }
+  const bool hold = config_.hold_prompt && s.num_tokens + n < prompt_len;
   bool within_budget = true;
   for (int32_t l = 0; l < num_layers_; ++l) {
-    within_budget &= append_layer(s, s.layers[l], l, n, ops ? &ops->layers[l] : nullptr,
+    within_budget &= append_layer(s, s.layers[l], l, n, hold, ops ? &ops->layers[l] : nullptr,
                                   writes ? &(*writes)[l] : nullptr);
   }
   s.num_tokens += n;
   return within_budget ? AppendStatus::kOk : AppendStatus::kOverBudgetAtFloor;
 }
 
-bool KvCacheManager::append_layer(Seq& s, Layer& L, int32_t layer, int32_t n,
+bool KvCacheManager::append_layer(Seq& s, Layer& L, int32_t layer, int32_t n, bool hold,
                                   KvLayerOps* ops, std::vector<KvWrite>* writes) {
   const int32_t t16 = geometry_.tokens16;
   auto record = [&](const PageRef& p, int32_t take) {
@@ -173,6 +174,12 @@ bool KvCacheManager::append_layer(Seq& s, Layer& L, int32_t layer, int32_t n,
     L.window_tokens += take;
     left -= take;
   }
+  if (hold) return true;  // the prompt's last chunk flushes and checks the budget
+  const bool over = over_budget(L, layer);
+  if (L.window_tokens < config_.window_tokens && !over) return true;
+  // The table changes below; this step's attention reads it as it is now.
+  L.attention_pages.assign(L.pages.begin(), L.pages.end());
+  L.attention_step = step_;
   while (L.window_tokens >= config_.window_tokens) flush(L, ops);
   if (!over_budget(L, layer)) return true;
   if (config_.policy == DemotionPolicy::kBlock) return demote_block(s, L, layer, ops);
@@ -429,6 +436,7 @@ int32_t KvCacheManager::demote_for_pressure(int32_t pages_wanted, KvStepOps* ops
 void KvCacheManager::end_step() {
   for (PageId p : pending_free_) pool_.free(p);
   pending_free_.clear();
+  ++step_;
 }
 
 void KvCacheManager::release(SeqId seq) {
@@ -451,6 +459,17 @@ std::span<const PageRef> KvCacheManager::table(SeqId seq, int32_t layer) const {
     throw std::out_of_range("KvCacheManager::table: unknown sequence " + std::to_string(seq));
   }
   return it->second.layers.at(layer).pages;
+}
+
+std::span<const PageRef> KvCacheManager::attention_table(SeqId seq, int32_t layer) const {
+  const auto it = seqs_.find(seq);
+  if (it == seqs_.end()) {
+    throw std::out_of_range("KvCacheManager::attention_table: unknown sequence " +
+                            std::to_string(seq));
+  }
+  const Layer& L = it->second.layers.at(layer);
+  if (L.attention_step == step_) return L.attention_pages;
+  return L.pages;
 }
 
 SeqKvStats KvCacheManager::seq_stats(SeqId seq) const {

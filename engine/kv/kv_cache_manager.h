@@ -14,10 +14,17 @@
 //    (init_bits at first); over budget, pairs of the oldest same-bit body pages above the floor
 //    fold into one page, until under budget (so bits never decrease from old to new).
 //  - At the floor and still over budget: append() reports kOverBudgetAtFloor (floor action).
+//  - A step's flushes and demotions run after its forward: its attention reads the tables as they
+//    were before them (attention_table), plus its own new tokens.
+//  - A held prompt (kv_cache.hold_prompt, append()'s prompt_len): until the sequence holds its
+//    whole prompt the window keeps every token (no flush, no budget check); the append that
+//    completes the prompt flushes and demotes as a single append of the whole prompt would. So
+//    the prompt attends to itself at 16 bits (PM-KVQ's single-pass prefill) and the tables after
+//    the prompt do not depend on how it was chunked.
 // Invariants after every end_step() (tested property-style): no live (sequence, layer) holds
-// more page bytes than its budget (those reported over budget are released by the caller); a
-// token's bits never go up; sink and window tokens are at 16 bits; pool used pages == sum of live
-// sequences' pages; release() returns every page.
+// more page bytes than its budget (those reported over budget are released by the caller; a
+// held prompt is exempt until its last chunk); a token's bits never go up; sink and window tokens
+// are at 16 bits; pool used pages == sum of live sequences' pages; release() returns every page.
 #include <array>
 #include <cstdint>
 #include <span>
@@ -82,15 +89,18 @@ class KvCacheManager {
   KvCacheManager(int32_t num_layers, PageGeometry geometry, int32_t num_pages,
                  KvCacheConfig config = {}, std::vector<int64_t> layer_budgets = {});
 
-  // An upper bound of the pages appending n tokens to `seq` takes from the pool this step.
+  // An upper bound of the pages appending n tokens to `seq` takes from the pool this step (held
+  // prompt or not: holding only skips flushes, which would take pages).
   int32_t pages_needed(SeqId seq, int32_t n) const;
   bool can_append(SeqId seq, int32_t n) const { return pages_needed(seq, n) <= pool_.num_free(); }
   // Appends n tokens to every layer of `seq` (created on first use), planning this step's flush
   // and demotion ops into `ops` (which must have num_layers() entries, or be null when the config
   // can never produce ops: no budget and init_bits 16). kPoolExhausted: nothing changed.
   // `writes` (num_layers entries, appended to) receives where the new tokens' K/V go.
+  // `prompt_len`: the sequence's first prompt_len tokens are its prompt, held at 16 bits until
+  // all are appended when the config's hold_prompt is set (0: nothing held).
   AppendStatus append(SeqId seq, int32_t n, KvStepOps* ops,
-                      std::vector<std::vector<KvWrite>>* writes);
+                      std::vector<std::vector<KvWrite>>* writes, int32_t prompt_len = 0);
   // Returns to the pool the pages this step's ops freed (they are read by the ops, so they stay
   // allocated until the backend ran them).
   void end_step();
@@ -116,6 +126,11 @@ class KvCacheManager {
   bool contains(SeqId seq) const { return seqs_.contains(seq); }
   int32_t num_tokens(SeqId seq) const;
   std::span<const PageRef> table(SeqId seq, int32_t layer) const;
+  // The table this step's attention reads: `table` as it was after this step's new tokens were
+  // placed and before its flushes and demotions (which the backend runs after the forward, so
+  // that a step reads the cache as it was before it, as PM-KVQ's reference does). Equal to
+  // `table` when the step planned no op for that layer; valid until end_step().
+  std::span<const PageRef> attention_table(SeqId seq, int32_t layer) const;
   int32_t num_sequences() const { return static_cast<int32_t>(seqs_.size()); }
   SeqKvStats seq_stats(SeqId seq) const;
   KvPoolStats pool_stats() const;
@@ -135,13 +150,16 @@ class KvCacheManager {
     int32_t sink_tokens = 0;
     int32_t window_tokens = 0;
     int32_t body_bits = 16;      // block: the body's bits (oldest_first: unused)
+    // `pages` before the flushes and demotions of step `attention_step` (attention_table).
+    std::vector<PageRef> attention_pages;
+    uint64_t attention_step = UINT64_MAX;
   };
   struct Seq {
     int32_t num_tokens = 0;
     std::vector<Layer> layers;
     int64_t demotions = 0;
   };
-  bool append_layer(Seq& s, Layer& L, int32_t layer, int32_t n, KvLayerOps* ops,
+  bool append_layer(Seq& s, Layer& L, int32_t layer, int32_t n, bool hold, KvLayerOps* ops,
                     std::vector<KvWrite>* writes);
   void flush(Layer& L, KvLayerOps* ops);
   bool over_budget(const Layer& L, int32_t layer) const;
@@ -164,6 +182,7 @@ class KvCacheManager {
   PagePool pool_;
   std::unordered_map<SeqId, Seq> seqs_;
   std::vector<PageId> pending_free_;
+  uint64_t step_ = 0;  // end_step() calls so far
   int64_t demotions_total_ = 0;
   int64_t flushes_total_ = 0;
 };

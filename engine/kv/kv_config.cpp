@@ -111,7 +111,8 @@ KvCacheConfig parse_kv_config_yaml(const std::string& yaml_text, const std::stri
   if (!n.IsMap()) throw InvalidArgument(source + ": kv_cache must be a mapping");
   static const std::set<std::string> kKeys = {
       "page_bytes",    "init_bits", "bit_ladder", "floor_bits",   "sink_tokens",
-      "window_tokens", "policy",    "budget",     "floor_action", "key_scales"};
+      "window_tokens", "policy",    "budget",     "floor_action", "key_scales",
+      "hold_prompt"};
   for (const auto& kv : n) {
     const std::string key = kv.first.as<std::string>();
     if (!kKeys.contains(key)) fail(source, key, "unknown key");
@@ -126,6 +127,8 @@ KvCacheConfig parse_kv_config_yaml(const std::string& yaml_text, const std::stri
       c.sink_tokens = scalar<int32_t>(v, source, key, "an integer");
     } else if (key == "window_tokens") {
       c.window_tokens = scalar<int32_t>(v, source, key, "an integer");
+    } else if (key == "hold_prompt") {
+      c.hold_prompt = scalar<bool>(v, source, key, "true or false");
     } else if (key == "bit_ladder") {
       if (!v.IsSequence()) fail(source, key, "expected a list of bit-widths");
       c.bit_ladder.clear();

@@ -31,6 +31,10 @@ struct KvCacheConfig {
   int32_t window_tokens = 128;  // newest tokens at 16 bits, flushed in chunks of this
   DemotionPolicy policy = DemotionPolicy::kBlock;
   FloorAction floor_action = FloorAction::kFinish;
+  // The prompt stays at 16 bits until its last chunk is computed, then is flushed and demoted
+  // at once (KvCacheManager::append's prompt_len): the prompt attends to itself at full
+  // precision, as PM-KVQ's single-pass prefill, whatever the scheduler's chunking.
+  bool hold_prompt = true;
   // Budget per (sequence, layer) in bytes of pages; empty = no budget. Either uniform
   // (per_layer_bytes, or uniform_bits + max_len: the pages a uniform cache of that many bits
   // would hold at max_len tokens) or read from a budgets file (one entry per layer).

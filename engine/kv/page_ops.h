@@ -1,8 +1,9 @@
 #pragma once
 // The byte work a step asks of the backend's KV pool besides writing new tokens: plain structs
 // the KvCacheManager plans and the backends execute (CPU: engine/backend/cpu/kv_page_ops.cpp;
-// CUDA: kernels/kv/). Per layer they run in this order, after the step's new K/V are written and
-// before attention: every RequantOp, then every DemoteOp. Ops of one kind within a layer are
+// CUDA: kernels/kv/). Per layer they run in this order, after the layer's attention (which reads
+// the tables as they were before them, KvCacheManager::attention_table): every RequantOp, then
+// every DemoteOp. Ops of one kind within a layer are
 // independent (no op reads a page another op of that kind writes), so a GPU runs each kind as one
 // launch.
 #include <array>

@@ -103,7 +103,8 @@ std::vector<GenerationResult> Generator::run(std::span<const GenerationRequest> 
         const size_t n = std::min<size_t>(prompt.size() - s.num_computed, budget);
         const bool last = s.num_computed + n == prompt.size();
         chunks.push_back({s.id, std::span(prompt).subspan(s.num_computed, n),
-                          last ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone});
+                          last ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone,
+                          static_cast<int32_t>(prompt.size())});
         s.num_computed += n;
         prompt_tokens += static_cast<int64_t>(n);
         budget -= static_cast<int32_t>(n);

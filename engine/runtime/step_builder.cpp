@@ -6,6 +6,14 @@
 
 namespace pmkv {
 
+namespace {
+
+// Copies the attention tables of `chunks` into `b`.
+void copy_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
+                      StepBatch& b);
+
+}  // namespace
+
 std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks) {
   StepBatch b;
   if (!build_step(kv, chunks, b)) return std::nullopt;
@@ -45,7 +53,8 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
   for (int32_t s = 0; s < num_seqs; ++s) {
     cached[s] = kv.num_tokens(chunks[s].seq);
     const kv::AppendStatus st = kv.append(
-        chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()), &b.kv_ops, &writes_by_seq[s]);
+        chunks[s].seq, static_cast<int32_t>(chunks[s].tokens.size()), &b.kv_ops, &writes_by_seq[s],
+        chunks[s].prompt_len);
     if (st == kv::AppendStatus::kPoolExhausted) {
       throw std::logic_error("build_step: pool exhausted after the page count said it fits");
     }
@@ -77,12 +86,14 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
       b.write_starts.push_back(static_cast<int32_t>(b.writes.size()));
     }
   }
-  refresh_page_tables(kv, chunks, b);
+  copy_page_tables(kv, chunks, b);
   return true;
 }
 
-void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
-                         StepBatch& b) {
+namespace {
+
+void copy_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
+                      StepBatch& b) {
   const int32_t num_seqs = static_cast<int32_t>(chunks.size());
   const int32_t num_tables = kv.num_layers() * num_seqs;
   // The tables' places first (lookups, prefix sums), then the copies: ~10^6 page references at
@@ -97,7 +108,7 @@ void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk>
   for (int32_t l = 0; l < kv.num_layers(); ++l) {
     for (int32_t s = 0; s < num_seqs; ++s) {
       const int32_t i = l * num_seqs + s;
-      tables[i] = kv.table(chunks[s].seq, l);
+      tables[i] = kv.attention_table(chunks[s].seq, l);
       b.page_starts[i + 1] = b.page_starts[i] + static_cast<int32_t>(tables[i].size());
     }
   }
@@ -107,5 +118,7 @@ void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk>
     std::copy(tables[i].begin(), tables[i].end(), b.pages.begin() + b.page_starts[i]);
   }
 }
+
+}  // namespace
 
 }  // namespace pmkv

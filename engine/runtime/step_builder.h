@@ -1,6 +1,9 @@
 #pragma once
 // Turns "these sequences advance by these tokens" into a StepBatch: reserves the KV slots of the
-// new tokens in the KvCacheManager and copies the page tables. Positions are token indices (a
+// new tokens in the KvCacheManager and copies the page tables the step's attention reads
+// (KvCacheManager::attention_table: before the step's flushes and demotions, which the backend
+// runs after the forward; so ops planned after build_step, e.g. demote_for_pressure, leave the
+// batch's tables valid). Positions are token indices (a
 // sequence's i-th token has RoPE position i).
 #include <cstdint>
 #include <optional>
@@ -15,6 +18,9 @@ struct SeqChunk {
   kv::SeqId seq;
   std::span<const int32_t> tokens;  // the new tokens, in order
   enum class Logits { kNone, kLast, kAll } logits = Logits::kLast;
+  // The sequence's prompt length: with kv_cache.hold_prompt its KV stays at 16 bits until the
+  // whole prompt is in the cache (KvCacheManager::append). 0: nothing held (teacher-forced text).
+  int32_t prompt_len = 0;
 };
 
 // Reserves KV for every chunk and builds the batch (tables, write slots, flush/demotion ops). When
@@ -25,10 +31,5 @@ std::optional<StepBatch> build_step(kv::KvCacheManager& kv, std::span<const SeqC
 // copies ~10^6 page references per step: reusing the memory spares its allocation and page
 // faults). Returns false (nothing changed, `b` unspecified) when the pool cannot hold the chunks.
 bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBatch& b);
-
-// Recopies the final page tables of `chunks` into `b` (after a change planned since build_step,
-// e.g. KvCacheManager::demote_for_pressure).
-void refresh_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
-                         StepBatch& b);
 
 }  // namespace pmkv

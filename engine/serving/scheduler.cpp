@@ -8,18 +8,32 @@
 namespace pmkv {
 
 int64_t worst_case_pages(const kv::KvCacheConfig& c, const kv::PageGeometry& g,
-                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len) {
+                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len,
+                         int64_t prompt_len) {
   const int64_t p16 = kv::pages_for_uniform(c, g, len, 16);
   const int64_t page_bytes = kv::page_bytes(g);
+  const bool requant = (!budgets.empty() || c.init_bits != 16) && c.bit_ladder.size() > 1;
   int64_t slack = 1;
-  if ((!budgets.empty() || c.init_bits != 16) && c.bit_ladder.size() > 1) {
+  if (requant) {
     const int64_t cap = kv::tokens_per_page(g, c.bit_ladder[1]);
     slack += (c.window_tokens + cap - 1) / cap + 1;
+  }
+  // A held prompt peaks at its last chunk: every prompt token in 16-bit pages, plus the body
+  // pages its flush takes when they enter below 16 bits (the window pages return at end_step).
+  int64_t prompt_peak = 0;
+  if (c.hold_prompt && prompt_len > 0) {
+    const int64_t t16 = g.tokens16;
+    const int64_t sink = std::min<int64_t>(prompt_len, c.sink_tokens);
+    prompt_peak = (sink + t16 - 1) / t16 + (prompt_len - sink + t16 - 1) / t16;
+    if (c.init_bits != 16) {
+      const int64_t cap = kv::tokens_per_page(g, c.init_bits);
+      prompt_peak += (prompt_len - sink + cap - 1) / cap + 1;
+    }
   }
   int64_t total = 0;
   for (int32_t l = 0; l < num_layers; ++l) {
     const int64_t held = budgets.empty() ? p16 : std::min(budgets[l] / page_bytes, p16);
-    total += held + slack;
+    total += std::max(held + slack, prompt_peak);
   }
   return total;
 }
@@ -104,7 +118,7 @@ void Scheduler::admit(StepPlan& plan, int32_t& budget, int64_t& free) {
   while (!waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < config_.max_running) {
     Sequence& s = *waiting_.front();
-    const int64_t worst = worst_case_pages(s.max_len());
+    const int64_t worst = worst_case_pages(s);
     if (worst > pool) {
       plan.rejected.emplace_back(
           std::move(waiting_.front()),
@@ -221,7 +235,8 @@ const StepBatch& Scheduler::build(const StepPlan& plan) {
   for (const ScheduledChunk& c : plan.chunks) {
     chunks_.push_back({c.seq->id,
                        std::span(c.seq->tokens).subspan(c.seq->num_computed, c.num_tokens),
-                       c.sample ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone});
+                       c.sample ? SeqChunk::Logits::kLast : SeqChunk::Logits::kNone,
+                       c.seq->num_prompt});
   }
   if (!build_step(kv_, chunks_, batch_)) {
     throw std::logic_error("Scheduler: the planned step does not fit the KV pool");
@@ -236,9 +251,9 @@ const StepBatch& Scheduler::build(const StepPlan& plan) {
   }
   if (plan.pressure_pages > 0) {
     const int32_t freed = kv_.demote_for_pressure(plan.pressure_pages, &batch_.kv_ops);
+    // The batch keeps the tables it has: the demotion runs after the step's forward.
     spdlog::debug("scheduler: KV pool pressure: demoting frees {} of {} pages wanted", freed,
                   plan.pressure_pages);
-    refresh_page_tables(kv_, chunks_, batch_);
   }
   return batch_;
 }
@@ -259,9 +274,9 @@ std::unique_ptr<Sequence> Scheduler::finish(Sequence* seq) {
   return s;
 }
 
-int64_t Scheduler::worst_case_pages(int64_t len) const {
+int64_t Scheduler::worst_case_pages(const Sequence& s) const {
   return pmkv::worst_case_pages(kv_.config(), kv_.geometry(), kv_.layer_budgets(), kv_.num_layers(),
-                                len);
+                                s.max_len(), s.num_prompt);
 }
 
 void Scheduler::set_layer_budgets(std::vector<int64_t> budgets) {
@@ -269,7 +284,7 @@ void Scheduler::set_layer_budgets(std::vector<int64_t> budgets) {
   if (!guaranteed()) return;
   reserved_total_ = 0;
   for (const auto& s : running_) {
-    s->reserved_pages = worst_case_pages(s->max_len());
+    s->reserved_pages = worst_case_pages(*s);
     reserved_total_ += s->reserved_pages;
   }
 }

@@ -39,9 +39,11 @@ namespace pmkv {
 // Worst-case pages of one sequence of `len` tokens under `budgets` (empty: none): per layer
 // min(budget pages, pages at 16 bits) plus the transient pages of one step (a decode token's
 // window page and, when flushes can requantize, the body pages a flush takes before the window
-// pages it empties return at end_step()).
+// pages it empties return at end_step()); with kv_cache.hold_prompt at least the pages of its
+// first `prompt_len` tokens at 16 bits (and their flush), held until the prompt's last chunk.
 int64_t worst_case_pages(const kv::KvCacheConfig& config, const kv::PageGeometry& geometry,
-                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len);
+                         std::span<const int64_t> budgets, int32_t num_layers, int64_t len,
+                         int64_t prompt_len);
 
 struct ScheduledChunk {
   Sequence* seq;
@@ -93,9 +95,9 @@ class Scheduler {
   // Ends a running sequence: frees its pages.
   std::unique_ptr<Sequence> finish(Sequence* seq);
 
-  // Worst-case pages of one sequence of `len` tokens: per layer min(budget pages, 16-bit pages)
-  // plus the transient pages of one step (see README.md).
-  int64_t worst_case_pages(int64_t len) const;
+  // Worst-case pages of `s` at its full length (max_len): per layer min(budget pages, 16-bit
+  // pages) plus the transient pages of one step, or its held prompt if more (see README.md).
+  int64_t worst_case_pages(const Sequence& s) const;
   // Runtime budgets (validated by the caller); reservations are recomputed.
   void set_layer_budgets(std::vector<int64_t> budgets);
 

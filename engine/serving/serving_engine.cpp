@@ -212,7 +212,8 @@ ServingEngine::Impl::Impl(const std::filesystem::path& dir, EngineOptions o)
   num_pages = options.kv_memory_bytes / page;
   const int32_t layers = static_cast<int32_t>(model.config.num_layers);
   budgets = model.kv_budgets();
-  const int64_t one = worst_case_pages(options.kv, g, budgets, layers, max_len);
+  // A chain of max_model_len tokens (a held prompt that long is checked at submit()).
+  const int64_t one = worst_case_pages(options.kv, g, budgets, layers, max_len, 0);
   if (num_pages < one || num_pages > INT32_MAX) {
     throw InvalidArgument(fmt::format(
         "kv_cache.memory: {} bytes hold {} pages of {} bytes; one sequence of max_model_len {} "
@@ -297,14 +298,15 @@ std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
     std::vector<EngineRequest> requests) {
   std::vector<std::unique_ptr<Sequence>> seqs;
   std::vector<std::shared_ptr<RequestStream>> streams;
-  std::vector<int64_t> lengths;
+  std::vector<std::pair<int64_t, int64_t>> lengths;  // full length, prompt
   const Tokenizer* tok = model.tokenizer ? &*model.tokenizer : nullptr;
   for (EngineRequest& r : requests) {
     validate(r);
     auto stream = std::make_shared<RequestStream>();
     const kv::SeqId id = next_id.fetch_add(1);
     if (r.request_id.empty()) r.request_id = "req-" + std::to_string(id);
-    lengths.push_back(static_cast<int64_t>(r.prompt_ids.size()) + r.params.max_tokens);
+    const auto prompt = static_cast<int64_t>(r.prompt_ids.size());
+    lengths.emplace_back(prompt + r.params.max_tokens, prompt);
     seqs.push_back(
         std::make_unique<Sequence>(id, std::move(r), stream, tok, model.eos_ids, Clock::now()));
     streams.push_back(std::move(stream));
@@ -312,15 +314,19 @@ std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
   {
     std::lock_guard lock(mu);
     if (stopping) throw Unavailable("server is shutting down");
-    for (const int64_t len : lengths) {
+    for (const auto [len, prompt] : lengths) {
       const int64_t worst =
-          worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len);
-      if (worst > num_pages) {
-        throw InvalidArgument("the request needs " + std::to_string(worst) +
-                              " KV pages at its full length of " + std::to_string(len) +
-                              " tokens (prompt + max_tokens); the pool has " +
-                              std::to_string(num_pages));
-      }
+          worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len, prompt);
+      if (worst <= num_pages) continue;
+      const int64_t chain =
+          worst_case_pages(options.kv, kv->geometry(), budgets, kv->num_layers(), len, 0);
+      const std::string why =
+          worst > chain ? " while its prompt of " + std::to_string(prompt) +
+                              " tokens is computed (held at 16 bits: kv_cache.hold_prompt)"
+                        : " at its full length of " + std::to_string(len) +
+                              " tokens (prompt + max_tokens)";
+      throw InvalidArgument("the request needs " + std::to_string(worst) + " KV pages" + why +
+                            "; the pool has " + std::to_string(num_pages));
     }
     const int64_t queued = static_cast<int64_t>(inbox.size()) + num_waiting.load();
     if (queued + static_cast<int64_t>(seqs.size()) > options.scheduler.max_waiting) {

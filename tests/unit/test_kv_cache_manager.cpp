@@ -216,6 +216,150 @@ TEST_CASE("kv manager: chain_tokens_at_floor is where the floor action ends a ch
   }
 }
 
+namespace {
+
+// A table's shape: (bits, tokens) of every page, in order (page ids left out).
+std::vector<std::pair<int, int>> shape(std::span<const PageRef> table) {
+  std::vector<std::pair<int, int>> out;
+  for (const PageRef& p : table)
+    out.emplace_back(p.bits, p.num_tokens);
+  return out;
+}
+
+// One sequence: a prompt of `prompt` tokens appended in `chunks` (sizes summing to it), then
+// `decode` single tokens. Per step: every layer's table shape and the step's op counts.
+struct Trace {
+  std::vector<std::vector<std::vector<std::pair<int, int>>>> tables;  // [step][layer]
+  std::vector<std::vector<std::pair<size_t, size_t>>> ops;            // [step][layer]
+  std::vector<AppendStatus> status;
+  int prompt_reads_below_16 = 0;  // prompt chunks whose attention read a token below 16 bits
+};
+
+Trace run_chunked(const KvCacheConfig& c, const PageGeometry& g, int32_t layers,
+                  const std::vector<int64_t>& budgets, int32_t prompt,
+                  const std::vector<int32_t>& chunks, int32_t decode) {
+  KvCacheManager m(layers, g, 4000, c, budgets);
+  Trace t;
+  std::vector<int32_t> sizes = chunks;
+  sizes.insert(sizes.end(), decode, 1);
+  int32_t held = 0;
+  for (const int32_t n : sizes) {
+    auto ops = ops_for(m);
+    auto w = writes_for(m);
+    const AppendStatus st = m.append(1, n, &ops, &w, prompt);
+    if (held < prompt) {
+      const auto read = token_bits(m.attention_table(1, 0));
+      t.prompt_reads_below_16 += std::any_of(read.begin(), read.end(), [](int b) { return b < 16; });
+    }
+    held += n;
+    m.end_step();
+    if (held < prompt && c.hold_prompt) {
+      // Still the prompt: nothing flushed, nothing demoted, every token at 16 bits.
+      REQUIRE(st == AppendStatus::kOk);
+      for (int32_t l = 0; l < layers; ++l) {
+        REQUIRE(ops.layers[l].requant.empty());
+        REQUIRE(ops.layers[l].demote_waves.empty());
+        for (int b : token_bits(m.table(1, l)))
+          REQUIRE(b == 16);
+      }
+      continue;
+    }
+    if (held < prompt) continue;
+    t.status.push_back(st);
+    auto& step_tables = t.tables.emplace_back();
+    auto& step_ops = t.ops.emplace_back();
+    for (int32_t l = 0; l < layers; ++l) {
+      step_tables.push_back(shape(m.table(1, l)));
+      size_t demotes = 0;
+      for (const auto& wave : ops.layers[l].demote_waves)
+        demotes += wave.size();
+      step_ops.emplace_back(ops.layers[l].requant.size(), demotes);
+    }
+    if (st == AppendStatus::kOverBudgetAtFloor) break;
+  }
+  m.release(1);
+  REQUIRE(m.pool().num_used() == 0);
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("kv manager: a held prompt's tables and ops do not depend on its chunking",
+          "[kv][manager][property]") {
+  // The scheduler cuts a prompt into chunks by what else runs in the step. With hold_prompt the
+  // cache after the prompt (and every step after it) is the one a single append of the whole
+  // prompt gives, and no chunk reads the prompt below 16 bits; without it the chunking moves
+  // flushes and demotions (the last check, on these same workloads).
+  const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
+  std::mt19937 rng(policy == DemotionPolicy::kBlock ? 31 : 32);
+  const PageGeometry g{2, 16, 4};
+  int differ_without_hold = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    KvCacheConfig c;
+    c.policy = policy;
+    c.sink_tokens = static_cast<int32_t>(rng() % 3);
+    c.window_tokens = 4 * (1 + static_cast<int32_t>(rng() % 3));
+    c.floor_bits = (rng() % 2) ? 2 : 4;
+    c.init_bits = (rng() % 4) ? 16 : 8;
+    const int32_t layers = 2;
+    std::vector<int64_t> budgets;
+    for (int32_t l = 0; l < layers; ++l)
+      budgets.push_back((4 + rng() % 10) * page_bytes(g));
+    const int32_t prompt = 1 + static_cast<int32_t>(rng() % 120);
+    std::vector<int32_t> chunks;
+    for (int32_t left = prompt; left > 0;) {
+      const int32_t n = std::min(left, 1 + static_cast<int32_t>(rng() % 24));
+      chunks.push_back(n);
+      left -= n;
+    }
+    INFO("trial " << trial << ": prompt " << prompt << " in " << chunks.size() << " chunks");
+    const Trace whole = run_chunked(c, g, layers, budgets, prompt, {prompt}, 60);
+    const Trace chunked = run_chunked(c, g, layers, budgets, prompt, chunks, 60);
+    REQUIRE(chunked.tables == whole.tables);
+    REQUIRE(chunked.ops == whole.ops);
+    REQUIRE(chunked.status == whole.status);
+    // Every prompt chunk attends to the prompt at 16 bits, as the single append does.
+    REQUIRE(chunked.prompt_reads_below_16 == 0);
+    c.hold_prompt = false;
+    const Trace unheld = run_chunked(c, g, layers, budgets, prompt, chunks, 60);
+    differ_without_hold += unheld.tables != whole.tables || unheld.prompt_reads_below_16 > 0;
+  }
+  CHECK(differ_without_hold > 0);
+}
+
+TEST_CASE("kv manager: attention_table is the table before the step's flushes and demotions",
+          "[kv][manager]") {
+  KvCacheConfig c;
+  c.window_tokens = 8;
+  c.sink_tokens = 1;
+  const PageGeometry g{2, 16, 4};
+  KvCacheManager m(1, g, 64, c, {4 * page_bytes(g)});
+  std::vector<std::pair<int, int>> before = {};
+  int changed = 0;
+  for (int step = 0; step < 40; ++step) {
+    auto ops = ops_for(m);
+    auto w = writes_for(m);
+    REQUIRE(m.append(1, 1, &ops, &w) == AppendStatus::kOk);
+    // The previous table plus this step's token (in the last window page, at 16 bits).
+    auto expect = before;
+    if (expect.empty() || expect.back().first != 16 || expect.back().second == g.tokens16 ||
+        (step == 1 && c.sink_tokens == 1)) {
+      expect.emplace_back(16, 1);
+    } else {
+      ++expect.back().second;
+    }
+    INFO("step " << step);
+    CHECK(shape(m.attention_table(1, 0)) == expect);
+    const bool planned = !ops.layers[0].requant.empty() || !ops.layers[0].demote_waves.empty();
+    changed += shape(m.table(1, 0)) != expect;
+    if (!planned) CHECK(shape(m.table(1, 0)) == shape(m.attention_table(1, 0)));
+    m.end_step();
+    CHECK(shape(m.attention_table(1, 0)) == shape(m.table(1, 0)));
+    before = shape(m.table(1, 0));
+  }
+  CHECK(changed > 0);
+}
+
 TEST_CASE("kv manager: property test over random workloads, budgets and policies",
           "[kv][manager][property]") {
   const auto policy = GENERATE(DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst);
@@ -234,18 +378,24 @@ TEST_CASE("kv manager: property test over random workloads, budgets and policies
     budgets.push_back((5 + rng() % 8) * page_bytes(g));
   KvCacheManager m(layers, g, 600, c, budgets);
   std::map<SeqId, int32_t> live;
+  std::map<SeqId, int32_t> prompt_of;  // held prompts (hold_prompt), in random chunks
   std::map<std::pair<SeqId, int32_t>, std::vector<int>> prev_bits;
   SeqId next_id = 0;
   int over_budget_events = 0, demotions_seen = 0;
   for (int step = 0; step < 400; ++step) {
     // admit, grow (prefill chunks or decode tokens), or finish sequences
-    if (live.size() < 4 && rng() % 4 == 0) live[next_id++] = 0;
+    if (live.size() < 4 && rng() % 4 == 0) {
+      prompt_of[next_id] = 1 + static_cast<int32_t>(rng() % 60);
+      live[next_id++] = 0;
+    }
     auto ops = ops_for(m);
     auto w = writes_for(m);
     std::vector<SeqId> finished;
     for (auto& [id, n] : live) {
-      const int32_t add = (n == 0) ? 1 + static_cast<int32_t>(rng() % 40) : 1;
-      const AppendStatus st = m.append(id, add, &ops, &w);
+      const int32_t prompt = prompt_of[id];
+      const int32_t add =
+          n < prompt ? std::min(prompt - n, 1 + static_cast<int32_t>(rng() % 20)) : 1;
+      const AppendStatus st = m.append(id, add, &ops, &w, prompt);
       if (st == AppendStatus::kPoolExhausted) continue;
       n += add;
       if (st == AppendStatus::kOverBudgetAtFloor) {
@@ -273,9 +423,16 @@ TEST_CASE("kv manager: property test over random workloads, budgets and policies
       for (int32_t l = 0; l < layers; ++l) {
         const auto t = m.table(id, l);
         INFO("step " << step << " seq " << id << " layer " << l);
-        REQUIRE(static_cast<int64_t>(t.size()) * m.page_bytes() <= budgets[l]);
         const auto bits = token_bits(t);
         REQUIRE(static_cast<int32_t>(bits.size()) == n);
+        if (n < prompt_of[id]) {
+          // A held prompt: every token at 16 bits, the budget not applied yet.
+          for (int b : bits)
+            REQUIRE(b == 16);
+          prev_bits[{id, l}] = bits;
+          continue;
+        }
+        REQUIRE(static_cast<int64_t>(t.size()) * m.page_bytes() <= budgets[l]);
         for (int32_t i = 0; i < std::min(n, c.sink_tokens); ++i)
           REQUIRE(bits[i] == 16);
         // the window (tokens after the last flush) is at 16 bits
@@ -321,6 +478,7 @@ TEST_CASE("kv manager: planned ops on a real pool keep every token's values", "[
   std::vector<std::byte> bytes(64 * page_bytes(g), std::byte{0x33});
   const cpu::KvPoolView pool{bytes.data(), page_bytes(g), g};
   std::vector<float> exact_k, exact_v;
+  std::vector<float> prev_k, prev_v;  // every token read back after the last step
   for (int step = 0; step < 60; ++step) {
     const int32_t n = step == 0 ? 13 : 1 + static_cast<int32_t>(rng() % 3);
     std::vector<float> k(n * width), v(n * width);
@@ -334,6 +492,16 @@ TEST_CASE("kv manager: planned ops on a real pool keep every token's values", "[
     if (st == AppendStatus::kOverBudgetAtFloor) break;
     REQUIRE(st == AppendStatus::kOk);
     cpu::write_kv_slots(pool, w[0], n, k.data(), width, v.data(), width);
+    {
+      // What this step's attention reads (ops not run yet): every earlier token exactly as the
+      // last step left it.
+      const int32_t total = m.num_tokens(1);
+      std::vector<float> ak(total * width), av(total * width);
+      cpu::read_kv(pool, m.attention_table(1, 0), total, ak.data(), av.data());
+      INFO("step " << step);
+      REQUIRE(std::equal(prev_k.begin(), prev_k.end(), ak.begin()));
+      REQUIRE(std::equal(prev_v.begin(), prev_v.end(), av.begin()));
+    }
     for (const RequantOp& op : ops.layers[0].requant)
       cpu::apply_requant(pool, op);
     for (const auto& wave : ops.layers[0].demote_waves) {
@@ -348,6 +516,8 @@ TEST_CASE("kv manager: planned ops on a real pool keep every token's values", "[
     const int32_t total = m.num_tokens(1);
     std::vector<float> rk(total * width), rv(total * width);
     cpu::read_kv(pool, t, total, rk.data(), rv.data());
+    prev_k = rk;
+    prev_v = rv;
     const auto bits = token_bits(t);
     for (int32_t i = 0; i < total; ++i) {
       for (int32_t h = 0; h < g.num_kv_heads; ++h) {

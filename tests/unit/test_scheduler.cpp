@@ -29,6 +29,8 @@ std::unique_ptr<Sequence> make_seq(kv::SeqId id, int32_t prompt_len, int32_t max
                                     std::span<const int32_t>{}, Sequence::Clock::now());
 }
 
+constexpr int32_t kEndedAtFloor = -2;  // Harness::done_len of a sequence the floor action ended
+
 // The fake runner: one step of the plan; sampled tokens are 7; finished sequences leave.
 struct Harness {
   kv::KvCacheManager kv;
@@ -36,8 +38,8 @@ struct Harness {
   std::map<kv::SeqId, int32_t> done_len;  // finished sequences: their final length
   int32_t max_running_seen = 0;
 
-  Harness(int32_t pages, kv::KvCacheConfig c, SchedulerConfig s)
-      : kv(kLayers, kGeometry, pages, c), sched(kv, s) {}
+  Harness(int32_t pages, kv::KvCacheConfig c, SchedulerConfig s, std::vector<int64_t> budgets = {})
+      : kv(kLayers, kGeometry, pages, c, std::move(budgets)), sched(kv, s) {}
 
   StepPlan step() {
     StepPlan plan = sched.schedule();
@@ -49,7 +51,17 @@ struct Harness {
     sched.end_step();
     sched.commit(plan);
     max_running_seen = std::max(max_running_seen, sched.num_running());
-    for (const ScheduledChunk& c : plan.chunks) {
+    // The floor action (as the engine): over budget at the floor bits ends the sequence.
+    std::vector<uint8_t> at_floor(plan.chunks.size(), 0);
+    for (const int32_t k : b.over_budget)
+      at_floor[k] = 1;
+    for (size_t k = 0; k < plan.chunks.size(); ++k) {
+      const ScheduledChunk& c = plan.chunks[k];
+      if (at_floor[k]) {
+        done_len[c.seq->id] = kEndedAtFloor;
+        sched.finish(c.seq);
+        continue;
+      }
       if (!c.sample) continue;
       c.seq->tokens.push_back(7);
       if (c.seq->num_generated() == c.seq->request.params.max_tokens) {
@@ -130,7 +142,7 @@ TEST_CASE("scheduler: guaranteed admission queues what does not fit and never pr
   c.window_tokens = 16;
   SchedulerConfig s;
   // prompt 8 + 24 tokens: 3 pages per layer + 1 transient = 8 pages; a 20-page pool holds 2.
-  const int64_t worst = worst_case_pages(c, kGeometry, {}, kLayers, 32);
+  const int64_t worst = worst_case_pages(c, kGeometry, {}, kLayers, 32, 8);
   REQUIRE(worst == 8);
   Harness h(20, c, s);
   for (kv::SeqId id = 1; id <= 6; ++id)
@@ -236,6 +248,15 @@ TEST_CASE("scheduler: random workloads finish, in both admission modes, without 
       c.bit_ladder = {16};
       c.floor_bits = 16;
     }
+    // Some trials with budgets smaller than most prompts at 16 bits: held prompts (hold_prompt)
+    // go over them until their last chunk, and the floor action ends some chains.
+    std::vector<int64_t> budgets;
+    int32_t max_prompt = 60;
+    if (c.bit_ladder.size() > 1 && pick(0, 1)) {
+      c.hold_prompt = pick(0, 3) > 0;
+      max_prompt = 150;
+      budgets.assign(kLayers, pick(3, 8) * kv::page_bytes(kGeometry));
+    }
     SchedulerConfig s;
     s.admission = pick(0, 1) ? SchedulerConfig::Admission::kOvercommit
                              : SchedulerConfig::Admission::kGuaranteed;
@@ -245,20 +266,30 @@ TEST_CASE("scheduler: random workloads finish, in both admission modes, without 
     std::vector<std::pair<int32_t, int32_t>> lens;  // prompt, max_tokens
     int64_t worst = 0;
     for (int i = 0; i < n; ++i) {
-      lens.emplace_back(pick(1, 60), pick(1, 100));
-      worst = std::max(worst, worst_case_pages(c, kGeometry, {}, kLayers,
-                                               lens.back().first + lens.back().second));
+      lens.emplace_back(pick(1, max_prompt), pick(1, 100));
+      worst = std::max(worst, worst_case_pages(c, kGeometry, budgets, kLayers,
+                                               lens.back().first + lens.back().second,
+                                               lens.back().first));
     }
     const int32_t pages = static_cast<int32_t>(worst) * pick(4, 16) / 4;
     INFO("trial " << trial << ": " << n << " requests, " << pages << " pages, "
                   << (s.admission == SchedulerConfig::Admission::kOvercommit ? "overcommit"
-                                                                             : "guaranteed"));
-    Harness h(pages, c, s);
+                                                                             : "guaranteed")
+                  << ", budget " << (budgets.empty() ? 0 : budgets[0]) << " bytes, hold "
+                  << c.hold_prompt);
+    Harness h(pages, c, s, budgets);
     for (int i = 0; i < n; ++i)
       h.sched.add(make_seq(i + 1, lens[i].first, lens[i].second));
     h.run_to_end(20000);
-    for (int i = 0; i < n; ++i)
+    for (int i = 0; i < n; ++i) {
+      if (!budgets.empty() && h.done_len[i + 1] == kEndedAtFloor) {
+        // Only where the budget cannot hold the whole chain.
+        CHECK(kv::chain_tokens_at_floor(c, kGeometry, budgets[0], 1000) <
+              lens[i].first + lens[i].second);
+        continue;
+      }
       CHECK(h.done_len[i + 1] == lens[i].first + lens[i].second);
+    }
     if (s.admission == SchedulerConfig::Admission::kGuaranteed) {
       CHECK(h.sched.preemptions_total() == 0);
     } else {

@@ -97,6 +97,8 @@ logging:
   CHECK(c.kv_cache.uniform_max_len == 4096);
   CHECK(c.kv_cache.bit_ladder == std::vector<int32_t>{16, 8, 4});
   CHECK(c.kv_cache.floor_bits == 4);
+  CHECK(c.kv_cache.hold_prompt);  // the default
+  CHECK_FALSE(parse("kv_cache: {hold_prompt: false}", {}).kv_cache.hold_prompt);
   CHECK(c.model.served_name == "m");
   CHECK(c.logging.level == "info");  // an empty section changes nothing
 }
@@ -123,6 +125,8 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("kv_cache: {memory: lots}", {}, "config error: kv_cache.memory: expected a byte");
   check_error("kv_cache: {init_bits: x}", {}, "config error: kv_cache.init_bits:");
   check_error("kv_cache: {pages: 3}", {}, "config error: kv_cache.pages: unknown key");
+  check_error("", {"kv_cache.hold_prompt=later"},
+              "config error: kv_cache.hold_prompt: expected true or false, got 'later'");
   check_error("", {"kv_cache.floor_bits=3"}, "config error: kv_cache.floor_bits:");
   check_error("", {"kv_cache.budget.per_layer_bytes=1M", "kv_cache.budget.uniform_bits=4"},
               "config error: kv_cache.budget:");

@@ -393,6 +393,61 @@ TEST_CASE("serving: overcommit demotes across sequences under pressure", "[servi
   CHECK(st.kv.pages_used == 0);
 }
 
+// Greedy ids of `probes`, each alone, or each submitted while `others` decode (its prompt then
+// goes in other chunks: the step's tokens minus one a decoding sequence).
+std::vector<std::vector<int32_t>> probe_ids(const EngineOptions& o,
+                                            const std::vector<EngineRequest>& probes,
+                                            const std::vector<EngineRequest>& others) {
+  ServingEngine e(kModel, o);
+  e.start();
+  std::vector<std::vector<int32_t>> out;
+  for (const EngineRequest& p : probes) {
+    std::vector<std::shared_ptr<RequestStream>> load;
+    for (const EngineRequest& r : others)
+      load.push_back(e.submit(r));
+    for (int i = 0; i < 1000 && !others.empty(); ++i) {
+      if (e.stats().requests_running == static_cast<int64_t>(others.size())) break;
+      std::this_thread::sleep_for(1ms);
+    }
+    out.push_back(collect(*e.submit(p)).ids);
+    for (auto& s : load)
+      collect(*s);
+  }
+  CHECK(settled(e).kv.demotions_total > 0);
+  e.shutdown(1s);
+  return out;
+}
+
+TEST_CASE("serving: under a 2-bit budget greedy text does not depend on what runs beside it",
+          "[serving][engine]") {
+  // kv_cache.hold_prompt: a prompt cut into other chunks beside decoding requests still reads
+  // itself at 16 bits, and its flushes and demotions come at the same tokens; a step reads the
+  // cache as it was before the step's own flushes and demotions.
+  both_step_modes();
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));
+  std::vector<EngineRequest> probes, others;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> p;
+    for (int j = 0; j < 130 + 9 * i; ++j)
+      p.push_back(3 + (i * 131 + j * 37) % 500);
+    probes.push_back(request(p, 60));
+  }
+  for (int i = 0; i < 21; ++i)
+    others.push_back(request(prompt_of(i), 150));
+  EngineOptions o = options();
+  o.scheduler.max_step_tokens = 64;
+  o.scheduler.prefill_chunk = 64;
+  o.kv.uniform_bits = 2;
+  o.kv.uniform_max_len = 256;
+  const auto alone = probe_ids(o, probes, {});
+  const auto loaded = probe_ids(o, probes, others);
+  for (size_t i = 0; i < probes.size(); ++i) {
+    INFO("probe " << i);
+    REQUIRE(alone[i].size() == 60);
+    CHECK(loaded[i] == alone[i]);
+  }
+}
+
 TEST_CASE("serving: the floor action finishes with reason length", "[serving][engine]") {
   both_step_modes();
   INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off"));

@@ -1,7 +1,8 @@
-// build_step / refresh_page_tables (engine/runtime/step_builder.h): a StepBatch reused from step to
+// build_step (engine/runtime/step_builder.h): a StepBatch reused from step to
 // step (the scheduler's and the CUDA backend's path) holds exactly what a fresh one would, through
 // prefill chunks, decode steps, flushes, demotions and a shrinking batch; a step that does not fit
-// changes nothing; large page tables (copied on several threads) equal the manager's tables.
+// changes nothing; large page tables (copied on several threads) equal the manager's attention
+// tables.
 #include <catch2/catch.hpp>
 
 #include <random>
@@ -141,7 +142,7 @@ TEST_CASE("step builder: large page tables (copied on several threads) equal the
   size_t at = 0;
   for (int32_t l = 0; l < layers; ++l) {
     for (int32_t s = 0; s < seqs; ++s) {
-      const auto t = kv.table(chunks[s].seq, l);
+      const auto t = kv.attention_table(chunks[s].seq, l);
       REQUIRE(b.page_starts[l * seqs + s] == static_cast<int32_t>(at));
       for (const kv::PageRef& p : t) {
         REQUIRE(b.pages[at].page == p.page);

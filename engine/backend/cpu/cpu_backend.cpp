@@ -116,18 +116,9 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
     cpu::write_kv_slots(pool, {b.writes.data() + w0, static_cast<size_t>(w1 - w0)}, n,
                         rows + q_width, qkv_width, rows + q_width + kv_width, qkv_width);
   }
-  // 2. This layer's flushes, then its demotion waves.
-  if (!b.kv_ops.layers.empty()) {
-    const kv::KvLayerOps& ops = b.kv_ops.layers[layer];
-    for (const kv::RequantOp& op : ops.requant)
-      cpu::apply_requant(pool, op);
-    for (const auto& wave : ops.demote_waves) {
-      for (const kv::DemoteOp& op : wave)
-        cpu::apply_demote(pool, op);
-    }
-  }
-  // 3. Attention: cached tokens through their (final) pages, this step's tokens exact (a step
-  // attends to its own K/V at full precision, as PM-KVQ does).
+  // 2. Attention: cached tokens through the tables as they were before this step's flushes and
+  // demotions (KvCacheManager::attention_table), this step's tokens exact (a step attends to its
+  // own K/V at full precision, as PM-KVQ does).
   std::vector<float> k, v;
   for (int32_t s = 0; s < num_seqs; ++s) {
     const int32_t row0 = b.seq_starts[s], n = b.seq_starts[s + 1] - row0;
@@ -147,6 +138,16 @@ void CpuBackend::attention_layer(const StepBatch& b, int32_t layer, const float*
     }
     cpu::causal_attention(shape, rows, qkv_width, n, cached, k.data(), v.data(),
                           out + row0 * q_width, q_width);
+  }
+  // 3. This layer's flushes, then its demotion waves (they rewrite pages attention just read).
+  if (!b.kv_ops.layers.empty()) {
+    const kv::KvLayerOps& ops = b.kv_ops.layers[layer];
+    for (const kv::RequantOp& op : ops.requant)
+      cpu::apply_requant(pool, op);
+    for (const auto& wave : ops.demote_waves) {
+      for (const kv::DemoteOp& op : wave)
+        cpu::apply_demote(pool, op);
+    }
   }
 }
 

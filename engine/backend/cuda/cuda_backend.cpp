@@ -315,7 +315,7 @@ struct CudaBackend::Impl {
   void enqueue_forward(const StepArgs& a);
 
   // PMKV_CUDA_TIMING=1: CUDA events split each step into phases (upload + embedding, QKV + RoPE
-  // + KV write, KV ops, attention, o_proj + MLP, head + sampling); totals are logged every 64
+  // + KV write, KV ops (run after attention), attention, o_proj + MLP, head + sampling); totals are logged every 64
   // steps. Off by default: the events cost a little.
   struct PhaseTimer {
     static constexpr int kPhases = 6;
@@ -851,8 +851,6 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
     rp.pdl = attn_pdl;
     PMKV_CUDA_CHECK(kernels::launch_rope_kv_write(rp, s()));
     mark(1);
-    kv_ops(a, l);
-    mark(2);
     if (a.decode) {
       kernels::DecodeParams dp{};
       dp.pool = pool.as();
@@ -906,6 +904,10 @@ void CudaBackend::Impl::enqueue_forward(const StepArgs& a) {
       PMKV_CUDA_CHECK(kernels::launch_prefill(pp, s()));
     }
     mark(3);
+    // The layer's flushes and demotions, after its attention: the step reads the tables as they
+    // were before them (KvCacheManager::attention_table); they rewrite pages it just read.
+    kv_ops(a, l);
+    mark(2);
     // o projection, its residual add and the MLP norm.
     const kernels::AddRmsNormParams mlp_in = norm_of(Ly.mlp_norm);
     if (split) {
