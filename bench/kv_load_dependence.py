@@ -8,8 +8,10 @@ admitted beside that many decoding sequences: its prompt is then cut into other 
 token budget, `scheduler.max_step_tokens`, minus one token a decoding sequence). Reports how many of
 the pairs gave the same text, as one JSON line.
 
-With a 16-bit cache the pairs agree (engine/serving/README.md, Invariants); with pages below 16
-bits, chunking changes which prompt tokens later chunks read quantized. Example (stories260K, see
+Under `guaranteed` admission the pairs agree, with a 16-bit cache and (since 519bb56: prompts
+held at 16 bits until their last chunk, steps reading the cache from before their own flushes)
+below 16 bits; with `--set kv_cache.hold_prompt=false` the chunking changes which prompt tokens
+later chunks read quantized (engine/serving/README.md, Invariants). Example (stories260K, see
 bench/RESULTS.md, "KV-cache quality"):
   ./build/pmkv serve --model /tmp/stories260K --port 8000 --set scheduler.max_step_tokens=200 \\
       --set kv_cache.window_tokens=32 --set kv_cache.budget.uniform_bits=2 \\
