@@ -70,10 +70,11 @@ struct Batch {
   int num_rows() const { return seq_starts.back(); }
 };
 
-// Page tables covering cached + rows tokens per sequence (as the engine's final tables do): a
-// 16-bit sink page, then runs of random bit-widths with mostly full pages, some partial and the odd
-// empty page. All tokens are written to the pages, but the step's tokens with decoy values: the
-// kernel must take those from the fp32 rows, never from the pages.
+// Page tables covering cached + rows tokens per sequence (as the engine's attention tables do;
+// theirs hold the step's tokens in 16-bit window pages, these at any bits): a 16-bit sink page,
+// then runs of random bit-widths with mostly full pages, some partial and the odd empty page. All
+// tokens are written to the pages, but the step's tokens with decoy values: the kernel must take
+// those from the fp32 rows, never from the pages.
 Batch build_batch(const Shape& s, const std::vector<SeqSpec>& specs, std::mt19937& rng,
                   bool fast_random) {
   static constexpr int kBits[4] = {16, 8, 4, 2};

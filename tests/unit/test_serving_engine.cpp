@@ -12,6 +12,7 @@
 
 #include "engine/backend/backend.h"
 #include "engine/runtime/local_model.h"
+#include "engine/serving/scheduler.h"
 #include "engine/serving/serving_engine.h"
 
 using namespace pmkv;
@@ -487,6 +488,41 @@ TEST_CASE("serving: submit validates; budgets update at run time", "[serving][en
   CHECK(r.ids.size() == 20);
   CHECK(settled(e).budgets_source == "runtime");
   CHECK(settled(e).budget_chain_tokens == chain);
+}
+
+TEST_CASE("serving: a prompt held at 16 bits must fit the pool; the error says so",
+          "[serving][engine]") {
+  // A pool for one max_model_len chain under a 2-bit budget holds a 400-token prompt at 2 bits,
+  // not at 16: with hold_prompt the request is refused, naming the setting; without, it runs.
+  EngineOptions o = options();
+  o.kv.uniform_bits = 2;
+  o.kv.uniform_max_len = 512;
+  LocalModelOptions lo;
+  lo.kv = o.kv;
+  const LocalModel m = LocalModel::open(kModel, lo);
+  const kv::PageGeometry g = m.kv_geometry();
+  const int32_t layers = static_cast<int32_t>(m.config.num_layers);
+  const auto budgets = kv::resolve_layer_budgets(o.kv, layers, g);
+  const int64_t chain = worst_case_pages(o.kv, g, budgets, layers, 512, 0);
+  REQUIRE(worst_case_pages(o.kv, g, budgets, layers, 408, 400) > chain + 2);
+  o.kv_memory_bytes = (chain + 2) * kv::page_bytes(g);
+  std::vector<int32_t> prompt(400);
+  for (int32_t i = 0; i < 400; ++i)
+    prompt[i] = 3 + (i * 37) % 500;
+  {
+    ServingEngine e(kModel, o);
+    e.start();
+    CHECK_THROWS_WITH(e.submit(request(prompt, 8)), Catch::Contains("kv_cache.hold_prompt") &&
+                                                        Catch::Contains("prompt of 400 tokens"));
+    CHECK(run_all(e, {request(prompt_of(3), 8)}).front().ids.size() == 8);  // still serving
+  }
+  o.kv.hold_prompt = false;
+  ServingEngine e(kModel, o);
+  e.start();
+  const Outcome r = run_all(e, {request(prompt, 8)}).front();
+  CHECK(r.end == StreamEnd::kFinished);
+  CHECK(r.ids.size() == 8);
+  CHECK(settled(e).kv.pages_used == 0);
 }
 
 TEST_CASE("serving: submit_all queues all requests together or none", "[serving][engine]") {
