@@ -259,8 +259,19 @@ const StepBatch& Scheduler::build(const StepPlan& plan) {
 }
 
 void Scheduler::commit(const StepPlan& plan) {
-  for (const ScheduledChunk& c : plan.chunks)
-    c.seq->num_computed += c.num_tokens;
+  for (const ScheduledChunk& c : plan.chunks) {
+    Sequence& s = *c.seq;
+    const bool prompt_done = s.num_computed < s.num_prompt &&
+                             s.num_computed + c.num_tokens >= s.num_prompt;
+    s.num_computed += c.num_tokens;
+    // A held prompt's 16-bit pages went back at this step's end_step(): from here on the
+    // sequence needs what its chain needs, and guaranteed admission may give the rest away.
+    if (prompt_done && guaranteed() && s.reserved_pages > 0) {
+      const int64_t now = worst_case_pages(s);
+      reserved_total_ -= s.reserved_pages - now;
+      s.reserved_pages = now;
+    }
+  }
 }
 
 std::unique_ptr<Sequence> Scheduler::finish(Sequence* seq) {
@@ -275,8 +286,10 @@ std::unique_ptr<Sequence> Scheduler::finish(Sequence* seq) {
 }
 
 int64_t Scheduler::worst_case_pages(const Sequence& s) const {
+  // The held prompt counts until it is computed (a recompute after preemption holds it again).
+  const int32_t held = s.num_computed < s.num_prompt ? s.num_prompt : 0;
   return pmkv::worst_case_pages(kv_.config(), kv_.geometry(), kv_.layer_budgets(), kv_.num_layers(),
-                                s.max_len(), s.num_prompt);
+                                s.max_len(), held);
 }
 
 void Scheduler::set_layer_budgets(std::vector<int64_t> budgets) {

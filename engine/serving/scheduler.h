@@ -90,13 +90,16 @@ class Scheduler {
   // on the device (Sequence::placeholder_at) becomes a token_src row.
   const StepBatch& build(const StepPlan& plan);
   void end_step() { kv_.end_step(); }
-  // Advances the counters of the plan's sequences.
+  // Advances the counters of the plan's sequences (after end_step()); a guaranteed reservation
+  // drops to the chain's worst case once a held prompt is computed.
   void commit(const StepPlan& plan);
   // Ends a running sequence: frees its pages.
   std::unique_ptr<Sequence> finish(Sequence* seq);
 
   // Worst-case pages of `s` at its full length (max_len): per layer min(budget pages, 16-bit
-  // pages) plus the transient pages of one step, or its held prompt if more (see README.md).
+  // pages) plus the transient pages of one step, or, until its prompt is computed, its held
+  // prompt if more (see README.md). Guaranteed admission reserves this; commit() lowers the
+  // reservation when the prompt is done.
   int64_t worst_case_pages(const Sequence& s) const;
   // Runtime budgets (validated by the caller); reservations are recomputed.
   void set_layer_budgets(std::vector<int64_t> budgets);

@@ -298,6 +298,38 @@ TEST_CASE("scheduler: random workloads finish, in both admission modes, without 
   }
 }
 
+TEST_CASE("scheduler: a held prompt's 16-bit pages are reserved only until it is computed",
+          "[scheduler]") {
+  // Guaranteed admission under a small budget: a long prompt held at 16 bits needs far more pages
+  // than its chain. The second request waits while the first's prompt is computed and is admitted
+  // once the first's reservation falls to its chain's worst case.
+  kv::KvCacheConfig c;
+  c.window_tokens = 16;
+  const std::vector<int64_t> budgets(kLayers, 6 * kv::page_bytes(kGeometry));
+  REQUIRE(kv::chain_tokens_at_floor(c, kGeometry, budgets[0], 1000) > 440);
+  const int64_t chain = worst_case_pages(c, kGeometry, budgets, kLayers, 440, 0);
+  const int64_t held = worst_case_pages(c, kGeometry, budgets, kLayers, 440, 400);
+  REQUIRE(held > 2 * chain);
+  SchedulerConfig s;
+  s.prefill_chunk = 32;
+  Harness h(static_cast<int32_t>(held + chain), c, s, budgets);
+  h.sched.add(make_seq(1, 400, 40));
+  h.sched.add(make_seq(2, 400, 40));
+  h.step();
+  CHECK(h.sched.reserved_pages() == held);
+  CHECK(h.sched.num_waiting() == 1);
+  while (h.sched.num_waiting() == 1) {
+    const StepPlan p = h.step();
+    REQUIRE_FALSE(p.empty());
+  }
+  // The first's prompt is done (its reservation is its chain's), the second's admitted.
+  CHECK(h.sched.reserved_pages() == chain + held);
+  h.run_to_end();
+  CHECK(h.done_len[1] == 440);
+  CHECK(h.done_len[2] == 440);
+  CHECK(h.sched.preemptions_total() == 0);
+}
+
 TEST_CASE("scheduler: overcommit keeps more pages free after preemptions", "[scheduler]") {
   // 20 long chains in a pool for about two: every admission beyond that ends in a preemption.
   // The headroom a running sequence gets doubles with each preemption and halves after 32 calm
