@@ -22,12 +22,11 @@ int64_t worst_case_pages(const kv::KvCacheConfig& c, const kv::PageGeometry& g,
   // pages its flush takes when they enter below 16 bits (the window pages return at end_step).
   int64_t prompt_peak = 0;
   if (c.hold_prompt && prompt_len > 0) {
-    const int64_t t16 = g.tokens16;
-    const int64_t sink = std::min<int64_t>(prompt_len, c.sink_tokens);
-    prompt_peak = (sink + t16 - 1) / t16 + (prompt_len - sink + t16 - 1) / t16;
+    prompt_peak = kv::pages_for_uniform(c, g, prompt_len, 16);
     if (c.init_bits != 16) {
+      const int64_t flushed = prompt_len - std::min<int64_t>(prompt_len, c.sink_tokens);
       const int64_t cap = kv::tokens_per_page(g, c.init_bits);
-      prompt_peak += (prompt_len - sink + cap - 1) / cap + 1;
+      prompt_peak += (flushed + cap - 1) / cap + 1;
     }
   }
   int64_t total = 0;
