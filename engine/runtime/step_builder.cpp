@@ -10,7 +10,31 @@ namespace {
 
 // Copies the attention tables of `chunks` into `b`.
 void copy_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
-                      StepBatch& b);
+                      StepBatch& b) {
+  const int32_t num_seqs = static_cast<int32_t>(chunks.size());
+  const int32_t num_tables = kv.num_layers() * num_seqs;
+  // The tables' places first (lookups, prefix sums), then the copies: ~10^6 page references at
+  // long contexts and large batches, copied on several threads then (the lookups are const).
+  // Kept across steps. The parallel copy below must see this thread's vector: bind a reference
+  // (a thread_local named inside the OpenMP region would be each worker's own, empty one).
+  thread_local std::vector<std::span<const kv::PageRef>> tables_storage;
+  std::vector<std::span<const kv::PageRef>>& tables = tables_storage;
+  tables.resize(static_cast<size_t>(num_tables));
+  b.page_starts.resize(static_cast<size_t>(num_tables) + 1);
+  b.page_starts[0] = 0;
+  for (int32_t l = 0; l < kv.num_layers(); ++l) {
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      const int32_t i = l * num_seqs + s;
+      tables[i] = kv.attention_table(chunks[s].seq, l);
+      b.page_starts[i + 1] = b.page_starts[i] + static_cast<int32_t>(tables[i].size());
+    }
+  }
+  b.pages.resize(static_cast<size_t>(b.page_starts[num_tables]));
+#pragma omp parallel for if (b.pages.size() > 65536) num_threads(8) schedule(static)
+  for (int32_t i = 0; i < num_tables; ++i) {
+    std::copy(tables[i].begin(), tables[i].end(), b.pages.begin() + b.page_starts[i]);
+  }
+}
 
 }  // namespace
 
@@ -89,36 +113,5 @@ bool build_step(kv::KvCacheManager& kv, std::span<const SeqChunk> chunks, StepBa
   copy_page_tables(kv, chunks, b);
   return true;
 }
-
-namespace {
-
-void copy_page_tables(const kv::KvCacheManager& kv, std::span<const SeqChunk> chunks,
-                      StepBatch& b) {
-  const int32_t num_seqs = static_cast<int32_t>(chunks.size());
-  const int32_t num_tables = kv.num_layers() * num_seqs;
-  // The tables' places first (lookups, prefix sums), then the copies: ~10^6 page references at
-  // long contexts and large batches, copied on several threads then (the lookups are const).
-  // Kept across steps. The parallel copy below must see this thread's vector: bind a reference
-  // (a thread_local named inside the OpenMP region would be each worker's own, empty one).
-  thread_local std::vector<std::span<const kv::PageRef>> tables_storage;
-  std::vector<std::span<const kv::PageRef>>& tables = tables_storage;
-  tables.resize(static_cast<size_t>(num_tables));
-  b.page_starts.resize(static_cast<size_t>(num_tables) + 1);
-  b.page_starts[0] = 0;
-  for (int32_t l = 0; l < kv.num_layers(); ++l) {
-    for (int32_t s = 0; s < num_seqs; ++s) {
-      const int32_t i = l * num_seqs + s;
-      tables[i] = kv.attention_table(chunks[s].seq, l);
-      b.page_starts[i + 1] = b.page_starts[i] + static_cast<int32_t>(tables[i].size());
-    }
-  }
-  b.pages.resize(static_cast<size_t>(b.page_starts[num_tables]));
-#pragma omp parallel for if (b.pages.size() > 65536) num_threads(8) schedule(static)
-  for (int32_t i = 0; i < num_tables; ++i) {
-    std::copy(tables[i].begin(), tables[i].end(), b.pages.begin() + b.page_starts[i]);
-  }
-}
-
-}  // namespace
 
 }  // namespace pmkv
