@@ -453,39 +453,36 @@ int32_t KvCacheManager::num_tokens(SeqId seq) const {
   return it == seqs_.end() ? 0 : it->second.num_tokens;
 }
 
-std::span<const PageRef> KvCacheManager::table(SeqId seq, int32_t layer) const {
+const KvCacheManager::Seq& KvCacheManager::live_seq(SeqId seq, const char* caller) const {
   const auto it = seqs_.find(seq);
   if (it == seqs_.end()) {
-    throw std::out_of_range("KvCacheManager::table: unknown sequence " + std::to_string(seq));
+    throw std::out_of_range(std::string("KvCacheManager::") + caller + ": unknown sequence " +
+                            std::to_string(seq));
   }
-  return it->second.layers.at(layer).pages;
+  return it->second;
+}
+
+std::span<const PageRef> KvCacheManager::table(SeqId seq, int32_t layer) const {
+  return live_seq(seq, "table").layers.at(layer).pages;
 }
 
 std::span<const PageRef> KvCacheManager::attention_table(SeqId seq, int32_t layer) const {
-  const auto it = seqs_.find(seq);
-  if (it == seqs_.end()) {
-    throw std::out_of_range("KvCacheManager::attention_table: unknown sequence " +
-                            std::to_string(seq));
-  }
-  const Layer& L = it->second.layers.at(layer);
+  const Layer& L = live_seq(seq, "attention_table").layers.at(layer);
   if (L.attention_step == step_) return L.attention_pages;
   return L.pages;
 }
 
 SeqKvStats KvCacheManager::seq_stats(SeqId seq) const {
-  const auto it = seqs_.find(seq);
-  if (it == seqs_.end()) {
-    throw std::out_of_range("KvCacheManager::seq_stats: unknown sequence " + std::to_string(seq));
-  }
+  const Seq& s = live_seq(seq, "seq_stats");
   SeqKvStats out;
-  out.demotions = it->second.demotions;
+  out.demotions = s.demotions;
   for (int32_t l = 0; l < num_layers_; ++l) {
     LayerKvStats ls;
-    for (const PageRef& p : it->second.layers[l].pages) {
+    for (const PageRef& p : s.layers[l].pages) {
       ls.tokens_by_bits[stat_index(p.bits)] += p.num_tokens;
       ls.pages_by_bits[stat_index(p.bits)] += 1;
     }
-    ls.pages = static_cast<int32_t>(it->second.layers[l].pages.size());
+    ls.pages = static_cast<int32_t>(s.layers[l].pages.size());
     ls.bytes = ls.pages * page_bytes_;
     ls.budget_bytes = budgets_.empty() ? -1 : budgets_[l];
     out.layers.push_back(ls);

@@ -159,6 +159,7 @@ class KvCacheManager {
     std::vector<Layer> layers;
     int64_t demotions = 0;
   };
+  const Seq& live_seq(SeqId seq, const char* caller) const;  // std::out_of_range if unknown
   bool append_layer(Seq& s, Layer& L, int32_t layer, int32_t n, bool hold, KvLayerOps* ops,
                     std::vector<KvWrite>* writes);
   void flush(Layer& L, KvLayerOps* ops);
