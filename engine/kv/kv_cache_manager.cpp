@@ -526,6 +526,11 @@ int64_t chain_tokens_at_floor(const KvCacheConfig& config, const PageGeometry& g
   const int64_t budget_pages = budget_bytes / page_bytes(geometry);
   const int64_t transient = 2 + ceil_div(config.window_tokens, tokens_per_page(geometry, 2)) +
                             config.window_tokens / geometry.tokens16;
+  // After a step a layer holds at most its tokens' pages at 16 bits (flushes move whole 16-bit
+  // pages' worth of tokens, which never take more pages below 16 bits), so a budget of that many
+  // pages for max_tokens never binds. Such budgets (an operator's "unlimited", 2^62 bytes) end
+  // here: sized by them, the scratch pool would ask for ~10^14 pages.
+  if (budget_pages >= pages_for_uniform(config, geometry, max_tokens, 16)) return max_tokens;
   KvCacheManager m(1, geometry, static_cast<int32_t>(budget_pages + transient), config,
                    {budget_bytes});
   KvStepOps ops;

@@ -176,6 +176,11 @@ def test_kv_stats_and_budgets(stub, pb, served, server):
     with pytest.raises(grpc.RpcError) as e:
         stub.UpdateBudgets(m.UpdateBudgetsRequest())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # An "unlimited" budget holds a full context; it once sized a scratch pool by its bytes
+    # (INT64_MAX: an UNKNOWN status; 2^62: seconds of CPU and gigabytes).
+    for huge in (2**63 - 1, 2**62):
+        r = stub.UpdateBudgets(m.UpdateBudgetsRequest(uniform_bytes=huge), timeout=5)
+        assert r.budget_chain_tokens == served["context"]
     r = stub.UpdateBudgets(m.UpdateBudgetsRequest(clear=True))
     assert list(r.per_layer_bytes) == [] and r.budget_chain_tokens == 0
     generate(stub, pb, text="Hi", sampling=m.SamplingParams(max_tokens=2))

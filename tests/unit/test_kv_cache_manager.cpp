@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <random>
 
@@ -176,6 +177,10 @@ TEST_CASE("kv manager: chain_tokens_at_floor is where the floor action ends a ch
   // Two pages: the sink's (1 token) and one window page (32 tokens); the 34th token needs a third.
   CHECK(chain_tokens_at_floor(c, g, 2 * pb, 4096) == 33);
   CHECK(chain_tokens_at_floor(c, g, 1000 * pb, 4096) == 4096);
+  // Budgets beyond a full chain's 16-bit pages never bind (the property test checks the bound);
+  // INT64_MAX and 2^62 bytes once sized a scratch pool by their pages (an exception; gigabytes).
+  CHECK(chain_tokens_at_floor(c, g, std::numeric_limits<int64_t>::max(), 1 << 20) == 1 << 20);
+  CHECK(chain_tokens_at_floor(c, g, int64_t{1} << 62, 4096) == 4096);
   // The same count as a manager appending one token at a time until the floor action, for both
   // policies and a few floors and budgets.
   for (DemotionPolicy policy : {DemotionPolicy::kBlock, DemotionPolicy::kOldestFirst}) {
@@ -425,6 +430,8 @@ TEST_CASE("kv manager: property test over random workloads, budgets and policies
         INFO("step " << step << " seq " << id << " layer " << l);
         const auto bits = token_bits(t);
         REQUIRE(static_cast<int32_t>(bits.size()) == n);
+        // Never more pages than the tokens take at 16 bits (chain_tokens_at_floor's bound).
+        REQUIRE(static_cast<int64_t>(t.size()) <= pages_for_uniform(c, g, n, 16));
         if (n < prompt_of[id]) {
           // A held prompt: every token at 16 bits, the budget not applied yet.
           for (int b : bits)
