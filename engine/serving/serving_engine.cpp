@@ -328,10 +328,20 @@ std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
       throw InvalidArgument("the request needs " + std::to_string(worst) + " KV pages" + why +
                             "; the pool has " + std::to_string(num_pages));
     }
+    // More sequences than the queue holds never fit (a 400, not a 503 that clients retry).
+    const auto adds = static_cast<int64_t>(seqs.size());
+    if (adds > options.scheduler.max_waiting) {
+      throw InvalidArgument("the request has " + std::to_string(adds) +
+                            " sequences (n); the server queues at most " +
+                            std::to_string(options.scheduler.max_waiting) +
+                            " (scheduler.max_waiting)");
+    }
     const int64_t queued = static_cast<int64_t>(inbox.size()) + num_waiting.load();
-    if (queued + static_cast<int64_t>(seqs.size()) > options.scheduler.max_waiting) {
+    if (queued + adds > options.scheduler.max_waiting) {
       throw Unavailable("the server is busy: " + std::to_string(queued) +
-                        " requests are waiting (scheduler.max_waiting)");
+                        " sequences are waiting, this request adds " + std::to_string(adds) +
+                        ", at most " + std::to_string(options.scheduler.max_waiting) +
+                        " may (scheduler.max_waiting)");
     }
     for (auto& seq : seqs)
       inbox.push_back(std::move(seq));

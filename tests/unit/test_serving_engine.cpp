@@ -608,6 +608,31 @@ TEST_CASE("serving: submit_all queues all requests together or none", "[serving]
     CHECK(run_all(e, {three[i]}).front().ids == got[i].ids);
 }
 
+TEST_CASE("serving: a request larger than the queue is a 400, a full queue a 503",
+          "[serving][engine]") {
+  EngineOptions o = options();
+  o.scheduler.max_waiting = 2;
+  ServingEngine e(kModel, o);  // not started: what is submitted stays queued
+  std::vector<EngineRequest> three(3, request(prompt_of(1), 4));
+  try {
+    e.submit_all(three);  // n = 3 never fits a queue of 2: retrying cannot help
+    FAIL("submit_all of 3 with max_waiting 2 was accepted");
+  } catch (const InvalidArgument& err) {
+    CHECK_THAT(err.what(), Catch::Contains("3 sequences") &&
+                               Catch::Contains("scheduler.max_waiting"));
+  }
+  e.submit(request(prompt_of(1), 4));
+  std::vector<EngineRequest> two(2, request(prompt_of(2), 4));
+  try {
+    e.submit_all(two);  // fits the queue, not now: busy
+    FAIL("submit_all of 2 behind 1 with max_waiting 2 was accepted");
+  } catch (const Unavailable& err) {
+    CHECK_THAT(err.what(), Catch::Contains("1 sequences are waiting, this request adds 2"));
+  }
+  CHECK_NOTHROW(e.submit(request(prompt_of(3), 4)));
+  CHECK_THROWS_AS(e.submit(request(prompt_of(4), 4)), Unavailable);
+}
+
 TEST_CASE("serving: shutdown lets requests finish within the grace, then ends the rest",
           "[serving][engine]") {
   both_step_modes();
