@@ -331,10 +331,9 @@ std::vector<std::shared_ptr<RequestStream>> ServingEngine::Impl::submit_all(
     // More sequences than the queue holds never fit (a 400, not a 503 that clients retry).
     const auto adds = static_cast<int64_t>(seqs.size());
     if (adds > options.scheduler.max_waiting) {
-      throw InvalidArgument("the request has " + std::to_string(adds) +
-                            " sequences (n); the server queues at most " +
-                            std::to_string(options.scheduler.max_waiting) +
-                            " (scheduler.max_waiting)");
+      throw InvalidArgument(
+          "the request has " + std::to_string(adds) + " sequences (n); the server queues at most " +
+          std::to_string(options.scheduler.max_waiting) + " (scheduler.max_waiting)");
     }
     const int64_t queued = static_cast<int64_t>(inbox.size()) + num_waiting.load();
     if (queued + adds > options.scheduler.max_waiting) {

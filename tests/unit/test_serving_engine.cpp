@@ -618,8 +618,8 @@ TEST_CASE("serving: a request larger than the queue is a 400, a full queue a 503
     e.submit_all(three);  // n = 3 never fits a queue of 2: retrying cannot help
     FAIL("submit_all of 3 with max_waiting 2 was accepted");
   } catch (const InvalidArgument& err) {
-    CHECK_THAT(err.what(), Catch::Contains("3 sequences") &&
-                               Catch::Contains("scheduler.max_waiting"));
+    CHECK_THAT(err.what(),
+               Catch::Contains("3 sequences") && Catch::Contains("scheduler.max_waiting"));
   }
   e.submit(request(prompt_of(1), 4));
   std::vector<EngineRequest> two(2, request(prompt_of(2), 4));
