@@ -1,5 +1,6 @@
 #include "server/http/json_fields.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -24,6 +25,31 @@ size_t utf8_length(unsigned char c) {
   if (c >= 0xE0 && c <= 0xEF) return 3;
   if (c >= 0xF0 && c <= 0xF4) return 4;
   return 0;
+}
+
+// The deepest nesting of arrays and objects in a JSON text (brackets inside strings skipped). A
+// malformed text gets some number; the parser reports what is wrong with it.
+size_t nesting_depth(std::string_view s) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : s) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
 }
 
 }  // namespace
@@ -56,6 +82,12 @@ Json parse_body(std::string_view body) {
   if (!valid_utf8(body, &bad)) {
     throw bad_request("request body is not valid UTF-8 (first bad byte at offset " +
                       std::to_string(bad) + ")");
+  }
+  // Copying, comparing or printing a nlohmann::json recurses once a level: a chat message whose
+  // content was 400,000 nested arrays (an 800 KB body) overflowed an IO thread's stack.
+  if (nesting_depth(body) > kMaxJsonDepth) {
+    throw bad_request("request body nests arrays and objects deeper than " +
+                      std::to_string(kMaxJsonDepth) + " levels");
   }
   Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {

@@ -17,7 +17,13 @@ namespace pmkv::http {
 
 using Json = nlohmann::json;
 
-// The body as a JSON object: 400 when it is not valid UTF-8, not JSON, or not an object.
+// Arrays and objects nested deeper than this are refused. An OpenAI request needs about 4 levels
+// (messages[i].content[j].text); JSON schemas (tools, response_format), which pmkv rejects anyway,
+// rarely pass 20.
+inline constexpr size_t kMaxJsonDepth = 64;
+
+// The body as a JSON object: 400 when it is not valid UTF-8, nests deeper than kMaxJsonDepth, is
+// not JSON, or not an object.
 Json parse_body(std::string_view body);
 
 // JSON type names as OpenAI's errors spell them ("string", "number", "array", ...).

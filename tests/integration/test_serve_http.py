@@ -264,6 +264,10 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, model, 
               path="/v1/chat/completions")
     check_400(server, '{"messages": [{"role": "tool", "content": "x"}]}', "not supported",
               path="/v1/chat/completions")
+    # 400,000 nested arrays (800 KB) once overflowed an IO thread's stack: the server died.
+    deep = "[" * 400000 + "]" * 400000
+    check_400(server, '{"messages": [{"role": "user", "content": ' + deep + '}]}',
+              "deeper than 64 levels", path="/v1/chat/completions")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="x", max_tokens=-1)
     r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=4)

@@ -108,6 +108,22 @@ TEST_CASE("malformed bodies are 400 with a clear message", "[server]") {
   check_400("{\"prompt\": \"\xED\xA0\x80\"}", "not valid UTF-8");  // a UTF-16 surrogate
 }
 
+TEST_CASE("bodies nested deeper than kMaxJsonDepth are 400 before parsing", "[server]") {
+  auto nested = [](size_t levels, const std::string& inner) {
+    return std::string(levels, '[') + inner + std::string(levels, ']');
+  };
+  // A chat message's content 400,000 arrays deep once overflowed the stack (the message's copy).
+  const std::string deep =
+      R"({"messages": [{"role": "user", "content": )" + nested(400000, "") + "}]}";
+  CHECK_THAT(chat_error(deep).message, Catch::Contains("deeper than 64 levels"));
+  check_400(R"({"prompt": )" + nested(1000, "1") + "}", "deeper than 64 levels");
+  // 64 levels in all (the body's object and 63 arrays) parse; the type check answers.
+  check_400(R"({"prompt": )" + nested(kMaxJsonDepth - 1, "1") + "}", "'prompt' must be");
+  check_400(R"({"prompt": )" + nested(kMaxJsonDepth, "1") + "}", "deeper than 64 levels");
+  // Brackets inside strings (escaped quotes included) do not count.
+  check_400(R"({"prompt": ")" + std::string(100, '[') + R"(\"[[[", "n": "x"})", "'n' must be");
+}
+
 TEST_CASE("wrong types, unknown fields and bad ranges are 400 naming the field", "[server]") {
   check_400(R"({"prompt": [1], "temperature": "hot"})",
             "'temperature' must be a number, got string");
