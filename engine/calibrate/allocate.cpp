@@ -17,10 +17,13 @@ int32_t Sensitivity::num_layers() const {
 }
 
 Sensitivity parse_sensitivity_json(const std::string& text, const std::string& source) {
-  const auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    throw InvalidArgument(source + ": not a JSON object");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {  // out_of_range too: a number beyond a double
+    throw InvalidArgument(source + ": not valid JSON: " + e.what());
   }
+  if (!j.is_object()) throw InvalidArgument(source + ": not a JSON object");
   Sensitivity s;
   auto fail = [&](const std::string& what) { throw InvalidArgument(source + ": " + what); };
   if (!j.contains("bits") || !j["bits"].is_array()) fail("needs a `bits` list");

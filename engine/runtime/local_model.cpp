@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 
 #include "engine/calibrate/key_scales.h"
@@ -13,30 +14,38 @@ namespace pmkv {
 
 namespace {
 
-// eos_token_id of generation_config.json (int or list), when the file exists.
-std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir) {
-  std::ifstream in(dir / "generation_config.json");
+// eos_token_id of generation_config.json (int or list), when the file exists; every id in
+// [0, vocab_size).
+std::vector<int32_t> generation_config_eos(const std::filesystem::path& dir, int64_t vocab_size) {
+  const std::filesystem::path file = dir / "generation_config.json";
+  std::ifstream in(file);
   if (!in) return {};
-  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) {
-    throw LoadError("generation_config.json in " + dir.string() + " is not valid JSON");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {  // out_of_range too: a number beyond a double
+    throw LoadError(file.string() + " is not valid JSON: " + e.what());
   }
+  const auto bad = [&] {
+    return LoadError(file.string() + ": eos_token_id must be a token id in [0, " +
+                     std::to_string(vocab_size) + ") or a list of them");
+  };
+  const auto id_of = [&](const nlohmann::json& v) {
+    if (!v.is_number_integer()) throw bad();
+    const int64_t id =
+        v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX ? -1 : v.get<int64_t>();
+    if (id < 0 || id >= vocab_size) throw bad();
+    return static_cast<int32_t>(id);
+  };
+  if (!j.is_object()) throw LoadError(file.string() + " is not a JSON object");
   std::vector<int32_t> ids;
   const auto it = j.find("eos_token_id");
   if (it == j.end() || it->is_null()) return ids;
-  if (it->is_number_integer()) {
-    ids.push_back(it->get<int32_t>());
-  } else if (it->is_array()) {
-    for (const auto& v : *it) {
-      if (!v.is_number_integer()) {
-        throw LoadError("generation_config.json in " + dir.string() +
-                        ": eos_token_id must be an integer or a list of integers");
-      }
-      ids.push_back(v.get<int32_t>());
-    }
+  if (it->is_array()) {
+    for (const auto& v : *it)
+      ids.push_back(id_of(v));
   } else {
-    throw LoadError("generation_config.json in " + dir.string() +
-                    ": eos_token_id must be an integer or a list of integers");
+    ids.push_back(id_of(*it));
   }
   return ids;
 }
@@ -68,7 +77,7 @@ LocalModel LocalModel::open(const std::filesystem::path& dir, LocalModelOptions 
     m.eos_ids = m.tokenizer->eos_ids();
   } else {
     m.eos_ids = m.config.eos_token_ids;
-    for (int32_t id : generation_config_eos(dir)) {
+    for (int32_t id : generation_config_eos(dir, m.config.vocab_size)) {
       if (std::find(m.eos_ids.begin(), m.eos_ids.end(), id) == m.eos_ids.end()) {
         m.eos_ids.push_back(id);
       }

@@ -250,6 +250,8 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(server, client, model, 
     check_400(server, '{"prompt": "x", "max_tokens": ', "not valid JSON")
     check_400(server, b'{"prompt": "\xff\xfe"}', "not valid UTF-8")
     check_400(server, '{"prompt": "x", "temperature": "hot"}', "'temperature' must be a number")
+    # A number beyond a double: the JSON parser's out_of_range once ended the server.
+    check_400(server, '{"prompt": "x", "temperature": 1e400}', "number overflow")
     check_400(server, '{"prompt": 5}', "'prompt' must be")
     err = check_400(server, '{"prompt": "x", "frobnicate": 1}', "frobnicate")
     assert err["param"] == "frobnicate"

@@ -3,7 +3,9 @@
 // tests/gpu on the device machine.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "engine/backend/backend_factory.h"
@@ -93,4 +95,37 @@ TEST_CASE("backend factory: cpu backend with key scales, dummy weights refused o
   LocalModel m = LocalModel::open(dir, {.device = Device::kCpu, .dummy_weights = true});
   CHECK(m.weights.empty());
   CHECK_THROWS_AS(m.backend(64), InvalidArgument);
+}
+
+TEST_CASE("local model: generation_config.json's EOS ids are checked when there is no tokenizer",
+          "[backend]") {
+  const fs::path dir = fs::temp_directory_path() / "pmkv_test_generation_config";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(golden("llama_gqa") / "config.json", dir / "config.json");
+  const int64_t vocab = parse_model_config(dir / "config.json").vocab_size;
+  auto open_with = [&](const std::string& text) {
+    std::ofstream(dir / "generation_config.json") << text;
+    return LocalModel::open(dir, {.device = Device::kCpu, .dummy_weights = true});
+  };
+  auto error_of = [&](const std::string& text) -> std::string {
+    try {
+      (void)open_with(text);
+    } catch (const LoadError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const LocalModel m = open_with(R"({"eos_token_id": [2, 3]})");
+  CHECK(std::find(m.eos_ids.begin(), m.eos_ids.end(), 3) != m.eos_ids.end());
+  CHECK_THAT(error_of("[2]"), Catch::Contains("is not a JSON object"));
+  CHECK_THAT(error_of(R"({"eos_token_id": 2)"), Catch::Contains("is not valid JSON"));
+  // 1e400: out_of_range from the parser, which once escaped as std::terminate.
+  CHECK_THAT(error_of(R"({"eos_token_id": 1e400})"), Catch::Contains("is not valid JSON"));
+  for (const std::string& id : {std::string("-1"), std::to_string(vocab), std::string("4294967298"),
+                                std::string("18446744073709551615"), std::string("2.5")}) {
+    INFO(id);
+    CHECK_THAT(error_of(R"({"eos_token_id": )" + id + "}"), Catch::Contains("must be a token id"));
+  }
+  fs::remove_all(dir);
 }

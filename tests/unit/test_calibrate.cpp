@@ -12,6 +12,7 @@
 #include "engine/calibrate/calibration_data.h"
 #include "engine/calibrate/key_scales.h"
 #include "engine/calibrate/sensitivity.h"
+#include "engine/common/error.h"
 #include "engine/kv/kv_config.h"
 #include "engine/runtime/local_model.h"
 
@@ -99,6 +100,30 @@ TEST_CASE("calibrate allocate: the budgets file is what the KV cache reads", "[c
   for (int l = 0; l < 5; ++l) {
     CHECK(budgets[l] == kv::pages_for_uniform(c, g, 4096, a.bits[l]) * kv::page_bytes(g));
   }
+}
+
+TEST_CASE("calibrate allocate: a sensitivity file round-trips; bad ones are clear errors",
+          "[calibrate]") {
+  Sensitivity s;
+  s.bits = {8, 4};
+  s.k[8] = {0.1, 0.2};
+  s.k[4] = {0.3, 0.4};
+  s.v = s.k;
+  const Sensitivity back = parse_sensitivity_json(sensitivity_to_json(s, ""), "sens.json");
+  CHECK(back.bits == s.bits);
+  CHECK(back.k == s.k);
+  auto error_of = [](const std::string& text) -> std::string {
+    try {
+      (void)parse_sensitivity_json(text, "sens.json");
+    } catch (const InvalidArgument& e) {
+      return e.what();
+    }
+    return "";
+  };
+  CHECK_THAT(error_of("[1]"), Catch::Contains("sens.json: not a JSON object"));
+  CHECK_THAT(error_of("{\"bits\": "), Catch::Contains("not valid JSON"));
+  // nlohmann's parser throws out_of_range for 1e400 even with exceptions off; it escaped once.
+  CHECK_THAT(error_of("{\"bits\": [1e400]}"), Catch::Contains("not valid JSON"));
 }
 
 TEST_CASE("calibrate: folded key scales leave full-precision logits unchanged", "[calibrate]") {

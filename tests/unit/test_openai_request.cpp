@@ -104,6 +104,11 @@ TEST_CASE("completions: batches, defaults and the model name", "[server]") {
 TEST_CASE("malformed bodies are 400 with a clear message", "[server]") {
   check_400("{\"prompt\": [1]", "not valid JSON");
   check_400("[1, 2]", "must be a JSON object");
+  // The parser throws out_of_range (not parse_error) for a number beyond a double, even when
+  // asked not to throw: a 40-byte body ended the server with std::terminate.
+  check_400(R"({"prompt": "x", "temperature": 1e400})", "not valid JSON");
+  CHECK_THAT(chat_error(R"({"messages": [], "n": -1e999})").message,
+             Catch::Contains("number overflow"));
   check_400("{\"prompt\": \"\xC3\x28\"}", "not valid UTF-8");
   check_400("{\"prompt\": \"\xED\xA0\x80\"}", "not valid UTF-8");  // a UTF-16 surrogate
 }
