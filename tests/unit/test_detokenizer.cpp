@@ -274,7 +274,11 @@ void check_random_sequences(const Tokenizer& tok, uint32_t seed, int trials) {
     // With a prompt as context (ending in a piece that is not a byte): the stream is the
     // continuation of the prompt's text.
     Ids prompt = random_ids(tok, rng, rng() % 12, lone_space);
-    prompt.push_back(lone_space + 1 + static_cast<int32_t>(rng() % 100));
+    int32_t last = 0;  // a random piece that is neither a byte nor a control piece
+    do {
+      last = static_cast<int32_t>(rng() % static_cast<unsigned>(tok.vocab_size()));
+    } while (tok.is_byte_piece(last) || tok.is_control(last));
+    prompt.push_back(last);
     Ids all = prompt;
     all.insert(all.end(), ids.begin(), ids.end());
     const std::string prompt_text = tok.decode(prompt);
@@ -323,4 +327,10 @@ TEST_CASE("detokenizer: the decode window stays short on long repetitive output"
   // The ids of the last emitted chunk and those held since: here at most the 3 bytes of "€" and
   // the id before them.
   CHECK(max_window <= 4);
+}
+
+TEST_CASE("detokenizer: random id sequences (pmkv-ref, the default model)", "[detokenizer]") {
+  // Its own 12K sentencepiece model (byte fallback, trained on Debian text): the server's default.
+  const Tokenizer tok = Tokenizer::load(fs::path(PMKV_SOURCE_DIR) / "models" / "pmkv-ref");
+  check_random_sequences(tok, 7, 400);
 }
