@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <random>
 #include <thread>
 
 #include "engine/backend/backend.h"
@@ -631,6 +632,105 @@ TEST_CASE("serving: a request larger than the queue is a 400, a full queue a 503
   }
   CHECK_NOTHROW(e.submit(request(prompt_of(3), 4)));
   CHECK_THROWS_AS(e.submit(request(prompt_of(4), 4)), Unavailable);
+}
+
+TEST_CASE("serving: random submits and cancels and deadlines and budget changes",
+          "[serving][engine][property]") {
+  // Everything a client and an operator can do at once, against a small pool: every stream ends
+  // exactly once and never with an internal error, finished ones honour max_tokens, the counters
+  // add up to what was submitted, and the pool drains to zero.
+  both_step_modes();
+  const auto admission =
+      GENERATE(SchedulerConfig::Admission::kGuaranteed, SchedulerConfig::Admission::kOvercommit);
+  const bool guaranteed = admission == SchedulerConfig::Admission::kGuaranteed;
+  INFO("async_steps " << (g_steps == EngineOptions::AsyncSteps::kOn ? "on" : "off")
+                      << ", admission " << (guaranteed ? "guaranteed" : "overcommit"));
+  EngineOptions o = options();
+  o.scheduler.admission = admission;
+  o.scheduler.max_step_tokens = 96;
+  o.scheduler.prefill_chunk = 24;
+  const int64_t page = page_bytes_of(o);
+  o.kv_memory_bytes = 110 * page;  // one full-length (512-token) chain at 16 bits, and a little
+  ServingEngine e(kModel, o);
+  e.start();
+  std::mt19937 rng(guaranteed ? 11u : 12u);
+  auto uniform = [&](int lo, int hi) { return lo + static_cast<int>(rng() % (hi - lo + 1)); };
+  struct Submitted {
+    std::shared_ptr<RequestStream> stream;
+    int32_t max_tokens;
+  };
+  std::vector<Submitted> live;
+  int refused = 0, budget_changes = 0;
+  for (int action = 0; action < 120; ++action) {
+    const int what = uniform(0, 99);
+    if (what < 70) {  // 1-3 choices of one request, as n does
+      std::vector<EngineRequest> reqs;
+      const int n = uniform(1, 3);
+      std::vector<int32_t> prompt;
+      for (int i = uniform(1, 120); i > 0; --i)
+        prompt.push_back(uniform(3, 500));
+      for (int c = 0; c < n; ++c) {
+        EngineRequest r = request(prompt, uniform(1, 150), uniform(0, 1) ? 0.0f : 0.9f);
+        r.params.seed = rng();
+        if (uniform(0, 3) == 0) r.params.top_k = uniform(1, 40);
+        if (uniform(0, 3) == 0) r.params.top_p = 0.8f;
+        if (uniform(0, 19) == 0)
+          r.deadline = std::chrono::steady_clock::now() + 1ms * uniform(0, 30);
+        reqs.push_back(std::move(r));
+      }
+      try {
+        auto streams = e.submit_all(reqs);
+        for (size_t c = 0; c < streams.size(); ++c)
+          live.push_back({std::move(streams[c]), reqs[c].params.max_tokens});
+      } catch (const InvalidArgument&) {  // too large for the pool under the budgets in force
+        ++refused;
+      }
+    } else if (what < 85 && !live.empty()) {
+      live[rng() % live.size()].stream->cancel();
+    } else if (what < 92) {
+      ++budget_changes;
+      const int kind = uniform(0, 2);
+      if (kind == 0) {
+        e.update_budgets({});
+      } else {
+        const int64_t pages = kind == 1 ? uniform(2, 4) : uniform(5, 40);
+        e.update_budgets(std::vector<int64_t>(3, pages * page));
+      }
+    } else {
+      std::this_thread::sleep_for(1ms * uniform(0, 20));
+    }
+  }
+  uint64_t finished = 0, cancelled = 0, rejected = 0;
+  for (Submitted& x : live) {
+    const Outcome out = collect(*x.stream);
+    REQUIRE(out.end.has_value());
+    CHECK(*out.end != StreamEnd::kError);
+    CHECK(*out.end != StreamEnd::kShutdown);
+    CHECK(static_cast<int32_t>(out.ids.size()) <= x.max_tokens);
+    CHECK(out.completion_tokens == static_cast<int32_t>(out.ids.size()));
+    if (*out.end == StreamEnd::kFinished) {
+      ++finished;
+      CHECK(out.finish == FinishReason::kLength);  // ignore_eos: max_tokens or the budget floor
+    }
+    cancelled += *out.end == StreamEnd::kCancelled;
+    rejected += *out.end == StreamEnd::kRejected;
+    CHECK_FALSE(x.stream->next(0ms).has_value());  // nothing after the end
+  }
+  const EngineStats st = settled(e, [&](const EngineStats& x) {
+    return x.requests_finished_total + x.requests_cancelled_total + x.requests_rejected_total ==
+           live.size();
+  });
+  CHECK(st.kv.pages_used == 0);
+  CHECK(st.requests_running == 0);
+  CHECK(st.requests_waiting == 0);
+  CHECK(st.requests_failed_total == 0);
+  CHECK(st.requests_finished_total == finished);
+  CHECK(st.requests_cancelled_total == cancelled);
+  CHECK(st.requests_rejected_total == rejected);
+  CHECK(finished > 40);
+  CHECK(cancelled > 5);
+  CHECK(budget_changes > 3);
+  (void)refused;
 }
 
 TEST_CASE("serving: shutdown lets requests finish within the grace, then ends the rest",
