@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 
+#include <chrono>
 #include <random>
 #include <thread>
 
@@ -75,7 +76,7 @@ struct HttpServer::Impl {
                             if (ctx.stopping) return;
                             if (ec) {
                               // Out of descriptors or similar: back off instead of spinning.
-                              spdlog::warn("http: accept failed: {}", ec.message());
+                              report_accept_failure(ec);
                               retry.expires_after(std::chrono::milliseconds(50));
                               retry.async_wait([this](boost::system::error_code) {
                                 if (!ctx.stopping) accept();
@@ -88,6 +89,24 @@ struct HttpServer::Impl {
                             accept();
                           });
   }
+
+  // The first failure, then at most one line every kAcceptReportInterval with the count since:
+  // out of descriptors, accept fails at every 50 ms retry. One accept is outstanding at a time,
+  // so its handlers never run concurrently.
+  void report_accept_failure(const boost::system::error_code& ec) {
+    const auto now = std::chrono::steady_clock::now();
+    ++accept_failures;
+    if (accept_reported && now - last_accept_report < kAcceptReportInterval) return;
+    spdlog::warn("http: accept failed: {} ({} time(s) since the last report; retrying every 50 ms)",
+                 ec.message(), accept_failures);
+    accept_failures = 0;
+    accept_reported = true;
+    last_accept_report = now;
+  }
+  static constexpr auto kAcceptReportInterval = std::chrono::seconds(10);
+  int64_t accept_failures = 0;
+  bool accept_reported = false;
+  std::chrono::steady_clock::time_point last_accept_report{};
 
   // ctx outlives ioc: handlers destroyed with ioc still reach ctx through their sessions.
   http::ServerContext ctx;

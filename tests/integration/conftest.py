@@ -119,7 +119,7 @@ CHAT_TEMPLATES = SOURCE_DIR / "tests" / "fixtures" / "chat_templates"
 class Server:
     """A running `pmkv serve`; its log is drained into `lines` by a thread (never blocks)."""
 
-    def __init__(self, pmkv_bin, model_dir, *extra, timeout=60):
+    def __init__(self, pmkv_bin, model_dir, *extra, timeout=60, preexec_fn=None):
         import re
         import threading
         import time
@@ -127,7 +127,7 @@ class Server:
             [pmkv_bin, "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
              "--grpc-port", "0", *map(str, extra)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, preexec_fn=preexec_fn)
         self.lines = []
         self.http_port = self.grpc_port = None
         ready = threading.Event()

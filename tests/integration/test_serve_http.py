@@ -321,6 +321,37 @@ def test_llama2_template_and_api_key(llama2_server):
                                                {"role": "user", "content": "b"}])
 
 
+@pytest.mark.skipif(ON_CUDA, reason="the CUDA runtime alone takes more descriptors")
+def test_out_of_descriptors_the_server_logs_little_and_recovers(pmkv_bin, chatml_model):
+    import resource
+    from conftest import SERVE_ARGS, SERVE_EXTRA, Server
+
+    def few_descriptors():  # the hard limit too: the server raises its soft limit to it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server = Server(pmkv_bin, chatml_model, *SERVE_ARGS, *SERVE_EXTRA, preexec_fn=few_descriptors)
+    try:
+        # The listen backlog completes more connections than the server has descriptors for:
+        # accept fails (EMFILE) and is retried every 50 ms.
+        socks = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(80)]
+        time.sleep(1.5)
+        # Once, then at most every 10 s with a count; it was a line at every retry (20 a second).
+        assert sum("accept failed" in line for line in server.lines) == 1, server.log()[-2000:]
+        for s in socks:
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if http_request(server.base_url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not serving again after the descriptors returned"
+            time.sleep(0.1)
+    finally:
+        assert server.stop() == 0
+
+
 def test_sigterm_finishes_running_streams_then_exits_0(pmkv_bin, chatml_model):
     from conftest import SERVE_ARGS, SERVE_EXTRA, Server
     import signal
