@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 #include <thread>
@@ -68,7 +69,10 @@ std::vector<std::shared_ptr<Session>> ServerContext::live_sessions() {
 }  // namespace http
 
 struct HttpServer::Impl {
-  Impl(ServingEngine& engine, HttpServerOptions o) : ctx(engine, std::move(o)) {}
+  Impl(ServingEngine& engine, HttpServerOptions o)
+      : ctx(engine, std::move(o)), parse_pool(std::max(1, ctx.options.io_threads)) {
+    ctx.parse_pool = &parse_pool;
+  }
 
   void accept() {
     acceptor.async_accept(net::make_strand(ioc),
@@ -115,6 +119,9 @@ struct HttpServer::Impl {
   net::steady_timer retry{ioc};
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
   std::vector<std::thread> threads;
+  // Parses and tokenizes request bodies (Session::start_generation). Declared after ioc, so it is
+  // destroyed first: a parse job it never ran still holds its session, whose socket needs ioc.
+  net::thread_pool parse_pool;
   uint16_t port = 0;
   bool started = false;
   bool stopped = false;
@@ -175,6 +182,8 @@ void HttpServer::stop() {
   }
   for (const auto& s : m.ctx.live_sessions())
     s->kill_waker();
+  // Parse jobs still running post their results to the sessions' strands, which must run them.
+  m.parse_pool.join();
   m.work.reset();
   m.ioc.stop();
   for (std::thread& t : m.threads)

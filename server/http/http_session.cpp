@@ -196,18 +196,32 @@ void Session::send_unavailable() {
 
 void Session::start_generation(Endpoint endpoint) {
   if (shutting_down()) return send_unavailable();
-  std::vector<EngineRequest> requests;
-  try {
-    const ApiRequest api = endpoint == Endpoint::kChat
-                               ? parse_chat_request(request_.body(), ctx_.model)
-                               : parse_completion_request(request_.body(), ctx_.model);
-    const std::string id = request_id(ctx_, endpoint);
-    requests = to_engine_requests(api, ctx_.model, id);
-    job_.emplace(api, id, ctx_.model.served_name, unix_now(), ctx_.model.tokenizer);
-  } catch (const ApiException& e) {
-    return send_error(e.error());
-  }
-  submit_all(std::move(requests));
+  // Parsing and tokenizing run on the parse pool, not on this IO thread: 8 MB of prompt text
+  // takes ~3 s to tokenize, and an IO thread busy with it stopped every stream it served (two
+  // such requests stalled all streaming for 2-3 s). Until on_parsed runs, nothing else on this
+  // session touches request_: no read is pending and no stream exists yet.
+  net::post(*ctx_.parse_pool, [self = shared_from_this(), endpoint] {
+    auto parsed = std::make_shared<Parsed>();
+    try {
+      parsed->api = endpoint == Endpoint::kChat
+                        ? parse_chat_request(self->request_.body(), self->ctx_.model)
+                        : parse_completion_request(self->request_.body(), self->ctx_.model);
+      parsed->id = request_id(self->ctx_, endpoint);
+      parsed->requests = to_engine_requests(*parsed->api, self->ctx_.model, parsed->id);
+    } catch (const ApiException& e) {
+      parsed->error = e.error();
+    }
+    net::post(self->stream_.get_executor(),
+              [self, parsed] { self->on_parsed(std::move(*parsed)); });
+  });
+}
+
+void Session::on_parsed(Parsed parsed) {
+  if (closed_) return;
+  if (parsed.error) return send_error(*parsed.error);
+  if (shutting_down()) return send_unavailable();
+  job_.emplace(*parsed.api, parsed.id, ctx_.model.served_name, unix_now(), ctx_.model.tokenizer);
+  submit_all(std::move(parsed.requests));
 }
 
 void Session::submit_all(std::vector<EngineRequest> requests) {

@@ -50,6 +50,8 @@ struct ServerContext {
   HttpServerOptions options;
   chat::ChatPrompt chat;
   ModelInfo model;
+  // Where request bodies are parsed and tokenized (HttpServer's; see Session::start_generation).
+  net::thread_pool* parse_pool = nullptr;
   std::atomic<bool> stopping{false};
   std::atomic<uint64_t> requests_total{0};
   std::atomic<uint64_t> errors_total{0};
@@ -85,7 +87,15 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_read(beast::error_code ec);
   void handle_request();
   void route(const std::string& target);
+  // A generation request's body parsed (off the strand) into engine requests, or its error.
+  struct Parsed {
+    std::optional<ApiRequest> api;
+    std::string id;
+    std::vector<EngineRequest> requests;
+    std::optional<ApiError> error;
+  };
   void start_generation(Endpoint endpoint);
+  void on_parsed(Parsed parsed);
   void submit_all(std::vector<EngineRequest> requests);
   void drain();
   void send_health();

@@ -321,6 +321,56 @@ def test_llama2_template_and_api_key(llama2_server):
                                                {"role": "user", "content": "b"}])
 
 
+@pytest.mark.skipif(ON_CUDA, reason="host-side behaviour; the CPU run covers it")
+def test_big_prompts_do_not_stall_running_streams(pmkv_bin, chatml_model):
+    """Bodies are parsed and tokenized off the IO threads: two 7 MB prompts (~3 s of tokenizing)
+    once stopped every running stream for 2.1-2.8 s; now chunks keep coming."""
+    import threading
+    from conftest import SERVE_ARGS, SERVE_EXTRA, Server
+    server = Server(pmkv_bin, chatml_model, *SERVE_ARGS, *SERVE_EXTRA,
+                    "--set", "server.max_body_bytes=8M", "--set", "logging.access_log=false")
+    try:
+        done = threading.Event()
+        streams = []  # arrival times of each stream's chunks
+
+        def stream_until_done():
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400,
+                               "ignore_eos": True, "stream": True}).encode()
+            while not done.is_set():
+                sock = socket.create_connection(("127.0.0.1", server.http_port))
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: " +
+                             str(len(body)).encode() + b"\r\n\r\n" + body)
+                times = []
+                while sock.recv(65536):
+                    times.append(time.monotonic())
+                sock.close()
+                streams.append(times)
+
+        def big():
+            status, _, raw = http_request(server.base_url, "POST", "/v1/completions",
+                                          json.dumps({"prompt": "ab " * 2_300_000, "max_tokens": 1}))
+            assert status == 400 and b"tokens long" in raw
+
+        runner = threading.Thread(target=stream_until_done)
+        runner.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        bigs = [threading.Thread(target=big) for _ in range(2)]
+        for b in bigs:
+            b.start()
+        for b in bigs:
+            b.join()
+        t1 = time.monotonic()
+        done.set()
+        runner.join()
+        gaps = [b - a for times in streams for a, b in zip(times, times[1:]) if t0 <= a and b <= t1]
+        assert t1 - t0 > 1.0 and gaps, (t1 - t0, len(gaps))  # the big prompts took a while
+        assert max(gaps) < 1.0, f"a running stream stalled {max(gaps):.2f} s"
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.skipif(ON_CUDA, reason="the CUDA runtime alone takes more descriptors")
 def test_out_of_descriptors_the_server_logs_little_and_recovers(pmkv_bin, chatml_model):
     import resource
