@@ -88,6 +88,31 @@ void Session::do_read() {
   parser_->body_limit(ctx_.options.max_body_bytes);
   parser_->header_limit(kMaxHeaderBytes);
   stream_.expires_after(kIdleTimeout);
+  bhttp::async_read_header(
+      stream_, buffer_, *parser_,
+      [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
+}
+
+void Session::on_header(beast::error_code ec) {
+  if (closed_) return;
+  // Errors here include a Content-Length beyond max_body_bytes: the 413 goes out before any body.
+  if (ec || parser_->is_done()) return on_read(ec);
+  const auto& req = parser_->get();
+  if (req.version() >= 11 && beast::iequals(req[bhttp::field::expect], "100-continue")) {
+    // curl sends this with bodies over 1 MB and waits up to a second for the answer before it
+    // sends the body anyway: a second on every large request without it.
+    static const std::string kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+    net::async_write(stream_, net::buffer(kContinue),
+                     [self = shared_from_this()](beast::error_code wec, size_t) {
+                       if (wec) return self->close();
+                       self->read_body();
+                     });
+    return;
+  }
+  read_body();
+}
+
+void Session::read_body() {
   bhttp::async_read(
       stream_, buffer_, *parser_,
       [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });

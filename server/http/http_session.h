@@ -84,6 +84,8 @@ class Session : public std::enable_shared_from_this<Session> {
     std::string extra_headers;
   };
   void do_read();
+  void on_header(beast::error_code ec);
+  void read_body();
   void on_read(beast::error_code ec);
   void handle_request();
   void route(const std::string& target);

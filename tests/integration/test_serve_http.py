@@ -290,6 +290,29 @@ def test_http_errors(server):
     assert http_request(server.base_url, "GET", "/health")[0] == 200
 
 
+def test_expect_100_continue(server, model):
+    """curl sends Expect: 100-continue with bodies over 1 MB and waits up to a second for the
+    answer before sending the body; the server answers at once, or refuses an oversized body
+    before it is sent."""
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 2}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=5)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body byte
+    sock.sendall(body)
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK") and b'"completion_tokens":2' in reply
+    # Larger than server.max_body_bytes (1M here): 413 at once, the body never sent.
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=5)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 413 ")
+    sock.close()
+
+
 def test_unsupported_chat_template_is_400(unsupported_server):
     err = check_400(unsupported_server, '{"messages": [{"role": "user", "content": "Hi"}]}',
                     "unsupported chat template", path="/v1/chat/completions")
