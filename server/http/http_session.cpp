@@ -235,6 +235,13 @@ void Session::start_generation(Endpoint endpoint) {
       parsed->requests = to_engine_requests(*parsed->api, self->ctx_.model, parsed->id);
     } catch (const ApiException& e) {
       parsed->error = e.error();
+    } catch (const std::exception& e) {
+      // A parser bug (tests/fuzz hunts these): one 500, not an exception that ends the process.
+      spdlog::error("http: parsing a request failed: {}", e.what());
+      parsed->error = ApiError{.status = 500,
+                               .message = std::string("internal error: ") + e.what(),
+                               .type = "server_error",
+                               .code = "internal_error"};
     }
     net::post(self->stream_.get_executor(),
               [self, parsed] { self->on_parsed(std::move(*parsed)); });
