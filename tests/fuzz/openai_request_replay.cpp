@@ -3,48 +3,28 @@
 // exceptions; any other exception fails the run, a crash fails it by itself. Hand-written seeds
 // are checked against their names: `seed-valid-*` must be accepted, `seed-bad-*` rejected. The
 // ctest `openai_request_corpus_replay` runs it over tests/fuzz/corpus_openai_request.
-#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <span>
-#include <string>
 #include <vector>
 
+#include "tests/fuzz/corpus_dir.h"
 #include "tests/fuzz/openai_request_input.h"
-
-namespace {
-
-bool name_starts(const std::filesystem::path& p, const char* prefix) {
-  return p.filename().string().rfind(prefix, 0) == 0;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_DIR\n", argv[0]);
     return 2;
   }
-  namespace fs = std::filesystem;
-  std::vector<fs::path> files;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(argv[1], ec)) {
-    if (e.is_regular_file()) files.push_back(e.path());
-  }
-  if (ec || files.empty()) {
-    std::fprintf(stderr, "no files in %s%s%s\n", argv[1], ec ? ": " : "", ec.message().c_str());
-    return 2;
-  }
-  std::sort(files.begin(), files.end());
+  using pmkv::fuzz::name_starts;
+  const auto files = pmkv::fuzz::corpus_files(argv[1]);
+  if (!files) return 2;
   const pmkv::fuzz::RequestModel model(pmkv::fuzz::default_request_model_dir());
   size_t accepted = 0, rejected = 0, failed = 0;
-  for (const auto& p : files) {
-    std::ifstream in(p, std::ios::binary);
-    const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                                     std::istreambuf_iterator<char>());
+  for (const auto& p : *files) {
+    const std::vector<char> raw = pmkv::fuzz::file_bytes(p);
+    const std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(raw.data()), raw.size());
     try {
       if (pmkv::fuzz::run_request_input(bytes, model.info) ==
           pmkv::fuzz::RequestOutcome::kAccepted) {
@@ -68,7 +48,7 @@ int main(int argc, char** argv) {
       ++failed;
     }
   }
-  std::printf("%zu files: %zu accepted, %zu rejected, %zu failed\n", files.size(), accepted,
+  std::printf("%zu files: %zu accepted, %zu rejected, %zu failed\n", files->size(), accepted,
               rejected, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -16,39 +16,19 @@
 
 #include "engine/common/error.h"
 #include "engine/model/safetensors.h"
-
-namespace {
-
-bool name_starts(const std::filesystem::path& p, const char* prefix) {
-  return p.filename().string().rfind(prefix, 0) == 0;
-}
-
-}  // namespace
+#include "tests/fuzz/corpus_dir.h"
 
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_DIR\n", argv[0]);
     return 2;
   }
-  namespace fs = std::filesystem;
-  std::vector<fs::path> files;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(argv[1], ec)) {
-    if (e.is_regular_file()) files.push_back(e.path());
-  }
-  if (ec) {
-    std::fprintf(stderr, "cannot list %s: %s\n", argv[1], ec.message().c_str());
-    return 2;
-  }
-  if (files.empty()) {
-    std::fprintf(stderr, "no files in %s\n", argv[1]);
-    return 2;
-  }
-  std::sort(files.begin(), files.end());
+  using pmkv::fuzz::name_starts;
+  const auto files = pmkv::fuzz::corpus_files(argv[1]);
+  if (!files) return 2;
   size_t accepted = 0, rejected = 0, failed = 0;
-  for (const auto& p : files) {
-    std::ifstream in(p, std::ios::binary);
-    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (const auto& p : *files) {
+    const std::vector<char> bytes = pmkv::fuzz::file_bytes(p);
     try {
       pmkv::parse_safetensors(std::span<const std::byte>(
                                   reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()),
@@ -72,7 +52,7 @@ int main(int argc, char** argv) {
       ++failed;
     }
   }
-  std::printf("%zu files: %zu accepted, %zu rejected with pmkv::Error, %zu failed\n", files.size(),
+  std::printf("%zu files: %zu accepted, %zu rejected with pmkv::Error, %zu failed\n", files->size(),
               accepted, rejected, failed);
   return failed == 0 ? 0 : 1;
 }
