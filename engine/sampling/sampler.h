@@ -25,7 +25,8 @@ class Sampler {
   // write back.
   //
   // Order (vLLM): repetition penalty -> frequency and presence penalties -> greedy: argmax (lowest
-  // id on ties) | temperature -> top-k -> top-p -> min-p -> draw from the softmax of what is left.
+  // id on ties) | temperature -> top-k -> top-p -> min-p -> draw from the softmax of what is left,
+  // walking the kept tokens in id order (so the draw is continuous in the probabilities).
   // NaN logits count as -inf. If no token has a finite logit, the answer is the lowest id.
   //
   // History contract (so a step costs O(vocab + new tokens), not O(history)):

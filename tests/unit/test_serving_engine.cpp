@@ -277,6 +277,22 @@ TEST_CASE("serving: seeded sampling is the same whatever else is in the batch",
   const Outcome crowded = run_all(e, mixed)[5];
   CHECK(alone.ids.size() == 24);
   CHECK(crowded.ids == alone.ids);
+  // Sixteen seeded top-p / top-k requests, each alone and all together: logits a rounding apart
+  // must not move the draw (it walks the kept tokens in id order; in the filters' selection
+  // order, nearly equal probabilities swapped places and moved it).
+  std::vector<EngineRequest> filtered;
+  for (int i = 0; i < 16; ++i) {
+    EngineRequest r = request(prompt_of(i + 30), 40, 1.0f);
+    r.params.seed = 100 + static_cast<uint64_t>(i);
+    r.params.top_p = i % 2 ? 0.9f : 1.0f;
+    r.params.top_k = i % 3 ? 0 : 64;
+    filtered.push_back(std::move(r));
+  }
+  const std::vector<Outcome> together = run_all(e, filtered);
+  int same = 0;
+  for (int i = 0; i < 16; ++i)
+    same += run_all(e, {filtered[i]}).front().ids == together[i].ids;
+  CHECK(same == 16);
 }
 
 TEST_CASE("serving: log-probabilities come from the raw logits", "[serving][engine]") {
