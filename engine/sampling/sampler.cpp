@@ -100,6 +100,28 @@ size_t top_p_prefix(std::vector<std::pair<float, int32_t>>& cand, double target)
   return std::max<size_t>(keep, 1);
 }
 
+// Puts cand (distinct ids below vocab) in id order: a sort when it is small, else a scatter into a
+// vocabulary-sized row and one pass over it (a top-p of 0.95 over a flat 128K vocabulary keeps
+// most of it: sorting took a draw from 5.7 to 18 ms; this pass costs about what the filters do).
+void order_by_id(std::vector<std::pair<float, int32_t>>& cand, size_t vocab) {
+  const auto n = static_cast<double>(cand.size());
+  if (cand.size() < 2) return;
+  if (n * std::log2(n) < static_cast<double>(vocab)) {
+    std::sort(cand.begin(), cand.end(),
+              [](const auto& a, const auto& b) { return a.second < b.second; });
+    return;
+  }
+  thread_local std::vector<float> weight_of;  // per thread: Samplers are per sequence
+  weight_of.assign(vocab, -1.0f);             // kept weights are >= 0
+  for (const auto& c : cand) {
+    weight_of[static_cast<size_t>(c.second)] = c.first;
+  }
+  cand.clear();
+  for (size_t i = 0; i < vocab; ++i) {
+    if (weight_of[i] >= 0.0f) cand.emplace_back(weight_of[i], static_cast<int32_t>(i));
+  }
+}
+
 }  // namespace
 
 Sampler::Sampler(SamplingParams params, std::optional<uint64_t> fallback_seed)
@@ -263,10 +285,7 @@ int32_t Sampler::draw(std::span<float> logits) {
   // two tokens and moved every CDF boundary after them, and a seeded request sampled other tokens
   // beside other requests (20 of 40 top-p requests on stories260K). In id order the draw moves
   // only as far as the probabilities do.
-  if (cand.size() > 1 && (k > 0 || params_.top_p < 1.0f)) {
-    std::sort(cand.begin(), cand.end(),
-              [](const auto& a, const auto& b) { return a.second < b.second; });
-  }
+  if (k > 0 || params_.top_p < 1.0f) order_by_id(cand, logits.size());
   double total = 0.0;
   for (const auto& c : cand) {
     total += c.first;
