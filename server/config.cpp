@@ -133,6 +133,7 @@ class Section {
     }
     return x;
   }
+  static constexpr double kMaxSeconds = 1e7;
   double number(const std::string& key) {
     const YAML::Node v = get(key);
     double x = -1;
@@ -143,8 +144,13 @@ class Section {
         x = -1;
       }
     }
-    if (!v.IsScalar() || !std::isfinite(x) || x < 0) {
-      fail(full(key), "expected a number of seconds >= 0, got " + shown(v));
+    // The cap keeps now() + the duration inside steady_clock's int64 nanoseconds: 9223372036 s
+    // wrapped every request's deadline into the past (each was cancelled at once), and 1e300 s
+    // overflowed the conversion to milliseconds.
+    if (!v.IsScalar() || !std::isfinite(x) || x < 0 || x > kMaxSeconds) {
+      fail(full(key),
+           "expected a number of seconds in [0, 10000000] (10^7 s, about 115 days), got " +
+               shown(v));
     }
     return x;
   }

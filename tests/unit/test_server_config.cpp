@@ -120,6 +120,13 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("server: {port: 70000}", {}, "config error: server.port: expected a port number");
   check_error("server: {max_body_bytes: 12Q}", {}, "config error: server.max_body_bytes:");
   check_error("server: {shutdown_grace_s: -1}", {}, "config error: server.shutdown_grace_s:");
+  // Beyond 10^7 s a deadline could wrap steady_clock: 9223372036 s cancelled every request at once.
+  check_error(
+      "", {"server.request_timeout_s=9223372036"},
+      "config error: server.request_timeout_s: expected a number of seconds in [0, 10000000]");
+  check_error("", {"server.shutdown_grace_s=1e300"}, "config error: server.shutdown_grace_s:");
+  CHECK(parse_server_config(std::nullopt, "test", {"server.request_timeout_s=10000000"})
+            .server.request_timeout_s == 1e7);
   check_error("logging: {access_log: maybe}", {},
               "config error: logging.access_log: expected true or false, got 'maybe'");
   check_error("kv_cache: {memory: lots}", {}, "config error: kv_cache.memory: expected a byte");
