@@ -80,6 +80,12 @@ TEST_CASE("backend factory: cpu backend with key scales, dummy weights refused o
   const kv::PageGeometry g{int32_t(cfg.num_kv_heads), int32_t(cfg.head_dim), 16};
   auto b = make_backend({.device = Device::kCpu}, cfg, &w, g, 64, {});
   CHECK(b->name() == "cpu");
+  // A pool beyond the memory available is a clear error naming the setting (it was a bare
+  // std::bad_alloc, or the OOM killer): 2^30 pages of this model are terabytes.
+  CHECK(message_of([&] {
+          make_backend({.device = Device::kCpu}, cfg, &w, g, 1 << 30, {});
+        }).find("kv_cache.memory) is larger than the memory this machine has available") !=
+        std::string::npos);
   CHECK_FALSE(b->samples_on_device());
   CHECK(b->weight_bytes() > 0);
   CHECK(b->kv_pool_bytes() == 64 * kv::page_bytes(g));

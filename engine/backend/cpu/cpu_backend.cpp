@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <new>
 #include <string>
 
 #include "engine/backend/cpu/cpu_ops.h"
@@ -27,6 +29,22 @@ void append(std::vector<float>& dst, const std::vector<float>& src) {
   dst.insert(dst.end(), src.begin(), src.end());
 }
 
+// MemAvailable of /proc/meminfo in bytes; -1 where it cannot be read.
+int64_t available_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return -1;
+}
+
+std::string mib(uint64_t bytes) {
+  return std::to_string(bytes >> 20) + " MiB";
+}
+
 }  // namespace
 
 CpuBackend::CpuBackend(const ModelConfig& config, const WeightStore& weights,
@@ -41,7 +59,21 @@ CpuBackend::CpuBackend(const ModelConfig& config, const WeightStore& weights,
   }
   load(weights);
   inv_freq_ = rope_inv_freq(cfg_);
-  kv_pool_.resize(static_cast<size_t>(num_pages) * static_cast<size_t>(page_bytes_));
+  // The pool is zero-filled, so all of it is touched now: one larger than the memory available
+  // ended in std::bad_alloc ("pmkv serve: error: std::bad_alloc", kv_cache.memory 100G on a 24 GB
+  // machine) or, within overcommit, in the OOM killer.
+  const uint64_t pool_bytes = static_cast<uint64_t>(num_pages) * static_cast<uint64_t>(page_bytes_);
+  const int64_t available = available_memory_bytes();
+  if (available >= 0 && pool_bytes > static_cast<uint64_t>(available)) {
+    throw InvalidArgument("the KV pool (" + mib(pool_bytes) + ", kv_cache.memory) is larger than " +
+                          "the memory this machine has available (" +
+                          mib(static_cast<uint64_t>(available)) + ")");
+  }
+  try {
+    kv_pool_.resize(pool_bytes);
+  } catch (const std::bad_alloc&) {
+    throw InvalidArgument("cannot allocate the KV pool (" + mib(pool_bytes) + ", kv_cache.memory)");
+  }
 }
 
 void CpuBackend::load(const WeightStore& w) {
