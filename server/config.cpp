@@ -129,7 +129,8 @@ class Section {
     const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
     if (!v.IsScalar() || s.empty() || ec != std::errc() || end != s.data() + s.size() || x < min ||
         x > max) {
-      fail(full(key), "expected " + what + ", got " + shown(v));
+      fail(full(key), "expected " + what + " in [" + std::to_string(min) + ", " +
+                          std::to_string(max) + "], got " + shown(v));
     }
     return x;
   }
@@ -218,13 +219,13 @@ void read_server(const YAML::Node& root, ServerConfig& c) {
   Section s(root, "server");
   ServerConfig::Server& v = c.server;
   v.host = s.string("host");
-  v.port = static_cast<uint16_t>(s.integer("port", 0, 65535, "a port number (0-65535)"));
-  v.grpc_port = static_cast<uint16_t>(s.integer("grpc_port", 0, 65535, "a port number (0-65535)"));
+  v.port = static_cast<uint16_t>(s.integer("port", 0, 65535, "a port number"));
+  v.grpc_port = static_cast<uint16_t>(s.integer("grpc_port", 0, 65535, "a port number"));
   const std::string key = s.string("api_key", /*allow_null=*/true);
   if (!key.empty()) v.api_key = key;
   v.max_body_bytes = s.bytes("max_body_bytes");
-  v.max_n = static_cast<int32_t>(s.integer("max_n", 1, 1 << 16, "a positive integer"));
-  v.io_threads = static_cast<int32_t>(s.integer("io_threads", 1, 1024, "a positive integer"));
+  v.max_n = static_cast<int32_t>(s.integer("max_n", 1, 1 << 16, "an integer"));
+  v.io_threads = static_cast<int32_t>(s.integer("io_threads", 1, 1024, "an integer"));
   v.request_timeout_s = s.number("request_timeout_s");
   v.shutdown_grace_s = s.number("shutdown_grace_s");
   s.done();
@@ -234,11 +235,10 @@ void read_scheduler(const YAML::Node& root, ServerConfig& c) {
   Section s(root, "scheduler");
   SchedulerConfig& v = c.scheduler;
   const int64_t big = int64_t{1} << 30;
-  v.max_running = static_cast<int32_t>(s.integer("max_running", 1, big, "a positive integer"));
-  v.max_step_tokens =
-      static_cast<int32_t>(s.integer("max_step_tokens", 1, big, "a positive integer"));
-  v.prefill_chunk = static_cast<int32_t>(s.integer("prefill_chunk", 1, big, "a positive integer"));
-  v.max_waiting = static_cast<int32_t>(s.integer("max_waiting", 1, big, "a positive integer"));
+  v.max_running = static_cast<int32_t>(s.integer("max_running", 1, big, "an integer"));
+  v.max_step_tokens = static_cast<int32_t>(s.integer("max_step_tokens", 1, big, "an integer"));
+  v.prefill_chunk = static_cast<int32_t>(s.integer("prefill_chunk", 1, big, "an integer"));
+  v.max_waiting = static_cast<int32_t>(s.integer("max_waiting", 1, big, "an integer"));
   v.admission = s.choice("admission", {"guaranteed", "overcommit"}) == "guaranteed"
                     ? SchedulerConfig::Admission::kGuaranteed
                     : SchedulerConfig::Admission::kOvercommit;
@@ -268,9 +268,8 @@ void read_kv_cache(const YAML::Node& root, ServerConfig& c) {
 void read_engine_and_logging(const YAML::Node& root, ServerConfig& c) {
   Section e(root, "engine");
   const int64_t big = int64_t{1} << 30;
-  c.engine.threads = static_cast<int32_t>(e.integer("threads", 0, 4096, "an integer >= 0"));
-  c.engine.max_model_len =
-      static_cast<int32_t>(e.integer("max_model_len", 0, big, "an integer >= 0"));
+  c.engine.threads = static_cast<int32_t>(e.integer("threads", 0, 4096, "an integer"));
+  c.engine.max_model_len = static_cast<int32_t>(e.integer("max_model_len", 0, big, "an integer"));
   c.engine.device = parse_device(e.choice("device", {"auto", "cpu", "cuda"}), "engine.device");
   c.engine.cuda_graphs = e.boolean("cuda_graphs");
   const std::string async = e.choice("async_steps", {"auto", "on", "off"});

@@ -104,8 +104,9 @@ logging:
 }
 
 TEST_CASE("server config: unknown keys and bad values name the full key", "[config]") {
-  check_error("", {"scheduler.max_running=x"},
-              "config error: scheduler.max_running: expected a positive integer, got 'x'");
+  check_error(
+      "", {"scheduler.max_running=x"},
+      "config error: scheduler.max_running: expected an integer in [1, 1073741824], got 'x'");
   check_error("scheduler: {max_running: 0}", {}, "config error: scheduler.max_running:");
   check_error("scheduler: {max_runing: 3}", {}, "config error: scheduler.max_runing: unknown key");
   check_error("", {"scheduler.admission=sometimes"},
@@ -137,7 +138,11 @@ TEST_CASE("server config: unknown keys and bad values name the full key", "[conf
   check_error("", {"kv_cache.floor_bits=3"}, "config error: kv_cache.floor_bits:");
   check_error("", {"kv_cache.budget.per_layer_bytes=1M", "kv_cache.budget.uniform_bits=4"},
               "config error: kv_cache.budget:");
-  check_error("", {"engine.threads=-2"}, "config error: engine.threads: expected an integer >= 0");
+  check_error("", {"engine.threads=-2"},
+              "config error: engine.threads: expected an integer in [0, 4096]");
+  // The range is in the message: "expected an integer >= 0, got '2147483647'" read as nonsense.
+  check_error("", {"engine.max_model_len=2147483647"},
+              "config error: engine.max_model_len: expected an integer in [0, 1073741824], got");
   check_error("", {"nonsense"}, "--set 'nonsense': expected section.key=value");
   check_error("server: [1, 2]", {}, "config error: server: expected a mapping");
   check_error("server: {port: [1}", {}, "not valid YAML");
