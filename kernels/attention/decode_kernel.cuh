@@ -115,6 +115,12 @@ inline constexpr bool kFullPairs = PMKV_DECODE_FULL_PAIRS != 0;
 #ifndef PMKV_DECODE_STAGES2
 #define PMKV_DECODE_STAGES2 8
 #endif
+// PMKV_DECODE_EARLY_SLOTS: ring slots the 2/4/8-bit kernels issue before they load q (A/B knob;
+// 16 bits issue all of them first, see kCopiesFirst). 1-3 moved the 2/4-bit points at batch >= 16
+// by -3% to +2%, their sum by under 0.5% (bench/RESULTS.md, thirty-second session): 0 stays.
+#ifndef PMKV_DECODE_EARLY_SLOTS
+#define PMKV_DECODE_EARLY_SLOTS 0
+#endif
 #ifndef PMKV_DECODE_NEXT_AT
 #define PMKV_DECODE_NEXT_AT 1
 #endif
@@ -1448,9 +1454,10 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
       }
     }
   };
-  auto issue_first_slots = [&] {
+  auto issue_first_slots = [&](int from, int to) {
 #pragma unroll
     for (int s = 0; s < kSlots - 1; ++s) {
+      if (s < from || s >= to) continue;
       if (s * kStep < n_my) issue_slot(s);
       cp_async_commit();
     }
@@ -1459,8 +1466,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // (L2, then the fp16 split: ~2.5 us a CTA at batch 1, the probe's slot 2) overlap; at batch 1
   // the first tile used to arrive ~1-1.5 us after q. The 2-bit kernel lost 5-6% with this order
   // on its own (bench/RESULTS.md, sixth session), so the other bit-widths load q first.
-  constexpr bool kCopiesFirst = kBits == 16;
-  if constexpr (kCopiesFirst) issue_first_slots();
+  constexpr int kEarlySlots = kBits == 16 ? kSlots - 1 : PMKV_DECODE_EARLY_SLOTS;
+  constexpr bool kCopiesFirst = kEarlySlots > 0;
+  if constexpr (kCopiesFirst) issue_first_slots(0, kEarlySlots);
   trace_time(p, 17, threadIdx.x == 0 && kCopiesFirst);
   uint32_t aq[kQSteps<kBits, kD>][4];
   float qsum, kcorr;
@@ -1476,7 +1484,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   }
   const float score_scale = p.scale_log2 * q_unit;
   trace_time(p, 2, threadIdx.x == 0);
-  if constexpr (!kCopiesFirst) issue_first_slots();
+  if constexpr (kEarlySlots < kSlots - 1) issue_first_slots(kEarlySlots, kSlots - 1);
   trace_time(p, 17, threadIdx.x == 0 && !kCopiesFirst);
   int slot_c = 0, slot_p = kSlots - 1;
   // Software pipeline (pairs, kPipelinePairs): step i finishes pair i with the dots that step
