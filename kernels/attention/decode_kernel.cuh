@@ -1456,8 +1456,7 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   };
   auto issue_first_slots = [&](int from, int to) {
 #pragma unroll
-    for (int s = 0; s < kSlots - 1; ++s) {
-      if (s < from || s >= to) continue;
+    for (int s = from; s < to; ++s) {
       if (s * kStep < n_my) issue_slot(s);
       cp_async_commit();
     }
