@@ -43,6 +43,43 @@ def report(path):
     if inner:
         print(f"  loop-end range inside an SM: median {statistics.median(inner):.1f} "
               f"max {max(inner):.1f}")
+    by_rank(rows)
+
+
+def by_rank(rows):
+    """The CTAs of each SM that holds the most, ranked by entry (ties: row): do equal items end
+    in the order their CTAs arrived? (The warp schedulers favour older CTAs' warps; bench/RESULTS.md,
+    thirty-second session.)"""
+    per_sm = defaultdict(list)
+    for r in rows:
+        per_sm[r[1]].append(r)
+    n = max(len(v) for v in per_sm.values())
+    full = [sorted(v, key=lambda r: (r[2], r[0])) for v in per_sm.values() if len(v) == n]
+    if n < 2:
+        return
+    print(f"  by entry rank ({len(full)} SMs with {n} CTAs; p50 us, tiles):")
+    for k in range(n):
+        col = [v[k] for v in full]
+        med = lambda f: statistics.median(f(r) for r in col)
+        print(f"    rank {k}: first tile {med(lambda r: r[4]) / 1e3:6.1f}  loop end "
+              f"{med(lambda r: max(r[5:9])) / 1e3:6.1f}  tiles {med(lambda r: r[12]):.0f}")
+    in_order = sum(1 for v in full
+                   if sorted(v, key=lambda r: max(r[5:9])) == v)
+    print(f"    SMs whose CTAs' loops end in entry order: {in_order} of {len(full)}")
+    # A model, not a measurement: equal items, all started at rank 0's first tile, served in strict
+    # age order (the k-th oldest CTA still running gets rate r_k, whatever finished before it).
+    # CTA k's work W = sum_j r_(k-j+1) (t_j - t_(j-1)) fixes r_1..r_n from the median ends t_k;
+    # the same work spread evenly (n CTAs at r_1 + ... + r_n until all end) would take n W / sum r.
+    start = statistics.median(v[0][4] for v in full)
+    ends = [statistics.median(max(v[k][5:9]) for v in full) - start for k in range(n)]
+    dt = [ends[0]] + [ends[j] - ends[j - 1] for j in range(1, n)]
+    w, r = ends[0], []
+    for k in range(n):
+        r.append((w - sum(r[k - j] * dt[j] for j in range(1, k + 1))) / dt[0])
+    even = n * w / sum(r)
+    print("    strict-age model: rates " + " ".join(f"{x:.2f}" for x in r) +
+          f"; the ranks' loops end at {ends[-1] / 1e3:.1f} us after the first tile, "
+          f"evenly served {even / 1e3:.1f} ({even / ends[-1] - 1:+.0%})")
 
 
 if __name__ == "__main__":
