@@ -48,8 +48,8 @@ def report(path):
 
 def by_rank(rows):
     """The CTAs of each SM that holds the most, ranked by entry (ties: row): do equal items end
-    in the order their CTAs arrived? (The warp schedulers favour older CTAs' warps; bench/RESULTS.md,
-    thirty-second session.)"""
+    in the order their CTAs arrived? (At 2 bits they do: bench/RESULTS.md, thirty-second
+    session.)"""
     per_sm = defaultdict(list)
     for r in rows:
         per_sm[r[1]].append(r)
@@ -66,20 +66,6 @@ def by_rank(rows):
     in_order = sum(1 for v in full
                    if sorted(v, key=lambda r: max(r[5:9])) == v)
     print(f"    SMs whose CTAs' loops end in entry order: {in_order} of {len(full)}")
-    # A model, not a measurement: equal items, all started at rank 0's first tile, served in strict
-    # age order (the k-th oldest CTA still running gets rate r_k, whatever finished before it).
-    # CTA k's work W = sum_j r_(k-j+1) (t_j - t_(j-1)) fixes r_1..r_n from the median ends t_k;
-    # the same work spread evenly (n CTAs at r_1 + ... + r_n until all end) would take n W / sum r.
-    start = statistics.median(v[0][4] for v in full)
-    ends = [statistics.median(max(v[k][5:9]) for v in full) - start for k in range(n)]
-    dt = [ends[0]] + [ends[j] - ends[j - 1] for j in range(1, n)]
-    w, r = ends[0], []
-    for k in range(n):
-        r.append((w - sum(r[k - j] * dt[j] for j in range(1, k + 1))) / dt[0])
-    even = n * w / sum(r)
-    print("    strict-age model: rates " + " ".join(f"{x:.2f}" for x in r) +
-          f"; the ranks' loops end at {ends[-1] / 1e3:.1f} us after the first tile, "
-          f"evenly served {even / 1e3:.1f} ({even / ends[-1] - 1:+.0%})")
 
 
 if __name__ == "__main__":
