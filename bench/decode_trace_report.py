@@ -46,15 +46,20 @@ def report(path):
     by_rank(rows)
 
 
-def by_rank(rows):
-    """The CTAs of each SM that holds the most, ranked by entry (ties: row): do equal items end
-    in the order their CTAs arrived? (At 2 bits they do: bench/RESULTS.md, thirty-second
-    session.)"""
+def ranked_sms(rows):
+    """The CTA rows of each SM that holds the most CTAs, each SM's sorted by entry (ties: row)."""
     per_sm = defaultdict(list)
     for r in rows:
         per_sm[r[1]].append(r)
     n = max(len(v) for v in per_sm.values())
-    full = [sorted(v, key=lambda r: (r[2], r[0])) for v in per_sm.values() if len(v) == n]
+    return [sorted(v, key=lambda r: (r[2], r[0])) for v in per_sm.values() if len(v) == n]
+
+
+def by_rank(rows):
+    """Do equal items end in the order their CTAs arrived on the SM? (At 2 bits they do:
+    bench/RESULTS.md, thirty-second session.)"""
+    full = ranked_sms(rows)
+    n = len(full[0])
     if n < 2:
         return
     print(f"  by entry rank ({len(full)} SMs with {n} CTAs; p50 us, tiles):")

@@ -1467,8 +1467,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   // on its own (bench/RESULTS.md, sixth session), so the other bit-widths load q first.
   constexpr int kEarlySlots = kBits == 16 ? kSlots - 1 : PMKV_DECODE_EARLY_SLOTS;
   constexpr bool kCopiesFirst = kEarlySlots > 0;
+  constexpr bool kAllEarly = kEarlySlots == kSlots - 1;  // every first slot issued before q
   if constexpr (kCopiesFirst) issue_first_slots(0, kEarlySlots);
-  trace_time(p, 17, threadIdx.x == 0 && kCopiesFirst);
+  trace_time(p, 17, threadIdx.x == 0 && kAllEarly);
   uint32_t aq[kQSteps<kBits, kD>][4];
   float qsum, kcorr;
   // One column tile (groups of at most 4): rows 4-7 repeat the group's q, so lanes gid >= 4 hold
@@ -1483,8 +1484,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   }
   const float score_scale = p.scale_log2 * q_unit;
   trace_time(p, 2, threadIdx.x == 0);
-  if constexpr (kEarlySlots < kSlots - 1) issue_first_slots(kEarlySlots, kSlots - 1);
-  trace_time(p, 17, threadIdx.x == 0 && !kCopiesFirst);
+  if constexpr (!kAllEarly) issue_first_slots(kEarlySlots, kSlots - 1);
+  trace_time(p, 17, threadIdx.x == 0 && !kAllEarly);
   int slot_c = 0, slot_p = kSlots - 1;
   // Software pipeline (pairs, kPipelinePairs): step i finishes pair i with the dots that step
   // i - 1 computed, and computes pair i + 1's. So it waits for the ring's slots i and i + 1, and

@@ -4,19 +4,19 @@ tr/trace_b2_B{33,66,99,132}_T16384_m16.txt), and what the 3- and 4-CTA launches 
 every CTA ran at the full rate to the end. Each launch of n CTAs an SM has phases: n CTAs until
 the first (by entry rank, medians over SMs) ends, n - 1 until the second, ...; with S(1..n-1) from
 the smaller launches, S(n) is what makes the n items' work add up. Run from the repository root."""
-import collections
 import statistics
+import sys
+
+sys.path.insert(0, "bench")
+from decode_trace_report import ranked_sms  # noqa: E402
 
 DIR = "bench/results/decode_attention_h200/sm_occupancy_d5f0897/tr"
 
 
 def rank_ends(path):
     rows = [list(map(int, line.split())) for line in open(path) if line.strip()]
-    per_sm = collections.defaultdict(list)
-    for r in rows:
-        per_sm[r[1]].append(r)
-    n = max(len(v) for v in per_sm.values())
-    full = [sorted(v, key=lambda r: (r[2], r[0])) for v in per_sm.values() if len(v) == n]
+    full = ranked_sms(rows)
+    n = len(full[0])
     start = statistics.median(v[0][4] for v in full)
     return [(statistics.median(max(v[k][5:9]) for v in full) - start) / 1e3 for k in range(n)]
 
