@@ -115,12 +115,20 @@ inline constexpr bool kFullPairs = PMKV_DECODE_FULL_PAIRS != 0;
 #ifndef PMKV_DECODE_STAGES2
 #define PMKV_DECODE_STAGES2 8
 #endif
-// PMKV_DECODE_EARLY_SLOTS: ring slots the 2/4/8-bit kernels issue before they load q (A/B knob;
-// 16 bits issue all of them first, see kCopiesFirst). 1-3 moved the 2/4-bit points at batch >= 16
-// by -3% to +2%, their sum by under 0.5% (bench/RESULTS.md, thirty-second session): 0 stays.
-#ifndef PMKV_DECODE_EARLY_SLOTS
-#define PMKV_DECODE_EARLY_SLOTS 0
+// Ring slots a kernel issues before it loads q (see kCopiesFirst in run_item): 16 bits all of
+// them; the default (3-CTA) 2-bit kernel one, which took 2 bits at 16 x 16K from 55.7 to 54.1 us
+// and 16 x 4K from 22.8 to 22.5 (batch 1 even); the dense 2-bit kernel lost 1.6% at 64 x 16K with
+// it and 4 bits moved -1% to +0.4%, so those and 8 bits load q first (bench/RESULTS.md,
+// thirty-second and thirty-third sessions). Groups of 5-8 (kCols 2) were not measured: q first.
+// PMKV_DECODE_EARLY_SLOTS=E overrides the 2/4/8-bit kernels' count for A/B runs.
+template <int kBits, int kCols, bool kDense>
+__host__ __device__ constexpr int early_slots(int slots) {
+#ifdef PMKV_DECODE_EARLY_SLOTS
+  return kBits == 16 ? slots : PMKV_DECODE_EARLY_SLOTS;
+#else
+  return kBits == 16 ? slots : kBits == 2 && kCols == 1 && !kDense ? 1 : 0;
 #endif
+}
 #ifndef PMKV_DECODE_NEXT_AT
 #define PMKV_DECODE_NEXT_AT 1
 #endif
@@ -1318,7 +1326,7 @@ __device__ __forceinline__ uint32_t visible_tokens(int nvalid, int first) {
   return ((1u << nvalid) - 1u) & ~((1u << first) - 1u);
 }
 
-template <int kBits, int kD, typename TQ, int kCols>
+template <int kBits, int kD, typename TQ, int kCols, bool kDense>
 __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWorkItem* items,
                                          const DecodeWorkItem& it, int item, uint8_t* smem) {
   using Tr = Tile<kBits, kD>;
@@ -1463,9 +1471,9 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
   };
   // 16 bits: the ring's first copies go out before q is loaded, so that their latency and q's
   // (L2, then the fp16 split: ~2.5 us a CTA at batch 1, the probe's slot 2) overlap; at batch 1
-  // the first tile used to arrive ~1-1.5 us after q. The 2-bit kernel lost 5-6% with this order
-  // on its own (bench/RESULTS.md, sixth session), so the other bit-widths load q first.
-  constexpr int kEarlySlots = kBits == 16 ? kSlots - 1 : PMKV_DECODE_EARLY_SLOTS;
+  // the first tile used to arrive ~1-1.5 us after q. The 2-bit kernel lost 5-6% with all of them
+  // first (bench/RESULTS.md, sixth session); its default variant issues one (early_slots).
+  constexpr int kEarlySlots = early_slots<kBits, kCols, kDense>(kSlots - 1);
   constexpr bool kCopiesFirst = kEarlySlots > 0;
   constexpr bool kAllEarly = kEarlySlots == kSlots - 1;  // every first slot issued before q
   if constexpr (kCopiesFirst) issue_first_slots(0, kEarlySlots);
@@ -1683,7 +1691,8 @@ __device__ __forceinline__ void run_item(const KernelParams& p, const DecodeWork
 // One launch per bit-width present. The layer's list of items of this bit-width is read from the
 // device; CTA x takes list entries x, x + gridDim.x, ... (a launch of fixed size serves any count,
 // which a CUDA graph needs). kCols: 1 for groups of at most 4 query heads, 2 for 5 to 8 (see Acc).
-// kDense: the dense variant's launch bounds (BitsConfig::kCtasPerSmDense), nothing else differs.
+// kDense: the dense variant's launch bounds (BitsConfig::kCtasPerSmDense) and its early slots
+// (early_slots); the arithmetic is the same.
 template <int kBits, int kD, typename TQ, int kCols, bool kDense = false>
 __global__ void __launch_bounds__(BitsConfig<kBits>::kThreads,
                                   kDense       ? BitsConfig<kBits>::kCtasPerSmDense
@@ -1708,7 +1717,7 @@ __global__ void __launch_bounds__(BitsConfig<kBits>::kThreads,
     if (i != static_cast<int>(blockIdx.x)) __syncthreads();  // the last item's epilogue used smem
     const int item = ids[i];
     const DecodeWorkItem it = items[item];
-    run_item<kBits, kD, TQ, kCols>(p, items, it, item, smem);
+    run_item<kBits, kD, TQ, kCols, kDense>(p, items, it, item, smem);
   }
   // A CTA without an item waits too: a grid must not complete before the kernels it follows, or
   // a dependent launch after it (the next bit-width's, the o projection) could pass its own wait
