@@ -55,7 +55,8 @@ for s in "${suites[@]}"; do
     batch1)
       rc=0
       for r in 1 2; do
-        timeout "$(limit 120)" "$PK/bench_cuda_backend" --model bench/configs/llama3-8b --load-format dummy \
+        COMMIT=$(cat "$PK/COMMIT" 2>/dev/null || echo unknown) \
+          timeout "$(limit 120)" "$PK/bench_cuda_backend" --model bench/configs/llama3-8b --load-format dummy \
           --scenarios batch1 --decode-steps 200 --async-steps 1 --out "$W/batch1_r$r.json" \
           > /dev/null 2>> "$W/batch1.log" || rc=$?
         note "batch1 run $r: $(grep -o '"batch1_decode_ms_per_token":[^,]*' "$W/batch1_r$r.json")" \
