@@ -10,7 +10,9 @@
 //   claimC       the same, CTAs claiming C units at a time from a counter (plain launches only);
 //   strideC      the same, CTA c taking chunks c, c + G, ... of C units;
 //   producer_ldgsts  the same ring, the producer warp copying with 16-byte cp.async;
-//   producerP_ldgsts  the same with P = 2 or 4 producer warps;
+//   producerP_ldgsts  the same with P = 2, 4 or 8 producer warps;
+//   producerP_sweep  P = 4 or 8 producer warps copying each unit in the ldgsts mode's order (all
+//                the producers' lanes on one row's contiguous bytes at a time);
 //   tma1k        KU 1024, 6 stages (the same ~200 KB ring, finer stages);
 //   tma1k_x2     KU 1024, 3 stages, two CTAs an SM;
 //   ldgsts       the ring fed by all 256 threads with 16-byte cp.async (KU 2048, 3 stages);
@@ -95,8 +97,9 @@ struct TmaRing {
 // kAsync: kProducers producer warps copy with 16-byte cp.async instead (warp p rows p, p + P, ...
 // of each unit), each lane handing its copies' completion to the stage's mbarrier; producer 0's
 // lane 0 arrives once more (it publishes the stage's unit). Static and strided splits only when
-// kProducers > 1.
-template <int KU, int kStages, bool kAsync = false, int kProducers = 1>
+// kProducers > 1. kSweep: the producers' 32 P lanes copy 16-byte chunk t, t + 32 P, ... of the
+// unit in row order instead (as ldgsts_kernel's 256 threads do).
+template <int KU, int kStages, bool kAsync = false, int kProducers = 1, bool kSweep = false>
 __global__ void __launch_bounds__(TmaRing<KU, kStages, kProducers>::kThreads)
     tma_kernel(const uint16_t* __restrict__ w, int n, int k, int chunk, int* claim, uint64_t* ends,
                uint32_t* sink) {
@@ -131,7 +134,20 @@ __global__ void __launch_bounds__(TmaRing<KU, kStages, kProducers>::kThreads)
     auto issue = [&](int64_t u) {
       const int s = stage_for(u);
       const int64_t tile = u / U.ku, kk = u % U.ku;
-      if constexpr (kAsync) {
+      if constexpr (kAsync && kSweep) {
+        constexpr int kRowChunks = KU / 8, kLanes = 32 * kProducers;
+        const int t = pw * 32 + lane;
+#pragma unroll 4
+        for (int c = t; c < kRows * kRowChunks; c += kLanes) {
+          const int r = c / kRowChunks, col = c % kRowChunks;
+          int64_t row = tile * kRows + r;
+          row = row < n ? row : n - 1;
+          pmkv::kernels::cp_async16(smem + s * R::kStageBytes + r * R::kRowStride + 16 * col,
+                                    w + row * k + kk * KU + 8 * col);
+        }
+        cp_async_mbar_arrive(&full[s]);
+        if (pw == 0 && lane == 0) mbar_arrive(&full[s]);
+      } else if constexpr (kAsync) {
 #pragma unroll 2
         for (int r = pw; r < kRows; r += kProducers) {
           int64_t row = tile * kRows + r;
@@ -316,6 +332,9 @@ enum class Kind {
   kAsyncProducer,
   kAsyncProducer2,
   kAsyncProducer4,
+  kAsyncProducer8,
+  kAsyncSweep4,
+  kAsyncSweep8,
   kTma1k,
   kTma1kX2,
   kLdgsts,
@@ -339,6 +358,9 @@ bool parse_mode(const std::string& s, Mode* m) {
                                                 {"producer_ldgsts", Kind::kAsyncProducer},
                                                 {"producer2_ldgsts", Kind::kAsyncProducer2},
                                                 {"producer4_ldgsts", Kind::kAsyncProducer4},
+                                                {"producer8_ldgsts", Kind::kAsyncProducer8},
+                                                {"producer4_sweep", Kind::kAsyncSweep4},
+                                                {"producer8_sweep", Kind::kAsyncSweep8},
                                                 {"ldgsts", Kind::kLdgsts},
                                                 {"ldgsts1k_x2", Kind::kLdgsts1kX2},
                                                 {"ldg", Kind::kLdg},
@@ -424,6 +446,14 @@ int main(int argc, char** argv) {
                           TmaRing<2048, 3>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           TmaRing<2048, 3>::kSmemBytes));
+  CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          TmaRing<2048, 3>::kSmemBytes));
+  CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 4, true>,
+                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          TmaRing<2048, 3>::kSmemBytes));
+  CK(cudaFuncSetAttribute(tma_kernel<2048, 3, true, 8, true>,
+                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          TmaRing<2048, 3>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<1024, 6>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           TmaRing<1024, 6>::kSmemBytes));
   CK(cudaFuncSetAttribute(tma_kernel<1024, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -481,6 +511,18 @@ int main(int argc, char** argv) {
         break;
       case Kind::kAsyncProducer4:
         launch_ex(tma_kernel<2048, 3, true, 4>, G, TmaRing<2048, 3, 4>::kThreads,
+                  TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
+        break;
+      case Kind::kAsyncProducer8:
+        launch_ex(tma_kernel<2048, 3, true, 8>, G, TmaRing<2048, 3, 8>::kThreads,
+                  TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
+        break;
+      case Kind::kAsyncSweep4:
+        launch_ex(tma_kernel<2048, 3, true, 4, true>, G, TmaRing<2048, 3, 4>::kThreads,
+                  TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
+        break;
+      case Kind::kAsyncSweep8:
+        launch_ex(tma_kernel<2048, 3, true, 8, true>, G, TmaRing<2048, 3, 8>::kThreads,
                   TmaRing<2048, 3>::kSmemBytes, pdl, w, n, k, 0, claim, e, sink);
         break;
       case Kind::kTma1k:
