@@ -330,7 +330,9 @@ cudaError_t launch_bulk_typed(const SkinnyGemmParams& p, cudaStream_t stream) {
   auto* counters = static_cast<int*>(p.workspace);
   float* partials = bulk_partials(p);
   bulk_gemm::Claim claim;
-  if (p.claim && by_tiles != 0) {  // after the tile counters and the fused norm's
+  // After the tile counters and the fused norm's. (cp.async producers claim nothing: see
+  // bulk_gemm::kAsyncProducers.)
+  if (p.claim && by_tiles != 0 && bulk_gemm::kAsyncProducers == 0) {
     claim.ctr = counters + bulk_tiles(p.n) + 1;
     claim.done = claim.ctr + 1;
   }

@@ -72,6 +72,7 @@
 
 #include <cstdint>
 
+#include "kernels/cp_async.cuh"
 #include "kernels/gemm/bulk_copy.cuh"
 #include "kernels/gemm/skinny_gemm.h"
 #include "kernels/gemm/skinny_gemm_common.cuh"
@@ -81,7 +82,26 @@
 namespace pmkv::kernels::bulk_gemm {
 
 inline constexpr int kConsumers = 8;  // consumer warps
-inline constexpr int kThreads = (kConsumers + 1) * 32;
+// PMKV_BULK_PRODUCERS (a build-time A/B knob, not measured yet: bench/RESULTS.md, thirty-third
+// session): 0, the default, is one producer warp issuing one cp.async.bulk a row (TMA); P = 1..4
+// is P producer warps issuing 16-byte cp.async, each lane's completion handed to the stage's
+// mbarrier. The weight stream alone (bench_weight_stream) ran 1.2-1.3% faster with 2-4 such warps
+// and 5.6% with all 256 threads of a CTA issuing in row order (twenty-fifth session); with
+// PMKV_BULK_SWEEP=1 (the default when P > 0) the producers' lanes copy a unit in that order, all
+// on one row's contiguous bytes at a time, else warp p copies rows p, p + P, ... More than 4
+// warps would push the 2048-column consumers (168 registers) past the register file. With P > 0
+// the producers claim no tiles (SkinnyGemmParams::claim is ignored: fixed ranges, the same bytes).
+#ifndef PMKV_BULK_PRODUCERS
+#define PMKV_BULK_PRODUCERS 0
+#endif
+#ifndef PMKV_BULK_SWEEP
+#define PMKV_BULK_SWEEP 1
+#endif
+inline constexpr int kAsyncProducers = PMKV_BULK_PRODUCERS;
+inline constexpr bool kSweep = PMKV_BULK_SWEEP != 0;
+static_assert(kAsyncProducers >= 0 && kAsyncProducers <= 4, "PMKV_BULK_PRODUCERS: 0 to 4");
+inline constexpr int kProducerWarps = kAsyncProducers > 0 ? kAsyncProducers : 1;
+inline constexpr int kThreads = (kConsumers + kProducerWarps) * 32;
 inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for the ring
 // The compact footprint (SkinnyGemmParams::compact): 1024-column units, three stages, ~108 KB of
 // shared memory and ~100 registers a thread, so that one CTA of it fits on an SM beside one CTA of
@@ -120,6 +140,7 @@ struct Geometry {
 };
 
 using bulk_copy_detail::bulk_copy;
+using bulk_copy_detail::cp_async_mbar_arrive;
 using bulk_copy_detail::mbar_arrive;
 using bulk_copy_detail::mbar_arrive_expect_tx;
 using bulk_copy_detail::mbar_init;
@@ -176,11 +197,13 @@ struct Smem {
         empty(full + Ge::kStages),
         meta(reinterpret_cast<int64_t*>(empty + Ge::kStages)),
         flag(reinterpret_cast<int*>(meta + Ge::kStages)) {}
-  // Thread 0 initializes the ring's barriers; the caller then synchronizes the CTA.
+  // Thread 0 initializes the ring's barriers; the caller then synchronizes the CTA. A stage is
+  // full after one arrival (the producer's lane 0, with the bulk copies' bytes) or, with
+  // cp.async producers, one a producer lane once its copies landed.
   __device__ __forceinline__ void init() const {
     if (threadIdx.x == 0) {
       for (int s = 0; s < Ge::kStages; ++s) {
-        mbar_init(&full[s], 1);
+        mbar_init(&full[s], kAsyncProducers > 0 ? 32 * kAsyncProducers : 1);
         mbar_init(&empty[s], kConsumers * 32);
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -261,6 +284,47 @@ __device__ __forceinline__ void produce(const Smem<RT, KU, kCompact>& sm,
     }
   }
   ++i;
+}
+
+// PMKV_BULK_PRODUCERS > 0: producer warp `pw` of kAsyncProducers streams units [u0, u1) with
+// 16-byte cp.async (see kAsyncProducers); every producer warp waits for each stage to be free,
+// and each lane arrives on the stage's mbarrier once its copies of the stage have landed. Rows
+// past n repeat row n - 1, as in produce().
+template <int RT, int KU, bool kCompact>
+__device__ __forceinline__ void produce_async(const Smem<RT, KU, kCompact>& sm,
+                                              const uint16_t* __restrict__ w, int n, int k,
+                                              int64_t u0, int64_t u1, int& i, int pw, int lane) {
+  using Ge = Geometry<RT, KU, kCompact>;
+  constexpr int kRows = Ge::kRows, kStages = Ge::kStages, kP = kProducerWarps;
+  constexpr int kRowChunks = KU / 8;  // 16-byte chunks of a unit's row
+  const int64_t ku = k / KU;
+  for (int64_t u = u0; u < u1; ++u, ++i) {
+    const int s = i % kStages;
+    if (i >= kStages) mbar_wait(&sm.empty[s], ((i / kStages) - 1) & 1);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // as in produce()
+    const int64_t tile = u / ku, kk = u % ku;
+    uint8_t* const st = sm.stages + s * Ge::kStageBytes;
+    if constexpr (kSweep) {
+#pragma unroll 4
+      for (int c = pw * 32 + lane; c < kRows * kRowChunks; c += 32 * kP) {
+        const int r = c / kRowChunks, col = c % kRowChunks;
+        int64_t row = tile * kRows + r;
+        row = row < n ? row : n - 1;
+        cp_async16(st + r * Ge::kRowStride + 16 * col, w + row * k + kk * KU + 8 * col);
+      }
+    } else {
+#pragma unroll 2
+      for (int r = pw; r < kRows; r += kP) {
+        int64_t row = tile * kRows + r;
+        row = row < n ? row : n - 1;
+#pragma unroll
+        for (int c = 0; c < KU / 256; ++c)
+          cp_async16(st + r * Ge::kRowStride + 16 * lane + 512 * c,
+                     w + row * k + kk * KU + 8 * lane + 256 * c);
+      }
+    }
+    cp_async_mbar_arrive(&sm.full[s]);
+  }
 }
 
 inline constexpr int kSplitAdd = 1;
@@ -574,7 +638,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_trigger();
 
   int i = 0;
-  if (warp == kConsumers) {
+  if constexpr (kAsyncProducers > 0) {
+    if (warp >= kConsumers) {
+      produce_async(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i,
+                    warp - kConsumers, lane);
+      return;
+    }
+  } else if (warp == kConsumers) {
     produce(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i, lane,
             claim, tiles, G);
     return;
