@@ -83,13 +83,13 @@ namespace pmkv::kernels::bulk_gemm {
 
 inline constexpr int kConsumers = 8;  // consumer warps
 // PMKV_BULK_PRODUCERS (a build-time A/B knob, not measured yet: bench/RESULTS.md, thirty-third
-// session): 0, the default, is one producer warp issuing one cp.async.bulk a row (TMA); P = 1..4
-// is P producer warps issuing 16-byte cp.async, each lane's completion handed to the stage's
-// mbarrier. The weight stream alone (bench_weight_stream) ran 1.2-1.3% faster with 2-4 such warps
-// and 5.6% with all 256 threads of a CTA issuing in row order (twenty-fifth session); with
+// session): 0, the default, is one producer warp issuing one cp.async.bulk a row (TMA); P = 1, 2,
+// 4 or 8 is P producer warps issuing 16-byte cp.async, each lane's completion handed to the
+// stage's mbarrier. The weight stream alone (bench_weight_stream) ran 1.2-1.3% faster with 2-4 such
+// warps and 5.6% with all 256 threads of a CTA issuing in row order (twenty-fifth session); with
 // PMKV_BULK_SWEEP=1 (the default when P > 0) the producers' lanes copy a unit in that order, all
-// on one row's contiguous bytes at a time, else warp p copies rows p, p + P, ... More than 4
-// warps would push the 2048-column consumers (168 registers) past the register file. With P > 0
+// on one row's contiguous bytes at a time, else warp p copies rows p, p + P, ... P = 8 needs
+// setmaxnreg (see kSetMaxNreg) to leave the 2048-column consumers their registers. With P > 0
 // the producers claim no tiles (SkinnyGemmParams::claim is ignored: fixed ranges, the same bytes).
 #ifndef PMKV_BULK_PRODUCERS
 #define PMKV_BULK_PRODUCERS 0
@@ -99,9 +99,19 @@ inline constexpr int kConsumers = 8;  // consumer warps
 #endif
 inline constexpr int kAsyncProducers = PMKV_BULK_PRODUCERS;
 inline constexpr bool kSweep = PMKV_BULK_SWEEP != 0;
-static_assert(kAsyncProducers >= 0 && kAsyncProducers <= 4, "PMKV_BULK_PRODUCERS: 0 to 4");
+static_assert(kAsyncProducers >= 0 && kAsyncProducers <= 8 && kAsyncProducers % 4 != 3,
+              "PMKV_BULK_PRODUCERS: 0, 1, 2, 4 or 8");
 inline constexpr int kProducerWarps = kAsyncProducers > 0 ? kAsyncProducers : 1;
 inline constexpr int kThreads = (kConsumers + kProducerWarps) * 32;
+// 8 producer warps (512 threads) leave a launch 128 registers a thread; the producers' two
+// warpgroups give theirs back (setmaxnreg) so that the consumers' two can hold the 2048-column
+// units' 161-168 (256 x 40 + 256 x 216 = the 65,536 of an SM).
+// setmaxnreg is an sm_90a instruction: that variant builds with CMAKE_CUDA_ARCHITECTURES=90a.
+inline constexpr bool kSetMaxNreg = kThreads > 384;
+inline constexpr int kProducerRegs = 40, kConsumerRegs = 216;
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+static_assert(!kSetMaxNreg, "PMKV_BULK_PRODUCERS=8 needs sm_90a (CMAKE_CUDA_ARCHITECTURES=90a)");
+#endif
 inline constexpr int kRingBudget = 200 * 1024;  // bytes of shared memory for the ring
 // The compact footprint (SkinnyGemmParams::compact): 1024-column units, three stages, ~108 KB of
 // shared memory and ~100 registers a thread, so that one CTA of it fits on an SM beside one CTA of
@@ -638,6 +648,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_trigger();
 
   int i = 0;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kSetMaxNreg) {
+    if (warp >= kConsumers) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    } else {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    }
+  }
+#endif
   if constexpr (kAsyncProducers > 0) {
     if (warp >= kConsumers) {
       produce_async(sm, w, n, k, split.begin(blockIdx.x), split.begin(int64_t{blockIdx.x} + 1), i,
