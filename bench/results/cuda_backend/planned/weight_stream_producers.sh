@@ -2,6 +2,7 @@
 # Planned device call (thirty-third session; not yet run: no device was lent for it). Here:
 #   xz -T2 -c build/bench/bench_weight_stream > .gpubin/bws.xz
 # then `run` with carry [".gpubin"]: bash bench/results/cuda_backend/planned/weight_stream_producers.sh
+# (or all.sh beside it: the three planned calls in one)
 # Call 3: does the stream gain with 8 producer warps, or with the ldgsts order?
 set -u
 xz -dk .gpubin/bws.xz && chmod +x .gpubin/bws
