@@ -6,7 +6,7 @@
 set -u
 xz -dk .gpubin/blo.xz && chmod +x .gpubin/blo
 for r in 1 2; do
-  COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} .gpubin/blo --out $OUT/layer_ops_r$r.jsonl \
+  COMMIT=${COMMIT:-unknown} .gpubin/blo --out $OUT/layer_ops_r$r.jsonl \
     2> $OUT/layer_ops_r$r.txt
   cat $OUT/layer_ops_r$r.txt
 done
