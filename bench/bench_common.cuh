@@ -4,6 +4,7 @@
 // bf16 fill, a plain read stream, and the weight shapes of one Llama decoder token.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -35,16 +36,29 @@ std::vector<T> parse_list(const std::string& s) {
 
 namespace {
 
+// The fills' hash of element i.
+__device__ __forceinline__ uint32_t fill_hash(int64_t i, uint32_t seed) {
+  uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+  h ^= h >> 13;
+  h *= 0x5bd1e995u;
+  h ^= h >> 15;
+  return h;
+}
+
 // Deterministic bf16 values with |x| in [2^-7, 2^-6) and random signs (a grid-stride fill).
 __global__ void fill_bf16(uint16_t* p, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
+    const uint32_t h = fill_hash(i, seed);
     p[i] = static_cast<uint16_t>(0x3C00u | (h & 0x3FFu) | ((h >> 16) & 0x8000u));
   }
+}
+
+// Deterministic fp32 values in [-1, 1) (a grid-stride fill).
+__global__ void fill_f32(float* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    p[i] = static_cast<float>(fill_hash(i, seed) & 0xFFFFFu) / 524288.0f - 1.0f;
 }
 
 // A plain read of n16 16-byte words, grid-stride, 8 independent loads in flight a thread (launch
@@ -148,6 +162,36 @@ inline TokenWeights alloc_token_weights(const LlamaShapes& model) {
     }
   w.head = base + off;
   return w;
+}
+
+// The device's copy bandwidth in GB/s, read + write counted: the median of ten 2 GiB
+// device-to-device copies on the default stream after two warm-up copies.
+inline double copy_bandwidth_gbps() {
+  const size_t bytes = size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  check_cuda(cudaMalloc(&a, bytes), "cudaMalloc", __FILE__, __LINE__);
+  check_cuda(cudaMalloc(&b, bytes), "cudaMalloc", __FILE__, __LINE__);
+  check_cuda(cudaMemset(a, 1, bytes), "cudaMemset", __FILE__, __LINE__);
+  cudaEvent_t e0, e1;
+  check_cuda(cudaEventCreate(&e0), "cudaEventCreate", __FILE__, __LINE__);
+  check_cuda(cudaEventCreate(&e1), "cudaEventCreate", __FILE__, __LINE__);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    check_cuda(cudaEventRecord(e0), "cudaEventRecord", __FILE__, __LINE__);
+    check_cuda(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync", __FILE__,
+               __LINE__);
+    check_cuda(cudaEventRecord(e1), "cudaEventRecord", __FILE__, __LINE__);
+    check_cuda(cudaEventSynchronize(e1), "cudaEventSynchronize", __FILE__, __LINE__);
+    float t = 0;
+    check_cuda(cudaEventElapsedTime(&t, e0, e1), "cudaEventElapsedTime", __FILE__, __LINE__);
+    if (i >= 2) ms.push_back(t);
+  }
+  check_cuda(cudaEventDestroy(e0), "cudaEventDestroy", __FILE__, __LINE__);
+  check_cuda(cudaEventDestroy(e1), "cudaEventDestroy", __FILE__, __LINE__);
+  check_cuda(cudaFree(a), "cudaFree", __FILE__, __LINE__);
+  check_cuda(cudaFree(b), "cudaFree", __FILE__, __LINE__);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3) / 1e9;
 }
 
 }  // namespace pmkv::bench

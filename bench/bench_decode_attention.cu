@@ -97,30 +97,6 @@ double median(std::vector<float> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-double copy_bandwidth_gbps() {
-  const size_t bytes = size_t{2} << 30;  // 2 GiB, read + written
-  void *a = nullptr, *b = nullptr;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    CK(cudaEventRecord(e0));
-    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float t = 0;
-    CK(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= 2) ms.push_back(t);
-  }
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-  return 2.0 * bytes / (median(ms) * 1e-3) / 1e9;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -182,7 +158,7 @@ int main(int argc, char** argv) {
   if (out == nullptr) return 2;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
-  const double copy_gbps = copy_bandwidth_gbps();
+  const double copy_gbps = pmkv::bench::copy_bandwidth_gbps();
   std::fprintf(stderr, "device %s, %d SMs, L2 %d MiB, copy bandwidth %.0f GB/s (read+write)\n",
                prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbps);
 

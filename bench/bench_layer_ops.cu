@@ -32,26 +32,12 @@
 #include "kernels/kv_page_layout.h"
 #include "kernels/model/layer_ops.h"
 
-#define CK(x) ::pmkv::bench::check_cuda((x), #x, __FILE__, __LINE__)
-
 namespace {
 
 namespace kk = pmkv::kernels;
 namespace kv = pmkv::kv;
 
 __global__ void empty_kernel() {}
-
-// Deterministic fp32 values in [-1, 1) (a grid-stride fill).
-__global__ void fill_f32(float* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = static_cast<float>(h & 0xFFFFFu) / 524288.0f - 1.0f;
-  }
-}
 
 // Device buffers of one case, freed with it.
 struct Buffers {
@@ -71,7 +57,7 @@ struct Buffers {
   }
   float* random_f32(int64_t n, uint32_t seed) {
     float* p = alloc<float>(n);
-    fill_f32<<<1024, 256>>>(p, n, seed);
+    pmkv::bench::fill_f32<<<1024, 256>>>(p, n, seed);
     CK(cudaGetLastError());
     return p;
   }
@@ -159,26 +145,9 @@ int main(int argc, char** argv) {
     return static_cast<int>(std::clamp<int64_t>(want, 1, 64));
   };
 
-  // The device's copy bandwidth (read + write counted) and an empty launch.
-  double copy_gbps = 0;
-  {
-    Buffers b;
-    const int64_t n = int64_t{1} << 30;
-    uint8_t* src = b.alloc<uint8_t>(n);
-    uint8_t* dst = b.alloc<uint8_t>(n);
-    CK(cudaMemset(src, 1, n));
-    double best = 1e30;
-    for (int r = 0; r < 5; ++r) {
-      CK(cudaEventRecord(e0, s));
-      CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s));
-      CK(cudaEventRecord(e1, s));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      best = std::min(best, double(ms));
-    }
-    copy_gbps = 2.0 * n / (best * 1e-3) / 1e9;
-  }
+  // The device's copy bandwidth (read + write counted, as bench_decode_attention's) and an
+  // empty launch.
+  const double copy_gbps = pmkv::bench::copy_bandwidth_gbps();
   const double launch_us = graph_us([&](int) { empty_kernel<<<1, 32, 0, s>>>(); });
   std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read + write), empty launch %.2f us\n",
                prop.name, copy_gbps, launch_us);
