@@ -99,7 +99,8 @@ inline constexpr int kConsumers = 8;  // consumer warps
 #endif
 inline constexpr int kAsyncProducers = PMKV_BULK_PRODUCERS;
 inline constexpr bool kSweep = PMKV_BULK_SWEEP != 0;
-static_assert(kAsyncProducers >= 0 && kAsyncProducers <= 8 && kAsyncProducers % 4 != 3,
+static_assert(kAsyncProducers == 0 || kAsyncProducers == 1 || kAsyncProducers == 2 ||
+                  kAsyncProducers == 4 || kAsyncProducers == 8,
               "PMKV_BULK_PRODUCERS: 0, 1, 2, 4 or 8");
 inline constexpr int kProducerWarps = kAsyncProducers > 0 ? kAsyncProducers : 1;
 inline constexpr int kThreads = (kConsumers + kProducerWarps) * 32;
