@@ -164,6 +164,38 @@ inline TokenWeights alloc_token_weights(const LlamaShapes& model) {
   return w;
 }
 
+// Captures body() (which enqueues work on s) into a CUDA graph, replays it once, then times 5
+// rounds of `replays` back-to-back replays: the fastest round's ms a replay.
+template <class Body>
+double best_graph_ms(cudaStream_t s, Body&& body, int replays) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture", __FILE__, __LINE__);
+  body();
+  check_cuda(cudaStreamEndCapture(s, &g), "cudaStreamEndCapture", __FILE__, __LINE__);
+  check_cuda(cudaGraphInstantiate(&ge, g, 0), "cudaGraphInstantiate", __FILE__, __LINE__);
+  check_cuda(cudaGraphLaunch(ge, s), "cudaGraphLaunch", __FILE__, __LINE__);
+  cudaEvent_t e0, e1;
+  check_cuda(cudaEventCreate(&e0), "cudaEventCreate", __FILE__, __LINE__);
+  check_cuda(cudaEventCreate(&e1), "cudaEventCreate", __FILE__, __LINE__);
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    check_cuda(cudaEventRecord(e0, s), "cudaEventRecord", __FILE__, __LINE__);
+    for (int j = 0; j < replays; ++j)
+      check_cuda(cudaGraphLaunch(ge, s), "cudaGraphLaunch", __FILE__, __LINE__);
+    check_cuda(cudaEventRecord(e1, s), "cudaEventRecord", __FILE__, __LINE__);
+    check_cuda(cudaEventSynchronize(e1), "cudaEventSynchronize", __FILE__, __LINE__);
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime", __FILE__, __LINE__);
+    best = std::min(best, double(ms) / replays);
+  }
+  check_cuda(cudaEventDestroy(e0), "cudaEventDestroy", __FILE__, __LINE__);
+  check_cuda(cudaEventDestroy(e1), "cudaEventDestroy", __FILE__, __LINE__);
+  check_cuda(cudaGraphExecDestroy(ge), "cudaGraphExecDestroy", __FILE__, __LINE__);
+  check_cuda(cudaGraphDestroy(g), "cudaGraphDestroy", __FILE__, __LINE__);
+  return best;
+}
+
 // The device's copy bandwidth in GB/s, read + write counted: the median of ten 2 GiB
 // device-to-device copies on the default stream after two warm-up copies.
 inline double copy_bandwidth_gbps() {

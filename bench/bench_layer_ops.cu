@@ -110,34 +110,18 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
 
   // A graph of `launches` calls of enqueue(j) (j = 0, 1, ...), the fastest of 5 replays, in us a
   // launch.
   const auto graph_us = [&](const std::function<void(int)>& enqueue) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int j = 0; j < launches; ++j)
-      enqueue(j);
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    double best = 1e30;
-    for (int r = 0; r < 5; ++r) {
-      CK(cudaEventRecord(e0, s));
-      CK(cudaGraphLaunch(ge, s));
-      CK(cudaEventRecord(e1, s));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      best = std::min(best, 1e3 * ms / launches);
-    }
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return best;
+    const double ms = pmkv::bench::best_graph_ms(
+        s,
+        [&] {
+          for (int j = 0; j < launches; ++j)
+            enqueue(j);
+        },
+        1);
+    return 1e3 * ms / launches;
   };
   // Copies of a case's inputs so that a rotation reads >= 3 L2s, at most 64.
   const auto copies_for = [&](int64_t bytes) {

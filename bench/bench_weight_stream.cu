@@ -554,29 +554,8 @@ int main(int argc, char** argv) {
     }
   };
   // A graph's time: the fastest of 5 rounds of 5 replays.
-  const auto graph_ms = [&](auto&& body) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    body();
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    double best = 1e30;
-    for (int r = 0; r < 5; ++r) {
-      CK(cudaEventRecord(e0, s));
-      for (int j = 0; j < 5; ++j)
-        CK(cudaGraphLaunch(ge, s));
-      CK(cudaEventRecord(e1, s));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      best = std::min(best, double(ms) / 5);
-    }
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return best;
-  };
+  const auto graph_ms = [&](auto&& body) { return pmkv::bench::best_graph_ms(s, body, 5); };
+
   // The device's own rates over the same bytes: one plain read of the whole token, and a
   // device-to-device copy of 4 GB (read + write counted, as bench_skinny_gemm's copy bandwidth).
   const double read_ms = graph_ms([&] {
