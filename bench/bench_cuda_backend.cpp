@@ -61,27 +61,20 @@ std::vector<int64_t> parse_list(const std::string& s) {
 // Device-to-device copy of 2 GiB, bytes read + written per second (as bench_decode_attention).
 double copy_bandwidth_gbps() {
   const size_t bytes = size_t{2} << 30;
-  void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
-  cudaMemset(a, 1, bytes);
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
+  cuda::DeviceMemory a(bytes), b(bytes);
+  PMKV_CUDA_CHECK(cudaMemset(a.as(), 1, bytes));
+  cuda::Event e0(cudaEventDefault), e1(cudaEventDefault);
   std::vector<float> ms;
   for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(e0);
-    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
+    PMKV_CUDA_CHECK(cudaEventRecord(e0.get()));
+    PMKV_CUDA_CHECK(cudaMemcpyAsync(b.as(), a.as(), bytes, cudaMemcpyDeviceToDevice));
+    PMKV_CUDA_CHECK(cudaEventRecord(e1.get()));
+    PMKV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
     float t = 0;
-    cudaEventElapsedTime(&t, e0, e1);
+    PMKV_CUDA_CHECK(cudaEventElapsedTime(&t, e0.get(), e1.get()));
     if (i >= 2) ms.push_back(t);
   }
   std::sort(ms.begin(), ms.end());
-  cudaFree(a);
-  cudaFree(b);
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
   return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
 }
 
@@ -298,8 +291,8 @@ nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
                           {"gate_up", 2 * c.intermediate_size, c.hidden_size},
                           {"down", c.hidden_size, c.intermediate_size},
                           {"lm_head", c.vocab_size, c.hidden_size}};
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
+  cuda::Stream owned_stream;
+  const cudaStream_t stream = owned_stream.get();
   nlohmann::json out = nlohmann::json::array();
   {
     cuda::GemmRunner gemm(stream);
@@ -311,24 +304,22 @@ nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
       std::vector<cuda::DeviceMemory> ws;
       for (int64_t i = 0; i < copies; ++i) {
         ws.emplace_back(bytes);
-        cudaMemsetAsync(ws.back().as(), 0, bytes, stream);
+        PMKV_CUDA_CHECK(cudaMemsetAsync(ws.back().as(), 0, bytes, stream));
       }
       cuda::DeviceMemory a(m * sh.k * 2), d(m * sh.n * 4);
       const cuda::DeviceMemory& w = ws[0];
-      cudaMemsetAsync(a.as(), 0, a.bytes(), stream);
-      cudaEvent_t e0, e1;
-      cudaEventCreate(&e0);
-      cudaEventCreate(&e1);
+      PMKV_CUDA_CHECK(cudaMemsetAsync(a.as(), 0, a.bytes(), stream));
+      cuda::Event e0(cudaEventDefault), e1(cudaEventDefault);
       for (int i = 0; i < 3; ++i)
         gemm.run(a.as(), ws[i % copies].as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
       const int reps = 50;
-      cudaEventRecord(e0, stream);
+      PMKV_CUDA_CHECK(cudaEventRecord(e0.get(), stream));
       for (int i = 0; i < reps; ++i)
         gemm.run(a.as(), ws[i % copies].as(), d.as(), cuda::GemmOut::kF32, m, sh.n, sh.k);
-      cudaEventRecord(e1, stream);
-      cudaEventSynchronize(e1);
+      PMKV_CUDA_CHECK(cudaEventRecord(e1.get(), stream));
+      PMKV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
       float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
+      PMKV_CUDA_CHECK(cudaEventElapsedTime(&ms, e0.get(), e1.get()));
       const double us = ms * 1e3 / reps;
       const double gbps = double(sh.n * sh.k * 2) / (us * 1e-6) / 1e9;
       const char* path =
@@ -348,11 +339,8 @@ nlohmann::json bench_gemm(const ModelConfig& c, int64_t m, double copy_gbps) {
                      {"us", us},
                      {"weight_gb_s", gbps},
                      {"fraction_of_copy", gbps / copy_gbps}});
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
     }
   }
-  cudaStreamDestroy(stream);
   return out;
 }
 
@@ -398,7 +386,7 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
   nlohmann::json j{
       {"batch", batch}, {"context", context}, {"kv_bits", bits}, {"pool_bytes", pool_bytes}};
   size_t free_b = 0, total_b = 0;
-  cudaMemGetInfo(&free_b, &total_b);
+  PMKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
   // Weights, activations and workspaces come on top of the pool.
   const int64_t need = pool_bytes + st.weight_bytes + (int64_t{6} << 30);
   if (need > static_cast<int64_t>(free_b) || pages > INT32_MAX) {
@@ -551,6 +539,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--model DIR is required (config.json; weights unless dummy)\n");
     return 2;
   }
+  // Nothing is measured without a GPU: say so and write no results (a throughput point would
+  // otherwise read "does not fit" from a failed memory query).
+  int devices = 0;
+  if (const cudaError_t e = cudaGetDeviceCount(&devices); e != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "bench_cuda_backend: no usable CUDA device (%s)\n",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    return 1;
+  }
   try {
     Setup st;
     st.cfg = parse_model_config(model_dir + "/config.json");
@@ -570,7 +566,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < argc; ++i)
       command += (i ? " " : "") + std::string(argv[i]);
     cudaDeviceProp prop{};
-    cudaGetDeviceProperties(&prop, 0);
+    PMKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     const double copy = copy_bandwidth_gbps();
     nlohmann::json out{{"device", prop.name},
                        {"commit", std::getenv("COMMIT") ? std::getenv("COMMIT") : "unknown"},

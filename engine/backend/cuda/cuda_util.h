@@ -111,10 +111,12 @@ class PinnedMemory {
   size_t bytes_ = 0;
 };
 
-// An event for ordering streams (no timing).
+// An event for ordering streams (no timing), or with cudaEventDefault for timing them.
 class Event {
  public:
-  Event() { PMKV_CUDA_CHECK(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming)); }
+  explicit Event(unsigned flags = cudaEventDisableTiming) {
+    PMKV_CUDA_CHECK(cudaEventCreateWithFlags(&e_, flags));
+  }
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   ~Event() { cudaEventDestroy(e_); }
