@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,7 +27,9 @@
 #include <optional>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "engine/backend/cuda/cuda_backend.h"
@@ -49,12 +52,20 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// "1,4,16" -> {1, 4, 16}; anything but comma-separated integers throws std::invalid_argument.
 std::vector<int64_t> parse_list(const std::string& s) {
   std::vector<int64_t> v;
   std::stringstream in(s);
   std::string item;
-  while (std::getline(in, item, ','))
-    if (!item.empty()) v.push_back(std::stoll(item));
+  while (std::getline(in, item, ',')) {
+    if (item.empty()) continue;
+    int64_t x = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), x);
+    if (ec != std::errc() || end != item.data() + item.size())
+      throw std::invalid_argument("'" + item + "' is not an integer");
+    v.push_back(x);
+  }
+  if (v.empty()) throw std::invalid_argument("an empty list");
   return v;
 }
 
@@ -480,6 +491,11 @@ int main(int argc, char** argv) {
   std::string gemm_rows = "1,16,64";
   bool dummy = false;
   int32_t decode_steps = 128, tp_steps = 32, prefill_len = 4096;
+  // A bad value ends the run before anything is measured: exit 2, naming the flag.
+  auto bad = [](const std::string& flag, const std::string& v, const std::string& why) {
+    std::fprintf(stderr, "bench_cuda_backend: %s '%s': %s\n", flag.c_str(), v.c_str(), why.c_str());
+    std::exit(2);
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -489,45 +505,80 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--model")
+    auto next_int = [&]() -> int32_t {
+      const std::string v = next();
+      int32_t x = 0;
+      const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+      if (ec != std::errc() || end != v.data() + v.size()) bad(a, v, "not an integer");
+      return x;
+    };
+    auto next_float = [&]() -> float {
+      const std::string v = next();
+      char* end = nullptr;
+      const float x = std::strtof(v.c_str(), &end);
+      if (v.empty() || *end != '\0') bad(a, v, "not a number");
+      return x;
+    };
+    auto next_list = [&]() -> std::string {
+      const std::string v = next();
+      try {
+        parse_list(v);
+      } catch (const std::invalid_argument& e) {
+        bad(a, v, e.what());
+      }
+      return v;
+    };
+    auto next_switch = [&]() -> bool {
+      const std::string v = next();
+      if (v != "0" && v != "1") bad(a, v, "0 or 1");
+      return v == "1";
+    };
+    if (a == "--model") {
       model_dir = next();
-    else if (a == "--load-format")
-      dummy = next() == "dummy";
-    else if (a == "--out")
+    } else if (a == "--load-format") {
+      const std::string v = next();
+      if (v != "dummy" && v != "safetensors") bad(a, v, "dummy or safetensors");
+      dummy = v == "dummy";
+    } else if (a == "--out") {
       out_path = next();
-    else if (a == "--scenarios")
+    } else if (a == "--scenarios") {
       scenarios = next();
-    else if (a == "--batches")
-      batches = next();
-    else if (a == "--contexts")
-      contexts = next();
-    else if (a == "--bits")
-      bits_list = next();
-    else if (a == "--decode-steps")
-      decode_steps = std::stoi(next());
-    else if (a == "--throughput-steps")
-      tp_steps = std::stoi(next());
-    else if (a == "--prefill-len")
-      prefill_len = std::stoi(next());
-    else if (a == "--gemm-rows")
-      gemm_rows = next();
-    else if (a == "--cuda-graphs")
-      g_cuda_graphs = next() != "0";
-    else if (a == "--async-steps")
-      g_async_steps = next() != "0";
-    else if (a == "--logprobs")
-      g_logprobs = std::stoi(next());
-    else if (a == "--temperature")
-      g_sampling.temperature = std::stof(next());
-    else if (a == "--top-k")
-      g_sampling.top_k = std::stoi(next());
-    else if (a == "--top-p")
-      g_sampling.top_p = std::stof(next());
-    else {
+      std::stringstream in(scenarios);
+      std::string item;
+      while (std::getline(in, item, ','))
+        if (item != "batch1" && item != "gemm" && item != "prefill" && item != "throughput")
+          bad(a, scenarios, "'" + item + "' is not one of batch1, gemm, prefill, throughput");
+    } else if (a == "--batches") {
+      batches = next_list();
+    } else if (a == "--contexts") {
+      contexts = next_list();
+    } else if (a == "--bits") {
+      bits_list = next_list();
+    } else if (a == "--decode-steps") {
+      decode_steps = next_int();
+    } else if (a == "--throughput-steps") {
+      tp_steps = next_int();
+    } else if (a == "--prefill-len") {
+      prefill_len = next_int();
+    } else if (a == "--gemm-rows") {
+      gemm_rows = next_list();
+    } else if (a == "--cuda-graphs") {
+      g_cuda_graphs = next_switch();
+    } else if (a == "--async-steps") {
+      g_async_steps = next_switch();
+    } else if (a == "--logprobs") {
+      g_logprobs = next_int();
+    } else if (a == "--temperature") {
+      g_sampling.temperature = next_float();
+    } else if (a == "--top-k") {
+      g_sampling.top_k = next_int();
+    } else if (a == "--top-p") {
+      g_sampling.top_p = next_float();
+    } else {
       std::fprintf(
           stderr,
           "usage: bench_cuda_backend --model DIR [--load-format dummy|safetensors] "
-          "[--scenarios batch1,prefill,throughput] [--batches 16,64,128] "
+          "[--scenarios batch1,gemm,prefill,throughput] [--batches 16,64,128] "
           "[--contexts 4096,16384] [--bits 16,4,2] [--decode-steps N] "
           "[--throughput-steps N] [--prefill-len N] [--cuda-graphs 0|1] [--async-steps 0|1] "
           "[--logprobs N] [--temperature T] [--top-k K] [--top-p P] "
@@ -563,8 +614,10 @@ int main(int argc, char** argv) {
     st.weight_bytes =
         read_per_token + (c.tie_word_embeddings ? 0 : 2 * c.vocab_size * c.hidden_size);
     std::string command;
-    for (int i = 0; i < argc; ++i)
-      command += (i ? " " : "") + std::string(argv[i]);
+    for (int i = 0; i < argc; ++i) {
+      if (i > 0) command += ' ';
+      command += argv[i];
+    }
     cudaDeviceProp prop{};
     PMKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     const double copy = copy_bandwidth_gbps();
