@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <charconv>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -505,11 +506,12 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    auto next_int = [&]() -> int32_t {
+    auto next_int = [&](int32_t min = INT32_MIN) -> int32_t {
       const std::string v = next();
       int32_t x = 0;
       const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
       if (ec != std::errc() || end != v.data() + v.size()) bad(a, v, "not an integer");
+      if (x < min) bad(a, v, "less than " + std::to_string(min));
       return x;
     };
     auto next_float = [&]() -> float {
@@ -555,11 +557,11 @@ int main(int argc, char** argv) {
     } else if (a == "--bits") {
       bits_list = next_list();
     } else if (a == "--decode-steps") {
-      decode_steps = next_int();
+      decode_steps = next_int(1);
     } else if (a == "--throughput-steps") {
-      tp_steps = next_int();
+      tp_steps = next_int(1);
     } else if (a == "--prefill-len") {
-      prefill_len = next_int();
+      prefill_len = next_int(1);
     } else if (a == "--gemm-rows") {
       gemm_rows = next_list();
     } else if (a == "--cuda-graphs") {

@@ -4,6 +4,7 @@
 # cmake -DBIN=... -P bad_arguments.cmake
 set(cases
     "--decode-steps|x|--decode-steps 'x': not an integer"
+    "--throughput-steps|0|--throughput-steps '0': less than 1"
     "--batches|16,x|--batches '16,x': 'x' is not an integer"
     "--bits|,|--bits ',': an empty list"
     "--load-format|dumy|--load-format 'dumy': dummy or safetensors"
