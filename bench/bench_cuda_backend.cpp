@@ -556,6 +556,9 @@ int main(int argc, char** argv) {
       contexts = next_list();
     } else if (a == "--bits") {
       bits_list = next_list();
+      for (int64_t b : parse_list(bits_list))
+        if (b != 16 && b != 8 && b != 4 && b != 2)
+          bad(a, bits_list, std::to_string(b) + " is not 16, 8, 4 or 2");
     } else if (a == "--decode-steps") {
       decode_steps = next_int(1);
     } else if (a == "--throughput-steps") {

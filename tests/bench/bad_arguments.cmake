@@ -7,6 +7,7 @@ set(cases
     "--throughput-steps|0|--throughput-steps '0': less than 1"
     "--batches|16,x|--batches '16,x': 'x' is not an integer"
     "--bits|,|--bits ',': an empty list"
+    "--bits|16,3|--bits '16,3': 3 is not 16, 8, 4 or 2"
     "--load-format|dumy|--load-format 'dumy': dummy or safetensors"
     "--scenarios|batch1,thruput|'thruput' is not one of batch1, gemm, prefill, throughput"
     "--cuda-graphs|yes|--cuda-graphs 'yes': 0 or 1"
