@@ -53,12 +53,20 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// "a,b,,c" -> {"a", "b", "", "c"}.
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> items;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    items.push_back(item);
+  return items;
+}
+
 // "1,4,16" -> {1, 4, 16}; anything but comma-separated integers throws std::invalid_argument.
 std::vector<int64_t> parse_list(const std::string& s) {
   std::vector<int64_t> v;
-  std::stringstream in(s);
-  std::string item;
-  while (std::getline(in, item, ',')) {
+  for (const std::string& item : split_commas(s)) {
     if (item.empty()) continue;
     int64_t x = 0;
     const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), x);
@@ -487,9 +495,10 @@ nlohmann::json bench_throughput(const Setup& st, int64_t batch, int64_t context,
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir, out_path, scenarios = "batch1,prefill,throughput";
-  std::string batches = "16,64,128", contexts = "4096,16384", bits_list = "16,4,2";
-  std::string gemm_rows = "1,16,64";
+  std::string model_dir, out_path;
+  std::vector<std::string> scenarios = {"batch1", "prefill", "throughput"};
+  std::vector<int64_t> batches = {16, 64, 128}, contexts = {4096, 16384}, bits_list = {16, 4, 2};
+  std::vector<int64_t> gemm_rows = {1, 16, 64};
   bool dummy = false;
   int32_t decode_steps = 128, tp_steps = 32, prefill_len = 4096;
   // A bad value ends the run before anything is measured: exit 2, naming the flag.
@@ -521,14 +530,13 @@ int main(int argc, char** argv) {
       if (v.empty() || *end != '\0') bad(a, v, "not a number");
       return x;
     };
-    auto next_list = [&]() -> std::string {
-      const std::string v = next();
+    auto list_of = [&](const std::string& v) -> std::vector<int64_t> {
       try {
-        parse_list(v);
+        return parse_list(v);
       } catch (const std::invalid_argument& e) {
         bad(a, v, e.what());
       }
-      return v;
+      return {};  // not reached: bad() exits
     };
     auto next_switch = [&]() -> bool {
       const std::string v = next();
@@ -544,21 +552,21 @@ int main(int argc, char** argv) {
     } else if (a == "--out") {
       out_path = next();
     } else if (a == "--scenarios") {
-      scenarios = next();
-      std::stringstream in(scenarios);
-      std::string item;
-      while (std::getline(in, item, ','))
+      const std::string v = next();
+      scenarios = split_commas(v);
+      for (const std::string& item : scenarios)
         if (item != "batch1" && item != "gemm" && item != "prefill" && item != "throughput")
-          bad(a, scenarios, "'" + item + "' is not one of batch1, gemm, prefill, throughput");
+          bad(a, v, "'" + item + "' is not one of batch1, gemm, prefill, throughput");
     } else if (a == "--batches") {
-      batches = next_list();
+      batches = list_of(next());
     } else if (a == "--contexts") {
-      contexts = next_list();
+      contexts = list_of(next());
     } else if (a == "--bits") {
-      bits_list = next_list();
-      for (int64_t b : parse_list(bits_list))
+      const std::string v = next();
+      bits_list = list_of(v);
+      for (int64_t b : bits_list)
         if (b != 16 && b != 8 && b != 4 && b != 2)
-          bad(a, bits_list, std::to_string(b) + " is not 16, 8, 4 or 2");
+          bad(a, v, std::to_string(b) + " is not 16, 8, 4 or 2");
     } else if (a == "--decode-steps") {
       decode_steps = next_int(1);
     } else if (a == "--throughput-steps") {
@@ -566,7 +574,7 @@ int main(int argc, char** argv) {
     } else if (a == "--prefill-len") {
       prefill_len = next_int(1);
     } else if (a == "--gemm-rows") {
-      gemm_rows = next_list();
+      gemm_rows = list_of(next());
     } else if (a == "--cuda-graphs") {
       g_cuda_graphs = next_switch();
     } else if (a == "--async-steps") {
@@ -639,7 +647,9 @@ int main(int argc, char** argv) {
                        {"top_p", g_sampling.top_p},
                        {"copy_bandwidth_gb_s", copy}};
     std::fprintf(stderr, "device %s, copy bandwidth %.0f GB/s (read+write)\n", prop.name, copy);
-    auto has = [&](const char* s) { return scenarios.find(s) != std::string::npos; };
+    auto has = [&](const char* s) {
+      return std::find(scenarios.begin(), scenarios.end(), s) != scenarios.end();
+    };
     if (has("batch1")) {
       const double floor_tps = copy * 1e9 / static_cast<double>(read_per_token);
       out["weight_bytes_per_token"] = read_per_token;
@@ -647,16 +657,16 @@ int main(int argc, char** argv) {
     }
     if (has("gemm")) {
       nlohmann::json g;
-      for (int64_t m : parse_list(gemm_rows))
+      for (int64_t m : gemm_rows)
         g[std::to_string(m)] = bench_gemm(st.cfg, m, copy);
       out["gemm"] = g;
     }
     if (has("prefill")) out["prefill"] = bench_prefill(st, prefill_len);
     if (has("throughput")) {
       nlohmann::json pts = nlohmann::json::array();
-      for (int64_t b : parse_list(batches))
-        for (int64_t ctx : parse_list(contexts))
-          for (int64_t bits : parse_list(bits_list))
+      for (int64_t b : batches)
+        for (int64_t ctx : contexts)
+          for (int64_t bits : bits_list)
             pts.push_back(bench_throughput(st, b, ctx, static_cast<int>(bits), tp_steps));
       out["throughput"] = pts;
     }
